@@ -1,0 +1,1 @@
+//! Analysis: templates to runs, Prometheus measurements, and the pure verdict rules.

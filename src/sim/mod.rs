@@ -1,0 +1,1 @@
+//! The simulated Kubernetes cluster: API server, workload and traffic simulators, fault injection.
