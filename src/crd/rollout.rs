@@ -222,7 +222,7 @@ pub struct SetHeaderRoute {
 }
 
 /// A header condition.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name, for example `X-Canary`.
@@ -234,7 +234,7 @@ pub struct HeaderMatch {
 }
 
 /// How a string must match. Exactly one field is set.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1", "message": "set exactly one of exact, prefix, regex"}
