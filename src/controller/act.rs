@@ -55,7 +55,9 @@ pub enum ActError {
         #[source]
         source: kube::Error,
     },
-    #[error("the Rollout asks for traffic router {router}, which this controller cannot drive yet")]
+    #[error(
+        "the Rollout asks for traffic router {router}, which this controller cannot drive yet"
+    )]
     TrafficRouterUnsupported { router: &'static str },
     #[error("creating AnalysisRun {name} failed: {source}")]
     CreateAnalysisRun {
@@ -98,8 +100,14 @@ impl ActError {
 
 /// Applies `actions` in order; the first failure stops the rest, so a later action never runs without the
 /// earlier ones it depends on (weight before selectors before scale-down).
-pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Result<usize, ActError> {
-    let namespace = rollout.namespace().ok_or(ActError::RolloutWithoutIdentity)?;
+pub async fn act(
+    client: &Client,
+    rollout: &Rollout,
+    actions: &[Action],
+) -> Result<usize, ActError> {
+    let namespace = rollout
+        .namespace()
+        .ok_or(ActError::RolloutWithoutIdentity)?;
     let owner = owner_reference(rollout).ok_or(ActError::RolloutWithoutIdentity)?;
     let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
@@ -123,7 +131,15 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
                 replicas,
                 template,
             } => {
-                let rs = replica_set_for(rollout, &owner, name, pod_template_hash, *revision, *replicas, template);
+                let rs = replica_set_for(
+                    rollout,
+                    &owner,
+                    name,
+                    pod_template_hash,
+                    *revision,
+                    *replicas,
+                    template,
+                );
                 match replica_sets.create(&post_params, &rs).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(status)) if status.is_already_exists() => {
@@ -135,7 +151,8 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
                                 source,
                             }
                         })?;
-                        let found = existing.and_then(|rs| rs.labels().get(labels::POD_TEMPLATE_HASH).cloned());
+                        let found = existing
+                            .and_then(|rs| rs.labels().get(labels::POD_TEMPLATE_HASH).cloned());
                         if found.as_deref() != Some(pod_template_hash.as_str()) {
                             return Err(ActError::ReplicaSetNameTaken {
                                 name: name.clone(),
@@ -154,7 +171,11 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
             }
             Action::ScaleReplicaSet { name, replicas } => {
                 replica_sets
-                    .patch(name, &patch_params, &Patch::Merge(json!({"spec": {"replicas": replicas}})))
+                    .patch(
+                        name,
+                        &patch_params,
+                        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+                    )
                     .await
                     .map_err(|source| ActError::ScaleReplicaSet {
                         name: name.clone(),
@@ -162,7 +183,8 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
                     })?;
             }
             Action::SetRevision { name, revision } => {
-                let patch = json!({"metadata": {"annotations": {labels::REVISION: revision.to_string()}}});
+                let patch =
+                    json!({"metadata": {"annotations": {labels::REVISION: revision.to_string()}}});
                 replica_sets
                     .patch(name, &patch_params, &Patch::Merge(patch))
                     .await
@@ -216,7 +238,8 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
                 pod_template_hash,
                 spec,
             } => {
-                let run = analysis_run_for(rollout, &owner, name, *purpose, pod_template_hash, spec);
+                let run =
+                    analysis_run_for(rollout, &owner, name, *purpose, pod_template_hash, spec);
                 match runs.create(&post_params, &run).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(status)) if status.is_already_exists() => {}
@@ -230,7 +253,11 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
             }
             Action::TerminateAnalysisRun { name } => {
                 match runs
-                    .patch(name, &patch_params, &Patch::Merge(json!({"spec": {"terminate": true}})))
+                    .patch(
+                        name,
+                        &patch_params,
+                        &Patch::Merge(json!({"spec": {"terminate": true}})),
+                    )
                     .await
                 {
                     Ok(_) => {}
@@ -243,23 +270,31 @@ pub async fn act(client: &Client, rollout: &Rollout, actions: &[Action]) -> Resu
                     }
                 }
             }
-            Action::DeleteAnalysisRun { name } => match runs.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                Err(source) => {
-                    return Err(ActError::DeleteAnalysisRun {
-                        name: name.clone(),
-                        source,
-                    })
+            Action::DeleteAnalysisRun { name } => {
+                match runs.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                    Err(source) => {
+                        return Err(ActError::DeleteAnalysisRun {
+                            name: name.clone(),
+                            source,
+                        })
+                    }
                 }
-            },
+            }
         }
     }
     Ok(actions.len())
 }
 
 fn configured_router(rollout: &Rollout) -> Option<&'static str> {
-    let routing = rollout.spec.strategy.canary.as_ref()?.traffic_routing.as_ref()?;
+    let routing = rollout
+        .spec
+        .strategy
+        .canary
+        .as_ref()?
+        .traffic_routing
+        .as_ref()?;
     if routing.gateway_api.is_some() {
         Some("gatewayAPI")
     } else if routing.istio.is_some() {
@@ -308,14 +343,20 @@ pub fn replica_set_for(
         .as_ref()
         .and_then(|meta| meta.labels.clone())
         .unwrap_or_default();
-    rs_labels.insert(labels::POD_TEMPLATE_HASH.to_string(), pod_template_hash.to_string());
+    rs_labels.insert(
+        labels::POD_TEMPLATE_HASH.to_string(),
+        pod_template_hash.to_string(),
+    );
     rs_labels.insert(labels::ROLLOUT_NAME.to_string(), rollout.name_any());
 
     let mut selector: LabelSelector = rollout.spec.selector.clone();
     selector
         .match_labels
         .get_or_insert_with(BTreeMap::new)
-        .insert(labels::POD_TEMPLATE_HASH.to_string(), pod_template_hash.to_string());
+        .insert(
+            labels::POD_TEMPLATE_HASH.to_string(),
+            pod_template_hash.to_string(),
+        );
 
     ReplicaSet {
         metadata: ObjectMeta {
@@ -347,7 +388,10 @@ pub fn analysis_run_for(
 ) -> AnalysisRun {
     let mut run_labels = purpose_labels(purpose);
     run_labels.insert(labels::ROLLOUT_NAME.to_string(), rollout.name_any());
-    run_labels.insert(labels::POD_TEMPLATE_HASH.to_string(), pod_template_hash.to_string());
+    run_labels.insert(
+        labels::POD_TEMPLATE_HASH.to_string(),
+        pod_template_hash.to_string(),
+    );
     let mut run = AnalysisRun::new(name, spec.clone());
     run.metadata.namespace = rollout.namespace();
     run.metadata.labels = Some(run_labels);
@@ -405,10 +449,20 @@ mod tests {
         let rs = replica_set_for(&rollout, &owner, "web-h1", "h1", 3, 2, &template);
         let rs_labels = rs.metadata.labels.clone().unwrap_or_default();
         assert_eq!(rs_labels.get("app").map(String::as_str), Some("web"));
-        assert_eq!(rs_labels.get(labels::POD_TEMPLATE_HASH).map(String::as_str), Some("h1"));
-        assert_eq!(rs_labels.get(labels::ROLLOUT_NAME).map(String::as_str), Some("web"));
         assert_eq!(
-            rs.metadata.annotations.unwrap_or_default().get(labels::REVISION).map(String::as_str),
+            rs_labels.get(labels::POD_TEMPLATE_HASH).map(String::as_str),
+            Some("h1")
+        );
+        assert_eq!(
+            rs_labels.get(labels::ROLLOUT_NAME).map(String::as_str),
+            Some("web")
+        );
+        assert_eq!(
+            rs.metadata
+                .annotations
+                .unwrap_or_default()
+                .get(labels::REVISION)
+                .map(String::as_str),
             Some("3")
         );
         let owners = rs.metadata.owner_references.unwrap_or_default();
@@ -421,7 +475,10 @@ mod tests {
         assert_eq!(spec.min_ready_seconds, Some(2));
         let selector = spec.selector.match_labels.unwrap_or_default();
         assert_eq!(selector.get("app").map(String::as_str), Some("web"));
-        assert_eq!(selector.get(labels::POD_TEMPLATE_HASH).map(String::as_str), Some("h1"));
+        assert_eq!(
+            selector.get(labels::POD_TEMPLATE_HASH).map(String::as_str),
+            Some("h1")
+        );
         assert_eq!(spec.template, Some(template));
     }
 
@@ -437,11 +494,17 @@ mod tests {
             "h2",
             &AnalysisRunSpec::default(),
         );
-        assert_eq!(run.labels().get(labels::ROLLOUT_NAME).map(String::as_str), Some("web"));
+        assert_eq!(
+            run.labels().get(labels::ROLLOUT_NAME).map(String::as_str),
+            Some("web")
+        );
         let observed = observed_analysis_run(&run).expect("purpose labels present");
         assert_eq!(observed.purpose, AnalysisPurpose::Step(2));
         assert_eq!(observed.pod_template_hash, "h2");
-        assert_eq!(run.metadata.owner_references.unwrap_or_default()[0].uid, "uid-1");
+        assert_eq!(
+            run.metadata.owner_references.unwrap_or_default()[0].uid,
+            "uid-1"
+        );
     }
 
     #[test]

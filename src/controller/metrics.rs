@@ -62,7 +62,11 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let rollouts_by_phase = Family::<PhaseLabels, Gauge>::default();
         let canary_weight = Family::<RolloutLabels, Gauge>::default();
-        registry.register("reconciles", "Reconciles by result (ok or an error category)", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciles by result (ok or an error category)",
+            reconciles.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Time spent in one reconcile",
@@ -89,7 +93,9 @@ impl Metrics {
 
     /// Records one finished reconcile.
     pub fn reconciled(&self, result: &'static str, took: Duration) {
-        self.reconciles.get_or_create(&ResultLabels { result }).inc();
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
         self.reconcile_seconds.observe(took.as_secs_f64());
         self.total_reconciles.fetch_add(1, Ordering::Relaxed);
     }
@@ -100,7 +106,13 @@ impl Metrics {
     }
 
     /// Records where a Rollout stands after a reconcile.
-    pub fn rollout_state(&self, namespace: &str, name: &str, phase: Option<RolloutPhase>, weight: Option<i32>) {
+    pub fn rollout_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: Option<RolloutPhase>,
+        weight: Option<i32>,
+    ) {
         self.canary_weight
             .get_or_create(&RolloutLabels {
                 namespace: namespace.to_string(),
@@ -118,7 +130,14 @@ impl Metrics {
         for phase in phases.values() {
             *counts.entry(phase).or_default() += 1;
         }
-        for phase in ["Progressing", "Paused", "Healthy", "Degraded", "Aborted", "Unknown"] {
+        for phase in [
+            "Progressing",
+            "Paused",
+            "Healthy",
+            "Degraded",
+            "Aborted",
+            "Unknown",
+        ] {
             self.rollouts_by_phase
                 .get_or_create(&PhaseLabels { phase })
                 .set(counts.get(phase).copied().unwrap_or(0));
@@ -179,7 +198,9 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> ([(&'static str, &'static str); 1], String) {
+async fn metrics_text(
+    State(metrics): State<Arc<Metrics>>,
+) -> ([(&'static str, &'static str); 1], String) {
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         metrics.encode(),
@@ -205,8 +226,14 @@ mod tests {
         metrics.rollout_state("ns", "b", Some(RolloutPhase::Progressing), None);
         metrics.rollout_state("ns", "a", Some(RolloutPhase::Healthy), Some(0));
         let text = metrics.encode();
-        assert!(text.contains("serin_rollouts{phase=\"Progressing\"} 1"), "{text}");
-        assert!(text.contains("serin_rollouts{phase=\"Healthy\"} 1"), "{text}");
+        assert!(
+            text.contains("serin_rollouts{phase=\"Progressing\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_rollouts{phase=\"Healthy\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("serin_canary_weight_percent{namespace=\"ns\",rollout=\"a\"} 0"),
             "{text}"
@@ -221,6 +248,9 @@ mod tests {
         metrics.reconciled("ok", Duration::from_millis(2));
         assert_eq!(metrics.total_reconciles(), 3);
         let text = metrics.encode();
-        assert!(text.contains("serin_reconciles_total{result=\"ok\"} 2"), "{text}");
+        assert!(
+            text.contains("serin_reconciles_total{result=\"ok\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -136,7 +136,10 @@ pub struct ControllerHandle {
 
 impl ControllerHandle {
     /// Starts the controller on its own tasks and returns at once.
-    pub async fn start(client: Client, config: ControllerConfig) -> Result<ControllerHandle, ControllerError> {
+    pub async fn start(
+        client: Client,
+        config: ControllerConfig,
+    ) -> Result<ControllerHandle, ControllerError> {
         let cancel = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let mut tasks = Vec::new();
@@ -162,7 +165,14 @@ impl ControllerHandle {
         };
         let mut readiness = Vec::new();
         for scope in scopes {
-            let (task, ready) = spawn_scope(client.clone(), scope, &config, recorder.clone(), metrics.clone(), &cancel);
+            let (task, ready) = spawn_scope(
+                client.clone(),
+                scope,
+                &config,
+                recorder.clone(),
+                metrics.clone(),
+                &cancel,
+            );
             tasks.push(task);
             readiness.push(ready);
         }
@@ -253,10 +263,19 @@ where
 pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     rollout.metadata.generation.hash(&mut hasher);
-    rollout.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+    rollout
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
     rollout.metadata.uid.hash(&mut hasher);
-    let commands = rollout.status.as_ref().and_then(|status| status.commands.as_ref());
-    serde_json::to_string(&commands).unwrap_or_default().hash(&mut hasher);
+    let commands = rollout
+        .status
+        .as_ref()
+        .and_then(|status| status.commands.as_ref());
+    serde_json::to_string(&commands)
+        .unwrap_or_default()
+        .hash(&mut hasher);
     Some(hasher.finish())
 }
 
@@ -288,7 +307,10 @@ fn spawn_scope(
         .default_backoff()
         .reflect(rs_writer)
         .touched_objects();
-    let run_stream = watcher(runs, owned).default_backoff().reflect(run_writer).touched_objects();
+    let run_stream = watcher(runs, owned)
+        .default_backoff()
+        .reflect(run_writer)
+        .touched_objects();
     let svc_stream = watcher(services, watcher::Config::default())
         .default_backoff()
         .reflect(svc_writer)
@@ -312,7 +334,9 @@ fn spawn_scope(
     let controller = Controller::for_stream(rollout_stream, rollout_reader.clone())
         .owns_stream(rs_stream)
         .owns_stream(run_stream)
-        .watches_stream(svc_stream, move |service: Service| rollouts_naming(&mapper_reader, &service))
+        .watches_stream(svc_stream, move |service: Service| {
+            rollouts_naming(&mapper_reader, &service)
+        })
         .with_config(RuntimeConfig::default().concurrency(config.concurrency))
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(reconcile, error_policy, context)
@@ -343,7 +367,10 @@ fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRe
         .collect()
 }
 
-async fn reconcile(rollout: Arc<Rollout>, context: Arc<ScopeContext>) -> Result<Requeue, ReconcileError> {
+async fn reconcile(
+    rollout: Arc<Rollout>,
+    context: Arc<ScopeContext>,
+) -> Result<Requeue, ReconcileError> {
     let started = Instant::now();
     let result = reconcile_rollout(&context, &rollout).await;
     let outcome = match &result {
@@ -354,7 +381,10 @@ async fn reconcile(rollout: Arc<Rollout>, context: Arc<ScopeContext>) -> Result<
     result
 }
 
-async fn reconcile_rollout(context: &ScopeContext, rollout: &Rollout) -> Result<Requeue, ReconcileError> {
+async fn reconcile_rollout(
+    context: &ScopeContext,
+    rollout: &Rollout,
+) -> Result<Requeue, ReconcileError> {
     if rollout.metadata.deletion_timestamp.is_some() {
         // Owned objects go with the Rollout through their ownerReferences.
         return Ok(Requeue::await_change());
@@ -401,7 +431,10 @@ async fn reconcile_rollout(context: &ScopeContext, rollout: &Rollout) -> Result<
                 return Ok(requeue_for(&plan, context.resync));
             }
             Err(StatusWriteError::Conflict) => {
-                current = api.get(&current.name_any()).await.map_err(ReconcileError::ReadRollout)?;
+                current = api
+                    .get(&current.name_any())
+                    .await
+                    .map_err(ReconcileError::ReadRollout)?;
             }
             Err(StatusWriteError::Other(error)) => return Err(ReconcileError::WriteStatus(error)),
         }
@@ -416,7 +449,11 @@ fn requeue_for(plan: &Plan, resync: Duration) -> Requeue {
     }
 }
 
-fn error_policy(_rollout: Arc<Rollout>, error: &ReconcileError, context: Arc<ScopeContext>) -> Requeue {
+fn error_policy(
+    _rollout: Arc<Rollout>,
+    error: &ReconcileError,
+    context: Arc<ScopeContext>,
+) -> Requeue {
     tracing::warn!(category = error.category(), %error, "reconcile failed");
     match error {
         ReconcileError::StatusConflict => Requeue::requeue(Duration::from_millis(10)),
@@ -431,7 +468,11 @@ enum StatusWriteError {
 
 /// Writes the planned status when it differs from the current one; the write carries the Rollout's
 /// resourceVersion, so it fails with a conflict instead of erasing a command written meanwhile.
-async fn write_status(api: &Api<Rollout>, rollout: &Rollout, status: &RolloutStatus) -> Result<bool, StatusWriteError> {
+async fn write_status(
+    api: &Api<Rollout>,
+    rollout: &Rollout,
+    status: &RolloutStatus,
+) -> Result<bool, StatusWriteError> {
     if !status_differs(rollout.status.as_ref(), status) {
         return Ok(false);
     }
@@ -442,7 +483,10 @@ async fn write_status(api: &Api<Rollout>, rollout: &Rollout, status: &RolloutSta
         field_manager: Some(labels::FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    match api.replace_status(&rollout.name_any(), &params, &updated).await {
+    match api
+        .replace_status(&rollout.name_any(), &params, &updated)
+        .await
+    {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.is_conflict() => Err(StatusWriteError::Conflict),
         Err(error) => Err(StatusWriteError::Other(error)),
@@ -469,7 +513,11 @@ async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent
         action: event.reason.to_string(),
         secondary: None,
     };
-    if let Err(error) = context.recorder.publish(&recorded, &rollout.object_ref(&())).await {
+    if let Err(error) = context
+        .recorder
+        .publish(&recorded, &rollout.object_ref(&()))
+        .await
+    {
         tracing::warn!(%error, reason = event.reason, "recording an event failed");
     }
 }
@@ -504,23 +552,32 @@ mod tests {
             ..Default::default()
         });
         status_only.metadata.resource_version = Some("99".into());
-        assert_eq!(rollout_trigger_hash(&base), rollout_trigger_hash(&status_only));
+        assert_eq!(
+            rollout_trigger_hash(&base),
+            rollout_trigger_hash(&status_only)
+        );
 
         let mut promoted = status_only.clone();
-        promoted.status.get_or_insert_with(Default::default).commands = Some(ManualCommands {
+        promoted
+            .status
+            .get_or_insert_with(Default::default)
+            .commands = Some(ManualCommands {
             promote: Some(PromoteCommand::Step),
             ..Default::default()
         });
-        assert_ne!(rollout_trigger_hash(&status_only), rollout_trigger_hash(&promoted));
+        assert_ne!(
+            rollout_trigger_hash(&status_only),
+            rollout_trigger_hash(&promoted)
+        );
 
         let mut new_spec = base.clone();
         new_spec.metadata.generation = Some(2);
         assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&new_spec));
 
         let mut deleting = base.clone();
-        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            Timestamp::UNIX_EPOCH,
-        ));
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+        );
         assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&deleting));
     }
 

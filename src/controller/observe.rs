@@ -10,9 +10,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::rollout::{AnalysisTemplateRef, RolloutStrategy};
-use crate::crd::{labels, AnalysisTemplate, AnalysisTemplateSpec, ClusterAnalysisTemplate, Rollout};
+use crate::crd::{
+    labels, AnalysisTemplate, AnalysisTemplateSpec, ClusterAnalysisTemplate, Rollout,
+};
 use crate::strategy::{
-    AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService, TemplateKey,
+    AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
+    TemplateKey,
 };
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
@@ -82,14 +85,18 @@ impl Sources {
 
 /// Reads everything the planner needs about one Rollout.
 pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, ObserveError> {
-    let namespace = rollout.namespace().ok_or(ObserveError::RolloutWithoutNamespace)?;
+    let namespace = rollout
+        .namespace()
+        .ok_or(ObserveError::RolloutWithoutNamespace)?;
     let name = rollout.name_any();
     let uid = rollout.uid().unwrap_or_default();
     let selector = format!("{}={}", labels::ROLLOUT_NAME, name);
 
     let replica_sets: Vec<ReplicaSet> = match &sources.replica_sets {
         Some(store) => store
-            .state_filter(|rs| rs.namespace().as_deref() == Some(namespace.as_str()) && is_controlled_by(rs, &uid))
+            .state_filter(|rs| {
+                rs.namespace().as_deref() == Some(namespace.as_str()) && is_controlled_by(rs, &uid)
+            })
             .iter()
             .map(|rs| (**rs).clone())
             .collect(),
@@ -109,7 +116,10 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     for service_name in service_names(&rollout.spec.strategy) {
         let found = match &sources.services {
             Some(store) => store
-                .find(|svc| svc.namespace().as_deref() == Some(namespace.as_str()) && svc.name_any() == service_name)
+                .find(|svc| {
+                    svc.namespace().as_deref() == Some(namespace.as_str())
+                        && svc.name_any() == service_name
+                })
                 .map(|svc| (*svc).clone()),
             None => {
                 let api: Api<Service> = Api::namespaced(sources.client.clone(), &namespace);
@@ -129,7 +139,8 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     let analysis_runs: Vec<AnalysisRun> = match &sources.analysis_runs {
         Some(store) => store
             .state_filter(|run| {
-                run.namespace().as_deref() == Some(namespace.as_str()) && is_controlled_by(run, &uid)
+                run.namespace().as_deref() == Some(namespace.as_str())
+                    && is_controlled_by(run, &uid)
             })
             .iter()
             .map(|run| (**run).clone())
@@ -165,7 +176,10 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         // Routers (Gateway API, Istio, NGINX) report here once they exist; without one the planner routes by
         // replica counts behind the Services.
         traffic: None,
-        analysis_runs: analysis_runs.iter().filter_map(observed_analysis_run).collect(),
+        analysis_runs: analysis_runs
+            .iter()
+            .filter_map(observed_analysis_run)
+            .collect(),
         analysis_templates,
     })
 }
@@ -193,7 +207,10 @@ async fn read_template(
         let api: Api<AnalysisTemplate> = Api::namespaced(client.clone(), namespace);
         Ok(match api.get_opt(&key.name).await.map_err(read_error)? {
             Some(template) => Ok(template.spec),
-            None => Err(format!("AnalysisTemplate {} not found in namespace {namespace}", key.name)),
+            None => Err(format!(
+                "AnalysisTemplate {} not found in namespace {namespace}",
+                key.name
+            )),
         })
     }
 }
@@ -239,9 +256,12 @@ pub fn template_refs(strategy: &RolloutStrategy) -> Vec<&AnalysisTemplateRef> {
         }
     }
     if let Some(blue_green) = &strategy.blue_green {
-        for analysis in [&blue_green.pre_promotion_analysis, &blue_green.post_promotion_analysis]
-            .into_iter()
-            .flatten()
+        for analysis in [
+            &blue_green.pre_promotion_analysis,
+            &blue_green.post_promotion_analysis,
+        ]
+        .into_iter()
+        .flatten()
         {
             refs.extend(analysis.templates.iter());
         }
@@ -254,7 +274,11 @@ pub fn observed_replica_set(rs: &ReplicaSet) -> ObservedReplicaSet {
     let status = rs.status.as_ref();
     ObservedReplicaSet {
         name: rs.name_any(),
-        pod_template_hash: rs.labels().get(labels::POD_TEMPLATE_HASH).cloned().unwrap_or_default(),
+        pod_template_hash: rs
+            .labels()
+            .get(labels::POD_TEMPLATE_HASH)
+            .cloned()
+            .unwrap_or_default(),
         revision: rs
             .annotations()
             .get(labels::REVISION)
@@ -264,7 +288,10 @@ pub fn observed_replica_set(rs: &ReplicaSet) -> ObservedReplicaSet {
         replicas: status.map(|s| s.replicas).unwrap_or(0),
         ready_replicas: status.and_then(|s| s.ready_replicas).unwrap_or(0),
         available_replicas: status.and_then(|s| s.available_replicas).unwrap_or(0),
-        status_current: match (rs.metadata.generation, status.and_then(|s| s.observed_generation)) {
+        status_current: match (
+            rs.metadata.generation,
+            status.and_then(|s| s.observed_generation),
+        ) {
             (Some(generation), Some(observed)) => observed >= generation,
             (None, _) => true,
             (Some(_), None) => false,
@@ -289,7 +316,9 @@ pub fn observed_service(service: &Service) -> ObservedService {
 pub fn observed_analysis_run(run: &AnalysisRun) -> Option<ObservedAnalysisRun> {
     let run_labels = run.labels();
     let purpose = match run_labels.get(labels::ANALYSIS_KIND)?.as_str() {
-        analysis_kind::STEP => AnalysisPurpose::Step(run_labels.get(labels::STEP_INDEX)?.parse().ok()?),
+        analysis_kind::STEP => {
+            AnalysisPurpose::Step(run_labels.get(labels::STEP_INDEX)?.parse().ok()?)
+        }
         analysis_kind::BACKGROUND => AnalysisPurpose::Background,
         analysis_kind::PRE_PROMOTION => AnalysisPurpose::PrePromotion,
         analysis_kind::POST_PROMOTION => AnalysisPurpose::PostPromotion,
@@ -299,7 +328,10 @@ pub fn observed_analysis_run(run: &AnalysisRun) -> Option<ObservedAnalysisRun> {
     Some(ObservedAnalysisRun {
         name: run.name_any(),
         purpose,
-        pod_template_hash: run_labels.get(labels::POD_TEMPLATE_HASH).cloned().unwrap_or_default(),
+        pod_template_hash: run_labels
+            .get(labels::POD_TEMPLATE_HASH)
+            .cloned()
+            .unwrap_or_default(),
         phase: status.and_then(|s| s.phase).unwrap_or_default(),
         message: status.and_then(|s| s.message.clone()),
         terminating: run.spec.terminate,
@@ -357,7 +389,8 @@ mod tests {
         let mut rs = owned_rs("u1", true);
         rs.metadata.name = Some("web-abc".into());
         rs.metadata.generation = Some(3);
-        rs.metadata.labels = Some([(labels::POD_TEMPLATE_HASH.to_string(), "abc".to_string())].into());
+        rs.metadata.labels =
+            Some([(labels::POD_TEMPLATE_HASH.to_string(), "abc".to_string())].into());
         rs.metadata.annotations = Some([(labels::REVISION.to_string(), "4".to_string())].into());
         rs.spec = ReplicaSetSpec {
             replicas: Some(5),
@@ -375,8 +408,14 @@ mod tests {
         assert_eq!(observed.pod_template_hash, "abc");
         assert_eq!(observed.revision, 4);
         assert_eq!((observed.spec_replicas, observed.replicas), (5, 5));
-        assert_eq!((observed.ready_replicas, observed.available_replicas), (4, 3));
-        assert!(!observed.status_current, "status of generation 2 does not describe generation 3");
+        assert_eq!(
+            (observed.ready_replicas, observed.available_replicas),
+            (4, 3)
+        );
+        assert!(
+            !observed.status_current,
+            "status of generation 2 does not describe generation 3"
+        );
     }
 
     #[test]
@@ -436,8 +475,14 @@ mod tests {
                           "prePromotionAnalysis": {"templates": [{"templateName": "pre"}]}}
         }))
         .expect("valid strategy");
-        assert_eq!(service_names(&strategy), ["web", "web-canary", "web-active", "web-preview"]);
-        let names: Vec<_> = template_refs(&strategy).iter().map(|r| r.template_name.as_str()).collect();
+        assert_eq!(
+            service_names(&strategy),
+            ["web", "web-canary", "web-active", "web-preview"]
+        );
+        let names: Vec<_> = template_refs(&strategy)
+            .iter()
+            .map(|r| r.template_name.as_str())
+            .collect();
         assert_eq!(names, ["bg", "step", "pre"]);
     }
 }
