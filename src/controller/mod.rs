@@ -7,11 +7,11 @@ pub mod observe;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
@@ -163,25 +163,21 @@ impl ControllerHandle {
         } else {
             config.namespaces.iter().cloned().map(Some).collect()
         };
-        let mut readiness = Vec::new();
+        let sync = Arc::new(CacheSync {
+            pending: AtomicUsize::new(scopes.len() * CACHES_PER_SCOPE),
+            metrics: metrics.clone(),
+        });
         for scope in scopes {
-            let (task, ready) = spawn_scope(
+            tasks.push(spawn_scope(
                 client.clone(),
                 scope,
                 &config,
                 recorder.clone(),
                 metrics.clone(),
                 &cancel,
-            );
-            tasks.push(task);
-            readiness.push(ready);
+                &sync,
+            ));
         }
-        let ready_metrics = metrics.clone();
-        tasks.push(tokio::spawn(async move {
-            if join_all(readiness).await.iter().all(|ready| *ready) {
-                ready_metrics.set_ready();
-            }
-        }));
         Ok(ControllerHandle {
             cancel,
             tasks,
@@ -238,6 +234,33 @@ impl ControllerHandle {
     }
 }
 
+/// Watch caches per namespace scope: Rollouts, ReplicaSets, Services, AnalysisRuns.
+const CACHES_PER_SCOPE: usize = 4;
+
+/// Counts the caches whose first list has not completed; the controller is ready when none is left.
+/// (Readiness is taken from the watch streams themselves: a reflector store's `wait_until_ready` wakes only
+/// its most recent waiter, and the runtime's own runner already waits on the Rollout store.)
+struct CacheSync {
+    pending: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl CacheSync {
+    fn tracker<K>(self: &Arc<Self>, cache: &'static str) -> impl FnMut(&watcher::Event<K>) {
+        let sync = self.clone();
+        let mut counted = false;
+        move |event| {
+            if !counted && matches!(event, watcher::Event::InitDone) {
+                counted = true;
+                tracing::debug!(cache, left = sync.pending.load(Ordering::Acquire), "a cache synced");
+                if sync.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    sync.metrics.set_ready();
+                }
+            }
+        }
+    }
+}
+
 struct ScopeContext {
     client: Client,
     sources: Sources,
@@ -286,7 +309,8 @@ fn spawn_scope(
     recorder: Recorder,
     metrics: Arc<Metrics>,
     cancel: &CancellationToken,
-) -> (JoinHandle<()>, impl std::future::Future<Output = bool>) {
+    sync: &Arc<CacheSync>,
+) -> JoinHandle<()> {
     let rollouts: Api<Rollout> = scoped_api(&client, &scope);
     let replica_sets: Api<ReplicaSet> = scoped_api(&client, &scope);
     let services: Api<Service> = scoped_api(&client, &scope);
@@ -301,28 +325,32 @@ fn spawn_scope(
     let rollout_stream = watcher(rollouts, watcher::Config::default())
         .default_backoff()
         .reflect(rollout_writer)
+        .inspect_ok(sync.tracker("rollouts"))
         .applied_objects()
         .predicate_filter(rollout_trigger_hash, Default::default());
     let rs_stream = watcher(replica_sets, owned.clone())
         .default_backoff()
         .reflect(rs_writer)
+        .inspect_ok(sync.tracker("replicasets"))
         .touched_objects();
     let run_stream = watcher(runs, owned)
         .default_backoff()
         .reflect(run_writer)
+        .inspect_ok(sync.tracker("analysisruns"))
         .touched_objects();
     let svc_stream = watcher(services, watcher::Config::default())
         .default_backoff()
         .reflect(svc_writer)
+        .inspect_ok(sync.tracker("services"))
         .touched_objects();
 
     let context = Arc::new(ScopeContext {
         client: client.clone(),
         sources: Sources {
             client,
-            replica_sets: Some(rs_reader.clone()),
-            services: Some(svc_reader.clone()),
-            analysis_runs: Some(run_reader.clone()),
+            replica_sets: Some(rs_reader),
+            services: Some(svc_reader),
+            analysis_runs: Some(run_reader),
         },
         recorder,
         metrics,
@@ -331,7 +359,7 @@ fn spawn_scope(
     });
 
     let mapper_reader = rollout_reader.clone();
-    let controller = Controller::for_stream(rollout_stream, rollout_reader.clone())
+    let controller = Controller::for_stream(rollout_stream, rollout_reader)
         .owns_stream(rs_stream)
         .owns_stream(run_stream)
         .watches_stream(svc_stream, move |service: Service| {
@@ -346,13 +374,7 @@ fn spawn_scope(
             }
         });
     let task = tokio::spawn(controller);
-    let ready = async move {
-        rollout_reader.wait_until_ready().await.is_ok()
-            && rs_reader.wait_until_ready().await.is_ok()
-            && svc_reader.wait_until_ready().await.is_ok()
-            && run_reader.wait_until_ready().await.is_ok()
-    };
-    (task, ready)
+    task
 }
 
 fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRef<Rollout>> {
