@@ -98,6 +98,12 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), SimError> {
     std::fs::rename(&staging, path).map_err(failed)
 }
 
+/// Picks rustls' process-wide crypto provider. The crate links both `ring` (kube) and `aws-lc-rs`
+/// (reqwest), and with two candidates rustls refuses to choose one itself and panics on first use.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A running simulated cluster.
 pub struct SimCluster {
     address: SocketAddr,
@@ -160,6 +166,7 @@ impl SimCluster {
 
     /// A client whose bearer token (and so the user in the request log) is `user`.
     pub async fn client_as(&self, user: &str) -> Result<kube::Client, SimError> {
+        install_crypto_provider();
         let url = self.base_url().parse().map_err(|e: http::uri::InvalidUri| SimError::Client(e.to_string()))?;
         let mut config = kube::Config::new(url);
         config.default_namespace = "default".into();
