@@ -119,6 +119,13 @@ fn name_errors(rule: NameRule, name: &str) -> Option<String> {
 
 /// Parses a JSON or YAML request body into an object.
 pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !(media.is_empty() || media.ends_with("json") || media.ends_with("yaml") || media == "*/*" || media.starts_with("text/")) {
+        return Err(ApiError::unsupported_media_type(
+            content_type,
+            &["application/json", "application/yaml"],
+        ));
+    }
     let value: Value = if content_type.contains("yaml") {
         serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))?
@@ -233,6 +240,27 @@ fn selector_string(selector: &Value) -> String {
         }
     }
     parts.join(",")
+}
+
+/// What a real server's registry strategy normalizes before storing: Secret `stringData` folds into
+/// base64 `data`.
+fn normalize_builtin(info: &ResourceInfo, object: &mut Value) {
+    use base64::Engine;
+    if info.custom || !info.group.is_empty() || info.plural != "secrets" {
+        return;
+    }
+    let Some(map) = object.as_object_mut() else { return };
+    let Some(Value::Object(string_data)) = map.remove("stringData") else { return };
+    let data = map.entry("data").or_insert_with(|| Value::Object(Map::new()));
+    if !data.is_object() {
+        *data = Value::Object(Map::new());
+    }
+    if let Some(data) = data.as_object_mut() {
+        for (key, value) in string_data {
+            let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            data.insert(key, Value::String(base64::engine::general_purpose::STANDARD.encode(text)));
+        }
+    }
 }
 
 fn without_volatile_metadata(object: &Value) -> Value {
@@ -561,6 +589,7 @@ impl ApiState {
             return Err(ApiError::already_exists(&target.resource_name(), &name));
         }
         let warnings = ApiState::validate_custom(target, &name, object, None, input)?;
+        normalize_builtin(&target.info, object);
         if target.info.status_subresource {
             if let Some(map) = object.as_object_mut() {
                 map.remove("status");
@@ -764,6 +793,7 @@ impl ApiState {
                 metadata_mut(&mut new).insert("generation".into(), json!(generation + 1));
             }
         }
+        normalize_builtin(&target.info, &mut new);
         if target.info.key() == CRD_KEY && !on_status {
             self.prepare_crd(target, name, &mut new)?;
         }

@@ -312,6 +312,84 @@ impl Registry {
         }))
     }
 
+    fn group_versions(&self) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for info in self.all() {
+            for version in &info.versions {
+                let pair = (info.group.clone(), version.clone());
+                if !pairs.contains(&pair) {
+                    pairs.push(pair);
+                }
+            }
+        }
+        pairs.sort();
+        pairs
+    }
+
+    /// `/openapi/v3`: where each group/version's document lives. kubectl reads it to learn that the
+    /// server validates fields itself (`fieldValidation`), so it skips client-side schema validation.
+    pub fn openapi_v3_root(&self) -> Value {
+        let mut paths = serde_json::Map::new();
+        for (group, version) in self.group_versions() {
+            let prefix = if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") };
+            paths.insert(prefix.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{prefix}")}));
+        }
+        json!({"paths": paths})
+    }
+
+    /// A minimal OpenAPI v3 document for one group/version: each resource's PATCH operation, tagged
+    /// with its group/version/kind and the `fieldValidation` parameter.
+    pub fn openapi_v3_document(&self, group: &str, version: &str) -> Option<Value> {
+        let mut paths = serde_json::Map::new();
+        let mut schemas = serde_json::Map::new();
+        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+        for info in self.all() {
+            if info.group != group || !info.versions.iter().any(|v| v == version) {
+                continue;
+            }
+            let gvk = json!({"group": group, "version": version, "kind": info.kind});
+            let path = if info.namespaced {
+                format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", info.plural)
+            } else {
+                format!("{prefix}/{}/{{name}}", info.plural)
+            };
+            let parameters = json!([
+                {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+                {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                {"name": "force", "in": "query", "schema": {"type": "boolean"}},
+            ]);
+            paths.insert(
+                path,
+                json!({"patch": {
+                    "operationId": format!("patch{}", info.kind),
+                    "x-kubernetes-action": "patch",
+                    "x-kubernetes-group-version-kind": gvk,
+                    "parameters": parameters,
+                    "responses": {"200": {"description": "OK"}},
+                }}),
+            );
+            if let Some(schema) = info.schemas.get(version) {
+                let mut schema = schema.clone();
+                if let Some(map) = schema.as_object_mut() {
+                    map.insert("x-kubernetes-group-version-kind".into(), json!([gvk]));
+                }
+                let reversed_group: Vec<&str> = group.split('.').rev().collect();
+                schemas.insert(format!("{}.{version}.{}", reversed_group.join("."), info.kind), schema);
+            }
+        }
+        if paths.is_empty() {
+            return None;
+        }
+        Some(json!({
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1.32.0"},
+            "paths": paths,
+            "components": {"schemas": schemas},
+        }))
+    }
+
     /// Builds the resource a CustomResourceDefinition object declares.
     pub fn info_from_crd(crd: &Value) -> Result<ResourceInfo, String> {
         let spec = crd.get("spec").ok_or("spec: Required value")?;

@@ -96,6 +96,8 @@ enum Route {
     ResourceList { group: String, version: String },
     Resource { group: String, version: String, rest: Vec<String> },
     Health,
+    OpenApiRoot,
+    OpenApiDocument(String, String),
     Sim(Vec<String>),
     NotFound,
 }
@@ -107,6 +109,9 @@ fn route(path: &str) -> Route {
     match parts.as_slice() {
         ["version"] => Route::Version,
         ["healthz"] | ["livez"] | ["readyz"] => Route::Health,
+        ["openapi", "v3"] => Route::OpenApiRoot,
+        ["openapi", "v3", "api", version] => Route::OpenApiDocument(String::new(), version.to_string()),
+        ["openapi", "v3", "apis", group, version] => Route::OpenApiDocument(group.to_string(), version.to_string()),
         ["sim", rest @ ..] => Route::Sim(rest.iter().map(|s| s.to_string()).collect()),
         ["api"] => Route::CoreVersions,
         ["api", version] => Route::ResourceList { group: String::new(), version: version.to_string() },
@@ -241,6 +246,13 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
             record.version = version.clone();
             state.api.registry.api_resource_list(&group, &version).map(|l| value_response(&l)).ok_or_else(ApiError::unknown_resource)
         }
+        Route::OpenApiRoot => Ok(value_response(&state.api.registry.openapi_v3_root())),
+        Route::OpenApiDocument(group, version) => state
+            .api
+            .registry
+            .openapi_v3_document(&group, &version)
+            .map(|d| value_response(&d))
+            .ok_or_else(ApiError::unknown_resource),
         Route::Sim(rest) => Ok(sim_control(&state, &method, &rest, body).await),
         Route::NotFound => Err(ApiError::unknown_resource()),
         Route::Resource { group, version, rest } => {

@@ -124,13 +124,11 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(content_type: &str, accepted: &[&str]) -> ApiError {
+        tracing::debug!(content_type, "unsupported media type");
         ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format - accepted media types include: {} (got {content_type:?})",
-                accepted.join(", ")
-            ),
+            format!("the body of the request was in an unknown format - accepted media types include: {}", accepted.join(", ")),
         )
     }
 
