@@ -20,7 +20,13 @@ fn rss_mib() -> f64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
@@ -36,9 +42,14 @@ fn config_map(name: &str, index: usize) -> ConfigMap {
 
 async fn create_namespace(client: &kube::Client, name: &str) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
-        .expect("valid namespace");
-    namespaces.create(&PostParams::default(), &namespace).await.expect("namespace created");
+    let namespace: Namespace = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+    )
+    .expect("valid namespace");
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("namespace created");
 }
 
 async fn fill(client: &kube::Client, namespace: &str, count: usize) {
@@ -47,7 +58,12 @@ async fn fill(client: &kube::Client, namespace: &str, count: usize) {
         .map(|index| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &config_map(&format!("cm-{index:06}"), index)).await.expect("create");
+                api.create(
+                    &PostParams::default(),
+                    &config_map(&format!("cm-{index:06}"), index),
+                )
+                .await
+                .expect("create");
             }
         })
         .buffer_unordered(CONCURRENCY)
@@ -61,7 +77,10 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let sim = SimCluster::start(SimConfig { request_log_capacity: 1_000, ..SimConfig::default() }).await.expect("sim");
         let client = sim.client().await.expect("client");

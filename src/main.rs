@@ -36,7 +36,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Sim { port, kubeconfig } => {
-            let cluster = SimCluster::start(SimConfig { port, kubeconfig_path: kubeconfig, ..SimConfig::default() }).await?;
+            let cluster = SimCluster::start(SimConfig {
+                port,
+                kubeconfig_path: kubeconfig,
+                ..SimConfig::default()
+            })
+            .await?;
             tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), "serin sim ready; Ctrl-C to stop");
             tokio::signal::ctrl_c().await?;
             tracing::info!("stopping");

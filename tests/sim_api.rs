@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
 };
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Client;
@@ -51,31 +52,54 @@ fn api_error(error: kube::Error) -> (u16, String) {
 async fn crud_generate_name_and_stale_update_conflict() {
     let (sim, client) = start().await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let created = api.create(&PostParams::default(), &config_map("one", &[], "a")).await.unwrap();
+    let created = api
+        .create(&PostParams::default(), &config_map("one", &[], "a"))
+        .await
+        .unwrap();
     let metadata = &created.metadata;
     assert!(metadata.uid.as_deref().is_some_and(|u| u.len() == 36));
     assert!(metadata.creation_timestamp.is_some());
     let first_version = metadata.resource_version.clone().unwrap();
 
-    let (code, reason) = api_error(api.create(&PostParams::default(), &config_map("one", &[], "a")).await.unwrap_err());
+    let (code, reason) = api_error(
+        api.create(&PostParams::default(), &config_map("one", &[], "a"))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((code, reason.as_str()), (409, "AlreadyExists"));
 
     let mut generated = config_map("", &[], "g");
     generated.metadata.name = None;
     generated.metadata.generate_name = Some("gen-".into());
-    let generated = api.create(&PostParams::default(), &generated).await.unwrap();
+    let generated = api
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap();
     let generated_name = generated.metadata.name.unwrap();
-    assert!(generated_name.starts_with("gen-") && generated_name.len() == 9, "{generated_name}");
+    assert!(
+        generated_name.starts_with("gen-") && generated_name.len() == 9,
+        "{generated_name}"
+    );
 
     let mut changed = created.clone();
     changed.data = Some(BTreeMap::from([("value".to_string(), "b".to_string())]));
-    let replaced = api.replace("one", &PostParams::default(), &changed).await.unwrap();
-    assert_ne!(replaced.metadata.resource_version.as_deref(), Some(first_version.as_str()));
+    let replaced = api
+        .replace("one", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    assert_ne!(
+        replaced.metadata.resource_version.as_deref(),
+        Some(first_version.as_str())
+    );
     assert_eq!(api.get("one").await.unwrap().data.unwrap()["value"], "b");
 
     // `changed` still carries the first resourceVersion: a stale write.
     changed.data = Some(BTreeMap::from([("value".to_string(), "c".to_string())]));
-    let (code, reason) = api_error(api.replace("one", &PostParams::default(), &changed).await.unwrap_err());
+    let (code, reason) = api_error(
+        api.replace("one", &PostParams::default(), &changed)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((code, reason.as_str()), (409, "Conflict"));
     assert_eq!(api.get("one").await.unwrap().data.unwrap()["value"], "b");
 
@@ -104,10 +128,15 @@ async fn selectors_paging_and_all_namespaces() {
         ("d", vec![]),
     ];
     for (name, labels) in &specs {
-        api.create(&PostParams::default(), &config_map(name, labels, "x")).await.unwrap();
+        api.create(&PostParams::default(), &config_map(name, labels, "x"))
+            .await
+            .unwrap();
     }
     let names = |list: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
-        list.items.into_iter().filter_map(|c| c.metadata.name).collect()
+        list.items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect()
     };
     let cases = [
         ("app=web", vec!["a", "b"]),
@@ -119,12 +148,24 @@ async fn selectors_paging_and_all_namespaces() {
         ("!tier", vec!["c", "d"]),
     ];
     for (selector, expected) in cases {
-        let got = names(api.list(&ListParams::default().labels(selector)).await.unwrap());
+        let got = names(
+            api.list(&ListParams::default().labels(selector))
+                .await
+                .unwrap(),
+        );
         assert_eq!(got, expected, "selector {selector}");
     }
-    let by_name = names(api.list(&ListParams::default().fields("metadata.name=c")).await.unwrap());
+    let by_name = names(
+        api.list(&ListParams::default().fields("metadata.name=c"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(by_name, vec!["c"]);
-    let not_name = names(api.list(&ListParams::default().fields("metadata.name!=c")).await.unwrap());
+    let not_name = names(
+        api.list(&ListParams::default().fields("metadata.name!=c"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(not_name, vec!["a", "b", "d"]);
 
     let mut pages = Vec::new();
@@ -144,9 +185,17 @@ async fn selectors_paging_and_all_namespaces() {
         .create(&PostParams::default(), &config_map("sys", &[], "x"))
         .await
         .unwrap();
-    let everywhere = Api::<ConfigMap>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let everywhere = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     assert_eq!(everywhere.items.len(), 5);
-    let list_version: u64 = everywhere.metadata.resource_version.unwrap().parse().unwrap();
+    let list_version: u64 = everywhere
+        .metadata
+        .resource_version
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(list_version >= 5);
     sim.shutdown().await;
 }
@@ -175,15 +224,23 @@ fn widget_crd() -> Value {
 }
 
 fn widget_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("example.com", "v1", "Widget"), "widgets")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    )
 }
 
 async fn install_widgets(client: &Client) -> Api<DynamicObject> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition = serde_json::from_value(widget_crd()).unwrap();
     let created = crds.create(&PostParams::default(), &crd).await.unwrap();
-    let conditions = created.status.and_then(|s| s.conditions).unwrap_or_default();
-    assert!(conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+    let conditions = created
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default();
+    assert!(conditions
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True"));
     Api::namespaced_with(client.clone(), "default", &widget_resource())
 }
 
@@ -202,44 +259,107 @@ fn widget(name: &str, replicas: i64) -> DynamicObject {
 async fn status_and_scale_subresources_are_independent_and_generation_tracks_spec() {
     let (sim, client) = start().await;
     let widgets = install_widgets(&client).await;
-    let created = widgets.create(&PostParams::default(), &widget("w", 2)).await.unwrap();
+    let created = widgets
+        .create(&PostParams::default(), &widget("w", 2))
+        .await
+        .unwrap();
     assert_eq!(created.metadata.generation, Some(1));
-    assert!(created.data.get("status").is_none(), "status is dropped on create");
+    assert!(
+        created.data.get("status").is_none(),
+        "status is dropped on create"
+    );
 
     let params = PatchParams::default();
     let patched = widgets
-        .patch("w", &params, &Patch::Merge(json!({"status": {"replicas": 5}, "metadata": {"labels": {"x": "y"}}})))
+        .patch(
+            "w",
+            &params,
+            &Patch::Merge(json!({"status": {"replicas": 5}, "metadata": {"labels": {"x": "y"}}})),
+        )
         .await
         .unwrap();
-    assert!(patched.data.get("status").is_none(), "main resource write ignores status");
-    assert_eq!(patched.metadata.generation, Some(1), "metadata-only change keeps generation");
+    assert!(
+        patched.data.get("status").is_none(),
+        "main resource write ignores status"
+    );
+    assert_eq!(
+        patched.metadata.generation,
+        Some(1),
+        "metadata-only change keeps generation"
+    );
 
     let status = widgets
-        .patch_status("w", &params, &Patch::Merge(json!({"status": {"replicas": 2, "selector": "app=w"}, "spec": {"replicas": 7}})))
+        .patch_status(
+            "w",
+            &params,
+            &Patch::Merge(
+                json!({"status": {"replicas": 2, "selector": "app=w"}, "spec": {"replicas": 7}}),
+            ),
+        )
         .await
         .unwrap();
     assert_eq!(status.data["status"]["replicas"], 2);
-    assert_eq!(status.data["spec"]["replicas"], 2, "status write ignores spec");
+    assert_eq!(
+        status.data["spec"]["replicas"], 2,
+        "status write ignores spec"
+    );
     assert_eq!(status.metadata.generation, Some(1));
 
-    let spec = widgets.patch("w", &params, &Patch::Merge(json!({"spec": {"color": "red"}}))).await.unwrap();
+    let spec = widgets
+        .patch(
+            "w",
+            &params,
+            &Patch::Merge(json!({"spec": {"color": "red"}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(spec.metadata.generation, Some(2));
-    assert_eq!(spec.data["status"]["replicas"], 2, "spec write keeps stored status");
+    assert_eq!(
+        spec.data["status"]["replicas"], 2,
+        "spec write keeps stored status"
+    );
 
     let scale = widgets.get_scale("w").await.unwrap();
     assert_eq!(scale.spec.as_ref().and_then(|s| s.replicas), Some(2));
-    assert_eq!(scale.status.as_ref().and_then(|s| s.selector.clone()).as_deref(), Some("app=w"));
-    widgets.patch_scale("w", &params, &Patch::Merge(json!({"spec": {"replicas": 4}}))).await.unwrap();
+    assert_eq!(
+        scale
+            .status
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .as_deref(),
+        Some("app=w")
+    );
+    widgets
+        .patch_scale(
+            "w",
+            &params,
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
     let scaled = widgets.get("w").await.unwrap();
     assert_eq!(scaled.data["spec"]["replicas"], 4);
     assert_eq!(scaled.metadata.generation, Some(3));
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    deployments.create(&PostParams::default(), &deployment("web", 1)).await.unwrap();
-    deployments.patch_scale("web", &params, &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment("web", 1))
+        .await
+        .unwrap();
+    deployments
+        .patch_scale(
+            "web",
+            &params,
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
     let scale = deployments.get_scale("web").await.unwrap();
     assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
-    assert_eq!(scale.status.and_then(|s| s.selector).as_deref(), Some("app=web"));
+    assert_eq!(
+        scale.status.and_then(|s| s.selector).as_deref(),
+        Some("app=web")
+    );
     sim.shutdown().await;
 }
 
@@ -295,65 +415,153 @@ async fn finalizers_and_garbage_collection() {
     let mut guarded = config_map("guarded", &[], "x");
     guarded.metadata.finalizers = Some(vec!["example.com/hold".into()]);
     maps.create(&PostParams::default(), &guarded).await.unwrap();
-    maps.delete("guarded", &DeleteParams::default()).await.unwrap();
-    let pending = maps.get("guarded").await.unwrap();
-    assert!(pending.metadata.deletion_timestamp.is_some());
-    maps.patch("guarded", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+    maps.delete("guarded", &DeleteParams::default())
         .await
         .unwrap();
+    let pending = maps.get("guarded").await.unwrap();
+    assert!(pending.metadata.deletion_timestamp.is_some());
+    maps.patch(
+        "guarded",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     assert_eq!(api_error(maps.get("guarded").await.unwrap_err()).0, 404);
 
     let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // Background: the owner goes at once, its dependents after it.
-    let owner = sets.create(&PostParams::default(), &replica_set("bg")).await.unwrap();
-    pods.create(&PostParams::default(), &owned_pod("bg-1", &owner, &[])).await.unwrap();
-    pods.create(&PostParams::default(), &owned_pod("bg-2", &owner, &[])).await.unwrap();
-    sets.delete("bg", &DeleteParams::background()).await.unwrap();
-    assert_eq!(api_error(sets.get("bg").await.unwrap_err()).0, 404);
-    assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty());
-
-    // Foreground: the owner waits (deletionTimestamp + foregroundDeletion) until its dependents are gone.
-    let owner = sets.create(&PostParams::default(), &replica_set("fg")).await.unwrap();
-    pods.create(&PostParams::default(), &owned_pod("fg-held", &owner, &["example.com/hold"])).await.unwrap();
-    pods.create(&PostParams::default(), &owned_pod("fg-free", &owner, &[])).await.unwrap();
-    sets.delete("fg", &DeleteParams::foreground()).await.unwrap();
-    let waiting = sets.get("fg").await.unwrap();
-    assert!(waiting.metadata.deletion_timestamp.is_some());
-    assert!(waiting.metadata.finalizers.unwrap_or_default().contains(&"foregroundDeletion".to_string()));
-    assert_eq!(api_error(pods.get("fg-free").await.unwrap_err()).0, 404);
-    assert!(pods.get("fg-held").await.unwrap().metadata.deletion_timestamp.is_some());
-    pods.patch("fg-held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+    let owner = sets
+        .create(&PostParams::default(), &replica_set("bg"))
         .await
         .unwrap();
+    pods.create(&PostParams::default(), &owned_pod("bg-1", &owner, &[]))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &owned_pod("bg-2", &owner, &[]))
+        .await
+        .unwrap();
+    sets.delete("bg", &DeleteParams::background())
+        .await
+        .unwrap();
+    assert_eq!(api_error(sets.get("bg").await.unwrap_err()).0, 404);
+    assert!(pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+
+    // Foreground: the owner waits (deletionTimestamp + foregroundDeletion) until its dependents are gone.
+    let owner = sets
+        .create(&PostParams::default(), &replica_set("fg"))
+        .await
+        .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &owned_pod("fg-held", &owner, &["example.com/hold"]),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &owned_pod("fg-free", &owner, &[]))
+        .await
+        .unwrap();
+    sets.delete("fg", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let waiting = sets.get("fg").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert!(waiting
+        .metadata
+        .finalizers
+        .unwrap_or_default()
+        .contains(&"foregroundDeletion".to_string()));
+    assert_eq!(api_error(pods.get("fg-free").await.unwrap_err()).0, 404);
+    assert!(pods
+        .get("fg-held")
+        .await
+        .unwrap()
+        .metadata
+        .deletion_timestamp
+        .is_some());
+    pods.patch(
+        "fg-held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     assert_eq!(api_error(pods.get("fg-held").await.unwrap_err()).0, 404);
     assert_eq!(api_error(sets.get("fg").await.unwrap_err()).0, 404);
 
     // Orphan: dependents stay, without the owner reference.
-    let owner = sets.create(&PostParams::default(), &replica_set("or")).await.unwrap();
-    pods.create(&PostParams::default(), &owned_pod("or-1", &owner, &[])).await.unwrap();
+    let owner = sets
+        .create(&PostParams::default(), &replica_set("or"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &owned_pod("or-1", &owner, &[]))
+        .await
+        .unwrap();
     sets.delete("or", &DeleteParams::orphan()).await.unwrap();
     let orphan = pods.get("or-1").await.unwrap();
-    assert!(orphan.metadata.owner_references.unwrap_or_default().is_empty());
+    assert!(orphan
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .is_empty());
 
     // Deleting a namespace removes what it holds.
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
-        .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "temp"}})).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "temp"}}),
+            )
+            .unwrap(),
+        )
         .await
         .unwrap();
     let temp_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "temp");
-    temp_maps.create(&PostParams::default(), &config_map("inside", &[], "x")).await.unwrap();
-    namespaces.delete("temp", &DeleteParams::default()).await.unwrap();
+    temp_maps
+        .create(&PostParams::default(), &config_map("inside", &[], "x"))
+        .await
+        .unwrap();
+    namespaces
+        .delete("temp", &DeleteParams::default())
+        .await
+        .unwrap();
     assert_eq!(api_error(temp_maps.get("inside").await.unwrap_err()).0, 404);
 
     // deletecollection with a label selector.
-    maps.create(&PostParams::default(), &config_map("k1", &[("sweep", "yes")], "x")).await.unwrap();
-    maps.create(&PostParams::default(), &config_map("k2", &[("sweep", "no")], "x")).await.unwrap();
-    maps.delete_collection(&DeleteParams::default(), &ListParams::default().labels("sweep=yes")).await.unwrap();
-    let left: Vec<String> =
-        maps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|c| c.metadata.name).collect();
+    maps.create(
+        &PostParams::default(),
+        &config_map("k1", &[("sweep", "yes")], "x"),
+    )
+    .await
+    .unwrap();
+    maps.create(
+        &PostParams::default(),
+        &config_map("k2", &[("sweep", "no")], "x"),
+    )
+    .await
+    .unwrap();
+    maps.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("sweep=yes"),
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = maps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
     assert_eq!(left, vec!["k2"]);
     sim.shutdown().await;
 }
@@ -362,19 +570,39 @@ async fn finalizers_and_garbage_collection() {
 async fn every_patch_type_through_kube_rs() {
     let (sim, client) = start().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    deployments.create(&PostParams::default(), &deployment("web", 1)).await.unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment("web", 1))
+        .await
+        .unwrap();
     let params = PatchParams::default();
 
-    let merged = deployments.patch("web", &params, &Patch::Merge(json!({"metadata": {"labels": {"m": "1"}}}))).await.unwrap();
+    let merged = deployments
+        .patch(
+            "web",
+            &params,
+            &Patch::Merge(json!({"metadata": {"labels": {"m": "1"}}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(merged.metadata.labels.unwrap()["m"], "1");
 
     let operations: json_patch::Patch =
-        serde_json::from_value(json!([{"op": "replace", "path": "/spec/replicas", "value": 2}])).unwrap();
-    let json_patched = deployments.patch("web", &params, &Patch::Json::<()>(operations)).await.unwrap();
+        serde_json::from_value(json!([{"op": "replace", "path": "/spec/replicas", "value": 2}]))
+            .unwrap();
+    let json_patched = deployments
+        .patch("web", &params, &Patch::Json::<()>(operations))
+        .await
+        .unwrap();
     assert_eq!(json_patched.spec.replicas, Some(2));
 
     let strategic = deployments
-        .patch("web", &params, &Patch::Strategic(json!({"spec": {"template": {"metadata": {"annotations": {"s": "1"}}}}})))
+        .patch(
+            "web",
+            &params,
+            &Patch::Strategic(
+                json!({"spec": {"template": {"metadata": {"annotations": {"s": "1"}}}}}),
+            ),
+        )
         .await
         .unwrap();
     let template = strategic.spec.template;
@@ -395,7 +623,10 @@ async fn every_patch_type_through_kube_rs() {
     assert_eq!(created.metadata.generation, Some(1));
 
     let log = sim.request_log().matching("patch", "deployments");
-    let types: Vec<String> = log.iter().filter_map(|r| r.patch_content_type.clone()).collect();
+    let types: Vec<String> = log
+        .iter()
+        .filter_map(|r| r.patch_content_type.clone())
+        .collect();
     assert_eq!(
         types,
         vec![
@@ -408,13 +639,27 @@ async fn every_patch_type_through_kube_rs() {
     );
     assert!(log.iter().all(|r| r.user == "admin" && r.status < 300));
 
-    let missing = deployments.patch("nope", &params, &Patch::Merge(json!({"spec": {}}))).await.unwrap_err();
+    let missing = deployments
+        .patch("nope", &params, &Patch::Merge(json!({"spec": {}})))
+        .await
+        .unwrap_err();
     assert_eq!(api_error(missing).0, 404);
 
     let widgets = install_widgets(&client).await;
-    widgets.create(&PostParams::default(), &widget("w", 1)).await.unwrap();
-    let (code, reason) =
-        api_error(widgets.patch("w", &params, &Patch::Strategic(json!({"spec": {"replicas": 2}}))).await.unwrap_err());
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    let (code, reason) = api_error(
+        widgets
+            .patch(
+                "w",
+                &params,
+                &Patch::Strategic(json!({"spec": {"replicas": 2}})),
+            )
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((code, reason.as_str()), (415, "UnsupportedMediaType"));
     sim.shutdown().await;
 }
@@ -426,8 +671,16 @@ fn describe(event: &watcher::Event<ConfigMap>) -> Option<(String, String, String
         watcher::Event::Delete(map) => ("delete", map),
         _ => return None,
     };
-    let value = map.data.as_ref().and_then(|d| d.get("value").cloned()).unwrap_or_default();
-    Some((kind.to_string(), map.metadata.name.clone().unwrap_or_default(), value))
+    let value = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("value").cloned())
+        .unwrap_or_default();
+    Some((
+        kind.to_string(),
+        map.metadata.name.clone().unwrap_or_default(),
+        value,
+    ))
 }
 
 #[tokio::test]
@@ -445,9 +698,17 @@ async fn watcher_sees_every_change_in_order() {
     })
     .await
     .unwrap();
-    api.create(&PostParams::default(), &config_map("w", &[], "1")).await.unwrap();
+    api.create(&PostParams::default(), &config_map("w", &[], "1"))
+        .await
+        .unwrap();
     for value in ["2", "3", "4"] {
-        api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"data": {"value": value}}))).await.unwrap();
+        api.patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"value": value}})),
+        )
+        .await
+        .unwrap();
     }
     api.delete("w", &DeleteParams::default()).await.unwrap();
     let mut seen = Vec::new();
@@ -459,10 +720,16 @@ async fn watcher_sees_every_change_in_order() {
     })
     .await
     .unwrap();
-    let expected: Vec<(String, String, String)> = [("apply", "1"), ("apply", "2"), ("apply", "3"), ("apply", "4"), ("delete", "4")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), "w".to_string(), v.to_string()))
-        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("apply", "1"),
+        ("apply", "2"),
+        ("apply", "3"),
+        ("apply", "4"),
+        ("delete", "4"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), "w".to_string(), v.to_string()))
+    .collect();
     assert_eq!(seen, expected);
     sim.shutdown().await;
 }
@@ -475,7 +742,16 @@ async fn wait_for_store(store: &reflector::Store<ConfigMap>, api: &Api<ConfigMap
             .unwrap()
             .items
             .into_iter()
-            .map(|c| (c.metadata.name.unwrap(), c.data.unwrap_or_default().get("value").cloned().unwrap_or_default()))
+            .map(|c| {
+                (
+                    c.metadata.name.unwrap(),
+                    c.data
+                        .unwrap_or_default()
+                        .get("value")
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            })
             .collect();
         names.sort();
         names
@@ -486,7 +762,17 @@ async fn wait_for_store(store: &reflector::Store<ConfigMap>, api: &Api<ConfigMap
             let mut cached: Vec<(String, String)> = store
                 .state()
                 .iter()
-                .map(|c| (c.metadata.name.clone().unwrap(), c.data.clone().unwrap_or_default().get("value").cloned().unwrap_or_default()))
+                .map(|c| {
+                    (
+                        c.metadata.name.clone().unwrap(),
+                        c.data
+                            .clone()
+                            .unwrap_or_default()
+                            .get("value")
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                })
                 .collect();
             cached.sort();
             if cached == expected {
@@ -496,26 +782,46 @@ async fn wait_for_store(store: &reflector::Store<ConfigMap>, api: &Api<ConfigMap
         }
     })
     .await;
-    assert!(result.is_ok(), "reflector store never matched the server's list ({} objects)", expected.len());
+    assert!(
+        result.is_ok(),
+        "reflector store never matched the server's list ({} objects)",
+        expected.len()
+    );
 }
 
 #[tokio::test]
 async fn reflector_recovers_from_closed_watches_and_410_without_losing_anything() {
-    let (sim, client) = start_with(SimConfig { event_window: 20, ..SimConfig::default() }).await;
+    let (sim, client) = start_with(SimConfig {
+        event_window: 20,
+        ..SimConfig::default()
+    })
+    .await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default())).applied_objects();
+    let stream =
+        reflector(writer, watcher(api.clone(), watcher::Config::default())).applied_objects();
     let driver = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while stream.next().await.is_some() {}
     });
     for index in 0..5 {
-        api.create(&PostParams::default(), &config_map(&format!("r{index}"), &[], "0")).await.unwrap();
+        api.create(
+            &PostParams::default(),
+            &config_map(&format!("r{index}"), &[], "0"),
+        )
+        .await
+        .unwrap();
     }
     wait_for_store(&store, &api).await;
 
     sim.faults().close_watches();
-    api.patch("r0", &PatchParams::default(), &Patch::Merge(json!({"data": {"value": "after-close"}}))).await.unwrap();
+    api.patch(
+        "r0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"value": "after-close"}})),
+    )
+    .await
+    .unwrap();
     api.delete("r1", &DeleteParams::default()).await.unwrap();
     wait_for_store(&store, &api).await;
 
@@ -525,31 +831,63 @@ async fn reflector_recovers_from_closed_watches_and_410_without_losing_anything(
     sim.faults().fail_next("watch", "configmaps", 3, 500);
     sim.faults().close_watches();
     for round in 0..30 {
-        api.patch("r2", &PatchParams::default(), &Patch::Merge(json!({"data": {"value": round.to_string()}}))).await.unwrap();
+        api.patch(
+            "r2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"value": round.to_string()}})),
+        )
+        .await
+        .unwrap();
     }
     api.delete("r3", &DeleteParams::default()).await.unwrap();
-    api.create(&PostParams::default(), &config_map("late", &[], "new")).await.unwrap();
+    api.create(&PostParams::default(), &config_map("late", &[], "new"))
+        .await
+        .unwrap();
     wait_for_store(&store, &api).await;
     let lists_after = sim.request_log().matching("list", "configmaps").len();
-    assert!(lists_after > lists_before, "the reflector relisted after 410");
+    assert!(
+        lists_after > lists_before,
+        "the reflector relisted after 410"
+    );
     driver.abort();
     sim.shutdown().await;
 }
 
 #[tokio::test]
 async fn watch_of_a_compacted_version_streams_410_expired() {
-    let (sim, client) = start_with(SimConfig { event_window: 5, ..SimConfig::default() }).await;
+    let (sim, client) = start_with(SimConfig {
+        event_window: 5,
+        ..SimConfig::default()
+    })
+    .await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     for index in 0..10 {
-        api.create(&PostParams::default(), &config_map(&format!("c{index}"), &[], "x")).await.unwrap();
+        api.create(
+            &PostParams::default(),
+            &config_map(&format!("c{index}"), &[], "x"),
+        )
+        .await
+        .unwrap();
     }
-    let mut stream = api.watch(&kube::api::WatchParams::default(), "1").await.unwrap().boxed();
-    let first = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap().unwrap();
+    let mut stream = api
+        .watch(&kube::api::WatchParams::default(), "1")
+        .await
+        .unwrap()
+        .boxed();
+    let first = tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match first {
         kube::api::WatchEvent::Error(status) => {
             assert_eq!(status.code, 410);
             assert_eq!(status.reason, "Expired");
-            assert!(status.message.starts_with("too old resource version: 1"), "{}", status.message);
+            assert!(
+                status.message.starts_with("too old resource version: 1"),
+                "{}",
+                status.message
+            );
         }
         other => panic!("expected 410, got {other:?}"),
     }
@@ -562,36 +900,67 @@ async fn injected_faults_fail_then_pass() {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     sim.faults().fail_next("create", "configmaps", 2, 500);
     for _ in 0..2 {
-        let (code, reason) = api_error(api.create(&PostParams::default(), &config_map("f", &[], "x")).await.unwrap_err());
+        let (code, reason) = api_error(
+            api.create(&PostParams::default(), &config_map("f", &[], "x"))
+                .await
+                .unwrap_err(),
+        );
         assert_eq!((code, reason.as_str()), (500, "InternalError"));
     }
-    api.create(&PostParams::default(), &config_map("f", &[], "x")).await.unwrap();
+    api.create(&PostParams::default(), &config_map("f", &[], "x"))
+        .await
+        .unwrap();
 
     // kube-rs retries 429 (honouring Retry-After): the request log shows the two refusals.
     sim.faults().fail_next("get", "configmaps", 2, 429);
     sim.request_log().clear();
     api.get("f").await.unwrap();
-    let statuses: Vec<u16> = sim.request_log().matching("get", "configmaps").iter().map(|r| r.status).collect();
+    let statuses: Vec<u16> = sim
+        .request_log()
+        .matching("get", "configmaps")
+        .iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(statuses, vec![429, 429, 200]);
 
-    sim.faults().fail_next_subresource("patch", "configmaps", "status", 1, 409);
+    sim.faults()
+        .fail_next_subresource("patch", "configmaps", "status", 1, 409);
     let (code, reason) = api_error(api.get("missing").await.unwrap_err());
-    assert_eq!((code, reason.as_str()), (404, "NotFound"), "subresource rule does not hit the main resource");
+    assert_eq!(
+        (code, reason.as_str()),
+        (404, "NotFound"),
+        "subresource rule does not hit the main resource"
+    );
 
-    sim.faults().timeout_next("list", "configmaps", 1, Duration::from_millis(50));
+    sim.faults()
+        .timeout_next("list", "configmaps", 1, Duration::from_millis(50));
     let error = api.list(&ListParams::default()).await;
     // 504 is retried by kube-rs, so the list either surfaces the timeout or succeeds on retry.
-    let statuses: Vec<u16> = sim.request_log().matching("list", "configmaps").iter().map(|r| r.status).collect();
+    let statuses: Vec<u16> = sim
+        .request_log()
+        .matching("list", "configmaps")
+        .iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(statuses.first(), Some(&504));
     assert!(error.is_ok());
 
     let users = sim.client_as("alice").await.unwrap();
-    Api::<ConfigMap>::namespaced(users, "default").create(&PostParams::default(), &config_map("by-alice", &[], "x")).await.unwrap();
+    Api::<ConfigMap>::namespaced(users, "default")
+        .create(&PostParams::default(), &config_map("by-alice", &[], "x"))
+        .await
+        .unwrap();
     assert_eq!(sim.request_log().writes_by("alice").len(), 1);
     sim.shutdown().await;
 }
 
-async fn raw(sim: &SimCluster, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+async fn raw(
+    sim: &SimCluster,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, Value) {
     let client = reqwest::Client::new();
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let response = client
@@ -607,23 +976,39 @@ async fn raw(sim: &SimCluster, method: &str, path: &str, content_type: &str, bod
     (code, serde_json::from_slice(&text).unwrap_or(Value::Null))
 }
 
+/// (method, path, content type, body, expected code, expected reason).
+type BadInputCase = (
+    &'static str,
+    String,
+    &'static str,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
     let (sim, client) = start().await;
     let cms = "/api/v1/namespaces/default/configmaps";
-    let good = |name: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}).to_string().into_bytes();
-    let cases: Vec<(&str, String, &str, Vec<u8>, u16, &str)> = vec![
-        ("POST", cms.into(), "application/json", b"{\"apiVersion\": ".to_vec(), 400, "BadRequest"),
-        ("POST", cms.into(), "application/yaml", b"kind: [unclosed".to_vec(), 400, "BadRequest"),
-        ("POST", cms.into(), "application/json", b"[1,2]".to_vec(), 400, "BadRequest"),
-        ("POST", "/api/v1/namespaces/default/gizmos".into(), "application/json", good("g"), 404, "NotFound"),
-        ("GET", "/apis/nope.example.com/v1/things".into(), "application/json", vec![], 404, "NotFound"),
-        ("POST", cms.into(), "application/json", good("Bad_Name"), 422, "Invalid"),
+    let good = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}})
+            .to_string()
+            .into_bytes()
+    };
+    let cases: Vec<BadInputCase> = vec![
         (
             "POST",
             cms.into(),
             "application/json",
-            json!({"apiVersion": "v2", "kind": "ConfigMap", "metadata": {"name": "a"}}).to_string().into_bytes(),
+            b"{\"apiVersion\": ".to_vec(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            cms.into(),
+            "application/yaml",
+            b"kind: [unclosed".to_vec(),
             400,
             "BadRequest",
         ),
@@ -631,35 +1016,151 @@ async fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
             "POST",
             cms.into(),
             "application/json",
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}}).to_string().into_bytes(),
+            b"[1,2]".to_vec(),
             400,
             "BadRequest",
         ),
-        ("POST", cms.into(), "application/json", vec![b' '; 3 * 1024 * 1024 + 10], 413, "RequestEntityTooLarge"),
-        ("PATCH", format!("{cms}/exists"), "application/x-unknown-patch", b"{}".to_vec(), 415, "UnsupportedMediaType"),
-        ("PATCH", format!("{cms}/exists"), "application/json-patch+json", b"{\"not\": \"a list\"}".to_vec(), 400, "BadRequest"),
-        ("PATCH", format!("{cms}/exists"), "application/merge-patch+json", b"{oops".to_vec(), 400, "BadRequest"),
-        ("PATCH", format!("{cms}/exists"), "application/apply-patch+yaml", b"data: {a: b}".to_vec(), 400, "BadRequest"),
-        ("PUT", format!("{cms}/exists"), "application/json", good("other"), 400, "BadRequest"),
-        ("POST", format!("{cms}/exists"), "application/json", good("exists"), 405, "MethodNotAllowed"),
-        ("GET", format!("{cms}?labelSelector=a%20in%20b"), "application/json", vec![], 400, "BadRequest"),
+        (
+            "POST",
+            "/api/v1/namespaces/default/gizmos".into(),
+            "application/json",
+            good("g"),
+            404,
+            "NotFound",
+        ),
+        (
+            "GET",
+            "/apis/nope.example.com/v1/things".into(),
+            "application/json",
+            vec![],
+            404,
+            "NotFound",
+        ),
+        (
+            "POST",
+            cms.into(),
+            "application/json",
+            good("Bad_Name"),
+            422,
+            "Invalid",
+        ),
+        (
+            "POST",
+            cms.into(),
+            "application/json",
+            json!({"apiVersion": "v2", "kind": "ConfigMap", "metadata": {"name": "a"}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            cms.into(),
+            "application/json",
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            cms.into(),
+            "application/json",
+            vec![b' '; 3 * 1024 * 1024 + 10],
+            413,
+            "RequestEntityTooLarge",
+        ),
+        (
+            "PATCH",
+            format!("{cms}/exists"),
+            "application/x-unknown-patch",
+            b"{}".to_vec(),
+            415,
+            "UnsupportedMediaType",
+        ),
+        (
+            "PATCH",
+            format!("{cms}/exists"),
+            "application/json-patch+json",
+            b"{\"not\": \"a list\"}".to_vec(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "PATCH",
+            format!("{cms}/exists"),
+            "application/merge-patch+json",
+            b"{oops".to_vec(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "PATCH",
+            format!("{cms}/exists"),
+            "application/apply-patch+yaml",
+            b"data: {a: b}".to_vec(),
+            400,
+            "BadRequest",
+        ),
+        (
+            "PUT",
+            format!("{cms}/exists"),
+            "application/json",
+            good("other"),
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            format!("{cms}/exists"),
+            "application/json",
+            good("exists"),
+            405,
+            "MethodNotAllowed",
+        ),
+        (
+            "GET",
+            format!("{cms}?labelSelector=a%20in%20b"),
+            "application/json",
+            vec![],
+            400,
+            "BadRequest",
+        ),
     ];
     let (code, _) = raw(&sim, "POST", cms, "application/json", good("exists")).await;
     assert_eq!(code, 201);
     for (method, path, content_type, body, expected_code, expected_reason) in cases {
         let (code, status) = raw(&sim, method, &path, content_type, body).await;
-        assert_eq!(code, expected_code, "{method} {path} {content_type}: {status}");
+        assert_eq!(
+            code, expected_code,
+            "{method} {path} {content_type}: {status}"
+        );
         assert_eq!(status["kind"], "Status", "{method} {path}");
-        assert_eq!(status["reason"], expected_reason, "{method} {path}: {status}");
+        assert_eq!(
+            status["reason"], expected_reason,
+            "{method} {path}: {status}"
+        );
         assert_eq!(status["code"], expected_code);
     }
     let (_, invalid) = raw(&sim, "POST", cms, "application/json", good("Bad_Name")).await;
     assert_eq!(invalid["details"]["causes"][0]["field"], "metadata.name");
 
-    let (code, created) = raw(&sim, "POST", cms, "application/yaml", b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\n".to_vec()).await;
+    let (code, created) = raw(
+        &sim,
+        "POST",
+        cms,
+        "application/yaml",
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\n".to_vec(),
+    )
+    .await;
     assert_eq!(code, 201, "{created}");
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
-    assert_eq!(api.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        2
+    );
     sim.shutdown().await;
 }
 
@@ -672,14 +1173,26 @@ async fn discovery_lists_builtins_and_crds() {
         .resolve_gvk(&GroupVersionKind::gvk("example.com", "v1", "Widget"))
         .expect("widgets discovered");
     assert_eq!(resource.plural, "widgets");
-    assert!(capabilities.subresources.iter().any(|(r, _)| r.plural == "widgets/status" || r.plural == "status"));
-    assert!(discovery.resolve_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment")).is_some());
-    assert!(discovery.resolve_gvk(&GroupVersionKind::gvk("coordination.k8s.io", "v1", "Lease")).is_some());
+    assert!(capabilities
+        .subresources
+        .iter()
+        .any(|(r, _)| r.plural == "widgets/status" || r.plural == "status"));
+    assert!(discovery
+        .resolve_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"))
+        .is_some());
+    assert!(discovery
+        .resolve_gvk(&GroupVersionKind::gvk("coordination.k8s.io", "v1", "Lease"))
+        .is_some());
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.delete("widgets.example.com", &DeleteParams::default()).await.unwrap();
+    crds.delete("widgets.example.com", &DeleteParams::default())
+        .await
+        .unwrap();
     let widgets: Api<DynamicObject> = Api::namespaced_with(client, "default", &widget_resource());
-    assert_eq!(api_error(widgets.list(&ListParams::default()).await.unwrap_err()).0, 404);
+    assert_eq!(
+        api_error(widgets.list(&ListParams::default()).await.unwrap_err()).0,
+        404
+    );
     sim.shutdown().await;
 }
 
@@ -692,7 +1205,12 @@ fn upstream_dir() -> PathBuf {
         .skip(1)
         .map(|ancestor| ancestor.join("shared/fixtures/upstream-crds"))
         .find(|candidate| candidate.is_dir())
-        .unwrap_or_else(|| panic!("upstream CRD fixtures missing: expected them at {}", expected.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "upstream CRD fixtures missing: expected them at {}",
+                expected.display()
+            )
+        })
 }
 
 async fn apply_upstream_crds(client: &Client) {
@@ -712,9 +1230,13 @@ async fn apply_upstream_crds(client: &Client) {
                 continue;
             }
             let crd: CustomResourceDefinition = serde_json::from_value(value).unwrap();
-            crds.patch(crd.metadata.name.as_deref().unwrap(), &PatchParams::apply("test").force(), &Patch::Apply(&crd))
-                .await
-                .unwrap_or_else(|e| panic!("{} applies: {e}", path.display()));
+            crds.patch(
+                crd.metadata.name.as_deref().unwrap(),
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{} applies: {e}", path.display()));
         }
     }
 }
@@ -726,7 +1248,10 @@ async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
     let routes: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "default",
-        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"), "httproutes"),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
     );
     let route: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
@@ -736,12 +1261,18 @@ async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
     .unwrap();
     routes.create(&PostParams::default(), &route).await.unwrap();
     let stored = routes.get("web").await.unwrap();
-    assert_eq!(stored.data["spec"]["rules"][0]["backendRefs"][1]["weight"], 10);
+    assert_eq!(
+        stored.data["spec"]["rules"][0]["backendRefs"][1]["weight"],
+        10
+    );
 
     let services: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "default",
-        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"), "virtualservices"),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"),
+            "virtualservices",
+        ),
     );
     let virtual_service: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
@@ -749,14 +1280,24 @@ async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
         "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web", "subset": "stable"}, "weight": 100}]}]},
     }))
     .unwrap();
-    services.create(&PostParams::default(), &virtual_service).await.unwrap();
+    services
+        .create(&PostParams::default(), &virtual_service)
+        .await
+        .unwrap();
     let older: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "default",
-        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("networking.istio.io", "v1beta1", "VirtualService"), "virtualservices"),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("networking.istio.io", "v1beta1", "VirtualService"),
+            "virtualservices",
+        ),
     );
     let as_beta = older.get("web").await.unwrap();
-    assert_eq!(as_beta.types.unwrap().api_version, "networking.istio.io/v1beta1", "served at every version");
+    assert_eq!(
+        as_beta.types.unwrap().api_version,
+        "networking.istio.io/v1beta1",
+        "served at every version"
+    );
     sim.shutdown().await;
 }
 
@@ -769,7 +1310,10 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
     let routes: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "default",
-        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"), "httproutes"),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
     );
     let with_unknown: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
@@ -777,8 +1321,13 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
         "spec": {"parentRefs": [{"name": "gw"}], "bogusField": 1},
     }))
     .unwrap();
-    routes.create(&PostParams::default(), &with_unknown).await.unwrap();
-    assert!(routes.get("pruned").await.unwrap().data["spec"].get("bogusField").is_none());
+    routes
+        .create(&PostParams::default(), &with_unknown)
+        .await
+        .unwrap();
+    assert!(routes.get("pruned").await.unwrap().data["spec"]
+        .get("bogusField")
+        .is_none());
 
     let invalid: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
@@ -786,7 +1335,12 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
         "spec": {"rules": [{"backendRefs": [{"name": "web", "port": 80, "weight": -5}]}]},
     }))
     .unwrap();
-    let (code, reason) = api_error(routes.create(&PostParams::default(), &invalid).await.unwrap_err());
+    let (code, reason) = api_error(
+        routes
+            .create(&PostParams::default(), &invalid)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((code, reason.as_str()), (422, "Invalid"));
 
     let (code, status) = raw(
@@ -798,6 +1352,9 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
     )
     .await;
     assert_eq!(code, 400);
-    assert!(status["message"].as_str().unwrap().contains("strict decoding error: unknown field \"spec.bogusField\""));
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .contains("strict decoding error: unknown field \"spec.bogusField\""));
     sim.shutdown().await;
 }

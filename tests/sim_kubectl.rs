@@ -28,7 +28,11 @@ struct Outcome {
 
 async fn kubectl(kubeconfig: &Path, args: &[&str]) -> Outcome {
     let mut command = Command::new(KUBECTL);
-    command.arg("--kubeconfig").arg(kubeconfig).args(args).kill_on_drop(true);
+    command
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .kill_on_drop(true);
     let output = tokio::time::timeout(WAIT, command.output())
         .await
         .unwrap_or_else(|_| panic!("kubectl {args:?} timed out"))
@@ -42,7 +46,11 @@ async fn kubectl(kubeconfig: &Path, args: &[&str]) -> Outcome {
 
 async fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> String {
     let outcome = kubectl(kubeconfig, args).await;
-    assert!(outcome.success, "kubectl {args:?} failed: {}{}", outcome.stdout, outcome.stderr);
+    assert!(
+        outcome.success,
+        "kubectl {args:?} failed: {}{}",
+        outcome.stdout, outcome.stderr
+    );
     outcome.stdout
 }
 
@@ -99,13 +107,49 @@ async fn crd_and_custom_resource_lifecycle_through_kubectl() {
     let dir = tempfile::tempdir().unwrap();
     let crd = write(dir.path(), "crd.yaml", GADGET_CRD);
     let crd_arg = crd.to_str().unwrap();
-    assert!(kubectl_ok(&kubeconfig, &["apply", "-f", crd_arg]).await.contains("created"));
-    kubectl_ok(&kubeconfig, &["wait", "--for=condition=established", "crd/gadgets.example.com", "--timeout=20s"]).await;
+    assert!(kubectl_ok(&kubeconfig, &["apply", "-f", crd_arg])
+        .await
+        .contains("created"));
+    kubectl_ok(
+        &kubeconfig,
+        &[
+            "wait",
+            "--for=condition=established",
+            "crd/gadgets.example.com",
+            "--timeout=20s",
+        ],
+    )
+    .await;
 
     let blue = write(dir.path(), "blue.yaml", &gadget("blue"));
     kubectl_ok(&kubeconfig, &["apply", "-f", blue.to_str().unwrap()]).await;
     let yaml = kubectl_ok(&kubeconfig, &["get", "gadget", "g1", "-o", "yaml"]).await;
-    assert!(yaml.contains("color: blue") && yaml.contains("generation: 1"), "{yaml}");
+    assert!(
+        yaml.contains("color: blue") && yaml.contains("generation: 1"),
+        "{yaml}"
+    );
+
+    let printed = kubectl_ok(&kubeconfig, &["get", "gadgets"]).await;
+    let header: Vec<&str> = printed
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "COLOR"],
+        "server-side printing uses additionalPrinterColumns: {printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .eq(["g1", "blue"]),
+        "{printed}"
+    );
 
     let mut watch = Command::new(KUBECTL)
         .arg("--kubeconfig")
@@ -117,24 +161,43 @@ async fn crd_and_custom_resource_lifecycle_through_kubectl() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.as_deref(), Some("blue"));
 
     let green = write(dir.path(), "green.yaml", &gadget("green"));
-    assert!(kubectl_ok(&kubeconfig, &["apply", "-f", green.to_str().unwrap()]).await.contains("configured"));
-    let changed = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
+    assert!(
+        kubectl_ok(&kubeconfig, &["apply", "-f", green.to_str().unwrap()])
+            .await
+            .contains("configured")
+    );
+    let changed = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(changed.as_deref(), Some("green"), "get -w shows the change");
     watch.kill().await.unwrap();
 
     let yaml = kubectl_ok(&kubeconfig, &["get", "gadget", "g1", "-o", "yaml"]).await;
-    assert!(yaml.contains("color: green") && yaml.contains("generation: 2"), "{yaml}");
+    assert!(
+        yaml.contains("color: green") && yaml.contains("generation: 2"),
+        "{yaml}"
+    );
     kubectl_ok(&kubeconfig, &["delete", "gadget", "g1"]).await;
     let missing = kubectl(&kubeconfig, &["get", "gadget", "g1"]).await;
-    assert!(!missing.success && missing.stderr.contains("NotFound"), "{}", missing.stderr);
+    assert!(
+        !missing.success && missing.stderr.contains("NotFound"),
+        "{}",
+        missing.stderr
+    );
 
     let patches = sim.request_log().matching("patch", "gadgets");
     assert!(
-        patches.iter().any(|r| r.patch_content_type.as_deref() == Some("application/merge-patch+json")),
+        patches
+            .iter()
+            .any(|r| r.patch_content_type.as_deref() == Some("application/merge-patch+json")),
         "{patches:?}"
     );
     sim.shutdown().await;
@@ -185,40 +248,127 @@ async fn bundles_server_side_apply_patches_and_scale_through_kubectl() {
     let second = kubectl_ok(&kubeconfig, &["apply", "-f", bundle_arg]).await;
     // Like a real server: Secret stringData is folded into data, so kubectl re-sends it ("configured").
     assert_eq!(second.matches("unchanged").count(), 2, "{second}");
-    let password = kubectl_ok(&kubeconfig, &["get", "secret", "web-secret", "-o", "jsonpath={.data.password}"]).await;
+    let password = kubectl_ok(
+        &kubeconfig,
+        &[
+            "get",
+            "secret",
+            "web-secret",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    )
+    .await;
     assert_eq!(password, "aHVudGVyMg==");
 
     let server_side = kubectl_ok(&kubeconfig, &["apply", "--server-side", "-f", bundle_arg]).await;
-    assert_eq!(server_side.matches("serverside-applied").count(), 3, "{server_side}");
+    assert_eq!(
+        server_side.matches("serverside-applied").count(),
+        3,
+        "{server_side}"
+    );
     assert!(sim
         .request_log()
         .matching("patch", "configmaps")
         .iter()
         .any(|r| r.patch_content_type.as_deref() == Some("application/apply-patch+yaml")));
 
-    kubectl_ok(&kubeconfig, &["patch", "configmap", "web-config", "--type=merge", "-p", r#"{"data":{"b":"2"}}"#]).await;
-    kubectl_ok(&kubeconfig, &["patch", "configmap", "web-config", "--type=json", "-p", r#"[{"op":"add","path":"/data/c","value":"3"}]"#]).await;
-    kubectl_ok(&kubeconfig, &["patch", "configmap", "web-config", "--type=strategic", "-p", r#"{"data":{"d":"4"}}"#]).await;
-    let data = kubectl_ok(&kubeconfig, &["get", "configmap", "web-config", "-o", "jsonpath={.data}"]).await;
+    kubectl_ok(
+        &kubeconfig,
+        &[
+            "patch",
+            "configmap",
+            "web-config",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"b":"2"}}"#,
+        ],
+    )
+    .await;
+    kubectl_ok(
+        &kubeconfig,
+        &[
+            "patch",
+            "configmap",
+            "web-config",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/data/c","value":"3"}]"#,
+        ],
+    )
+    .await;
+    kubectl_ok(
+        &kubeconfig,
+        &[
+            "patch",
+            "configmap",
+            "web-config",
+            "--type=strategic",
+            "-p",
+            r#"{"data":{"d":"4"}}"#,
+        ],
+    )
+    .await;
+    let data = kubectl_ok(
+        &kubeconfig,
+        &["get", "configmap", "web-config", "-o", "jsonpath={.data}"],
+    )
+    .await;
     let data: serde_json::Value = serde_json::from_str(&data).unwrap();
-    assert_eq!(data, serde_json::json!({"a": "1", "b": "2", "c": "3", "d": "4"}));
+    assert_eq!(
+        data,
+        serde_json::json!({"a": "1", "b": "2", "c": "3", "d": "4"})
+    );
 
     let crd = write(dir.path(), "crd.yaml", GADGET_CRD);
     kubectl_ok(&kubeconfig, &["apply", "-f", crd.to_str().unwrap()]).await;
     let blue = write(dir.path(), "blue.yaml", &gadget("blue"));
     kubectl_ok(&kubeconfig, &["apply", "-f", blue.to_str().unwrap()]).await;
-    let refused = kubectl(&kubeconfig, &["patch", "gadget", "g1", "--type=strategic", "-p", r#"{"spec":{"size":2}}"#]).await;
-    assert!(!refused.success && refused.stderr.contains("not supported"), "{}", refused.stderr);
+    let refused = kubectl(
+        &kubeconfig,
+        &[
+            "patch",
+            "gadget",
+            "g1",
+            "--type=strategic",
+            "-p",
+            r#"{"spec":{"size":2}}"#,
+        ],
+    )
+    .await;
+    assert!(
+        !refused.success && refused.stderr.contains("not supported"),
+        "{}",
+        refused.stderr
+    );
     kubectl_ok(&kubeconfig, &["scale", "gadget", "g1", "--replicas=3"]).await;
-    let replicas = kubectl_ok(&kubeconfig, &["get", "gadget", "g1", "-o", "jsonpath={.spec.replicas}"]).await;
+    let replicas = kubectl_ok(
+        &kubeconfig,
+        &["get", "gadget", "g1", "-o", "jsonpath={.spec.replicas}"],
+    )
+    .await;
     assert_eq!(replicas, "3");
 
     let deployment = write(dir.path(), "deployment.yaml", DEPLOYMENT);
     kubectl_ok(&kubeconfig, &["apply", "-f", deployment.to_str().unwrap()]).await;
     kubectl_ok(&kubeconfig, &["scale", "deployment", "web", "--replicas=4"]).await;
-    let replicas = kubectl_ok(&kubeconfig, &["get", "deployment", "web", "-o", "jsonpath={.spec.replicas}"]).await;
+    let replicas = kubectl_ok(
+        &kubeconfig,
+        &[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+    )
+    .await;
     assert_eq!(replicas, "4");
-    assert!(sim.request_log().matching("patch", "deployments").iter().any(|r| r.subresource.as_deref() == Some("scale")));
+    assert!(sim
+        .request_log()
+        .matching("patch", "deployments")
+        .iter()
+        .any(|r| r.subresource.as_deref() == Some("scale")));
 
     let deleted = kubectl_ok(&kubeconfig, &["delete", "-f", bundle_arg]).await;
     assert_eq!(deleted.matches("deleted").count(), 3, "{deleted}");
@@ -246,8 +396,15 @@ async fn serin_sim_binary_serves_kubectl() {
         }
     })
     .await;
-    assert!(appeared.is_ok(), "serin sim never wrote {}", kubeconfig.display());
+    assert!(
+        appeared.is_ok(),
+        "serin sim never wrote {}",
+        kubeconfig.display()
+    );
     let namespaces = kubectl_ok(&kubeconfig, &["get", "ns"]).await;
-    assert!(namespaces.contains("default") && namespaces.contains("kube-system"), "{namespaces}");
+    assert!(
+        namespaces.contains("default") && namespaces.contains("kube-system"),
+        "{namespaces}"
+    );
     child.kill().await.unwrap();
 }

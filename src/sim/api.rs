@@ -34,7 +34,10 @@ pub struct Target {
 
 impl Target {
     fn resource_name(&self) -> ResourceName<'_> {
-        ResourceName { group: &self.info.group, plural: &self.info.plural }
+        ResourceName {
+            group: &self.info.group,
+            plural: &self.info.plural,
+        }
     }
 
     fn namespace_or_empty(&self) -> &str {
@@ -62,7 +65,12 @@ impl RequestInput<'_> {
     fn field_manager(&self) -> String {
         match self.param("fieldManager") {
             Some(manager) if !manager.is_empty() => manager.to_string(),
-            _ => self.user_agent.split('/').next().unwrap_or("unknown").to_string(),
+            _ => self
+                .user_agent
+                .split('/')
+                .next()
+                .unwrap_or("unknown")
+                .to_string(),
         }
     }
 }
@@ -78,25 +86,35 @@ pub struct ApiResponse {
 impl ApiResponse {
     fn json(code: u16, value: &Value) -> Result<ApiResponse, ApiError> {
         let body = serde_json::to_vec(value).map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(ApiResponse { code, body: Bytes::from(body), warnings: Vec::new() })
+        Ok(ApiResponse {
+            code,
+            body: Bytes::from(body),
+            warnings: Vec::new(),
+        })
     }
 }
 
 pub fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
-    (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -105,7 +123,9 @@ fn name_errors(rule: NameRule, name: &str) -> Option<String> {
     let valid = match rule {
         NameRule::Subdomain => name.len() <= 253 && name.split('.').all(is_dns_label),
         NameRule::Label => is_dns_label(name),
-        NameRule::Dns1035Label => is_dns_label(name) && name.as_bytes().first().is_some_and(u8::is_ascii_lowercase),
+        NameRule::Dns1035Label => {
+            is_dns_label(name) && name.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+        }
     };
     if valid {
         return None;
@@ -120,7 +140,12 @@ fn name_errors(rule: NameRule, name: &str) -> Option<String> {
 /// Parses a JSON or YAML request body into an object.
 pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
-    if !(media.is_empty() || media.ends_with("json") || media.ends_with("yaml") || media == "*/*" || media.starts_with("text/")) {
+    if !(media.is_empty()
+        || media.ends_with("json")
+        || media.ends_with("yaml")
+        || media == "*/*"
+        || media.starts_with("text/"))
+    {
         return Err(ApiError::unsupported_media_type(
             content_type,
             &["application/json", "application/yaml"],
@@ -158,12 +183,18 @@ fn metadata_mut(object: &mut Value) -> &mut Map<String, Value> {
     if !object.is_object() {
         *object = Value::Object(Map::new());
     }
-    let Value::Object(root) = object else { unreachable!("replaced by an object above") };
-    let metadata = root.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(root) = object else {
+        unreachable!("replaced by an object above")
+    };
+    let metadata = root
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
     if !metadata.is_object() {
         *metadata = Value::Object(Map::new());
     }
-    let Value::Object(map) = metadata else { unreachable!("replaced by an object above") };
+    let Value::Object(map) = metadata else {
+        unreachable!("replaced by an object above")
+    };
     map
 }
 
@@ -175,7 +206,12 @@ fn finalizers_of(object: &Value) -> Vec<String> {
     object
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .map(|items| items.iter().filter_map(|f| f.as_str().map(str::to_string)).collect())
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -190,20 +226,31 @@ fn set_finalizers(object: &mut Value, finalizers: &[String]) {
 
 /// `.spec.replicas` -> ["spec", "replicas"].
 fn path_segments(path: &str) -> Vec<&str> {
-    path.trim_start_matches('.').split('.').filter(|s| !s.is_empty()).collect()
+    path.trim_start_matches('.')
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn get_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
-    path_segments(path).iter().try_fold(object, |value, segment| value.get(*segment))
+    path_segments(path)
+        .iter()
+        .try_fold(object, |value, segment| value.get(*segment))
 }
 
 fn set_path(object: &mut Value, path: &str, new_value: Value) {
     let segments = path_segments(path);
-    let Some((last, parents)) = segments.split_last() else { return };
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
     let mut cursor = object;
     for segment in parents {
-        let Some(map) = cursor.as_object_mut() else { return };
-        let entry = map.entry(segment.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        let Some(map) = cursor.as_object_mut() else {
+            return;
+        };
+        let entry = map
+            .entry(segment.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
         if !entry.is_object() {
             *entry = Value::Object(Map::new());
         }
@@ -224,7 +271,10 @@ fn selector_string(selector: &Value) -> String {
     }
     if let Some(expressions) = selector.get("matchExpressions").and_then(Value::as_array) {
         for expression in expressions {
-            let key = expression.get("key").and_then(Value::as_str).unwrap_or_default();
+            let key = expression
+                .get("key")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let values: Vec<&str> = expression
                 .get("values")
                 .and_then(Value::as_array)
@@ -249,16 +299,28 @@ fn normalize_builtin(info: &ResourceInfo, object: &mut Value) {
     if info.custom || !info.group.is_empty() || info.plural != "secrets" {
         return;
     }
-    let Some(map) = object.as_object_mut() else { return };
-    let Some(Value::Object(string_data)) = map.remove("stringData") else { return };
-    let data = map.entry("data").or_insert_with(|| Value::Object(Map::new()));
+    let Some(map) = object.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Object(string_data)) = map.remove("stringData") else {
+        return;
+    };
+    let data = map
+        .entry("data")
+        .or_insert_with(|| Value::Object(Map::new()));
     if !data.is_object() {
         *data = Value::Object(Map::new());
     }
     if let Some(data) = data.as_object_mut() {
         for (key, value) in string_data {
-            let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
-            data.insert(key, Value::String(base64::engine::general_purpose::STANDARD.encode(text)));
+            let text = value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            data.insert(
+                key,
+                Value::String(base64::engine::general_purpose::STANDARD.encode(text)),
+            );
         }
     }
 }
@@ -291,8 +353,10 @@ fn map_patch_error(error: PatchError, target: &Target, name: &str) -> ApiError {
             &[(String::new(), "FieldValueInvalid", message)],
         ),
         PatchError::ApplyConflict { conflicts } => {
-            let lines: Vec<String> =
-                conflicts.iter().map(|(manager, field)| format!("conflict with \"{manager}\": {field}")).collect();
+            let lines: Vec<String> = conflicts
+                .iter()
+                .map(|(manager, field)| format!("conflict with \"{manager}\": {field}"))
+                .collect();
             let causes: Vec<Value> = conflicts
                 .iter()
                 .map(|(manager, field)| {
@@ -300,11 +364,18 @@ fn map_patch_error(error: PatchError, target: &Target, name: &str) -> ApiError {
                 })
                 .collect();
             ApiError {
-                details: Some(json!({"name": name, "group": target.info.group, "kind": target.info.plural, "causes": causes})),
+                details: Some(
+                    json!({"name": name, "group": target.info.group, "kind": target.info.plural, "causes": causes}),
+                ),
                 ..ApiError::new(
                     409,
                     "Conflict",
-                    format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, lines.join("\n")),
+                    format!(
+                        "Apply failed with {} conflict{}: {}",
+                        conflicts.len(),
+                        if conflicts.len() == 1 { "" } else { "s" },
+                        lines.join("\n")
+                    ),
                 )
             }
         }
@@ -333,7 +404,10 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(event_window: usize) -> ApiState {
-        let state = ApiState { registry: Registry::with_builtins(), store: Store::new(event_window) };
+        let state = ApiState {
+            registry: Registry::with_builtins(),
+            store: Store::new(event_window),
+        };
         {
             let mut inner = state.store.lock();
             for namespace in ["default", "kube-system", "kube-public"] {
@@ -362,9 +436,14 @@ impl ApiState {
         match serde_json::from_slice::<Value>(json) {
             Ok(mut value) => {
                 if let Some(map) = value.as_object_mut() {
-                    map.insert("apiVersion".into(), Value::String(info.api_version(version)));
+                    map.insert(
+                        "apiVersion".into(),
+                        Value::String(info.api_version(version)),
+                    );
                 }
-                serde_json::to_vec(&value).map(Bytes::from).unwrap_or_else(|_| json.clone())
+                serde_json::to_vec(&value)
+                    .map(Bytes::from)
+                    .unwrap_or_else(|_| json.clone())
             }
             Err(_) => json.clone(),
         }
@@ -372,7 +451,10 @@ impl ApiState {
 
     fn served_value(info: &ResourceInfo, version: &str, mut value: Value) -> Value {
         if let Some(map) = value.as_object_mut() {
-            map.insert("apiVersion".into(), Value::String(info.api_version(version)));
+            map.insert(
+                "apiVersion".into(),
+                Value::String(info.api_version(version)),
+            );
         }
         value
     }
@@ -381,7 +463,9 @@ impl ApiState {
         let stored = inner
             .get(&target.info.key(), target.namespace_or_empty(), name)
             .ok_or_else(|| ApiError::not_found(&target.resource_name(), name))?;
-        stored.value().map_err(|e| ApiError::internal(e.to_string()))
+        stored
+            .value()
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     pub fn get(&self, target: &Target) -> Result<ApiResponse, ApiError> {
@@ -392,7 +476,10 @@ impl ApiState {
         if target.subresource.as_deref() == Some("scale") {
             return ApiResponse::json(200, &scale_document(&target.info, &value)?);
         }
-        ApiResponse::json(200, &ApiState::served_value(&target.info, &target.version, value))
+        ApiResponse::json(
+            200,
+            &ApiState::served_value(&target.info, &target.version, value),
+        )
     }
 
     pub fn list(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
@@ -401,7 +488,9 @@ impl ApiState {
         let fields = FieldSelector::parse(input.param("fieldSelector").unwrap_or(""))
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let limit = match input.param("limit") {
-            Some(text) => text.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {text:?}")))?,
+            Some(text) => text
+                .parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {text:?}")))?,
             None => 0,
         };
         let inner = self.store.lock();
@@ -418,7 +507,9 @@ impl ApiState {
         let mut items: Vec<Bytes> = Vec::new();
         let mut next_key = None;
         let mut remaining = 0usize;
-        for ((namespace, name), object) in inner.range(&target.info.key(), target.namespace.as_deref(), after) {
+        for ((namespace, name), object) in
+            inner.range(&target.info.key(), target.namespace.as_deref(), after)
+        {
             if !labels.matches(&object.labels) || !fields.matches(namespace, name) {
                 continue;
             }
@@ -429,7 +520,11 @@ impl ApiState {
                 remaining += 1;
                 continue;
             }
-            items.push(ApiState::served_bytes(&target.info, &target.version, &object.json));
+            items.push(ApiState::served_bytes(
+                &target.info,
+                &target.version,
+                &object.json,
+            ));
         }
         drop(inner);
         let mut list_metadata = json!({"resourceVersion": list_version.to_string()});
@@ -444,7 +539,8 @@ impl ApiState {
             "apiVersion": target.info.api_version(&target.version),
             "metadata": list_metadata,
         });
-        let mut body = serde_json::to_vec(&header).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut body =
+            serde_json::to_vec(&header).map_err(|e| ApiError::internal(e.to_string()))?;
         body.pop();
         body.extend_from_slice(b",\"items\":[");
         for (index, item) in items.iter().enumerate() {
@@ -454,18 +550,31 @@ impl ApiState {
             body.extend_from_slice(item);
         }
         body.extend_from_slice(b"]}");
-        Ok(ApiResponse { code: 200, body: Bytes::from(body), warnings: Vec::new() })
+        Ok(ApiResponse {
+            code: 200,
+            body: Bytes::from(body),
+            warnings: Vec::new(),
+        })
     }
 
     fn check_type(target: &Target, object: &Value) -> Result<(), ApiError> {
         let expected_version = target.info.api_version(&target.version);
-        let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api_version = object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
         if kind.is_empty() {
-            return Err(ApiError::bad_request(format!("Object 'Kind' is missing in '{}'", truncate(object))));
+            return Err(ApiError::bad_request(format!(
+                "Object 'Kind' is missing in '{}'",
+                truncate(object)
+            )));
         }
         if api_version.is_empty() {
-            return Err(ApiError::bad_request(format!("Object 'apiVersion' is missing in '{}'", truncate(object))));
+            return Err(ApiError::bad_request(format!(
+                "Object 'apiVersion' is missing in '{}'",
+                truncate(object)
+            )));
         }
         if api_version != expected_version {
             return Err(ApiError::bad_request(format!(
@@ -509,24 +618,45 @@ impl ApiState {
         if !target.info.custom {
             return Ok(Vec::new());
         }
-        let Some(schema) = target.info.schemas.get(&target.version) else { return Ok(Vec::new()) };
+        let Some(schema) = target.info.schemas.get(&target.version) else {
+            return Ok(Vec::new());
+        };
         let outcome = schema::validate_and_prune(schema, object, old);
         let mut warnings = Vec::new();
         if !outcome.pruned_fields.is_empty() {
             match input.param("fieldValidation").unwrap_or("Warn") {
                 "Strict" => {
-                    let fields: Vec<String> =
-                        outcome.pruned_fields.iter().map(|f| format!("unknown field \"{f}\"")).collect();
-                    return Err(ApiError::bad_request(format!("strict decoding error: {}", fields.join(", "))));
+                    let fields: Vec<String> = outcome
+                        .pruned_fields
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect();
+                    return Err(ApiError::bad_request(format!(
+                        "strict decoding error: {}",
+                        fields.join(", ")
+                    )));
                 }
                 "Ignore" => {}
-                _ => warnings.extend(outcome.pruned_fields.iter().map(|f| format!("unknown field \"{f}\""))),
+                _ => warnings.extend(
+                    outcome
+                        .pruned_fields
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\"")),
+                ),
             }
         }
         if !outcome.errors.is_empty() {
-            let causes: Vec<(String, &str, String)> =
-                outcome.errors.iter().map(|e| (e.path.clone(), e.reason, e.message.clone())).collect();
-            return Err(ApiError::invalid(&target.info.kind, &target.info.group, name, &causes));
+            let causes: Vec<(String, &str, String)> = outcome
+                .errors
+                .iter()
+                .map(|e| (e.path.clone(), e.reason, e.message.clone()))
+                .collect();
+            return Err(ApiError::invalid(
+                &target.info.kind,
+                &target.info.group,
+                name,
+                &causes,
+            ));
         }
         Ok(warnings)
     }
@@ -546,7 +676,11 @@ impl ApiState {
                         &target.info.kind,
                         &target.info.group,
                         "",
-                        &[("metadata.name".into(), "FieldValueRequired", "Required value: name or generateName is required".into())],
+                        &[(
+                            "metadata.name".into(),
+                            "FieldValueRequired",
+                            "Required value: name or generateName is required".into(),
+                        )],
                     ))
                 }
             },
@@ -562,12 +696,19 @@ impl ApiState {
         Ok(name)
     }
 
-    pub fn create(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
+    pub fn create(
+        &self,
+        target: &Target,
+        input: &RequestInput<'_>,
+    ) -> Result<ApiResponse, ApiError> {
         let mut object = parse_body(input.body, input.content_type)?;
         ApiState::check_type(target, &object)?;
         let mut inner = self.store.lock();
         let (stored, warnings) = self.create_locked(&mut inner, target, &mut object, input)?;
-        let mut response = ApiResponse::json(201, &ApiState::served_value(&target.info, &target.version, stored))?;
+        let mut response = ApiResponse::json(
+            201,
+            &ApiState::served_value(&target.info, &target.version, stored),
+        )?;
         response.warnings = warnings;
         self.commit_notify(&inner);
         Ok(response)
@@ -582,10 +723,23 @@ impl ApiState {
     ) -> Result<(Value, Vec<String>), ApiError> {
         ApiState::check_namespace(target, object)?;
         let name = ApiState::resolve_name(target, object)?;
-        if target.info.namespaced && inner.get(NAMESPACES_KEY, "", target.namespace_or_empty()).is_none() {
-            return Err(ApiError::not_found(&ResourceName { group: "", plural: "namespaces" }, target.namespace_or_empty()));
+        if target.info.namespaced
+            && inner
+                .get(NAMESPACES_KEY, "", target.namespace_or_empty())
+                .is_none()
+        {
+            return Err(ApiError::not_found(
+                &ResourceName {
+                    group: "",
+                    plural: "namespaces",
+                },
+                target.namespace_or_empty(),
+            ));
         }
-        if inner.get(&target.info.key(), target.namespace_or_empty(), &name).is_some() {
+        if inner
+            .get(&target.info.key(), target.namespace_or_empty(), &name)
+            .is_some()
+        {
             return Err(ApiError::already_exists(&target.resource_name(), &name));
         }
         let warnings = ApiState::validate_custom(target, &name, object, None, input)?;
@@ -599,9 +753,17 @@ impl ApiState {
         let tracks_generation = target.info.tracks_generation(object);
         {
             let metadata = metadata_mut(object);
-            metadata.insert("uid".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+            metadata.insert(
+                "uid".into(),
+                Value::String(uuid::Uuid::new_v4().to_string()),
+            );
             metadata.insert("creationTimestamp".into(), Value::String(now.clone()));
-            for field in ["deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"] {
+            for field in [
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "resourceVersion",
+                "selfLink",
+            ] {
                 metadata.remove(field);
             }
             if tracks_generation {
@@ -611,7 +773,10 @@ impl ApiState {
             }
         }
         if let Some(map) = object.as_object_mut() {
-            map.insert("apiVersion".into(), Value::String(target.info.api_version(&target.info.storage_version)));
+            map.insert(
+                "apiVersion".into(),
+                Value::String(target.info.api_version(&target.info.storage_version)),
+            );
         }
         if target.info.key() == CRD_KEY {
             self.prepare_crd(target, &name, object)?;
@@ -621,9 +786,16 @@ impl ApiState {
             return Ok((object.clone(), warnings));
         }
         let stored = inner
-            .put(&target.info.key(), target.namespace_or_empty(), &name, object.clone())
+            .put(
+                &target.info.key(),
+                target.namespace_or_empty(),
+                &name,
+                object.clone(),
+            )
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let value = stored.value().map_err(|e| ApiError::internal(e.to_string()))?;
+        let value = stored
+            .value()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         if target.info.key() == CRD_KEY {
             self.register_crd(&value);
         }
@@ -633,32 +805,55 @@ impl ApiState {
     /// Checks a CRD and fills in the status a real server sets once names are accepted.
     fn prepare_crd(&self, target: &Target, name: &str, object: &mut Value) -> Result<(), ApiError> {
         let invalid = |field: &str, message: String| {
-            ApiError::invalid(&target.info.kind, CRD_GROUP, name, &[(field.to_string(), "FieldValueInvalid", message)])
+            ApiError::invalid(
+                &target.info.kind,
+                CRD_GROUP,
+                name,
+                &[(field.to_string(), "FieldValueInvalid", message)],
+            )
         };
         let info = Registry::info_from_crd(object).map_err(|message| invalid("spec", message))?;
         let expected_name = format!("{}.{}", info.plural, info.group);
         if name != expected_name {
-            return Err(invalid("metadata.name", format!("Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group")));
+            return Err(invalid(
+                "metadata.name",
+                format!("Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"),
+            ));
         }
         let mut causes = Vec::new();
         for (version, schema) in &info.schemas {
             for error in schema::check_crd_schema(schema) {
-                causes.push((format!("spec.versions[{version}].schema.openAPIV3Schema{}", error.path), error.reason, error.message));
+                causes.push((
+                    format!(
+                        "spec.versions[{version}].schema.openAPIV3Schema{}",
+                        error.path
+                    ),
+                    error.reason,
+                    error.message,
+                ));
             }
         }
         if !causes.is_empty() {
-            return Err(ApiError::invalid(&target.info.kind, CRD_GROUP, name, &causes));
+            return Err(ApiError::invalid(
+                &target.info.kind,
+                CRD_GROUP,
+                name,
+                &causes,
+            ));
         }
         let now = now_rfc3339();
-        let names = object.pointer("/spec/names").cloned().unwrap_or_else(|| json!({}));
+        let names = object
+            .pointer("/spec/names")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         let mut accepted = names;
         if let Some(map) = accepted.as_object_mut() {
-            map.entry("singular").or_insert_with(|| json!(info.singular));
-            map.entry("listKind").or_insert_with(|| json!(format!("{}List", info.kind)));
+            map.entry("singular")
+                .or_insert_with(|| json!(info.singular));
+            map.entry("listKind")
+                .or_insert_with(|| json!(format!("{}List", info.kind)));
         }
-        let condition = |kind: &str, reason: &str, message: &str| {
-            json!({"type": kind, "status": "True", "lastTransitionTime": now, "reason": reason, "message": message})
-        };
+        let condition = |kind: &str, reason: &str, message: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now, "reason": reason, "message": message});
         if let Some(map) = object.as_object_mut() {
             map.insert(
                 "status".into(),
@@ -677,20 +872,32 @@ impl ApiState {
 
     fn register_crd(&self, crd: &Value) {
         if let Ok(info) = Registry::info_from_crd(crd) {
-            if let Some(old) = self.registry.lookup(&info.group, &info.storage_version, &info.plural) {
+            if let Some(old) =
+                self.registry
+                    .lookup(&info.group, &info.storage_version, &info.plural)
+            {
                 if old.custom {
                     self.registry.insert(info);
                 }
                 return;
             }
-            if self.registry.all().iter().any(|r| r.group == info.group && r.plural == info.plural && !r.custom) {
+            if self
+                .registry
+                .all()
+                .iter()
+                .any(|r| r.group == info.group && r.plural == info.plural && !r.custom)
+            {
                 return;
             }
             self.registry.insert(info);
         }
     }
 
-    pub fn update(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
+    pub fn update(
+        &self,
+        target: &Target,
+        input: &RequestInput<'_>,
+    ) -> Result<ApiResponse, ApiError> {
         let name = target.name.clone().unwrap_or_default();
         let body = parse_body(input.body, input.content_type)?;
         if target.subresource.as_deref() == Some("scale") {
@@ -750,11 +957,21 @@ impl ApiState {
                     };
                 }
             }
-            let preserved: Vec<(&str, Option<Value>)> =
-                ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"]
-                    .into_iter()
-                    .map(|field| (field, current.get("metadata").and_then(|m| m.get(field)).cloned()))
-                    .collect();
+            let preserved: Vec<(&str, Option<Value>)> = [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ]
+            .into_iter()
+            .map(|field| {
+                (
+                    field,
+                    current.get("metadata").and_then(|m| m.get(field)).cloned(),
+                )
+            })
+            .collect();
             let metadata = metadata_mut(&mut new);
             for (field, value) in preserved {
                 match value {
@@ -776,20 +993,32 @@ impl ApiState {
             }
         }
         if let Some(map) = new.as_object_mut() {
-            map.insert("apiVersion".into(), Value::String(target.info.api_version(&target.info.storage_version)));
+            map.insert(
+                "apiVersion".into(),
+                Value::String(target.info.api_version(&target.info.storage_version)),
+            );
         }
         let mut warnings = Vec::new();
         if !on_status {
             let mut served_old = current.clone();
             if let Some(map) = served_old.as_object_mut() {
-                map.insert("apiVersion".into(), Value::String(target.info.api_version(&target.version)));
+                map.insert(
+                    "apiVersion".into(),
+                    Value::String(target.info.api_version(&target.version)),
+                );
             }
             warnings = ApiState::validate_custom(target, name, &mut new, Some(&served_old), input)?;
             if let Some(map) = new.as_object_mut() {
-                map.insert("apiVersion".into(), Value::String(target.info.api_version(&target.info.storage_version)));
+                map.insert(
+                    "apiVersion".into(),
+                    Value::String(target.info.api_version(&target.info.storage_version)),
+                );
             }
             if target.info.tracks_generation(&new) && spec_view(&new) != spec_view(current) {
-                let generation = current.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+                let generation = current
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 metadata_mut(&mut new).insert("generation".into(), json!(generation + 1));
             }
         }
@@ -797,7 +1026,13 @@ impl ApiState {
         if target.info.key() == CRD_KEY && !on_status {
             self.prepare_crd(target, name, &mut new)?;
         }
-        patch::record_update(Some(current), &mut new, &input.field_manager(), &now_rfc3339(), target.subresource.as_deref());
+        patch::record_update(
+            Some(current),
+            &mut new,
+            &input.field_manager(),
+            &now_rfc3339(),
+            target.subresource.as_deref(),
+        );
         let served = |value: Value| ApiState::served_value(&target.info, &target.version, value);
         if without_volatile_metadata(&new) == without_volatile_metadata(current) {
             let mut response = ApiResponse::json(200, &served(current.clone()))?;
@@ -811,7 +1046,9 @@ impl ApiState {
         }
         let key = target.info.key();
         let namespace = target.namespace_or_empty();
-        let result = if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers_of(&new).is_empty() {
+        let result = if new.pointer("/metadata/deletionTimestamp").is_some()
+            && finalizers_of(&new).is_empty()
+        {
             let mut cascade = Cascade::default();
             let removed = remove_and_collect(inner, &key, namespace, name, &mut cascade);
             self.finish_cascade(cascade);
@@ -821,7 +1058,9 @@ impl ApiState {
                 value
             })
         } else {
-            let stored = inner.put(&key, namespace, name, new).map_err(|e| ApiError::internal(e.to_string()))?;
+            let stored = inner
+                .put(&key, namespace, name, new)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
             if target.info.key() == CRD_KEY {
                 if let Ok(value) = stored.value() {
                     self.register_crd(&value);
@@ -843,25 +1082,39 @@ impl ApiState {
         scale: &Value,
         input: &RequestInput<'_>,
     ) -> Result<ApiResponse, ApiError> {
-        let paths = target.info.scale.clone().ok_or_else(ApiError::unknown_resource)?;
+        let paths = target
+            .info
+            .scale
+            .clone()
+            .ok_or_else(ApiError::unknown_resource)?;
         let current = ApiState::stored_value(inner, target, name)?;
         if let Some(requested) = meta_str(scale, "resourceVersion").filter(|v| !v.is_empty()) {
             if Some(requested) != meta_str(&current, "resourceVersion") {
                 return Err(ApiError::stale_update(&target.resource_name(), name));
             }
         }
-        let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+        let replicas = scale
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         if replicas < 0 {
             return Err(ApiError::invalid(
                 "Scale",
                 "autoscaling",
                 name,
-                &[("spec.replicas".into(), "FieldValueInvalid", format!("Invalid value: {replicas}: must be greater than or equal to 0"))],
+                &[(
+                    "spec.replicas".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: {replicas}: must be greater than or equal to 0"),
+                )],
             ));
         }
         let mut new = current.clone();
         set_path(&mut new, &paths.spec_replicas, json!(replicas));
-        let main_target = Target { subresource: None, ..target.clone() };
+        let main_target = Target {
+            subresource: None,
+            ..target.clone()
+        };
         let mut served = ApiState::served_value(&target.info, &target.version, new);
         metadata_mut(&mut served).remove("resourceVersion");
         self.update_locked(inner, &main_target, name, &current, served, input)?;
@@ -869,36 +1122,62 @@ impl ApiState {
         ApiResponse::json(200, &scale_document(&target.info, &updated)?)
     }
 
-    pub fn patch(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
+    pub fn patch(
+        &self,
+        target: &Target,
+        input: &RequestInput<'_>,
+    ) -> Result<ApiResponse, ApiError> {
         let name = target.name.clone().unwrap_or_default();
         let accepted: &[&str] = if target.info.custom {
-            &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml"]
+            &[
+                "application/json-patch+json",
+                "application/merge-patch+json",
+                "application/apply-patch+yaml",
+            ]
         } else {
-            &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml", "application/strategic-merge-patch+json"]
+            &[
+                "application/json-patch+json",
+                "application/merge-patch+json",
+                "application/apply-patch+yaml",
+                "application/strategic-merge-patch+json",
+            ]
         };
         let patch_type = PatchType::from_content_type(input.content_type)
             .filter(|t| !(target.info.custom && *t == PatchType::StrategicMerge))
             .ok_or_else(|| ApiError::unsupported_media_type(input.content_type, accepted))?;
         let patch_body: Value = if patch_type == PatchType::Apply {
-            serde_yaml::from_slice(input.body).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
+            serde_yaml::from_slice(input.body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
         } else {
-            serde_json::from_slice(input.body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
+            serde_json::from_slice(input.body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
         };
         let manager = input.field_manager();
         if patch_type == PatchType::Apply && input.param("fieldManager").is_none_or(str::is_empty) {
             return Err(ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"));
         }
         let now = now_rfc3339();
-        let options = ApplyOptions { field_manager: &manager, force: input.param("force").is_some_and(|v| v == "true"), now: &now };
+        let options = ApplyOptions {
+            field_manager: &manager,
+            force: input.param("force").is_some_and(|v| v == "true"),
+            now: &now,
+        };
         let schema_value = target.info.schemas.get(&target.version);
         let schema = match (target.info.custom, schema_value) {
             (true, Some(schema)) => MergeSchema::Structural(schema),
             (true, None) => MergeSchema::Unknown,
-            (false, _) => MergeSchema::Builtin { group: &target.info.group, kind: &target.info.kind },
+            (false, _) => MergeSchema::Builtin {
+                group: &target.info.group,
+                kind: &target.info.kind,
+            },
         };
         let mut inner = self.store.lock();
         let current = match inner.get(&target.info.key(), target.namespace_or_empty(), &name) {
-            Some(stored) => Some(stored.value().map_err(|e| ApiError::internal(e.to_string()))?),
+            Some(stored) => Some(
+                stored
+                    .value()
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            ),
             None => None,
         };
         let Some(current) = current else {
@@ -913,7 +1192,10 @@ impl ApiState {
                 .map_err(|e| map_patch_error(e, target, &name))?;
             metadata_mut(&mut created).insert("name".into(), Value::String(name.clone()));
             let (stored, warnings) = self.create_locked(&mut inner, target, &mut created, input)?;
-            let mut response = ApiResponse::json(201, &ApiState::served_value(&target.info, &target.version, stored))?;
+            let mut response = ApiResponse::json(
+                201,
+                &ApiState::served_value(&target.info, &target.version, stored),
+            )?;
             response.warnings = warnings;
             self.commit_notify(&inner);
             return Ok(response);
@@ -940,7 +1222,11 @@ impl ApiState {
         Ok(response)
     }
 
-    pub fn delete(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
+    pub fn delete(
+        &self,
+        target: &Target,
+        input: &RequestInput<'_>,
+    ) -> Result<ApiResponse, ApiError> {
         let name = target.name.clone().unwrap_or_default();
         let options: Value = if input.body.is_empty() {
             json!({})
@@ -950,11 +1236,18 @@ impl ApiState {
         let policy_text = input
             .param("propagationPolicy")
             .map(str::to_string)
-            .or_else(|| options.get("propagationPolicy").and_then(Value::as_str).map(str::to_string))
-            .or_else(|| match options.get("orphanDependents").and_then(Value::as_bool) {
-                Some(true) => Some("Orphan".into()),
-                _ => None,
-            });
+            .or_else(|| {
+                options
+                    .get("propagationPolicy")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .or_else(
+                || match options.get("orphanDependents").and_then(Value::as_bool) {
+                    Some(true) => Some("Orphan".into()),
+                    _ => None,
+                },
+            );
         let policy = match policy_text.as_deref() {
             None | Some("Background") => Propagation::Background,
             Some("Foreground") => Propagation::Foreground,
@@ -964,30 +1257,59 @@ impl ApiState {
             }
         };
         let dry_run = input.dry_run()
-            || options.get("dryRun").and_then(Value::as_array).is_some_and(|d| d.iter().any(|v| v == "All"));
+            || options
+                .get("dryRun")
+                .and_then(Value::as_array)
+                .is_some_and(|d| d.iter().any(|v| v == "All"));
         let mut inner = self.store.lock();
         let current = ApiState::stored_value(&inner, target, &name)?;
         if let Some(preconditions) = options.get("preconditions") {
             let mismatch = |field: &str| {
-                preconditions.get(field).and_then(Value::as_str).is_some_and(|wanted| Some(wanted) != meta_str(&current, field))
+                preconditions
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .is_some_and(|wanted| Some(wanted) != meta_str(&current, field))
             };
             if mismatch("uid") || mismatch("resourceVersion") {
-                return Err(ApiError::conflict(&target.resource_name(), &name, "Precondition failed: the object has been modified"));
+                return Err(ApiError::conflict(
+                    &target.resource_name(),
+                    &name,
+                    "Precondition failed: the object has been modified",
+                ));
             }
         }
         if dry_run {
-            return ApiResponse::json(200, &ApiState::served_value(&target.info, &target.version, current));
+            return ApiResponse::json(
+                200,
+                &ApiState::served_value(&target.info, &target.version, current),
+            );
         }
         let mut cascade = Cascade::default();
-        let outcome = delete_locked(&mut inner, &target.info.key(), target.namespace_or_empty(), &name, policy, &mut cascade)?;
+        let outcome = delete_locked(
+            &mut inner,
+            &target.info.key(),
+            target.namespace_or_empty(),
+            &name,
+            policy,
+            &mut cascade,
+        )?;
         self.finish_cascade(cascade);
         self.commit_notify(&inner);
         drop(inner);
         match outcome {
-            DeleteOutcome::Pending(value) => ApiResponse::json(200, &ApiState::served_value(&target.info, &target.version, value)),
+            DeleteOutcome::Pending(value) => ApiResponse::json(
+                200,
+                &ApiState::served_value(&target.info, &target.version, value),
+            ),
             DeleteOutcome::Removed(value) => {
-                if target.info.custom || target.info.plural == "pods" || target.info.plural == "namespaces" {
-                    ApiResponse::json(200, &ApiState::served_value(&target.info, &target.version, value))
+                if target.info.custom
+                    || target.info.plural == "pods"
+                    || target.info.plural == "namespaces"
+                {
+                    ApiResponse::json(
+                        200,
+                        &ApiState::served_value(&target.info, &target.version, value),
+                    )
                 } else {
                     ApiResponse::json(
                         200,
@@ -1004,7 +1326,11 @@ impl ApiState {
         }
     }
 
-    pub fn delete_collection(&self, target: &Target, input: &RequestInput<'_>) -> Result<ApiResponse, ApiError> {
+    pub fn delete_collection(
+        &self,
+        target: &Target,
+        input: &RequestInput<'_>,
+    ) -> Result<ApiResponse, ApiError> {
         let labels = LabelSelector::parse(input.param("labelSelector").unwrap_or(""))
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let fields = FieldSelector::parse(input.param("fieldSelector").unwrap_or(""))
@@ -1013,15 +1339,22 @@ impl ApiState {
         let key = target.info.key();
         let chosen: Vec<(String, String)> = inner
             .range(&key, target.namespace.as_deref(), None)
-            .filter(|((ns, name), object)| labels.matches(&object.labels) && fields.matches(ns, name))
+            .filter(|((ns, name), object)| {
+                labels.matches(&object.labels) && fields.matches(ns, name)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         let mut items = Vec::new();
         let mut cascade = Cascade::default();
         for (namespace, name) in chosen {
-            if let Ok(DeleteOutcome::Removed(value) | DeleteOutcome::Pending(value)) =
-                delete_locked(&mut inner, &key, &namespace, &name, Propagation::Background, &mut cascade)
-            {
+            if let Ok(DeleteOutcome::Removed(value) | DeleteOutcome::Pending(value)) = delete_locked(
+                &mut inner,
+                &key,
+                &namespace,
+                &name,
+                Propagation::Background,
+                &mut cascade,
+            ) {
                 items.push(ApiState::served_value(&target.info, &target.version, value));
             }
         }
@@ -1043,7 +1376,12 @@ impl ApiState {
     fn finish_cascade(&self, cascade: Cascade) {
         for crd in cascade.removed_crds {
             if let Ok(info) = Registry::info_from_crd(&crd) {
-                if self.registry.all().iter().any(|r| r.custom && r.group == info.group && r.plural == info.plural) {
+                if self
+                    .registry
+                    .all()
+                    .iter()
+                    .any(|r| r.custom && r.group == info.group && r.plural == info.plural)
+                {
                     self.registry.remove(&info.group, &info.plural);
                 }
             }
@@ -1058,7 +1396,10 @@ fn truncate(object: &Value) -> String {
 
 fn items_last_key(items: &[Bytes]) -> Option<(String, String)> {
     let last: Value = serde_json::from_slice(items.last()?).ok()?;
-    Some((meta_str(&last, "namespace").unwrap_or("").to_string(), meta_str(&last, "name")?.to_string()))
+    Some((
+        meta_str(&last, "namespace").unwrap_or("").to_string(),
+        meta_str(&last, "name")?.to_string(),
+    ))
 }
 
 fn encode_continue(version: u64, key: &(String, String)) -> String {
@@ -1070,26 +1411,53 @@ fn encode_continue(version: u64, key: &(String, String)) -> String {
 fn decode_continue(token: &str) -> Result<(u64, (String, String)), ApiError> {
     use base64::Engine;
     let invalid = || ApiError::bad_request(format!("continue key is not valid: {token}"));
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
-    let version = value.get("rv").and_then(Value::as_u64).ok_or_else(invalid)?;
-    let namespace = value.get("ns").and_then(Value::as_str).ok_or_else(invalid)?;
-    let name = value.get("name").and_then(Value::as_str).ok_or_else(invalid)?;
+    let version = value
+        .get("rv")
+        .and_then(Value::as_u64)
+        .ok_or_else(invalid)?;
+    let namespace = value
+        .get("ns")
+        .and_then(Value::as_str)
+        .ok_or_else(invalid)?;
+    let name = value
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(invalid)?;
     Ok((version, (namespace.to_string(), name.to_string())))
 }
 
 /// The autoscaling/v1 Scale view of an object with a scale subresource.
 pub fn scale_document(info: &ResourceInfo, object: &Value) -> Result<Value, ApiError> {
     let paths = info.scale.as_ref().ok_or_else(ApiError::unknown_resource)?;
-    let replicas = get_path(object, &paths.spec_replicas).and_then(Value::as_i64).unwrap_or(0);
-    let status_replicas = get_path(object, &paths.status_replicas).and_then(Value::as_i64).unwrap_or(0);
+    let replicas = get_path(object, &paths.spec_replicas)
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let status_replicas = get_path(object, &paths.status_replicas)
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     let selector = match &paths.label_selector {
-        Some(path) => get_path(object, path).and_then(Value::as_str).unwrap_or("").to_string(),
-        None => object.pointer("/spec/selector").map(selector_string).unwrap_or_default(),
+        Some(path) => get_path(object, path)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        None => object
+            .pointer("/spec/selector")
+            .map(selector_string)
+            .unwrap_or_default(),
     };
     let metadata = object.get("metadata").cloned().unwrap_or_else(|| json!({}));
     let mut scale_metadata = Map::new();
-    for field in ["name", "namespace", "uid", "resourceVersion", "creationTimestamp"] {
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
         if let Some(value) = metadata.get(field) {
             scale_metadata.insert(field.into(), value.clone());
         }
@@ -1121,9 +1489,13 @@ fn delete_locked(
     policy: Propagation,
     cascade: &mut Cascade,
 ) -> Result<DeleteOutcome, ApiError> {
-    let stored = inner.get(key, namespace, name).ok_or_else(|| ApiError::internal("object vanished"))?;
+    let stored = inner
+        .get(key, namespace, name)
+        .ok_or_else(|| ApiError::internal("object vanished"))?;
     let uid = stored.uid.to_string();
-    let mut value = stored.value().map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut value = stored
+        .value()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let dependents = inner.dependents_of(&uid);
     if policy == Propagation::Orphan {
         for (dep_key, dep_ns, dep_name) in &dependents {
@@ -1131,32 +1503,52 @@ fn delete_locked(
         }
     }
     let mut finalizers = finalizers_of(&value);
-    if policy == Propagation::Foreground && !dependents.is_empty() && !finalizers.iter().any(|f| f == FOREGROUND_FINALIZER) {
+    if policy == Propagation::Foreground
+        && !dependents.is_empty()
+        && !finalizers.iter().any(|f| f == FOREGROUND_FINALIZER)
+    {
         finalizers.push(FOREGROUND_FINALIZER.into());
     }
     if finalizers.is_empty() {
         let removed = remove_and_collect(inner, key, namespace, name, cascade);
-        return removed.map(DeleteOutcome::Removed).ok_or_else(|| ApiError::internal("object vanished"));
+        return removed
+            .map(DeleteOutcome::Removed)
+            .ok_or_else(|| ApiError::internal("object vanished"));
     }
     let already_deleting = value.pointer("/metadata/deletionTimestamp").is_some();
     let foreground_added = finalizers.len() != finalizers_of(&value).len();
     if !already_deleting || foreground_added {
         set_finalizers(&mut value, &finalizers);
         let metadata = metadata_mut(&mut value);
-        metadata.entry("deletionTimestamp").or_insert_with(|| Value::String(now_rfc3339()));
+        metadata
+            .entry("deletionTimestamp")
+            .or_insert_with(|| Value::String(now_rfc3339()));
         metadata.insert("deletionGracePeriodSeconds".into(), json!(0));
-        inner.put(key, namespace, name, value).map_err(|e| ApiError::internal(e.to_string()))?;
+        inner
+            .put(key, namespace, name, value)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
     }
     if policy == Propagation::Foreground {
         for (dep_key, dep_ns, dep_name) in dependents {
             if inner.get(&dep_key, &dep_ns, &dep_name).is_some() {
-                let _ = delete_locked(inner, &dep_key, &dep_ns, &dep_name, Propagation::Background, cascade);
+                let _ = delete_locked(
+                    inner,
+                    &dep_key,
+                    &dep_ns,
+                    &dep_name,
+                    Propagation::Background,
+                    cascade,
+                );
             }
         }
         finish_foreground(inner, &uid, cascade);
     }
     match inner.get(key, namespace, name) {
-        Some(stored) => Ok(DeleteOutcome::Pending(stored.value().map_err(|e| ApiError::internal(e.to_string()))?)),
+        Some(stored) => Ok(DeleteOutcome::Pending(
+            stored
+                .value()
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+        )),
         None => Ok(DeleteOutcome::Removed(value_without_finalizers(&uid))),
     }
 }
@@ -1165,9 +1557,20 @@ fn value_without_finalizers(uid: &str) -> Value {
     json!({"metadata": {"uid": uid}})
 }
 
-fn drop_owner_reference(inner: &mut StoreInner, key: &str, namespace: &str, name: &str, owner_uid: &str) {
-    let Some(Ok(mut value)) = inner.get(key, namespace, name).map(|s| s.value()) else { return };
-    if let Some(refs) = value.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+fn drop_owner_reference(
+    inner: &mut StoreInner,
+    key: &str,
+    namespace: &str,
+    name: &str,
+    owner_uid: &str,
+) {
+    let Some(Ok(mut value)) = inner.get(key, namespace, name).map(|s| s.value()) else {
+        return;
+    };
+    if let Some(refs) = value
+        .pointer_mut("/metadata/ownerReferences")
+        .and_then(Value::as_array_mut)
+    {
         refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
         if refs.is_empty() {
             metadata_mut(&mut value).remove("ownerReferences");
@@ -1178,7 +1581,13 @@ fn drop_owner_reference(inner: &mut StoreInner, key: &str, namespace: &str, name
 
 /// Removes an object and runs what follows a removal: namespace contents, CRD contents, garbage collection
 /// of dependents, and completion of owners waiting in foreground deletion.
-fn remove_and_collect(inner: &mut StoreInner, key: &str, namespace: &str, name: &str, cascade: &mut Cascade) -> Option<Value> {
+fn remove_and_collect(
+    inner: &mut StoreInner,
+    key: &str,
+    namespace: &str,
+    name: &str,
+    cascade: &mut Cascade,
+) -> Option<Value> {
     let removed = inner.remove(key, namespace, name)?;
     let value = removed.value().ok()?;
     if key == NAMESPACES_KEY {
@@ -1195,7 +1604,9 @@ fn remove_and_collect(inner: &mut StoreInner, key: &str, namespace: &str, name: 
         cascade.removed_crds.push(value.clone());
     }
     for (dep_key, dep_ns, dep_name) in inner.dependents_of(&removed.uid) {
-        let Some(Ok(dependent)) = inner.get(&dep_key, &dep_ns, &dep_name).map(|s| s.value()) else { continue };
+        let Some(Ok(dependent)) = inner.get(&dep_key, &dep_ns, &dep_name).map(|s| s.value()) else {
+            continue;
+        };
         let live_owners = dependent
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
@@ -1207,7 +1618,14 @@ fn remove_and_collect(inner: &mut StoreInner, key: &str, namespace: &str, name: 
             })
             .unwrap_or(0);
         if live_owners == 0 {
-            let _ = delete_locked(inner, &dep_key, &dep_ns, &dep_name, Propagation::Background, cascade);
+            let _ = delete_locked(
+                inner,
+                &dep_key,
+                &dep_ns,
+                &dep_name,
+                Propagation::Background,
+                cascade,
+            );
         } else {
             drop_owner_reference(inner, &dep_key, &dep_ns, &dep_name, &removed.uid);
         }
@@ -1220,8 +1638,12 @@ fn remove_and_collect(inner: &mut StoreInner, key: &str, namespace: &str, name: 
 
 /// An owner in foreground deletion goes away once its last dependent is gone.
 fn finish_foreground(inner: &mut StoreInner, owner_uid: &str, cascade: &mut Cascade) {
-    let Some((key, namespace, name)) = inner.locate_uid(owner_uid) else { return };
-    let Some(Ok(mut owner)) = inner.get(&key, &namespace, &name).map(|s| s.value()) else { return };
+    let Some((key, namespace, name)) = inner.locate_uid(owner_uid) else {
+        return;
+    };
+    let Some(Ok(mut owner)) = inner.get(&key, &namespace, &name).map(|s| s.value()) else {
+        return;
+    };
     let mut finalizers = finalizers_of(&owner);
     if owner.pointer("/metadata/deletionTimestamp").is_none()
         || !finalizers.iter().any(|f| f == FOREGROUND_FINALIZER)
@@ -1260,7 +1682,10 @@ mod tests {
     #[test]
     fn continue_tokens_round_trip() {
         let token = encode_continue(42, &("ns".into(), "name".into()));
-        assert_eq!(decode_continue(&token).unwrap(), (42, ("ns".into(), "name".into())));
+        assert_eq!(
+            decode_continue(&token).unwrap(),
+            (42, ("ns".into(), "name".into()))
+        );
         assert!(decode_continue("garbage!").is_err());
     }
 }

@@ -60,7 +60,14 @@ impl Faults {
     }
 
     /// Like `fail_next`, restricted to one subresource (`status`, `scale`).
-    pub fn fail_next_subresource(&self, verb: &str, resource: &str, subresource: &str, count: usize, code: u16) {
+    pub fn fail_next_subresource(
+        &self,
+        verb: &str,
+        resource: &str,
+        subresource: &str,
+        count: usize,
+        code: u16,
+    ) {
         self.inject(FaultRule {
             verb: verb.into(),
             resource: resource.into(),
@@ -83,7 +90,8 @@ impl Faults {
 
     /// Ends every open watch stream now (clients see the stream close and re-watch).
     pub fn close_watches(&self) {
-        self.close_watches.send_modify(|generation| *generation += 1);
+        self.close_watches
+            .send_modify(|generation| *generation += 1);
     }
 
     pub fn watch_closer(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -92,7 +100,10 @@ impl Faults {
 
     /// Extra latency added before every request is answered.
     pub fn set_latency(&self, latency: Duration) {
-        self.latency_micros.store(latency.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.latency_micros.store(
+            latency.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn latency(&self) -> Duration {
@@ -112,13 +123,21 @@ impl Faults {
     }
 
     /// Consumes one use of the first rule matching this request.
-    pub fn take_matching(&self, verb: &str, resource: &str, subresource: Option<&str>) -> Option<FaultAction> {
+    pub fn take_matching(
+        &self,
+        verb: &str,
+        resource: &str,
+        subresource: Option<&str>,
+    ) -> Option<FaultAction> {
         let mut rules = self.rules.lock().ok()?;
         let position = rules.iter().position(|rule| {
             rule.remaining > 0
                 && (rule.verb == "*" || rule.verb == verb)
                 && (rule.resource == "*" || rule.resource == resource)
-                && rule.subresource.as_deref().is_none_or(|wanted| Some(wanted) == subresource)
+                && rule
+                    .subresource
+                    .as_deref()
+                    .is_none_or(|wanted| Some(wanted) == subresource)
         })?;
         let rule = &mut rules[position];
         rule.remaining -= 1;
@@ -157,7 +176,10 @@ pub struct RequestLog {
 
 impl RequestLog {
     pub fn new(capacity: usize) -> RequestLog {
-        RequestLog { entries: Mutex::new(VecDeque::new()), capacity: capacity.max(1) }
+        RequestLog {
+            entries: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+        }
     }
 
     pub fn record(&self, record: RequestRecord) {
@@ -170,7 +192,10 @@ impl RequestLog {
     }
 
     pub fn snapshot(&self) -> Vec<RequestRecord> {
-        self.entries.lock().map(|e| e.iter().cloned().collect()).unwrap_or_default()
+        self.entries
+            .lock()
+            .map(|e| e.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn clear(&self) {
@@ -180,7 +205,10 @@ impl RequestLog {
     }
 
     pub fn filter(&self, predicate: impl Fn(&RequestRecord) -> bool) -> Vec<RequestRecord> {
-        self.entries.lock().map(|e| e.iter().filter(|r| predicate(r)).cloned().collect()).unwrap_or_default()
+        self.entries
+            .lock()
+            .map(|e| e.iter().filter(|r| predicate(r)).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Requests with this verb on this resource (any subresource).
@@ -191,7 +219,11 @@ impl RequestLog {
     /// Writes (create, update, patch, delete, deletecollection) made by one user.
     pub fn writes_by(&self, user: &str) -> Vec<RequestRecord> {
         self.filter(|r| {
-            r.user == user && matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+            r.user == user
+                && matches!(
+                    r.verb.as_str(),
+                    "create" | "update" | "patch" | "delete" | "deletecollection"
+                )
         })
     }
 }
@@ -205,12 +237,21 @@ mod tests {
         let faults = Faults::default();
         faults.fail_next("create", "configmaps", 2, 500);
         assert_eq!(faults.take_matching("get", "configmaps", None), None);
-        assert_eq!(faults.take_matching("create", "configmaps", None), Some(FaultAction::Fail(500)));
-        assert_eq!(faults.take_matching("create", "configmaps", None), Some(FaultAction::Fail(500)));
+        assert_eq!(
+            faults.take_matching("create", "configmaps", None),
+            Some(FaultAction::Fail(500))
+        );
+        assert_eq!(
+            faults.take_matching("create", "configmaps", None),
+            Some(FaultAction::Fail(500))
+        );
         assert_eq!(faults.take_matching("create", "configmaps", None), None);
         faults.fail_next_subresource("update", "pods", "status", 1, 409);
         assert_eq!(faults.take_matching("update", "pods", None), None);
-        assert_eq!(faults.take_matching("update", "pods", Some("status")), Some(FaultAction::Fail(409)));
+        assert_eq!(
+            faults.take_matching("update", "pods", Some("status")),
+            Some(FaultAction::Fail(409))
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod selector;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod table;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,7 +52,10 @@ pub enum SimError {
     #[error("binding 127.0.0.1:{port}: {source}")]
     Bind { port: u16, source: std::io::Error },
     #[error("writing kubeconfig {path}: {source}")]
-    WriteKubeconfig { path: PathBuf, source: std::io::Error },
+    WriteKubeconfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("building a kube client: {0}")]
     Client(String),
 }
@@ -89,7 +93,10 @@ pub fn kubeconfig_yaml(base_url: &str) -> String {
 
 /// Writes via a temporary sibling and a rename, so a reader polling for the file never sees half of it.
 fn write_atomically(path: &Path, text: &str) -> Result<(), SimError> {
-    let failed = |source| SimError::WriteKubeconfig { path: path.to_path_buf(), source };
+    let failed = |source| SimError::WriteKubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(failed)?;
     }
@@ -116,14 +123,27 @@ impl SimCluster {
     pub async fn start(config: SimConfig) -> Result<SimCluster, SimError> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
             .await
-            .map_err(|source| SimError::Bind { port: config.port, source })?;
-        let address = listener.local_addr().map_err(|source| SimError::Bind { port: config.port, source })?;
+            .map_err(|source| SimError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let address = listener.local_addr().map_err(|source| SimError::Bind {
+            port: config.port,
+            source,
+        })?;
         let base_url = format!("http://{address}");
         let kubeconfig = match &config.kubeconfig_path {
-            Some(path) => KubeconfigFile { path: path.clone(), temporary_dir: None },
+            Some(path) => KubeconfigFile {
+                path: path.clone(),
+                temporary_dir: None,
+            },
             None => {
-                let dir = std::env::temp_dir().join(format!("serin-sim-{}", uuid::Uuid::new_v4().simple()));
-                KubeconfigFile { path: dir.join("kubeconfig"), temporary_dir: Some(dir) }
+                let dir = std::env::temp_dir()
+                    .join(format!("serin-sim-{}", uuid::Uuid::new_v4().simple()));
+                KubeconfigFile {
+                    path: dir.join("kubeconfig"),
+                    temporary_dir: Some(dir),
+                }
             }
         };
         write_atomically(&kubeconfig.path, &kubeconfig_yaml(&base_url))?;
@@ -138,13 +158,20 @@ impl SimCluster {
         });
         let app = server::router(state.clone());
         let server_task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
             if let Err(error) = served {
                 tracing::error!(%error, "simulated API server stopped");
             }
         });
         tracing::info!(%base_url, kubeconfig = %kubeconfig.path.display(), "simulated cluster started");
-        Ok(SimCluster { address, kubeconfig, state, server_task })
+        Ok(SimCluster {
+            address,
+            kubeconfig,
+            state,
+            server_task,
+        })
     }
 
     pub fn base_url(&self) -> String {
@@ -167,7 +194,10 @@ impl SimCluster {
     /// A client whose bearer token (and so the user in the request log) is `user`.
     pub async fn client_as(&self, user: &str) -> Result<kube::Client, SimError> {
         install_crypto_provider();
-        let url = self.base_url().parse().map_err(|e: http::uri::InvalidUri| SimError::Client(e.to_string()))?;
+        let url = self
+            .base_url()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| SimError::Client(e.to_string()))?;
         let mut config = kube::Config::new(url);
         config.default_namespace = "default".into();
         config.auth_info.token = Some(user.to_string().into());
@@ -184,14 +214,21 @@ impl SimCluster {
 
     /// Number of objects currently stored for a resource, e.g. `("", "configmaps")`.
     pub fn object_count(&self, group: &str, plural: &str) -> usize {
-        self.state.api.store.lock().count(&format!("{group}/{plural}"))
+        self.state
+            .api
+            .store
+            .lock()
+            .count(&format!("{group}/{plural}"))
     }
 
     /// Stops serving: open watches end, then the listener closes.
     pub async fn shutdown(self) {
         self.state.shutdown.cancel();
         let mut task = self.server_task;
-        if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
             task.abort();
         }
     }

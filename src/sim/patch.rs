@@ -86,7 +86,9 @@ pub fn apply_patch(
         }
         PatchType::Merge | PatchType::StrategicMerge | PatchType::Apply => {
             if !patch.is_object() {
-                return Err(PatchError::MalformedPatch("patch must be a JSON object".into()));
+                return Err(PatchError::MalformedPatch(
+                    "patch must be a JSON object".into(),
+                ));
             }
             json_patch::merge(&mut result, patch);
         }
@@ -100,9 +102,17 @@ pub fn server_side_apply(
     options: &ApplyOptions<'_>,
     schema: &MergeSchema<'_>,
 ) -> Result<Value, PatchError> {
-    let base = current.cloned().unwrap_or_else(|| Value::Object(Default::default()));
+    let base = current
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Default::default()));
     let mut result = apply_patch(PatchType::Merge, &base, applied, schema)?;
-    record_update(current, &mut result, options.field_manager, options.now, None);
+    record_update(
+        current,
+        &mut result,
+        options.field_manager,
+        options.now,
+        None,
+    );
     Ok(result)
 }
 

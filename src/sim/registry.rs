@@ -61,8 +61,16 @@ impl ResourceInfo {
     }
 }
 
-const BUILTIN_VERBS: [&str; 8] =
-    ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const BUILTIN_VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 struct Builtin {
     group: &'static str,
@@ -101,33 +109,168 @@ const fn builtin(
 
 fn builtins() -> Vec<Builtin> {
     vec![
-        Builtin { short_names: &["ns"], status: true, ..builtin("", "v1", "namespaces", "namespace", "Namespace", false) },
-        Builtin { short_names: &["po"], categories: &["all"], status: true, ..builtin("", "v1", "pods", "pod", "Pod", true) },
-        Builtin { short_names: &["svc"], categories: &["all"], status: true, ..builtin("", "v1", "services", "service", "Service", true) },
-        Builtin { short_names: &["ep"], ..builtin("", "v1", "endpoints", "endpoints", "Endpoints", true) },
-        Builtin { short_names: &["cm"], ..builtin("", "v1", "configmaps", "configmap", "ConfigMap", true) },
+        Builtin {
+            short_names: &["ns"],
+            status: true,
+            ..builtin("", "v1", "namespaces", "namespace", "Namespace", false)
+        },
+        Builtin {
+            short_names: &["po"],
+            categories: &["all"],
+            status: true,
+            ..builtin("", "v1", "pods", "pod", "Pod", true)
+        },
+        Builtin {
+            short_names: &["svc"],
+            categories: &["all"],
+            status: true,
+            ..builtin("", "v1", "services", "service", "Service", true)
+        },
+        Builtin {
+            short_names: &["ep"],
+            ..builtin("", "v1", "endpoints", "endpoints", "Endpoints", true)
+        },
+        Builtin {
+            short_names: &["cm"],
+            ..builtin("", "v1", "configmaps", "configmap", "ConfigMap", true)
+        },
         builtin("", "v1", "secrets", "secret", "Secret", true),
-        Builtin { short_names: &["ev"], ..builtin("", "v1", "events", "event", "Event", true) },
-        Builtin { short_names: &["sa"], ..builtin("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true) },
-        Builtin { short_names: &["rs"], categories: &["all"], status: true, scale: true, ..builtin("apps", "v1", "replicasets", "replicaset", "ReplicaSet", true) },
-        Builtin { short_names: &["deploy"], categories: &["all"], status: true, scale: true, ..builtin("apps", "v1", "deployments", "deployment", "Deployment", true) },
-        Builtin { short_names: &["ev"], ..builtin("events.k8s.io", "v1", "events", "event", "Event", true) },
-        builtin("coordination.k8s.io", "v1", "leases", "lease", "Lease", true),
-        Builtin { short_names: &["ing"], status: true, ..builtin("networking.k8s.io", "v1", "ingresses", "ingress", "Ingress", true) },
-        Builtin { short_names: &["crd", "crds"], categories: &["api-extensions"], status: true, ..builtin("apiextensions.k8s.io", "v1", "customresourcedefinitions", "customresourcedefinition", "CustomResourceDefinition", false) },
-        builtin("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", true),
-        builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding", true),
-        builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole", false),
-        builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false),
-        Builtin { short_names: &["pdb"], status: true, ..builtin("policy", "v1", "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true) },
+        Builtin {
+            short_names: &["ev"],
+            ..builtin("", "v1", "events", "event", "Event", true)
+        },
+        Builtin {
+            short_names: &["sa"],
+            ..builtin(
+                "",
+                "v1",
+                "serviceaccounts",
+                "serviceaccount",
+                "ServiceAccount",
+                true,
+            )
+        },
+        Builtin {
+            short_names: &["rs"],
+            categories: &["all"],
+            status: true,
+            scale: true,
+            ..builtin(
+                "apps",
+                "v1",
+                "replicasets",
+                "replicaset",
+                "ReplicaSet",
+                true,
+            )
+        },
+        Builtin {
+            short_names: &["deploy"],
+            categories: &["all"],
+            status: true,
+            scale: true,
+            ..builtin(
+                "apps",
+                "v1",
+                "deployments",
+                "deployment",
+                "Deployment",
+                true,
+            )
+        },
+        Builtin {
+            short_names: &["ev"],
+            ..builtin("events.k8s.io", "v1", "events", "event", "Event", true)
+        },
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            "lease",
+            "Lease",
+            true,
+        ),
+        Builtin {
+            short_names: &["ing"],
+            status: true,
+            ..builtin(
+                "networking.k8s.io",
+                "v1",
+                "ingresses",
+                "ingress",
+                "Ingress",
+                true,
+            )
+        },
+        Builtin {
+            short_names: &["crd", "crds"],
+            categories: &["api-extensions"],
+            status: true,
+            ..builtin(
+                "apiextensions.k8s.io",
+                "v1",
+                "customresourcedefinitions",
+                "customresourcedefinition",
+                "CustomResourceDefinition",
+                false,
+            )
+        },
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "roles",
+            "role",
+            "Role",
+            true,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "rolebindings",
+            "rolebinding",
+            "RoleBinding",
+            true,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterroles",
+            "clusterrole",
+            "ClusterRole",
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "clusterrolebinding",
+            "ClusterRoleBinding",
+            false,
+        ),
+        Builtin {
+            short_names: &["pdb"],
+            status: true,
+            ..builtin(
+                "policy",
+                "v1",
+                "poddisruptionbudgets",
+                "poddisruptionbudget",
+                "PodDisruptionBudget",
+                true,
+            )
+        },
     ]
 }
 
 /// Orders API versions the way Kubernetes does: GA before beta before alpha, higher numbers first.
 pub fn version_priority(version: &str) -> (u8, u32, u32) {
-    let Some(rest) = version.strip_prefix('v') else { return (0, 0, 0) };
+    let Some(rest) = version.strip_prefix('v') else {
+        return (0, 0, 0);
+    };
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let Ok(major) = digits.parse::<u32>() else { return (0, 0, 0) };
+    let Ok(major) = digits.parse::<u32>() else {
+        return (0, 0, 0);
+    };
     let tail = &rest[digits.len()..];
     let (stability, minor_text) = if tail.is_empty() {
         (3, "")
@@ -138,7 +281,11 @@ pub fn version_priority(version: &str) -> (u8, u32, u32) {
     } else {
         return (0, 0, 0);
     };
-    let minor = if minor_text.is_empty() { 0 } else { minor_text.parse().unwrap_or(0) };
+    let minor = if minor_text.is_empty() {
+        0
+    } else {
+        minor_text.parse().unwrap_or(0)
+    };
     (stability, major, minor)
 }
 
@@ -190,18 +337,27 @@ impl Registry {
     }
 
     pub fn remove(&self, group: &str, plural: &str) -> Option<Arc<ResourceInfo>> {
-        self.resources.write().ok()?.remove(&(group.to_string(), plural.to_string()))
+        self.resources
+            .write()
+            .ok()?
+            .remove(&(group.to_string(), plural.to_string()))
     }
 
     /// The resource served at `group/version/plural`, if any.
     pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceInfo>> {
         let resources = self.resources.read().ok()?;
         let info = resources.get(&(group.to_string(), plural.to_string()))?;
-        info.versions.iter().any(|v| v == version).then(|| info.clone())
+        info.versions
+            .iter()
+            .any(|v| v == version)
+            .then(|| info.clone())
     }
 
     pub fn all(&self) -> Vec<Arc<ResourceInfo>> {
-        self.resources.read().map(|r| r.values().cloned().collect()).unwrap_or_default()
+        self.resources
+            .read()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Groups (other than core) with their versions, highest priority first.
@@ -303,7 +459,11 @@ impl Registry {
         if resources.is_empty() {
             return None;
         }
-        let group_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+        let group_version = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
         Some(json!({
             "kind": "APIResourceList",
             "apiVersion": "v1",
@@ -331,8 +491,15 @@ impl Registry {
     pub fn openapi_v3_root(&self) -> Value {
         let mut paths = serde_json::Map::new();
         for (group, version) in self.group_versions() {
-            let prefix = if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") };
-            paths.insert(prefix.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{prefix}")}));
+            let prefix = if group.is_empty() {
+                format!("api/{version}")
+            } else {
+                format!("apis/{group}/{version}")
+            };
+            paths.insert(
+                prefix.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{prefix}")}),
+            );
         }
         json!({"paths": paths})
     }
@@ -342,7 +509,11 @@ impl Registry {
     pub fn openapi_v3_document(&self, group: &str, version: &str) -> Option<Value> {
         let mut paths = serde_json::Map::new();
         let mut schemas = serde_json::Map::new();
-        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
         for info in self.all() {
             if info.group != group || !info.versions.iter().any(|v| v == version) {
                 continue;
@@ -376,7 +547,10 @@ impl Registry {
                     map.insert("x-kubernetes-group-version-kind".into(), json!([gvk]));
                 }
                 let reversed_group: Vec<&str> = group.split('.').rev().collect();
-                schemas.insert(format!("{}.{version}.{}", reversed_group.join("."), info.kind), schema);
+                schemas.insert(
+                    format!("{}.{version}.{}", reversed_group.join("."), info.kind),
+                    schema,
+                );
             }
         }
         if paths.is_empty() {
@@ -402,7 +576,12 @@ impl Registry {
         let strings = |value: Option<&Value>| -> Vec<String> {
             value
                 .and_then(Value::as_array)
-                .map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect())
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|i| i.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let namespaced = match spec.get("scope").and_then(Value::as_str) {
@@ -431,7 +610,10 @@ impl Registry {
             if let Some(schema) = entry.get("schema").and_then(|s| s.get("openAPIV3Schema")) {
                 schemas.insert(name.clone(), schema.clone());
             }
-            if let Some(columns) = entry.get("additionalPrinterColumns").and_then(Value::as_array) {
+            if let Some(columns) = entry
+                .get("additionalPrinterColumns")
+                .and_then(Value::as_array)
+            {
                 printer_columns.insert(name.clone(), columns.clone());
             }
             if let Some(subresources) = entry.get("subresources") {
@@ -448,9 +630,13 @@ impl Registry {
             }
             versions.push(name);
         }
-        let storage_version = storage_version.ok_or("spec.versions: Invalid value: must have exactly one version marked as storage version")?;
+        let storage_version = storage_version.ok_or(
+            "spec.versions: Invalid value: must have exactly one version marked as storage version",
+        )?;
         if versions.is_empty() {
-            return Err("spec.versions: Invalid value: must have at least one served version".into());
+            return Err(
+                "spec.versions: Invalid value: must have at least one served version".into(),
+            );
         }
         versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
         Ok(ResourceInfo {
@@ -481,7 +667,10 @@ mod tests {
     fn versions_sort_ga_then_beta_then_alpha() {
         let mut versions = vec!["v1alpha1", "v1beta1", "v1", "v2", "v2beta2", "v1beta2"];
         versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
-        assert_eq!(versions, vec!["v2", "v1", "v2beta2", "v1beta2", "v1beta1", "v1alpha1"]);
+        assert_eq!(
+            versions,
+            vec!["v2", "v1", "v2beta2", "v1beta2", "v1beta1", "v1alpha1"]
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ fn split_top_level(text: &str) -> Vec<&str> {
 fn valid_label_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 317
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 fn parse_value_set(text: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
@@ -70,7 +72,11 @@ fn parse_value_set(text: &str, whole: &str) -> Result<Vec<String>, SelectorError
         .strip_prefix('(')
         .and_then(|rest| rest.strip_suffix(')'))
         .ok_or_else(|| SelectorError::MalformedLabelRequirement(whole.to_string()))?;
-    Ok(inner.split(',').map(|value| value.trim().to_string()).filter(|v| !v.is_empty()).collect())
+    Ok(inner
+        .split(',')
+        .map(|value| value.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -121,14 +127,20 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|requirement| match requirement {
-            LabelRequirement::Equals(key, value) => labels.get(key) == Some(value),
-            LabelRequirement::NotEquals(key, value) => labels.get(key) != Some(value),
-            LabelRequirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
-            LabelRequirement::NotIn(key, values) => !labels.get(key).is_some_and(|v| values.contains(v)),
-            LabelRequirement::Exists(key) => labels.contains_key(key),
-            LabelRequirement::NotExists(key) => !labels.contains_key(key),
-        })
+        self.requirements
+            .iter()
+            .all(|requirement| match requirement {
+                LabelRequirement::Equals(key, value) => labels.get(key) == Some(value),
+                LabelRequirement::NotEquals(key, value) => labels.get(key) != Some(value),
+                LabelRequirement::In(key, values) => {
+                    labels.get(key).is_some_and(|v| values.contains(v))
+                }
+                LabelRequirement::NotIn(key, values) => {
+                    !labels.get(key).is_some_and(|v| values.contains(v))
+                }
+                LabelRequirement::Exists(key) => labels.contains_key(key),
+                LabelRequirement::NotExists(key) => !labels.contains_key(key),
+            })
     }
 }
 
@@ -176,10 +188,12 @@ impl FieldSelector {
     }
 
     pub fn matches(&self, namespace: &str, name: &str) -> bool {
-        self.requirements.iter().all(|requirement| match requirement {
-            FieldRequirement::NameIs(value, equal) => (name == value) == *equal,
-            FieldRequirement::NamespaceIs(value, equal) => (namespace == value) == *equal,
-        })
+        self.requirements
+            .iter()
+            .all(|requirement| match requirement {
+                FieldRequirement::NameIs(value, equal) => (name == value) == *equal,
+                FieldRequirement::NamespaceIs(value, equal) => (namespace == value) == *equal,
+            })
     }
 }
 
@@ -188,7 +202,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -226,7 +243,8 @@ mod tests {
 
     #[test]
     fn field_selector_on_name_and_namespace() {
-        let selector = FieldSelector::parse("metadata.name=a,metadata.namespace!=kube-system").unwrap();
+        let selector =
+            FieldSelector::parse("metadata.name=a,metadata.namespace!=kube-system").unwrap();
         assert!(selector.matches("default", "a"));
         assert!(!selector.matches("kube-system", "a"));
         assert!(!selector.matches("default", "b"));

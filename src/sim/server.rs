@@ -17,6 +17,7 @@ use super::faults::{FaultAction, FaultRule, Faults, RequestLog, RequestRecord};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::store::{EventType, EventsSince};
+use super::table::{table, IncludeObject};
 
 /// Everything the request handlers share.
 pub struct ServerState {
@@ -33,25 +34,37 @@ pub fn router(state: Arc<ServerState>) -> axum::Router {
 }
 
 fn json_response(code: u16, body: Bytes, warnings: &[String]) -> Response {
-    let mut builder = Response::builder().status(code).header("content-type", "application/json");
+    let mut builder = Response::builder()
+        .status(code)
+        .header("content-type", "application/json");
     for warning in warnings {
         let escaped = warning.replace('"', "\\\"");
         builder = builder.header("warning", format!("299 - \"{escaped}\""));
     }
-    builder.body(Body::from(body)).unwrap_or_else(|_| Response::new(Body::empty()))
+    builder
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 fn error_response(error: &ApiError) -> Response {
     let body = serde_json::to_vec(&error.body()).unwrap_or_default();
-    let mut builder = Response::builder().status(error.code).header("content-type", "application/json");
+    let mut builder = Response::builder()
+        .status(error.code)
+        .header("content-type", "application/json");
     if let Some(seconds) = error.retry_after_seconds {
         builder = builder.header("retry-after", seconds.to_string());
     }
-    builder.body(Body::from(body)).unwrap_or_else(|_| Response::new(Body::empty()))
+    builder
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 fn value_response(value: &Value) -> Response {
-    json_response(200, Bytes::from(serde_json::to_vec(value).unwrap_or_default()), &[])
+    json_response(
+        200,
+        Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+        &[],
+    )
 }
 
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
@@ -93,8 +106,15 @@ enum Route {
     CoreVersions,
     GroupList,
     Group(String),
-    ResourceList { group: String, version: String },
-    Resource { group: String, version: String, rest: Vec<String> },
+    ResourceList {
+        group: String,
+        version: String,
+    },
+    Resource {
+        group: String,
+        version: String,
+        rest: Vec<String>,
+    },
     Health,
     OpenApiRoot,
     OpenApiDocument(String, String),
@@ -103,21 +123,35 @@ enum Route {
 }
 
 fn route(path: &str) -> Route {
-    let segments: Vec<String> =
-        path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
     let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
     match parts.as_slice() {
         ["version"] => Route::Version,
         ["healthz"] | ["livez"] | ["readyz"] => Route::Health,
         ["openapi", "v3"] => Route::OpenApiRoot,
-        ["openapi", "v3", "api", version] => Route::OpenApiDocument(String::new(), version.to_string()),
-        ["openapi", "v3", "apis", group, version] => Route::OpenApiDocument(group.to_string(), version.to_string()),
+        ["openapi", "v3", "api", version] => {
+            Route::OpenApiDocument(String::new(), version.to_string())
+        }
+        ["openapi", "v3", "apis", group, version] => {
+            Route::OpenApiDocument(group.to_string(), version.to_string())
+        }
         ["sim", rest @ ..] => Route::Sim(rest.iter().map(|s| s.to_string()).collect()),
         ["api"] => Route::CoreVersions,
-        ["api", version] => Route::ResourceList { group: String::new(), version: version.to_string() },
+        ["api", version] => Route::ResourceList {
+            group: String::new(),
+            version: version.to_string(),
+        },
         ["apis"] => Route::GroupList,
         ["apis", group] => Route::Group(group.to_string()),
-        ["apis", group, version] => Route::ResourceList { group: group.to_string(), version: version.to_string() },
+        ["apis", group, version] => Route::ResourceList {
+            group: group.to_string(),
+            version: version.to_string(),
+        },
         ["api", version, rest @ ..] => Route::Resource {
             group: String::new(),
             version: version.to_string(),
@@ -132,23 +166,37 @@ fn route(path: &str) -> Route {
     }
 }
 
+/// (namespace, resource, name, subresource) named by a resource path.
+type ResourcePath = (Option<String>, String, Option<String>, Option<String>);
+
 /// Splits the part after `/api/v1` or `/apis/g/v` into namespace, resource, name, subresource.
-fn split_resource_path(rest: &[String]) -> Option<(Option<String>, String, Option<String>, Option<String>)> {
+fn split_resource_path(rest: &[String]) -> Option<ResourcePath> {
     let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
     let owned = |s: &str| s.to_string();
     match parts.as_slice() {
         [resource] => Some((None, owned(resource), None, None)),
         [resource, name] => Some((None, owned(resource), Some(owned(name)), None)),
-        ["namespaces", name, sub @ ("status" | "finalize")] => {
-            Some((None, "namespaces".into(), Some(owned(name)), Some(owned(sub))))
+        ["namespaces", name, sub @ ("status" | "finalize")] => Some((
+            None,
+            "namespaces".into(),
+            Some(owned(name)),
+            Some(owned(sub)),
+        )),
+        ["namespaces", namespace, resource] => {
+            Some((Some(owned(namespace)), owned(resource), None, None))
         }
-        ["namespaces", namespace, resource] => Some((Some(owned(namespace)), owned(resource), None, None)),
-        ["namespaces", namespace, resource, name] => {
-            Some((Some(owned(namespace)), owned(resource), Some(owned(name)), None))
-        }
-        ["namespaces", namespace, resource, name, sub] => {
-            Some((Some(owned(namespace)), owned(resource), Some(owned(name)), Some(owned(sub))))
-        }
+        ["namespaces", namespace, resource, name] => Some((
+            Some(owned(namespace)),
+            owned(resource),
+            Some(owned(name)),
+            None,
+        )),
+        ["namespaces", namespace, resource, name, sub] => Some((
+            Some(owned(namespace)),
+            owned(resource),
+            Some(owned(name)),
+            Some(owned(sub)),
+        )),
         [resource, name, sub] => Some((None, owned(resource), Some(owned(name)), Some(owned(sub)))),
         _ => None,
     }
@@ -159,9 +207,21 @@ struct Resolved {
     verb: &'static str,
 }
 
-fn resolve(state: &ServerState, method: &str, group: &str, version: &str, rest: &[String], query: &HashMap<String, String>) -> Result<Resolved, ApiError> {
-    let (namespace, resource, name, subresource) = split_resource_path(rest).ok_or_else(ApiError::unknown_resource)?;
-    let info = state.api.registry.lookup(group, version, &resource).ok_or_else(ApiError::unknown_resource)?;
+fn resolve(
+    state: &ServerState,
+    method: &str,
+    group: &str,
+    version: &str,
+    rest: &[String],
+    query: &HashMap<String, String>,
+) -> Result<Resolved, ApiError> {
+    let (namespace, resource, name, subresource) =
+        split_resource_path(rest).ok_or_else(ApiError::unknown_resource)?;
+    let info = state
+        .api
+        .registry
+        .lookup(group, version, &resource)
+        .ok_or_else(ApiError::unknown_resource)?;
     if namespace.is_some() && !info.namespaced {
         return Err(ApiError::unknown_resource());
     }
@@ -169,7 +229,9 @@ fn resolve(state: &ServerState, method: &str, group: &str, version: &str, rest: 
         return Err(ApiError::unknown_resource());
     }
     if let Some(sub) = subresource.as_deref() {
-        let served = (sub == "status" && info.status_subresource) || (sub == "scale" && info.scale.is_some()) || (sub == "finalize" && info.plural == "namespaces");
+        let served = (sub == "status" && info.status_subresource)
+            || (sub == "scale" && info.scale.is_some())
+            || (sub == "finalize" && info.plural == "namespaces");
         if !served {
             return Err(ApiError::unknown_resource());
         }
@@ -186,8 +248,23 @@ fn resolve(state: &ServerState, method: &str, group: &str, version: &str, rest: 
         ("DELETE", false) => "deletecollection",
         _ => return Err(ApiError::method_not_allowed(method)),
     };
-    let subresource = subresource.map(|s| if s == "finalize" { "status".to_string() } else { s });
-    Ok(Resolved { target: Target { info, version: version.to_string(), namespace, name, subresource }, verb })
+    let subresource = subresource.map(|s| {
+        if s == "finalize" {
+            "status".to_string()
+        } else {
+            s
+        }
+    });
+    Ok(Resolved {
+        target: Target {
+            info,
+            version: version.to_string(),
+            namespace,
+            name,
+            subresource,
+        },
+        verb,
+    })
 }
 
 async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Response {
@@ -196,13 +273,19 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
     let method = parts.method.as_str().to_string();
     let path = parts.uri.path().to_string();
     let query = parse_query(parts.uri.query());
-    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let user = header("authorization")
         .strip_prefix("Bearer ")
         .map(str::to_string)
         .unwrap_or_else(|| "system:anonymous".into());
     let content_type = header("content-type");
-    let user_agent = header("user-agent");
 
     let mut record = RequestRecord {
         time: started,
@@ -239,12 +322,22 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
         Route::GroupList => Ok(value_response(&state.api.registry.api_group_list())),
         Route::Group(group) => {
             record.group = group.clone();
-            state.api.registry.api_group(&group).map(|g| value_response(&g)).ok_or_else(ApiError::unknown_resource)
+            state
+                .api
+                .registry
+                .api_group(&group)
+                .map(|g| value_response(&g))
+                .ok_or_else(ApiError::unknown_resource)
         }
         Route::ResourceList { group, version } => {
             record.group = group.clone();
             record.version = version.clone();
-            state.api.registry.api_resource_list(&group, &version).map(|l| value_response(&l)).ok_or_else(ApiError::unknown_resource)
+            state
+                .api
+                .registry
+                .api_resource_list(&group, &version)
+                .map(|l| value_response(&l))
+                .ok_or_else(ApiError::unknown_resource)
         }
         Route::OpenApiRoot => Ok(value_response(&state.api.registry.openapi_v3_root())),
         Route::OpenApiDocument(group, version) => state
@@ -255,7 +348,11 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
             .ok_or_else(ApiError::unknown_resource),
         Route::Sim(rest) => Ok(sim_control(&state, &method, &rest, body).await),
         Route::NotFound => Err(ApiError::unknown_resource()),
-        Route::Resource { group, version, rest } => {
+        Route::Resource {
+            group,
+            version,
+            rest,
+        } => {
             record.group = group.clone();
             record.version = version.clone();
             match resolve(&state, &method, &group, &version, &rest, &query) {
@@ -271,7 +368,7 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
                     record.subresource = resolved.target.subresource.clone();
                     record.namespace = resolved.target.namespace.clone();
                     record.name = resolved.target.name.clone();
-                    serve_resource(&state, resolved, &query, &content_type, &user_agent, &parts.headers, body).await
+                    serve_resource(&state, resolved, &query, &parts.headers, body).await
                 }
             }
         }
@@ -300,20 +397,38 @@ async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, ApiEr
     if declared.is_some_and(|length| length > MAX_BODY_BYTES) {
         return Err(ApiError::too_large());
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::too_large())
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::too_large())
 }
 
 async fn serve_resource(
     state: &Arc<ServerState>,
     resolved: Resolved,
     query: &HashMap<String, String>,
-    content_type: &str,
-    user_agent: &str,
     headers: &http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let (content_type, accept, user_agent) = (
+        header("content-type"),
+        header("accept"),
+        header("user-agent"),
+    );
     let Resolved { target, verb } = resolved;
-    if let Some(action) = state.faults.take_matching(verb, &target.info.plural, target.subresource.as_deref()) {
+    // kubectl asks for server-side printing; clients that do not are answered with plain objects.
+    let as_table = (accept.contains("as=Table") && target.subresource.is_none())
+        .then(|| IncludeObject::parse(query.get("includeObject").map(String::as_str)));
+    if let Some(action) =
+        state
+            .faults
+            .take_matching(verb, &target.info.plural, target.subresource.as_deref())
+    {
         match action {
             FaultAction::Fail(code) => return Err(ApiError::for_code(code)),
             FaultAction::Timeout(hold) => {
@@ -326,10 +441,15 @@ async fn serve_resource(
         }
     }
     if verb == "watch" {
-        return start_watch(state.clone(), target, query);
+        return start_watch(state.clone(), target, query, as_table);
     }
     let body = read_body(headers, body).await?;
-    let input = RequestInput { query, content_type, body: &body, user_agent };
+    let input = RequestInput {
+        query,
+        content_type,
+        body: &body,
+        user_agent,
+    };
     let api = &state.api;
     let outcome: Result<ApiResponse, ApiError> = match verb {
         "get" => api.get(&target),
@@ -341,7 +461,69 @@ async fn serve_resource(
         "deletecollection" => api.delete_collection(&target, &input),
         _ => Err(ApiError::method_not_allowed(verb)),
     };
-    outcome.map(|answer| json_response(answer.code, answer.body, &answer.warnings))
+    let answer = outcome?;
+    match (as_table, verb) {
+        (Some(include), "get" | "list") => {
+            let value: Value = serde_json::from_slice(&answer.body)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let (objects, version) = if verb == "list" {
+                let version = value
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (
+                    value
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                    version,
+                )
+            } else {
+                (vec![value], None)
+            };
+            let printed = table(
+                &target.info,
+                &target.version,
+                &objects,
+                include,
+                version.as_deref(),
+                true,
+            );
+            Ok(json_response(
+                answer.code,
+                Bytes::from(serde_json::to_vec(&printed).unwrap_or_default()),
+                &answer.warnings,
+            ))
+        }
+        _ => Ok(json_response(answer.code, answer.body, &answer.warnings)),
+    }
+}
+
+/// Renders one watch event's object, as a one-row Table when the watcher asked for tables.
+fn event_object(
+    target: &Target,
+    object: &Bytes,
+    as_table: Option<IncludeObject>,
+    first: &mut bool,
+) -> Bytes {
+    let served = ApiState::served_bytes(&target.info, &target.version, object);
+    let Some(include) = as_table else {
+        return served;
+    };
+    let Ok(value) = serde_json::from_slice::<Value>(&served) else {
+        return served;
+    };
+    let printed = table(
+        &target.info,
+        &target.version,
+        &[value],
+        include,
+        None,
+        *first,
+    );
+    *first = false;
+    Bytes::from(serde_json::to_vec(&printed).unwrap_or_default())
 }
 
 /// Per-watch filter: namespace and selectors.
@@ -387,7 +569,12 @@ fn expired_line(requested: u64, oldest: u64) -> Bytes {
     watch_line("ERROR", status.to_string().as_bytes())
 }
 
-fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, String>) -> Result<Response, ApiError> {
+fn start_watch(
+    state: Arc<ServerState>,
+    target: Target,
+    query: &HashMap<String, String>,
+    as_table: Option<IncludeObject>,
+) -> Result<Response, ApiError> {
     let filter = WatchFilter {
         namespace: target.namespace.clone(),
         labels: LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
@@ -395,32 +582,52 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
         fields: FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
             .map_err(|e| ApiError::bad_request(e.to_string()))?,
     };
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true" || v == "1");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(Duration::from_secs(1800), Duration::from_secs);
-    let requested = query.get("resourceVersion").map(String::as_str).unwrap_or("");
+    let requested = query
+        .get("resourceVersion")
+        .map(String::as_str)
+        .unwrap_or("");
     let from_now = requested.is_empty() || requested == "0";
     let requested_version = if from_now {
         0
     } else {
         requested.parse::<u64>().map_err(|_| {
-            ApiError::invalid("WatchOptions", "meta.k8s.io", "", &[("resourceVersion".into(), "FieldValueInvalid", format!("Invalid value: {requested:?}"))])
+            ApiError::invalid(
+                "WatchOptions",
+                "meta.k8s.io",
+                "",
+                &[(
+                    "resourceVersion".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: {requested:?}"),
+                )],
+            )
         })?
     };
 
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
     let mut initial = Vec::new();
+    let mut first_table = true;
     let start_version;
     {
         let inner = state.api.store.lock();
         if from_now || send_initial {
             start_version = inner.resource_version;
-            for ((namespace, name), object) in inner.range(&target.info.key(), target.namespace.as_deref(), None) {
+            for ((namespace, name), object) in
+                inner.range(&target.info.key(), target.namespace.as_deref(), None)
+            {
                 if filter.matches(namespace, name, &object.labels) {
-                    initial.push(watch_line("ADDED", &ApiState::served_bytes(&target.info, &target.version, &object.json)));
+                    initial.push(watch_line(
+                        "ADDED",
+                        &event_object(&target, &object.json, as_table, &mut first_table),
+                    ));
                 }
             }
         } else {
@@ -438,7 +645,12 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
                 return;
             }
         }
-        if send_initial && sender.send(bookmark_line(&target, start_version, true)).await.is_err() {
+        if send_initial
+            && sender
+                .send(bookmark_line(&target, start_version, true))
+                .await
+                .is_err()
+        {
             return;
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -457,13 +669,13 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
                 EventsSince::Events(events, scanned_through) => {
                     let had_events = !events.is_empty();
                     for event in events {
-                        let now_matches = filter.matches(&event.namespace, &event.name, &event.labels);
+                        let now_matches =
+                            filter.matches(&event.namespace, &event.name, &event.labels);
                         let event_type = match event.event_type {
                             EventType::Modified => {
-                                let before = event
-                                    .previous_labels
-                                    .as_ref()
-                                    .is_some_and(|labels| filter.matches(&event.namespace, &event.name, labels));
+                                let before = event.previous_labels.as_ref().is_some_and(|labels| {
+                                    filter.matches(&event.namespace, &event.name, labels)
+                                });
                                 match (before, now_matches) {
                                     (true, true) => Some("MODIFIED"),
                                     (false, true) => Some("ADDED"),
@@ -474,7 +686,8 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
                             other => now_matches.then_some(other.as_str()),
                         };
                         if let Some(event_type) = event_type {
-                            let object = ApiState::served_bytes(&target.info, &target.version, &event.object);
+                            let object =
+                                event_object(&target, &event.object, as_table, &mut first_table);
                             if sender.send(watch_line(event_type, &object)).await.is_err() {
                                 return;
                             }
@@ -503,7 +716,10 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
         }
     });
     let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|line| (Ok::<Bytes, std::io::Error>(line), receiver))
+        receiver
+            .recv()
+            .await
+            .map(|line| (Ok::<Bytes, std::io::Error>(line), receiver))
     });
     Response::builder()
         .status(200)
@@ -516,19 +732,36 @@ fn start_watch(state: Arc<ServerState>, target: Target, query: &HashMap<String, 
 /// `/sim/...`: fault injection and the request log over HTTP, for tools outside the test process.
 async fn sim_control(state: &ServerState, method: &str, rest: &[String], body: Body) -> Response {
     let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
-    let body = axum::body::to_bytes(body, 1024 * 1024).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, 1024 * 1024)
+        .await
+        .unwrap_or_default();
     let parsed: Value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
     match (method, parts.as_slice()) {
         ("POST", ["faults"]) => {
-            let text = |key: &str| parsed.get(key).and_then(Value::as_str).unwrap_or("*").to_string();
+            let text = |key: &str| {
+                parsed
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or("*")
+                    .to_string()
+            };
             let action = match parsed.get("timeoutMillis").and_then(Value::as_u64) {
                 Some(millis) => FaultAction::Timeout(Duration::from_millis(millis)),
-                None => FaultAction::Fail(parsed.get("code").and_then(Value::as_u64).unwrap_or(500).min(599) as u16),
+                None => FaultAction::Fail(
+                    parsed
+                        .get("code")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(500)
+                        .min(599) as u16,
+                ),
             };
             state.faults.inject(FaultRule {
                 verb: text("verb"),
                 resource: text("resource"),
-                subresource: parsed.get("subresource").and_then(Value::as_str).map(str::to_string),
+                subresource: parsed
+                    .get("subresource")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
                 remaining: parsed.get("count").and_then(Value::as_u64).unwrap_or(1) as usize,
                 action,
             });
@@ -577,15 +810,43 @@ mod tests {
 
     #[test]
     fn paths_split_into_namespace_resource_name_subresource() {
-        let split = |p: &str| split_resource_path(&p.split('/').map(str::to_string).collect::<Vec<_>>());
-        assert_eq!(split("namespaces/ns1/pods"), Some((Some("ns1".into()), "pods".into(), None, None)));
-        assert_eq!(split("namespaces/ns1"), Some((None, "namespaces".into(), Some("ns1".into()), None)));
-        assert_eq!(split("namespaces/ns1/status"), Some((None, "namespaces".into(), Some("ns1".into()), Some("status".into()))));
+        let split =
+            |p: &str| split_resource_path(&p.split('/').map(str::to_string).collect::<Vec<_>>());
+        assert_eq!(
+            split("namespaces/ns1/pods"),
+            Some((Some("ns1".into()), "pods".into(), None, None))
+        );
+        assert_eq!(
+            split("namespaces/ns1"),
+            Some((None, "namespaces".into(), Some("ns1".into()), None))
+        );
+        assert_eq!(
+            split("namespaces/ns1/status"),
+            Some((
+                None,
+                "namespaces".into(),
+                Some("ns1".into()),
+                Some("status".into())
+            ))
+        );
         assert_eq!(
             split("namespaces/ns1/deployments/web/scale"),
-            Some((Some("ns1".into()), "deployments".into(), Some("web".into()), Some("scale".into())))
+            Some((
+                Some("ns1".into()),
+                "deployments".into(),
+                Some("web".into()),
+                Some("scale".into())
+            ))
         );
-        assert_eq!(split("nodes/n1/proxy"), Some((None, "nodes".into(), Some("n1".into()), Some("proxy".into()))));
+        assert_eq!(
+            split("nodes/n1/proxy"),
+            Some((
+                None,
+                "nodes".into(),
+                Some("n1".into()),
+                Some("proxy".into())
+            ))
+        );
     }
 
     #[test]

@@ -36,7 +36,13 @@ impl ResourceName<'_> {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { code, reason, message: message.into(), details: None, retry_after_seconds: None }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+            retry_after_seconds: None,
+        }
     }
 
     pub fn category(&self) -> &'static str {
@@ -54,14 +60,22 @@ impl ApiError {
     pub fn unknown_resource() -> ApiError {
         ApiError {
             details: Some(json!({})),
-            ..ApiError::new(404, "NotFound", "the server could not find the requested resource")
+            ..ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
         }
     }
 
     pub fn not_found(resource: &ResourceName<'_>, name: &str) -> ApiError {
         ApiError {
             details: Some(resource.details(name)),
-            ..ApiError::new(404, "NotFound", format!("{} \"{}\" not found", resource.qualified(), name))
+            ..ApiError::new(
+                404,
+                "NotFound",
+                format!("{} \"{}\" not found", resource.qualified(), name),
+            )
         }
     }
 
@@ -82,7 +96,12 @@ impl ApiError {
             ..ApiError::new(
                 409,
                 "Conflict",
-                format!("Operation cannot be fulfilled on {} \"{}\": {}", resource.qualified(), name, why),
+                format!(
+                    "Operation cannot be fulfilled on {} \"{}\": {}",
+                    resource.qualified(),
+                    name,
+                    why
+                ),
             )
         }
     }
@@ -96,10 +115,21 @@ impl ApiError {
     }
 
     /// 422 Invalid with one cause per field error, formatted like apimachinery's `NewInvalid`.
-    pub fn invalid(kind: &str, group: &str, name: &str, causes: &[(String, &str, String)]) -> ApiError {
-        let qualified_kind = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
-        let rendered: Vec<String> =
-            causes.iter().map(|(field, _, message)| format!("{field}: {message}")).collect();
+    pub fn invalid(
+        kind: &str,
+        group: &str,
+        name: &str,
+        causes: &[(String, &str, String)],
+    ) -> ApiError {
+        let qualified_kind = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
+        let rendered: Vec<String> = causes
+            .iter()
+            .map(|(field, _, message)| format!("{field}: {message}"))
+            .collect();
         let summary = if rendered.len() == 1 {
             rendered[0].clone()
         } else {
@@ -110,8 +140,14 @@ impl ApiError {
             .map(|(field, reason, message)| json!({"reason": reason, "message": message, "field": field}))
             .collect();
         ApiError {
-            details: Some(json!({"name": name, "group": group, "kind": kind, "causes": cause_values})),
-            ..ApiError::new(422, "Invalid", format!("{qualified_kind} \"{name}\" is invalid: {summary}"))
+            details: Some(
+                json!({"name": name, "group": group, "kind": kind, "causes": cause_values}),
+            ),
+            ..ApiError::new(
+                422,
+                "Invalid",
+                format!("{qualified_kind} \"{name}\" is invalid: {summary}"),
+            )
         }
     }
 
@@ -120,7 +156,11 @@ impl ApiError {
     }
 
     pub fn too_large() -> ApiError {
-        ApiError::new(413, "RequestEntityTooLarge", "Request entity too large: limit is 3145728")
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            "Request entity too large: limit is 3145728",
+        )
     }
 
     pub fn unsupported_media_type(content_type: &str, accepted: &[&str]) -> ApiError {
@@ -133,19 +173,31 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(method: &str) -> ApiError {
-        ApiError::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource ({method})"))
+        ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({method})"),
+        )
     }
 
     pub fn too_many_requests(retry_after_seconds: u64) -> ApiError {
         ApiError {
             retry_after_seconds: Some(retry_after_seconds),
             details: Some(json!({"retryAfterSeconds": retry_after_seconds})),
-            ..ApiError::new(429, "TooManyRequests", "Too many requests, please try again later.")
+            ..ApiError::new(
+                429,
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+            )
         }
     }
 
     pub fn timeout() -> ApiError {
-        ApiError::new(504, "Timeout", "Timeout: request did not complete within the allowed duration")
+        ApiError::new(
+            504,
+            "Timeout",
+            "Timeout: request did not complete within the allowed duration",
+        )
     }
 
     /// The error a fault rule asks for, with the reason a real server pairs with that code.

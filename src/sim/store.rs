@@ -86,7 +86,11 @@ pub fn owner_uids_of(object: &Value) -> Vec<Arc<str>> {
     object
         .pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .map(|refs| refs.iter().filter_map(|r| r.get("uid")?.as_str().map(Arc::from)).collect())
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("uid")?.as_str().map(Arc::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -94,12 +98,17 @@ pub fn owner_uids_of(object: &Value) -> Vec<Arc<str>> {
 pub enum EventsSince {
     /// Matching events, and the resourceVersion up to which the window was scanned.
     Events(Vec<Event>, u64),
-    TooOld { requested: u64, oldest: u64 },
+    TooOld {
+        requested: u64,
+        oldest: u64,
+    },
 }
 
 impl StoreInner {
     pub fn get(&self, resource_key: &str, namespace: &str, name: &str) -> Option<&StoredObject> {
-        self.objects.get(resource_key)?.get(&(namespace.to_string(), name.to_string()))
+        self.objects
+            .get(resource_key)?
+            .get(&(namespace.to_string(), name.to_string()))
     }
 
     pub fn locate_uid(&self, uid: &str) -> Option<(String, String, String)> {
@@ -113,7 +122,9 @@ impl StoreInner {
         namespace: Option<&str>,
         after: Option<ObjectKey>,
     ) -> Box<dyn Iterator<Item = (&'a ObjectKey, &'a StoredObject)> + 'a> {
-        let Some(objects) = self.objects.get(resource_key) else { return Box::new(std::iter::empty()) };
+        let Some(objects) = self.objects.get(resource_key) else {
+            return Box::new(std::iter::empty());
+        };
         let lower = match (&after, namespace) {
             (Some(after), _) => std::ops::Bound::Excluded(after.clone()),
             (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
@@ -123,7 +134,9 @@ impl StoreInner {
         Box::new(
             objects
                 .range((lower, std::ops::Bound::Unbounded))
-                .take_while(move |((ns, _), _)| namespace.as_ref().is_none_or(|wanted| wanted == ns)),
+                .take_while(move |((ns, _), _)| {
+                    namespace.as_ref().is_none_or(|wanted| wanted == ns)
+                }),
         )
     }
 
@@ -157,7 +170,10 @@ impl StoreInner {
     }
 
     pub fn keys_of(&self, resource_key: &str) -> Vec<ObjectKey> {
-        self.objects.get(resource_key).map(|o| o.keys().cloned().collect()).unwrap_or_default()
+        self.objects
+            .get(resource_key)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn push_event(&mut self, event: Event) {
@@ -180,10 +196,18 @@ impl StoreInner {
         self.resource_version += 1;
         let resource_version = self.resource_version;
         if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-            metadata.insert("resourceVersion".into(), Value::String(resource_version.to_string()));
+            metadata.insert(
+                "resourceVersion".into(),
+                Value::String(resource_version.to_string()),
+            );
         }
         let json = Bytes::from(serde_json::to_vec(&object)?);
-        let uid: Arc<str> = Arc::from(object.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or(""));
+        let uid: Arc<str> = Arc::from(
+            object
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        );
         let stored = StoredObject {
             json,
             labels: Arc::new(labels_of(&object)),
@@ -192,9 +216,24 @@ impl StoreInner {
             owner_uids: owner_uids_of(&object),
         };
         let key = (namespace.to_string(), name.to_string());
-        let previous = self.objects.entry(resource_key.to_string()).or_default().insert(key, stored.clone());
-        self.by_uid.insert(uid, (resource_key.to_string(), namespace.to_string(), name.to_string()));
-        let event_type = if previous.is_some() { EventType::Modified } else { EventType::Added };
+        let previous = self
+            .objects
+            .entry(resource_key.to_string())
+            .or_default()
+            .insert(key, stored.clone());
+        self.by_uid.insert(
+            uid,
+            (
+                resource_key.to_string(),
+                namespace.to_string(),
+                name.to_string(),
+            ),
+        );
+        let event_type = if previous.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
         self.push_event(Event {
             resource_version,
             resource_key: Arc::from(resource_key),
@@ -209,7 +248,12 @@ impl StoreInner {
     }
 
     /// Removes an object; the DELETED event carries it with a fresh resourceVersion.
-    pub fn remove(&mut self, resource_key: &str, namespace: &str, name: &str) -> Option<StoredObject> {
+    pub fn remove(
+        &mut self,
+        resource_key: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<StoredObject> {
         let key = (namespace.to_string(), name.to_string());
         let removed = self.objects.get_mut(resource_key)?.remove(&key)?;
         self.by_uid.remove(&removed.uid);
@@ -218,9 +262,14 @@ impl StoreInner {
         let json = match serde_json::from_slice::<Value>(&removed.json) {
             Ok(mut value) => {
                 if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-                    metadata.insert("resourceVersion".into(), Value::String(resource_version.to_string()));
+                    metadata.insert(
+                        "resourceVersion".into(),
+                        Value::String(resource_version.to_string()),
+                    );
                 }
-                serde_json::to_vec(&value).map(Bytes::from).unwrap_or_else(|_| removed.json.clone())
+                serde_json::to_vec(&value)
+                    .map(Bytes::from)
+                    .unwrap_or_else(|_| removed.json.clone())
             }
             Err(_) => removed.json.clone(),
         };
@@ -234,16 +283,28 @@ impl StoreInner {
             labels: removed.labels.clone(),
             previous_labels: None,
         });
-        Some(StoredObject { json, resource_version, ..removed })
+        Some(StoredObject {
+            json,
+            resource_version,
+            ..removed
+        })
     }
 
     /// Events with resourceVersion greater than `after` for one resource, at most `max` of them.
     pub fn events_since(&self, resource_key: &str, after: u64, max: usize) -> EventsSince {
         if after < self.compacted_through {
-            let oldest = self.events.front().map_or(self.resource_version, |e| e.resource_version);
-            return EventsSince::TooOld { requested: after, oldest };
+            let oldest = self
+                .events
+                .front()
+                .map_or(self.resource_version, |e| e.resource_version);
+            return EventsSince::TooOld {
+                requested: after,
+                oldest,
+            };
         }
-        let start = self.events.partition_point(|event| event.resource_version <= after);
+        let start = self
+            .events
+            .partition_point(|event| event.resource_version <= after);
         let events: Vec<Event> = self
             .events
             .iter()
@@ -269,11 +330,19 @@ pub struct Store {
 impl Store {
     pub fn new(window: usize) -> Store {
         let (latest, _) = tokio::sync::watch::channel(0);
-        Store { inner: Mutex::new(StoreInner { window: window.max(1), ..StoreInner::default() }), latest }
+        Store {
+            inner: Mutex::new(StoreInner {
+                window: window.max(1),
+                ..StoreInner::default()
+            }),
+            latest,
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, StoreInner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Wakes watchers; call after releasing the lock on every commit.
@@ -300,7 +369,14 @@ mod tests {
         let store = Store::new(3);
         let mut inner = store.lock();
         for index in 0..5 {
-            inner.put("/configmaps", "default", &format!("o{index}"), object(&format!("o{index}"))).unwrap();
+            inner
+                .put(
+                    "/configmaps",
+                    "default",
+                    &format!("o{index}"),
+                    object(&format!("o{index}")),
+                )
+                .unwrap();
         }
         assert_eq!(inner.resource_version, 5);
         assert_eq!(inner.compacted_through, 2);
@@ -312,7 +388,10 @@ mod tests {
             }
             EventsSince::TooOld { .. } => panic!("rv 2 is still servable"),
         }
-        assert!(matches!(inner.events_since("/configmaps", 1, 10), EventsSince::TooOld { .. }));
+        assert!(matches!(
+            inner.events_since("/configmaps", 1, 10),
+            EventsSince::TooOld { .. }
+        ));
         let removed = inner.remove("/configmaps", "default", "o1").unwrap();
         assert_eq!(removed.resource_version, 6);
         assert!(inner.get("/configmaps", "default", "o1").is_none());

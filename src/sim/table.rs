@@ -55,7 +55,11 @@ fn age_of(timestamp: &str) -> Option<String> {
 /// Evaluates the simple JSONPath forms printer columns use: `.a.b`, `.a.b[0].c`, `.a["k"]`.
 pub fn simple_json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
     let mut cursor = object;
-    let mut rest = path.trim().trim_start_matches('{').trim_end_matches('}').trim_start_matches('$');
+    let mut rest = path
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .trim_start_matches('$');
     while !rest.is_empty() {
         if let Some(after_dot) = rest.strip_prefix('.') {
             let end = after_dot.find(['.', '[']).unwrap_or(after_dot.len());
@@ -80,7 +84,9 @@ pub fn simple_json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> 
 }
 
 fn cell(column_type: &str, value: Option<&Value>) -> Value {
-    let Some(value) = value else { return Value::Null };
+    let Some(value) = value else {
+        return Value::Null;
+    };
     match (column_type, value) {
         ("date", Value::String(text)) => age_of(text).map(Value::String).unwrap_or(Value::Null),
         ("integer", Value::Number(number)) => json!(number.as_i64()),
@@ -102,7 +108,11 @@ struct Column {
 }
 
 fn columns(info: &ResourceInfo, version: &str) -> Vec<Column> {
-    let declared = info.printer_columns.get(version).cloned().unwrap_or_default();
+    let declared = info
+        .printer_columns
+        .get(version)
+        .cloned()
+        .unwrap_or_default();
     let mut columns = vec![Column {
         name: "Name".into(),
         column_type: "string".into(),
@@ -122,7 +132,13 @@ fn columns(info: &ResourceInfo, version: &str) -> Vec<Column> {
         });
     }
     for column in declared {
-        let text = |key: &str| column.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+        let text = |key: &str| {
+            column
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         columns.push(Column {
             name: text("name"),
             column_type: text("type"),
@@ -154,7 +170,14 @@ impl IncludeObject {
 }
 
 /// A Table of `objects`; `with_columns` false leaves out the column definitions (later watch events).
-pub fn table(info: &ResourceInfo, version: &str, objects: &[Value], include: IncludeObject, resource_version: Option<&str>, with_columns: bool) -> Value {
+pub fn table(
+    info: &ResourceInfo,
+    version: &str,
+    objects: &[Value],
+    include: IncludeObject,
+    resource_version: Option<&str>,
+    with_columns: bool,
+) -> Value {
     let columns = columns(info, version);
     let definitions: Vec<Value> = if with_columns {
         columns
@@ -217,9 +240,18 @@ mod tests {
     #[test]
     fn json_paths_reach_fields_and_list_items() {
         let object = json!({"status": {"phase": "Progressing", "steps": [{"weight": 20}]}, "metadata": {"labels": {"a.b/c": "x"}}});
-        assert_eq!(simple_json_path(&object, ".status.phase"), Some(&json!("Progressing")));
-        assert_eq!(simple_json_path(&object, ".status.steps[0].weight"), Some(&json!(20)));
-        assert_eq!(simple_json_path(&object, ".metadata.labels['a.b/c']"), Some(&json!("x")));
+        assert_eq!(
+            simple_json_path(&object, ".status.phase"),
+            Some(&json!("Progressing"))
+        );
+        assert_eq!(
+            simple_json_path(&object, ".status.steps[0].weight"),
+            Some(&json!(20))
+        );
+        assert_eq!(
+            simple_json_path(&object, ".metadata.labels['a.b/c']"),
+            Some(&json!("x"))
+        );
         assert_eq!(simple_json_path(&object, ".status.missing"), None);
     }
 }
