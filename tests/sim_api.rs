@@ -1358,3 +1358,142 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
         .contains("strict decoding error: unknown field \"spec.bogusField\""));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn watch_options_selectors_bookmarks_timeout_and_streaming_lists() {
+    let (sim, client) = start_with(SimConfig {
+        bookmark_interval: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    api.create(
+        &PostParams::default(),
+        &config_map("sel", &[("team", "a")], "1"),
+    )
+    .await
+    .unwrap();
+    let version = api
+        .get("sel")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+
+    let params = kube::api::WatchParams::default()
+        .labels("team=a")
+        .timeout(5)
+        .disable_bookmarks();
+    let params = kube::api::WatchParams {
+        bookmarks: true,
+        ..params
+    };
+    let mut stream = api.watch(&params, &version).await.unwrap().boxed();
+    api.patch(
+        "sel",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"team": "b"}}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "sel",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"value": "ignored"}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "sel",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+    )
+    .await
+    .unwrap();
+    let mut kinds = Vec::new();
+    let mut saw_bookmark = false;
+    let finished = tokio::time::timeout(WAIT, async {
+        // The stream ends by itself when timeoutSeconds (5 s) runs out.
+        while let Some(event) = stream.try_next().await.unwrap() {
+            match event {
+                kube::api::WatchEvent::Added(_) => kinds.push("ADDED"),
+                kube::api::WatchEvent::Modified(_) => kinds.push("MODIFIED"),
+                kube::api::WatchEvent::Deleted(_) => kinds.push("DELETED"),
+                kube::api::WatchEvent::Bookmark(bookmark) => {
+                    assert!(!bookmark.metadata.resource_version.is_empty());
+                    saw_bookmark = true;
+                }
+                kube::api::WatchEvent::Error(status) => panic!("unexpected error {status:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(finished.is_ok(), "timeoutSeconds ends the watch");
+    assert_eq!(
+        kinds,
+        vec!["DELETED", "ADDED"],
+        "leaving and re-entering the selector"
+    );
+    assert!(saw_bookmark, "allowWatchBookmarks sends bookmarks");
+
+    // Streaming lists: initial ADDED events, then a bookmark marking their end.
+    let mut events = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.try_next().await.unwrap().unwrap() {
+                watcher::Event::InitApply(map) => initial.push(map.metadata.name.unwrap()),
+                watcher::Event::InitDone => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(initial, vec!["sel"]);
+    let watch_request = sim.request_log().matching("watch", "configmaps");
+    assert!(watch_request.iter().any(|r| r.status == 200));
+
+    // dryRun answers without storing.
+    let (code, _) = raw(
+        &sim,
+        "POST",
+        "/api/v1/namespaces/default/configmaps?dryRun=All",
+        "application/json",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dry"}})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 201);
+    assert_eq!(api_error(api.get("dry").await.unwrap_err()).0, 404);
+
+    // Added latency delays every answer; the HTTP control surface sets the same faults.
+    sim.faults().set_latency(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    api.get("sel").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    sim.faults().clear();
+    let (code, _) = raw(
+        &sim,
+        "POST",
+        "/sim/faults",
+        "application/json",
+        json!({"verb": "get", "resource": "configmaps", "code": 500, "count": 1})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(api_error(api.get("sel").await.unwrap_err()).0, 500);
+    api.get("sel").await.unwrap();
+    let (code, log) = raw(&sim, "GET", "/sim/requests", "application/json", Vec::new()).await;
+    assert_eq!(code, 200);
+    assert!(log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["status"] == 500 && r["resource"] == "configmaps"));
+    sim.shutdown().await;
+}
