@@ -1,1 +1,2 @@
 //! The simulated Kubernetes cluster: API server, workload and traffic simulators, fault injection.
+pub mod patch;
