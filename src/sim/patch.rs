@@ -1152,7 +1152,7 @@ pub fn record_update(
     }
     if !changed.is_empty() {
         let api_version = api_version_of(new);
-        let index = match entries.iter().position(|e| is_updater(e)) {
+        let index = match entries.iter().position(is_updater) {
             Some(i) => i,
             None => {
                 entries.push(ManagedEntry {

@@ -66,6 +66,8 @@ pub struct SkippedRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CelTrace {
     pub evaluated: usize,
+    /// Distinct rule texts that ran to a verdict.
+    pub rules_run: std::collections::BTreeSet<String>,
     pub skipped: Vec<SkippedRule>,
 }
 
@@ -425,7 +427,7 @@ impl Validator {
             }
         }
         match schema.get("format").and_then(Value::as_str) {
-            Some("int32") if i32::try_from(value.as_i64().unwrap_or(i64::MAX)).is_err() => {
+            Some("int32") if !(f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&n) => {
                 self.invalid(
                     path,
                     value,
@@ -728,9 +730,13 @@ impl Validator {
                 None
             };
             match evaluate_rule(source, value, old_binding.as_ref()) {
-                Ok(true) => self.trace.evaluated += 1,
+                Ok(true) => {
+                    self.trace.evaluated += 1;
+                    self.trace.rules_run.insert(source.to_string());
+                }
                 Ok(false) => {
                     self.trace.evaluated += 1;
+                    self.trace.rules_run.insert(source.to_string());
                     let message = rule
                         .get("messageExpression")
                         .and_then(Value::as_str)
@@ -1059,7 +1065,19 @@ fn schema_error(errors: &mut Vec<FieldError>, path: String, reason: &'static str
     });
 }
 
+/// Inside junctors only `type: integer`/`type: string` under `x-kubernetes-int-or-string` is allowed
+/// (the `anyOf: [{type: integer}, {type: string}]` idiom generators emit).
 fn check_node(node: &Value, at: &str, in_junctor: bool, errors: &mut Vec<FieldError>) {
+    check_node_with(node, at, in_junctor, false, errors)
+}
+
+fn check_node_with(
+    node: &Value,
+    at: &str,
+    in_junctor: bool,
+    int_or_string_parent: bool,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(map) = node.as_object() else {
         schema_error(errors, at.to_string(), INVALID, "must be a schema object");
         return;
@@ -1085,7 +1103,10 @@ fn check_node(node: &Value, at: &str, in_junctor: bool, errors: &mut Vec<FieldEr
             "x-kubernetes-int-or-string",
             "x-kubernetes-validations",
         ] {
-            if map.contains_key(key) {
+            let int_or_string_type = key == "type"
+                && int_or_string_parent
+                && matches!(schema_type(node), Some("integer" | "string"));
+            if map.contains_key(key) && !int_or_string_type {
                 schema_error(
                     errors,
                     format!("{at}.{key}"),
@@ -1243,7 +1264,13 @@ fn check_node(node: &Value, at: &str, in_junctor: bool, errors: &mut Vec<FieldEr
     for junctor in ["allOf", "anyOf", "oneOf"] {
         if let Some(subs) = map.get(junctor).and_then(Value::as_array) {
             for (i, sub) in subs.iter().enumerate() {
-                check_node(sub, &format!("{at}.{junctor}[{i}]"), true, errors);
+                check_node_with(
+                    sub,
+                    &format!("{at}.{junctor}[{i}]"),
+                    true,
+                    int_or_string,
+                    errors,
+                );
             }
         }
     }
@@ -1416,6 +1443,34 @@ mod tests {
             check_crd_schema(&json!({"type": "string"}))[0].path,
             "openAPIV3Schema.type"
         );
+    }
+
+    #[test]
+    fn int_or_string_any_of_idiom_is_structural() {
+        let schema = json!({"type": "object", "properties": {"port": {
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [{"type": "integer"}, {"type": "string"}]}}});
+        assert!(
+            check_crd_schema(&schema).is_empty(),
+            "{:?}",
+            check_crd_schema(&schema)
+        );
+        for ok in [json!(8080), json!("http")] {
+            let mut object = json!({"port": ok});
+            assert!(validate_and_prune(&schema, &mut object, None)
+                .errors
+                .is_empty());
+        }
+        let mut object = json!({"port": [1]});
+        let outcome = validate_and_prune(&schema, &mut object, None);
+        assert_eq!(reasons(&outcome), vec![("port".to_string(), TYPE_INVALID)]);
+        let int32 =
+            json!({"type": "object", "properties": {"n": {"type": "integer", "format": "int32"}}});
+        assert!(validate_and_prune(&int32, &mut json!({"n": 5.0}), None)
+            .errors
+            .is_empty());
+        let outcome = validate_and_prune(&int32, &mut json!({"n": 2_147_483_648i64}), None);
+        assert_eq!(reasons(&outcome), vec![("n".to_string(), INVALID)]);
     }
 
     #[test]
