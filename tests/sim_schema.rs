@@ -633,6 +633,12 @@ fn keyword_schema_rejects_each_violation() {
         ("any", json!("xy"), "spec.any", "FieldValueInvalid"),
         ("any", json!("x"), "spec.any", "FieldValueInvalid"),
         ("maybe", json!(3), "spec.maybe", "FieldValueTypeInvalid"),
+        (
+            "unique",
+            json!([1, "x"]),
+            "spec.unique[1]",
+            "FieldValueTypeInvalid",
+        ),
         ("high", json!(0.5), "spec.low", "FieldValueForbidden"),
     ];
     for (field, value, path, reason) in cases {
@@ -652,23 +658,33 @@ fn keyword_schema_rejects_each_violation() {
         );
     }
 
-    // Required, null on a non-nullable field, too many properties and pruning under additionalProperties: false.
+    // Required, pruning under additionalProperties: false, and nulls: a non-nullable null is
+    // dropped, or defaulted when the field has a default; a nullable null stays.
     let mut object = valid_keyword_object();
     object["spec"].as_object_mut().map(|s| s.remove("name"));
     object["spec"]["closed"] = json!({"x": 1});
     object["spec"]["count"] = Value::Null;
+    object["spec"]["mode"] = Value::Null;
     let outcome = validate_and_prune(&schema, &mut object, None);
     let found: Vec<(&str, &str)> = outcome
         .errors
         .iter()
         .map(|e| (e.path.as_str(), e.reason))
         .collect();
-    assert_eq!(
-        found,
-        vec![
-            ("spec.name", "FieldValueRequired"),
-            ("spec.count", "FieldValueTypeInvalid")
-        ]
-    );
+    assert_eq!(found, vec![("spec.name", "FieldValueRequired")]);
     assert_eq!(outcome.pruned_fields, vec!["spec.closed.x"]);
+    assert!(object["spec"].get("count").is_none());
+    assert_eq!(object["spec"]["mode"], "Safe");
+    assert_eq!(object["spec"]["maybe"], Value::Null);
+
+    // A null list item is not dropped: it is a type error.
+    let mut object = valid_keyword_object();
+    object["spec"]["tags"] = json!(["a", null]);
+    let outcome = validate_and_prune(&schema, &mut object, None);
+    let found: Vec<(&str, &str)> = outcome
+        .errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason))
+        .collect();
+    assert_eq!(found, vec![("spec.tags[1]", "FieldValueTypeInvalid")]);
 }

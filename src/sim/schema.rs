@@ -161,18 +161,33 @@ fn prune(
             let preserve = flag(schema, "x-kubernetes-preserve-unknown-fields");
             let embedded = flag(schema, "x-kubernetes-embedded-resource");
             let mut unknown = Vec::new();
+            let mut dropped_nulls = Vec::new();
             for (key, child) in map.iter_mut() {
                 let child_at = child_path(path, key);
                 if (keeps_type_meta || embedded) && is_root_meta_field(key) {
                     continue;
                 }
-                if let Some(child_schema) = properties.and_then(|p| p.get(key)) {
-                    prune(child_schema, child, &child_at, false, pruned);
-                } else if let Some(additional_schema) = additional.filter(|a| a.is_object()) {
-                    prune(additional_schema, child, &child_at, false, pruned);
-                } else if !(preserve || additional == Some(&Value::Bool(true))) {
-                    unknown.push(key.clone());
+                let known = properties
+                    .and_then(|p| p.get(key))
+                    .or_else(|| additional.filter(|a| a.is_object()));
+                match known {
+                    // Like kube-apiserver: a null the schema does not allow and cannot default
+                    // is dropped silently (clients serialising `None` as null are common).
+                    Some(child_schema) if child.is_null() => {
+                        if !flag(child_schema, "nullable") && child_schema.get("default").is_none()
+                        {
+                            dropped_nulls.push(key.clone());
+                        }
+                    }
+                    Some(child_schema) => prune(child_schema, child, &child_at, false, pruned),
+                    None if !(preserve || additional == Some(&Value::Bool(true))) => {
+                        unknown.push(key.clone());
+                    }
+                    None => {}
                 }
+            }
+            for key in dropped_nulls {
+                map.remove(&key);
             }
             for key in unknown {
                 map.remove(&key);
