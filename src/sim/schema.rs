@@ -173,12 +173,14 @@ fn prune(
                 match known {
                     // Like kube-apiserver: a null the schema does not allow and cannot default
                     // is dropped silently (clients serialising `None` as null are common).
-                    Some(child_schema) if child.is_null() => {
-                        if !flag(child_schema, "nullable") && child_schema.get("default").is_none()
-                        {
-                            dropped_nulls.push(key.clone());
-                        }
+                    Some(child_schema)
+                        if child.is_null()
+                            && !flag(child_schema, "nullable")
+                            && child_schema.get("default").is_none() =>
+                    {
+                        dropped_nulls.push(key.clone());
                     }
+                    Some(_) if child.is_null() => {}
                     Some(child_schema) => prune(child_schema, child, &child_at, false, pruned),
                     None if !(preserve || additional == Some(&Value::Bool(true))) => {
                         unknown.push(key.clone());
