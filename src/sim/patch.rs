@@ -389,7 +389,7 @@ fn strategic_merge_map(
             {
                 strategic_merge_map(orig, p, path, schema)?.map(Value::Object)
             }
-            (None, Value::Object(p)) => {
+            (_, Value::Object(p)) => {
                 strategic_merge_map(Map::new(), p, path, schema)?.map(Value::Object)
             }
             (orig, Value::Array(p)) => {
@@ -921,6 +921,20 @@ fn api_version_of(object: &Value) -> String {
         .to_string()
 }
 
+/// Whether a live map-list item is the one an applied item names. A key the applied item leaves
+/// out matches anything: the server fills such keys with defaults after the merge.
+fn same_list_item(live_item: &Value, applied_item: &Value, map_keys: &[String]) -> bool {
+    let mut named_by_some_key = false;
+    for key in map_keys {
+        match (applied_item.get(key), live_item.get(key)) {
+            (Some(applied), Some(live)) if applied == live => named_by_some_key = true,
+            (None, _) => {}
+            _ => return false,
+        }
+    }
+    named_by_some_key
+}
+
 /// Merges an applied configuration into the live object: maps merged, lists per [`ListStrategy`].
 fn merge_applied(
     live: &mut Value,
@@ -934,10 +948,6 @@ fn merge_applied(
         {
             for (k, v) in applied_map {
                 if path.len() == 1 && path[0] == "metadata" && k == "managedFields" {
-                    continue;
-                }
-                if v.is_null() {
-                    live_map.remove(k);
                     continue;
                 }
                 path.push(k.clone());
@@ -954,12 +964,9 @@ fn merge_applied(
             match schema.list_strategy(&path_refs(path)) {
                 ListStrategy::Map(map_keys) => {
                     for item in applied_items {
-                        let key = item_key(item, &map_keys);
-                        let existing = key.as_ref().and_then(|k| {
-                            live_items
-                                .iter_mut()
-                                .find(|it| item_key(it, &map_keys).as_ref() == Some(k))
-                        });
+                        let existing = live_items
+                            .iter_mut()
+                            .find(|live_item| same_list_item(live_item, item, &map_keys));
                         match existing {
                             Some(e) => merge_applied(e, item, path, schema),
                             None => live_items.push(item.clone()),
@@ -980,6 +987,19 @@ fn merge_applied(
     }
 }
 
+fn strip_null_fields(value: &Value) -> Value {
+    match value {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), strip_null_fields(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(strip_null_fields).collect()),
+        other => other.clone(),
+    }
+}
+
 /// Server-side apply of `applied` (an apply configuration) onto `current` (None on create).
 pub fn server_side_apply(
     current: Option<&Value>,
@@ -997,6 +1017,8 @@ pub fn server_side_apply(
             "fieldManager is required for apply requests".into(),
         ));
     }
+    // A null in an apply configuration says nothing about the field: it is neither set nor owned.
+    let applied = &strip_null_fields(applied);
     let live = current
         .cloned()
         .unwrap_or_else(|| Value::Object(Map::new()));
@@ -1760,5 +1782,74 @@ mod tests {
         }
         let mut weird = json!({"metadata": {"managedFields": [{"manager": 1}, "x", {"manager": "m", "fieldsV1": 3}]}});
         record_update(Some(&json!(7)), &mut weird, "m", NOW, None);
+    }
+
+    #[test]
+    fn apply_matches_items_whose_defaulted_keys_it_leaves_out() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "ports": {"type": "array", "x-kubernetes-list-type": "map",
+                      "x-kubernetes-list-map-keys": ["port", "protocol"],
+                      "items": {"type": "object", "properties": {
+                          "port": {"type": "integer"}, "protocol": {"type": "string", "default": "TCP"},
+                          "name": {"type": "string"}}}}}}}});
+        let s = MergeSchema::Structural(&schema);
+        let live = json!({"apiVersion": "x/v1", "kind": "K", "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}});
+        let applied = json!({"apiVersion": "x/v1", "kind": "K", "spec": {"ports": [{"port": 80, "name": "http"}]}});
+        let out = server_side_apply(Some(&live), &applied, &apply_opts("m", false), &s).unwrap();
+        assert_eq!(
+            out["spec"]["ports"],
+            json!([{"port": 80, "protocol": "TCP", "name": "http"}])
+        );
+    }
+
+    fn arbitrary_json(with_lists: bool) -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-5i64..5).prop_map(|n| json!(n)),
+            "[a-c]{0,2}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, move |inner| {
+            let max_list = if with_lists { 3 } else { 1 };
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..max_list).prop_map(move |items| {
+                    if with_lists {
+                        Value::Array(items)
+                    } else {
+                        Value::String("no-list".into())
+                    }
+                }),
+                proptest::collection::btree_map("[a-d]", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arbitrary_object(with_lists: bool) -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        proptest::collection::btree_map("[a-d]", arbitrary_json(with_lists), 0..4)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Without lists or directives, a strategic merge patch is a JSON merge patch.
+        #[test]
+        fn strategic_merge_without_lists_is_merge_patch(current in arbitrary_object(false), patch in arbitrary_object(false)) {
+            let merge = apply_patch(PatchType::Merge, &current, &patch, &MergeSchema::Unknown).unwrap();
+            let strategic = apply_patch(PatchType::StrategicMerge, &current, &patch, &MergeSchema::Unknown).unwrap();
+            proptest::prop_assert_eq!(merge, strategic);
+        }
+
+        /// Applying the same configuration twice changes nothing, managedFields included.
+        #[test]
+        fn apply_is_idempotent(spec in arbitrary_object(true)) {
+            let config = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": spec});
+            let once = server_side_apply(None, &config, &apply_opts("m", false), &MergeSchema::Unknown).unwrap();
+            let twice = server_side_apply(Some(&once), &config, &apply_opts("m", false), &MergeSchema::Unknown).unwrap();
+            proptest::prop_assert_eq!(once, twice);
+        }
     }
 }
