@@ -677,6 +677,23 @@ fn keyword_schema_rejects_each_violation() {
     assert_eq!(object["spec"]["mode"], "Safe");
     assert_eq!(object["spec"]["maybe"], Value::Null);
 
+    // An embedded resource needs its type meta.
+    let mut object = valid_keyword_object();
+    object["spec"]["embedded"] = json!({"metadata": {"name": "c"}, "spec": {}});
+    let outcome = validate_and_prune(&schema, &mut object, None);
+    let found: Vec<(&str, &str)> = outcome
+        .errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.reason))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("spec.embedded.apiVersion", "FieldValueRequired"),
+            ("spec.embedded.kind", "FieldValueRequired")
+        ]
+    );
+
     // A null list item is not dropped: it is a type error.
     let mut object = valid_keyword_object();
     object["spec"]["tags"] = json!(["a", null]);

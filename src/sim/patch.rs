@@ -1000,12 +1000,26 @@ fn strip_null_fields(value: &Value) -> Value {
     }
 }
 
-/// Server-side apply of `applied` (an apply configuration) onto `current` (None on create).
+/// Server-side apply of `applied` (an apply configuration) onto `current` (None on create), on
+/// the main resource. The caller drops `status` from the configuration first when the resource
+/// has a status subresource, as kube-apiserver does.
 pub fn server_side_apply(
     current: Option<&Value>,
     applied: &Value,
     options: &ApplyOptions<'_>,
     schema: &MergeSchema<'_>,
+) -> Result<Value, PatchError> {
+    server_side_apply_to(current, applied, options, schema, None)
+}
+
+/// Server-side apply to a subresource (`Some("status")`) or the main resource (`None`). On the
+/// status subresource only `status` is applied and owned, in an entry marked `subresource: status`.
+pub fn server_side_apply_to(
+    current: Option<&Value>,
+    applied: &Value,
+    options: &ApplyOptions<'_>,
+    schema: &MergeSchema<'_>,
+    subresource: Option<&str>,
 ) -> Result<Value, PatchError> {
     if !applied.is_object() {
         return Err(PatchError::MalformedPatch(
@@ -1018,13 +1032,21 @@ pub fn server_side_apply(
         ));
     }
     // A null in an apply configuration says nothing about the field: it is neither set nor owned.
-    let applied = &strip_null_fields(applied);
+    let mut applied = strip_null_fields(applied);
+    if subresource == Some("status") {
+        if let Value::Object(config) = &mut applied {
+            config.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "status"));
+        }
+    }
+    let applied = &applied;
     let live = current
         .cloned()
         .unwrap_or_else(|| Value::Object(Map::new()));
     let mut entries = read_managed(current);
     let is_applier = |e: &ManagedEntry| {
-        e.manager == options.field_manager && e.operation == "Apply" && e.subresource.is_none()
+        e.manager == options.field_manager
+            && e.operation == "Apply"
+            && e.subresource.as_deref() == subresource
     };
 
     let applied_set = fields_of(applied, schema);
@@ -1104,7 +1126,7 @@ pub fn server_side_apply(
     let mut new_entry = ManagedEntry {
         manager: options.field_manager.to_string(),
         operation: "Apply".into(),
-        subresource: None,
+        subresource: subresource.map(str::to_string),
         api_version,
         time: options.now.to_string(),
         fields: applied_set,
@@ -1782,6 +1804,55 @@ mod tests {
         }
         let mut weird = json!({"metadata": {"managedFields": [{"manager": 1}, "x", {"manager": "m", "fieldsV1": 3}]}});
         record_update(Some(&json!(7)), &mut weird, "m", NOW, None);
+    }
+
+    #[test]
+    fn status_apply_owns_only_status() {
+        let created = server_side_apply(
+            None,
+            &applied_deployment("app:1", false),
+            &apply_opts("kubectl", false),
+            &DEPLOYMENT,
+        )
+        .unwrap();
+        let status_config = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": 9}, "status": {"replicas": 2, "conditions": [{"type": "Available", "status": "True"}]}});
+        let out = server_side_apply_to(
+            Some(&created),
+            &status_config,
+            &apply_opts("controller", true),
+            &DEPLOYMENT,
+            Some("status"),
+        )
+        .unwrap();
+        assert_eq!(
+            out["spec"]["replicas"], 2,
+            "spec is not written through status"
+        );
+        assert_eq!(out["status"]["replicas"], 2);
+        let entry = managed_for(&out, "controller").unwrap();
+        assert_eq!(entry["subresource"], "status");
+        assert_eq!(
+            entry["fieldsV1"],
+            json!({"f:status": {"f:replicas": {}, "f:conditions": {"k:{\"type\":\"Available\"}": {".": {}, "f:type": {}, "f:status": {}}}}})
+        );
+        // The main-resource apply entry of the same manager name is separate.
+        let again = server_side_apply(
+            Some(&out),
+            &applied_deployment("app:1", false),
+            &apply_opts("controller", false),
+            &DEPLOYMENT,
+        )
+        .unwrap();
+        let entries = again["metadata"]["managedFields"].as_array().unwrap();
+        assert_eq!(
+            entries
+                .iter()
+                .filter(|e| e["manager"] == "controller")
+                .count(),
+            2
+        );
+        assert_eq!(again["status"]["replicas"], 2);
     }
 
     #[test]

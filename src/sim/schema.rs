@@ -640,6 +640,21 @@ impl Validator {
         let properties = schema.get("properties").and_then(Value::as_object);
         let additional = schema.get("additionalProperties");
         let embedded = flag(schema, "x-kubernetes-embedded-resource");
+        if embedded {
+            for type_meta in ["apiVersion", "kind"] {
+                let present = map
+                    .get(type_meta)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty());
+                if !present {
+                    self.push(
+                        &child_path(path, type_meta),
+                        REQUIRED,
+                        "Required value: must not be empty".into(),
+                    );
+                }
+            }
+        }
         for (key, child) in map {
             if (is_root || embedded) && key == "metadata" {
                 continue;
