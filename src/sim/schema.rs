@@ -1012,10 +1012,11 @@ fn evaluate_message(source: &str, value: &Value, old: Option<&OldSelf<'_>>) -> O
     }
 }
 
-/// Every CEL rule in a schema, with its schema location, and whether it compiles.
+/// Every CEL rule in a schema, with its schema location (as in [`check_crd_schema`]), and
+/// whether it compiles.
 pub fn cel_rules(schema: &Value) -> Vec<(String, String, Result<(), CelRuleError>)> {
     let mut out = Vec::new();
-    collect_rules(schema, "openAPIV3Schema", &mut out);
+    collect_rules(schema, "", &mut out);
     out
 }
 
@@ -1053,11 +1054,12 @@ fn collect_rules(
 
 const KNOWN_TYPES: [&str; 6] = ["object", "array", "string", "integer", "number", "boolean"];
 
-/// Structural-schema basics kube-apiserver checks when a CRD is created. Paths are relative to
-/// the version's schema, e.g. `openAPIV3Schema.properties[spec].type`.
+/// Structural-schema basics kube-apiserver checks when a CRD is created. Paths continue the
+/// version's `...schema.openAPIV3Schema` path: `.properties[spec].type`, `.type` for the root, and
+/// `""` for the schema itself.
 pub fn check_crd_schema(schema: &Value) -> Vec<FieldError> {
     let mut errors = Vec::new();
-    let root = "openAPIV3Schema";
+    let root = "";
     if !schema.is_object() {
         errors.push(FieldError {
             path: root.into(),
@@ -1440,25 +1442,13 @@ mod tests {
         let errors = check_crd_schema(&bad);
         let found: Vec<(&str, &str)> = errors.iter().map(|e| (e.path.as_str(), e.reason)).collect();
         for expected in [
-            ("openAPIV3Schema.properties[spec].type", REQUIRED),
-            (
-                "openAPIV3Schema.properties[spec].properties[a].$ref",
-                FORBIDDEN,
-            ),
-            ("openAPIV3Schema.properties[list].items", REQUIRED),
-            (
-                "openAPIV3Schema.properties[pick].additionalProperties",
-                FORBIDDEN,
-            ),
-            (
-                "openAPIV3Schema.properties[keyed].x-kubernetes-list-map-keys",
-                REQUIRED,
-            ),
-            (
-                "openAPIV3Schema.properties[either].anyOf[0].type",
-                FORBIDDEN,
-            ),
-            ("openAPIV3Schema.properties[odd].type", NOT_SUPPORTED),
+            (".properties[spec].type", REQUIRED),
+            (".properties[spec].properties[a].$ref", FORBIDDEN),
+            (".properties[list].items", REQUIRED),
+            (".properties[pick].additionalProperties", FORBIDDEN),
+            (".properties[keyed].x-kubernetes-list-map-keys", REQUIRED),
+            (".properties[either].anyOf[0].type", FORBIDDEN),
+            (".properties[odd].type", NOT_SUPPORTED),
         ] {
             assert!(
                 found.contains(&expected),
@@ -1473,7 +1463,7 @@ mod tests {
         .is_empty());
         assert_eq!(
             check_crd_schema(&json!({"type": "string"}))[0].path,
-            "openAPIV3Schema.type"
+            ".type"
         );
     }
 
