@@ -1147,6 +1147,8 @@ pub fn server_side_apply_to(
 
 /// Maintains the `Update` managedFields entry of `field_manager` for a PUT or non-apply patch:
 /// the leaf fields that changed between `old` and `new` become that manager's (and leave others).
+/// List knowledge comes from the built-in table for `new`'s kind; custom resources should use
+/// [`record_update_with_schema`] so Update and Apply entries name list items the same way.
 pub fn record_update(
     old: Option<&Value>,
     new: &mut Value,
@@ -1154,7 +1156,37 @@ pub fn record_update(
     now: &str,
     subresource: Option<&str>,
 ) {
-    let schema = MergeSchema::builtin_for(new);
+    let api_version = api_version_of(new);
+    let kind = new
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let group = api_version
+        .rsplit_once('/')
+        .map(|(g, _)| g)
+        .unwrap_or("")
+        .to_string();
+    let schema = if kind.is_empty() {
+        MergeSchema::Unknown
+    } else {
+        MergeSchema::Builtin {
+            group: &group,
+            kind: &kind,
+        }
+    };
+    record_update_with_schema(old, new, field_manager, now, subresource, &schema);
+}
+
+/// [`record_update`] with explicit list-merge knowledge (a CRD's structural schema).
+pub fn record_update_with_schema(
+    old: Option<&Value>,
+    new: &mut Value,
+    field_manager: &str,
+    now: &str,
+    subresource: Option<&str>,
+    schema: &MergeSchema<'_>,
+) {
     let mut new_for_fields = new.clone();
     if let Some(meta) = new_for_fields
         .get_mut("metadata")
@@ -1162,7 +1194,7 @@ pub fn record_update(
     {
         meta.remove("managedFields");
     }
-    let mut new_set = fields_of(&new_for_fields, &schema);
+    let mut new_set = fields_of(&new_for_fields, schema);
     if subresource == Some("status") {
         new_set.retain(|k, _| k == "f:status");
     }
@@ -1172,7 +1204,11 @@ pub fn record_update(
 
     let changed: Vec<FieldPath> = leaves(&new_set)
         .into_iter()
-        .filter(|leaf| value_at(old_object, leaf) != value_at(&new_for_fields, leaf))
+        .filter(|leaf| match leaf.last().map(String::as_str) {
+            // A list item is "changed" by appearing, not by edits to its fields.
+            Some(".") => value_at(old_object, leaf).is_none(),
+            _ => value_at(old_object, leaf) != value_at(&new_for_fields, leaf),
+        })
         .collect();
     let gone: Vec<FieldPath> = entries
         .iter()
@@ -1853,6 +1889,38 @@ mod tests {
             2
         );
         assert_eq!(again["status"]["replicas"], 2);
+    }
+
+    #[test]
+    fn update_entries_of_custom_resources_follow_the_structural_schema() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "routes": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                       "items": {"type": "object", "properties": {"name": {"type": "string"}, "weight": {"type": "integer"}}}}}}}});
+        let s = MergeSchema::Structural(&schema);
+        let config = json!({"apiVersion": "x.dev/v1", "kind": "Route", "metadata": {"name": "r"},
+            "spec": {"routes": [{"name": "stable", "weight": 100}, {"name": "canary", "weight": 0}]}});
+        let applied = server_side_apply(None, &config, &apply_opts("gitops", false), &s).unwrap();
+        let mut shifted = applied.clone();
+        shifted["spec"]["routes"][1]["weight"] = json!(10);
+        record_update_with_schema(Some(&applied), &mut shifted, "serin", NOW, None, &s);
+        let serin = managed_for(&shifted, "serin").unwrap();
+        assert_eq!(
+            serin["fieldsV1"],
+            json!({"f:spec": {"f:routes": {"k:{\"name\":\"canary\"}": {"f:weight": {}}}}})
+        );
+        // The applier now conflicts on exactly that weight.
+        let err = server_side_apply(Some(&shifted), &config, &apply_opts("gitops", false), &s)
+            .unwrap_err();
+        let PatchError::ApplyConflict { conflicts } = err else {
+            panic!("expected a conflict");
+        };
+        assert_eq!(
+            conflicts,
+            vec![(
+                "serin".to_string(),
+                ".spec.routes[name=\"canary\"].weight".to_string()
+            )]
+        );
     }
 
     #[test]
