@@ -810,6 +810,17 @@ fn remove_at(object: &mut Value, path: &[String]) {
     }
 }
 
+/// `[..., k:{"name":"x"}, f:name]`: the field is part of the item's identity.
+fn is_item_key_field(leaf: &[String]) -> bool {
+    let [.., item_step, last] = leaf else {
+        return false;
+    };
+    match (parse_item_key(item_step), last.strip_prefix("f:")) {
+        (Some(key), Some(field)) => key.contains_key(field),
+        _ => false,
+    }
+}
+
 /// Renders a field path the way kube-apiserver names conflicting fields: `.spec.containers[name="app"].image`.
 fn display_path(path: &[String]) -> String {
     let mut out = String::new();
@@ -1106,10 +1117,12 @@ pub fn server_side_apply_to(
         .into_iter()
         .filter(|leaf| !owned_elsewhere(leaf))
         .collect();
-    // Deeper paths first so list items go after their fields were considered.
-    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    // Whole list items go first, while their key fields still identify them; a key field of an
+    // item that stays is never removed on its own.
+    let is_item = |leaf: &FieldPath| leaf.last().map(String::as_str) == Some(".");
+    dropped.sort_by_key(|leaf| !is_item(leaf));
     for leaf in dropped {
-        if leaf.last().map(String::as_str) == Some(".") {
+        if is_item(&leaf) {
             let item_prefix = &leaf[..leaf.len() - 1];
             let still_used = others
                 .iter()
@@ -1118,6 +1131,8 @@ pub fn server_side_apply_to(
             if still_used {
                 continue;
             }
+        } else if is_item_key_field(&leaf) {
+            continue;
         }
         remove_at(&mut result, &leaf);
     }
@@ -1536,6 +1551,51 @@ mod tests {
     }
 
     #[test]
+    fn strategic_merge_metadata_status_and_service_lists() {
+        let service = MergeSchema::Builtin {
+            group: "",
+            kind: "Service",
+        };
+        let current = json!({
+            "metadata": {"ownerReferences": [{"uid": "u1", "name": "a"}]},
+            "spec": {"ports": [{"port": 80, "name": "http"}, {"port": 443, "name": "https"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}]}
+        });
+        let out = apply_patch(
+            PatchType::StrategicMerge,
+            &current,
+            &json!({
+                "metadata": {"ownerReferences": [{"uid": "u2", "name": "b"}]},
+                "spec": {"ports": [{"port": 80, "targetPort": 8080}, {"port": 443, "$patch": "delete"}]},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "True"}]}
+            }),
+            &service,
+        )
+        .unwrap();
+        assert_eq!(
+            out["metadata"]["ownerReferences"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(
+            out["spec"]["ports"],
+            json!([{"port": 80, "name": "http", "targetPort": 8080}])
+        );
+        assert_eq!(
+            out["status"]["conditions"],
+            json!([{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "True"}])
+        );
+        // A merge-keyed item without its key is a malformed patch.
+        let err = apply_patch(
+            PatchType::StrategicMerge,
+            &current,
+            &json!({"spec": {"ports": [{"name": "x"}]}}),
+            &service,
+        )
+        .unwrap_err();
+        assert_eq!(err.http_status(), 400);
+    }
+
+    #[test]
     fn strategic_merge_unknown_lists_replace() {
         let out = apply_patch(
             PatchType::StrategicMerge,
@@ -1921,6 +1981,47 @@ mod tests {
                 ".spec.routes[name=\"canary\"].weight".to_string()
             )]
         );
+    }
+
+    #[test]
+    fn apply_keeps_items_another_manager_still_owns_fields_of() {
+        let first = server_side_apply(
+            None,
+            &applied_deployment("app:1", true),
+            &apply_opts("alice", false),
+            &DEPLOYMENT,
+        )
+        .unwrap();
+        let sidecar_env = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"template": {"spec": {"containers": [{"name": "sidecar", "env": [{"name": "X", "value": "1"}]}]}}}});
+        let shared = server_side_apply(
+            Some(&first),
+            &sidecar_env,
+            &apply_opts("bob", false),
+            &DEPLOYMENT,
+        )
+        .unwrap();
+        let dropped = server_side_apply(
+            Some(&shared),
+            &applied_deployment("app:1", false),
+            &apply_opts("alice", false),
+            &DEPLOYMENT,
+        )
+        .unwrap();
+        let containers = dropped["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        assert_eq!(
+            containers.len(),
+            2,
+            "bob still owns the sidecar item: {containers:?}"
+        );
+        assert_eq!(containers[1]["name"], "sidecar", "the key field stays");
+        assert!(
+            containers[1].get("image").is_none(),
+            "alice's field of it goes"
+        );
+        assert_eq!(containers[1]["env"][0]["name"], "X");
     }
 
     #[test]
