@@ -1301,9 +1301,7 @@ async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
     sim.shutdown().await;
 }
 
-/// Needs the real `src/sim/schema.rs` (pruning and validation) from the patch/schema branch.
 #[tokio::test]
-#[ignore = "needs src/sim/schema.rs from the patch/schema branch; run with --ignored after merge"]
 async fn upstream_crd_objects_are_pruned_and_validated() {
     let (sim, client) = start().await;
     apply_upstream_crds(&client).await;

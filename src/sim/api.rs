@@ -382,6 +382,18 @@ fn map_patch_error(error: PatchError, target: &Target, name: &str) -> ApiError {
     }
 }
 
+/// How the patch engine merges lists of this resource: compiled-in for built-ins, the CRD's schema otherwise.
+fn merge_schema(target: &Target) -> MergeSchema<'_> {
+    match (target.info.custom, target.info.schemas.get(&target.version)) {
+        (true, Some(schema)) => MergeSchema::Structural(schema),
+        (true, None) => MergeSchema::Unknown,
+        (false, _) => MergeSchema::Builtin {
+            group: &target.info.group,
+            kind: &target.info.kind,
+        },
+    }
+}
+
 /// Deletion policy for dependents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Propagation {
@@ -781,7 +793,14 @@ impl ApiState {
         if target.info.key() == CRD_KEY {
             self.prepare_crd(target, &name, object)?;
         }
-        patch::record_update(None, object, &input.field_manager(), &now, None);
+        patch::record_update_with_schema(
+            None,
+            object,
+            &input.field_manager(),
+            &now,
+            None,
+            &merge_schema(target),
+        );
         if input.dry_run() {
             return Ok((object.clone(), warnings));
         }
@@ -1026,12 +1045,13 @@ impl ApiState {
         if target.info.key() == CRD_KEY && !on_status {
             self.prepare_crd(target, name, &mut new)?;
         }
-        patch::record_update(
+        patch::record_update_with_schema(
             Some(current),
             &mut new,
             &input.field_manager(),
             &now_rfc3339(),
             target.subresource.as_deref(),
+            &merge_schema(target),
         );
         let served = |value: Value| ApiState::served_value(&target.info, &target.version, value);
         if without_volatile_metadata(&new) == without_volatile_metadata(current) {
