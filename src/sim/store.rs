@@ -1,7 +1,7 @@
 //! The object store: compact serialized objects, one global resourceVersion, and a bounded window of
 //! committed events that watches read in commit order.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -63,6 +63,8 @@ pub struct StoreInner {
     pub resource_version: u64,
     objects: HashMap<String, BTreeMap<ObjectKey, StoredObject>>,
     by_uid: HashMap<Arc<str>, (String, String, String)>,
+    /// owner uid -> objects whose ownerReferences name it, so garbage collection need not scan everything.
+    dependents: HashMap<Arc<str>, BTreeSet<(String, String, String)>>,
     events: VecDeque<Event>,
     window: usize,
     /// Highest resourceVersion whose event has been dropped from the window.
@@ -146,15 +148,21 @@ impl StoreInner {
 
     /// Objects anywhere whose ownerReferences name `uid`.
     pub fn dependents_of(&self, uid: &str) -> Vec<(String, String, String)> {
-        let mut found = Vec::new();
-        for (resource_key, objects) in &self.objects {
-            for ((namespace, name), object) in objects {
-                if object.owner_uids.iter().any(|owner| &**owner == uid) {
-                    found.push((resource_key.clone(), namespace.clone(), name.clone()));
+        self.dependents
+            .get(uid)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn unlink_owners(&mut self, owners: &[Arc<str>], location: &(String, String, String)) {
+        for owner in owners {
+            if let Some(set) = self.dependents.get_mut(owner) {
+                set.remove(location);
+                if set.is_empty() {
+                    self.dependents.remove(owner);
                 }
             }
         }
-        found
     }
 
     pub fn namespaced_keys(&self, namespace: &str) -> Vec<(String, String)> {
@@ -229,6 +237,20 @@ impl StoreInner {
                 name.to_string(),
             ),
         );
+        let location = (
+            resource_key.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        if let Some(previous) = &previous {
+            self.unlink_owners(&previous.owner_uids, &location);
+        }
+        for owner in &stored.owner_uids {
+            self.dependents
+                .entry(owner.clone())
+                .or_default()
+                .insert(location.clone());
+        }
         let event_type = if previous.is_some() {
             EventType::Modified
         } else {
@@ -257,6 +279,12 @@ impl StoreInner {
         let key = (namespace.to_string(), name.to_string());
         let removed = self.objects.get_mut(resource_key)?.remove(&key)?;
         self.by_uid.remove(&removed.uid);
+        let location = (
+            resource_key.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        self.unlink_owners(&removed.owner_uids, &location);
         self.resource_version += 1;
         let resource_version = self.resource_version;
         let json = match serde_json::from_slice::<Value>(&removed.json) {
@@ -396,5 +424,27 @@ mod tests {
         assert_eq!(removed.resource_version, 6);
         assert!(inner.get("/configmaps", "default", "o1").is_none());
         assert_eq!(inner.locate_uid("uid-o1"), None);
+
+        let mut child = object("child");
+        child["metadata"]["ownerReferences"] = json!([{"uid": "uid-o2"}]);
+        inner
+            .put("/pods", "default", "child", child.clone())
+            .unwrap();
+        assert_eq!(
+            inner.dependents_of("uid-o2"),
+            vec![(
+                "/pods".to_string(),
+                "default".to_string(),
+                "child".to_string()
+            )]
+        );
+        child["metadata"]["ownerReferences"] = json!([{"uid": "uid-o3"}]);
+        inner.put("/pods", "default", "child", child).unwrap();
+        assert!(
+            inner.dependents_of("uid-o2").is_empty(),
+            "re-pointed owner reference unlinks the old owner"
+        );
+        inner.remove("/pods", "default", "child");
+        assert!(inner.dependents_of("uid-o3").is_empty());
     }
 }
