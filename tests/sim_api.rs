@@ -891,6 +891,29 @@ async fn watch_of_a_compacted_version_streams_410_expired() {
         }
         other => panic!("expected 410, got {other:?}"),
     }
+
+    // A continue token from before the window moved past it is answered 410 Expired too.
+    let first_page = api.list(&ListParams::default().limit(2)).await.unwrap();
+    let token = first_page.metadata.continue_.unwrap();
+    let fresh = api
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(fresh.items.len(), 2, "a fresh token still pages");
+    for index in 0..10 {
+        api.create(
+            &PostParams::default(),
+            &config_map(&format!("later{index}"), &[], "x"),
+        )
+        .await
+        .unwrap();
+    }
+    let (code, reason) = api_error(
+        api.list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (410, "Expired"));
     sim.shutdown().await;
 }
 
