@@ -1,0 +1,1 @@
+//! Simulated client traffic: splits virtual requests over ready pods the way routing objects say.
