@@ -22,7 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodSpec, PodStatus, PodTemplateSpec,
+    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus, PodTemplateSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, ObjectMeta, OwnerReference, Time,
@@ -463,7 +463,7 @@ pub fn pod_from_replicaset(rs: &ReplicaSet, name: String) -> Pod {
             }]),
             ..Default::default()
         },
-        spec: Some(template.spec.unwrap_or_else(PodSpec::default)),
+        spec: Some(template.spec.unwrap_or_default()),
         status: None,
     }
 }
@@ -503,7 +503,7 @@ pub fn plan_replicaset(
         create = (0..(desired - effective).min(MAX_BURST))
             .map(|_| pod_from_replicaset(rs, format!("{}-{}", rs.name_any(), new_name())))
             .collect();
-    } else if effective > desired && remaining.len() > 0 {
+    } else if effective > desired && !remaining.is_empty() {
         let excess = (effective - desired).min(remaining.len()).min(MAX_BURST);
         delete = scale_down_order(&remaining)
             .into_iter()
@@ -657,7 +657,11 @@ async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Workl
 
 /// Deleted pods never get another reconcile, so their runtime entries are swept now and then.
 fn forget_departed_pods(ctx: &Context) {
-    if ctx.kubelet_reconciles.fetch_add(1, Ordering::Relaxed) % 1024 != 0 {
+    if !ctx
+        .kubelet_reconciles
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(1024)
+    {
         return;
     }
     let live: std::collections::HashSet<String> = ctx
@@ -1036,7 +1040,7 @@ impl Drop for WorkloadSimulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::Container;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
 
     fn ts(second: i64) -> Timestamp {
         Timestamp::from_second(second).unwrap_or(Timestamp::UNIX_EPOCH)
