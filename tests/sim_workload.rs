@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -813,6 +813,50 @@ async fn metrics_text_exposes_the_series_with_their_labels() -> TestResult {
             text.contains(r#"le="0.025""#) && text.contains(r#"le="10.0""#),
             "{text}"
         );
+        h.stop().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deployment_gets_a_replicaset_per_template_and_a_status() -> TestResult {
+    with_timeout(async {
+        let h = Harness::start().await?;
+        let deployments = Api::<Deployment>::namespaced(h.client.clone(), NS);
+        let deployment: Deployment = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}, "annotations": {"sim.serin.dev/ready-after": "0s"}},
+                    "spec": {"containers": [{"name": "app", "image": "web:1"}]}}}
+        }))?;
+        deployments.create(&PostParams::default(), &deployment).await?;
+        let rs_api = Api::<ReplicaSet>::namespaced(h.client.clone(), NS);
+        let first = h
+            .eventually("the deployment to be ready", Duration::from_secs(20), || async {
+                let d = deployments.get("web").await.ok()?;
+                let s = d.status?;
+                (s.ready_replicas == Some(2) && s.updated_replicas == Some(2)).then_some(())?;
+                let sets = rs_api.list(&ListParams::default()).await.ok()?.items;
+                (sets.len() == 1).then(|| sets[0].clone())
+            })
+            .await?;
+        let hash = first.labels().get("pod-template-hash").cloned().unwrap_or_default();
+        assert!(!hash.is_empty() && first.name_any() == format!("web-{hash}"));
+        let pods = h.pods_of(&first.name_any()).await?;
+        assert!(pods.len() == 2 && pods.iter().all(|p| p.labels().get("pod-template-hash") == Some(&hash)));
+        deployments
+            .patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "web:2"}]}}}})))
+            .await?;
+        h.eventually("a second ReplicaSet to take over", Duration::from_secs(20), || async {
+            let sets = rs_api.list(&ListParams::default()).await.ok()?.items;
+            let old = sets.iter().find(|rs| rs.name_any() == first.name_any())?;
+            let new = sets.iter().find(|rs| rs.name_any() != first.name_any())?;
+            let ready = |rs: &ReplicaSet| rs.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+            (old.spec.replicas == Some(0) && ready(new) == 2 && h.pods_of(&old.name_any()).await.ok()?.is_empty()).then_some(())
+        })
+        .await?;
         h.stop().await;
         Ok(())
     })

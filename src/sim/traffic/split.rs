@@ -105,6 +105,8 @@ pub struct ClusterSnapshot {
     pods: Vec<ReadyPod>,
     /// (namespace, label key, label value) -> indexes into `pods`.
     pods_by_label: HashMap<(String, String, String), Vec<usize>>,
+    /// (namespace, name) -> index into `pods`.
+    pods_by_name: HashMap<(String, String), usize>,
     services: BTreeMap<(String, String), ServiceInfo>,
     http_routes: Vec<RoutingObject>,
     virtual_services: Vec<RoutingObject>,
@@ -148,6 +150,9 @@ impl ClusterSnapshot {
                     .or_default()
                     .push(index);
             }
+            snapshot
+                .pods_by_name
+                .insert((namespace.clone(), pod.name_any()), index);
             snapshot.pods.push(ReadyPod {
                 namespace,
                 name: pod.name_any(),
@@ -180,9 +185,9 @@ impl ClusterSnapshot {
 
     /// The response behaviour of a pod that [`split`] routed to.
     pub fn profile(&self, pod: &PodRef) -> ResponseProfile {
-        self.pods
-            .iter()
-            .find(|p| p.namespace == pod.namespace && p.name == pod.pod)
+        self.pods_by_name
+            .get(&(pod.namespace.clone(), pod.pod.clone()))
+            .and_then(|i| self.pods.get(*i))
             .map(|p| p.profile.clone())
             .unwrap_or_default()
     }
