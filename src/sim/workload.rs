@@ -13,12 +13,12 @@
 //! | `sim.serin.dev/latency-p99`         | `"300ms"` | traffic simulator: 99th percentile response time (default 50ms) |
 //! | `sim.serin.dev/requests-per-second` | `"50"`    | on a Service or routing object: its request rate                |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
@@ -29,13 +29,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use rand::Rng;
 use serde_json::json;
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Pod-template annotation: how long after start the pod turns Ready (e.g. `"2s"`).
 pub const ANNOTATION_READY_AFTER: &str = "sim.serin.dev/ready-after";
@@ -91,6 +91,8 @@ pub enum WorkloadError {
     WriteReplicaSet { name: String, source: kube::Error },
     #[error("writing status of deployment {name}: {source}")]
     WriteDeploymentStatus { name: String, source: kube::Error },
+    #[error("a reconcile panicked")]
+    ReconcilePanicked,
     #[error("encoding {0}: {1}")]
     Encode(&'static str, serde_json::Error),
 }
@@ -106,6 +108,7 @@ impl WorkloadError {
             WorkloadError::WriteReplicaSetStatus { .. } => "write_replicaset_status",
             WorkloadError::WriteReplicaSet { .. } => "write_replicaset",
             WorkloadError::WriteDeploymentStatus { .. } => "write_deployment_status",
+            WorkloadError::ReconcilePanicked => "reconcile_panicked",
             WorkloadError::Encode(..) => "encode",
         }
     }
@@ -585,6 +588,7 @@ struct Context {
     config: WorkloadConfig,
     pods: Store<Pod>,
     replicasets: Store<ReplicaSet>,
+    deployments: Store<Deployment>,
     expectations: Mutex<HashMap<String, Expectations>>,
     runtimes: Mutex<HashMap<String, PodRuntime>>,
     next_ip: AtomicU32,
@@ -605,7 +609,7 @@ fn missing(kind: &str, meta: &ObjectMeta) -> WorkloadError {
     WorkloadError::MissingMetadata(format!("{kind} {}", meta.name.clone().unwrap_or_default()))
 }
 
-async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, WorkloadError> {
+async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Requeue, WorkloadError> {
     let (Some(ns), Some(name), Some(uid)) = (
         pod.metadata.namespace.clone(),
         pod.metadata.name.clone(),
@@ -616,7 +620,7 @@ async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Workl
     forget_departed_pods(&ctx);
     if !is_pod_active(&pod) {
         lock(&ctx.runtimes).remove(&uid);
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let now = Timestamp::now();
     let runtime = {
@@ -648,11 +652,9 @@ async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Workl
             .await
             .map_err(|source| WorkloadError::WritePodStatus { name, source })?;
     }
-    Ok(Action::requeue(
-        next_change.map_or(ctx.config.resync, |d| {
-            d.min(ctx.config.resync) + Duration::from_millis(5)
-        }),
-    ))
+    Ok(Some(next_change.map_or(ctx.config.resync, |d| {
+        d.min(ctx.config.resync) + Duration::from_millis(5)
+    })))
 }
 
 /// Deleted pods never get another reconcile, so their runtime entries are swept now and then.
@@ -683,12 +685,12 @@ fn forget_departed_pods(ctx: &Context) {
 async fn reconcile_replicaset(
     rs: Arc<ReplicaSet>,
     ctx: Arc<Context>,
-) -> Result<Action, WorkloadError> {
+) -> Result<Requeue, WorkloadError> {
     let (Some(ns), Some(uid)) = (rs.metadata.namespace.clone(), rs.metadata.uid.clone()) else {
         return Err(missing("replicaset", &rs.metadata));
     };
     if rs.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     ctx.pods
         .wait_until_ready()
@@ -783,7 +785,7 @@ async fn reconcile_replicaset(
         return Err(error);
     }
     let resync = ctx.config.resync;
-    Ok(Action::requeue(plan.requeue_after.map_or(resync, |d| {
+    Ok(Some(plan.requeue_after.map_or(resync, |d| {
         (d + Duration::from_millis(5)).min(resync)
     })))
 }
@@ -846,7 +848,7 @@ pub fn replicaset_for_deployment(deployment: &Deployment) -> Option<ReplicaSet> 
 async fn reconcile_deployment(
     deployment: Arc<Deployment>,
     ctx: Arc<Context>,
-) -> Result<Action, WorkloadError> {
+) -> Result<Requeue, WorkloadError> {
     let (Some(ns), Some(uid)) = (
         deployment.metadata.namespace.clone(),
         deployment.metadata.uid.clone(),
@@ -854,10 +856,10 @@ async fn reconcile_deployment(
         return Err(missing("deployment", &deployment.metadata));
     };
     if deployment.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let Some(wanted) = replicaset_for_deployment(&deployment) else {
-        return Ok(Action::await_change());
+        return Ok(None);
     };
     ctx.replicasets
         .wait_until_ready()
@@ -946,7 +948,7 @@ async fn reconcile_deployment(
                 source,
             })?;
     }
-    Ok(Action::requeue(ctx.config.resync))
+    Ok(Some(ctx.config.resync))
 }
 
 async fn scale_replicaset(
@@ -967,9 +969,140 @@ async fn scale_replicaset(
     })
 }
 
-fn retry_soon<K>(_: Arc<K>, error: &WorkloadError, _: Arc<Context>) -> Action {
-    tracing::debug!(%error, category = error.category(), "workload simulator will retry");
-    Action::requeue(Duration::from_millis(500))
+/// When to look at an object again by itself; None: only when it changes.
+type Requeue = Option<Duration>;
+/// (namespace, name) of an object.
+type Key = (String, String);
+
+/// Reconciles at most this many objects of one kind at once.
+const CONCURRENCY: usize = 32;
+/// A failed reconcile is retried this soon.
+const RETRY: Duration = Duration::from_millis(500);
+
+fn key_of(meta: &ObjectMeta) -> Option<Key> {
+    Some((meta.namespace.clone()?, meta.name.clone()?))
+}
+
+fn controller_key(meta: &ObjectMeta, kind: &str) -> Option<Key> {
+    let owner = meta
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true) && r.kind == kind)?;
+    Some((meta.namespace.clone()?, owner.name.clone()))
+}
+
+/// Mirrors a watch into a store and calls `route` with every object it changes, after the store
+/// has it: a reconcile triggered from here always reads at least that version.
+async fn feed<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    route: impl Fn(&K) + Send + 'static,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|event| {
+            if let Ok(
+                watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o),
+            ) = &event
+            {
+                route(o);
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// A work queue like controller-runtime's: a key runs at most once at a time (a key sent while it runs
+/// runs again afterwards), each reconcile's requeue replaces the key's previous timer, errors retry.
+async fn run_queue<F, Fut>(mut keys: mpsc::UnboundedReceiver<Key>, reconcile: F)
+where
+    F: Fn(Key) -> Fut,
+    Fut: std::future::Future<Output = Result<Requeue, WorkloadError>> + Send + 'static,
+{
+    let mut queued: VecDeque<Key> = VecDeque::new();
+    let mut waiting: HashSet<Key> = HashSet::new();
+    let mut running: HashSet<Key> = HashSet::new();
+    let mut dirty_while_running: HashSet<Key> = HashSet::new();
+    let mut timers: BTreeSet<(tokio::time::Instant, Key)> = BTreeSet::new();
+    let mut deadline: HashMap<Key, tokio::time::Instant> = HashMap::new();
+    let mut tasks: JoinSet<(Key, Result<Requeue, WorkloadError>)> = JoinSet::new();
+    let mut open = true;
+    loop {
+        while tasks.len() < CONCURRENCY {
+            let Some(key) = queued.pop_front() else { break };
+            waiting.remove(&key);
+            running.insert(key.clone());
+            let run = reconcile(key.clone());
+            tasks.spawn(async move {
+                let outcome = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+                (
+                    key,
+                    outcome.unwrap_or(Err(WorkloadError::ReconcilePanicked)),
+                )
+            });
+        }
+        if !open && tasks.is_empty() && queued.is_empty() && timers.is_empty() {
+            return;
+        }
+        let next_timer = timers.first().map(|(at, _)| *at);
+        let mut ready: Vec<Key> = Vec::new();
+        tokio::select! {
+            key = keys.recv(), if open => match key {
+                Some(key) => ready.push(key),
+                None => open = false,
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok((key, result)) = done else { continue };
+                running.remove(&key);
+                let after = match result {
+                    Ok(after) => after,
+                    Err(error) => {
+                        tracing::debug!(%error, category = error.category(), "workload simulator will retry");
+                        Some(RETRY)
+                    }
+                };
+                if let Some(old) = deadline.remove(&key) {
+                    timers.remove(&(old, key.clone()));
+                }
+                if let Some(after) = after {
+                    let at = tokio::time::Instant::now() + after;
+                    deadline.insert(key.clone(), at);
+                    timers.insert((at, key.clone()));
+                }
+                if dirty_while_running.remove(&key) {
+                    ready.push(key);
+                }
+            },
+            _ = tokio::time::sleep_until(next_timer.unwrap_or_else(tokio::time::Instant::now)), if next_timer.is_some() => {
+                let now = tokio::time::Instant::now();
+                while let Some((at, key)) = timers.first().cloned() {
+                    if at > now {
+                        break;
+                    }
+                    timers.remove(&(at, key.clone()));
+                    deadline.remove(&key);
+                    ready.push(key);
+                }
+            },
+        }
+        for key in ready {
+            if running.contains(&key) {
+                dirty_while_running.insert(key);
+            } else if waiting.insert(key.clone()) {
+                queued.push_back(key);
+            }
+        }
+    }
 }
 
 /// The simulated ReplicaSet and Deployment controllers plus kubelet, running until [`shutdown`](Self::shutdown).
@@ -979,42 +1112,90 @@ pub struct WorkloadSimulator {
 
 impl WorkloadSimulator {
     pub fn spawn(client: Client, config: WorkloadConfig) -> WorkloadSimulator {
-        let pods_api = Api::<Pod>::all(client.clone());
-        let rs_api = Api::<ReplicaSet>::all(client.clone());
-        let kubelet = Controller::new(pods_api.clone(), watcher::Config::default());
-        let rs_controller = Controller::new(rs_api.clone(), watcher::Config::default())
-            .owns(pods_api, watcher::Config::default());
-        let deployment_controller = Controller::new(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(rs_api, watcher::Config::default());
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (replicasets, rs_writer) = reflector::store::<ReplicaSet>();
+        let (deployments, deployment_writer) = reflector::store::<Deployment>();
+        let (pod_keys, pod_queue) = mpsc::unbounded_channel::<Key>();
+        let (rs_keys, rs_queue) = mpsc::unbounded_channel::<Key>();
+        let (deployment_keys, deployment_queue) = mpsc::unbounded_channel::<Key>();
         let ctx = Arc::new(Context {
-            client,
+            client: client.clone(),
             config,
-            pods: kubelet.store(),
-            replicasets: rs_controller.store(),
+            pods,
+            replicasets,
+            deployments,
             expectations: Mutex::default(),
             runtimes: Mutex::default(),
             next_ip: AtomicU32::new(0),
             kubelet_reconciles: AtomicU64::new(1),
         });
+        let to_rs = rs_keys.clone();
+        let pod_feed = feed(
+            Api::<Pod>::all(client.clone()),
+            pod_writer,
+            move |pod: &Pod| {
+                if let Some(key) = key_of(&pod.metadata) {
+                    let _ = pod_keys.send(key);
+                }
+                if let Some(owner) = controller_key(&pod.metadata, "ReplicaSet") {
+                    let _ = to_rs.send(owner);
+                }
+            },
+        );
+        let to_deployments = deployment_keys.clone();
+        let rs_feed = feed(
+            Api::<ReplicaSet>::all(client.clone()),
+            rs_writer,
+            move |rs: &ReplicaSet| {
+                if let Some(key) = key_of(&rs.metadata) {
+                    let _ = rs_keys.send(key);
+                }
+                if let Some(owner) = controller_key(&rs.metadata, "Deployment") {
+                    let _ = to_deployments.send(owner);
+                }
+            },
+        );
+        let deployment_feed = feed(
+            Api::<Deployment>::all(client),
+            deployment_writer,
+            move |d: &Deployment| {
+                if let Some(key) = key_of(&d.metadata) {
+                    let _ = deployment_keys.send(key);
+                }
+            },
+        );
+        let (kubelet_ctx, rs_ctx, deployment_ctx) = (ctx.clone(), ctx.clone(), ctx);
         let tasks = vec![
-            tokio::spawn(
-                kubelet
-                    .run(reconcile_pod, retry_soon, ctx.clone())
-                    .for_each(|_| futures::future::ready(())),
-            ),
-            tokio::spawn(
-                rs_controller
-                    .run(reconcile_replicaset, retry_soon, ctx.clone())
-                    .for_each(|_| futures::future::ready(())),
-            ),
-            tokio::spawn(
-                deployment_controller
-                    .run(reconcile_deployment, retry_soon, ctx)
-                    .for_each(|_| futures::future::ready(())),
-            ),
+            tokio::spawn(pod_feed),
+            tokio::spawn(rs_feed),
+            tokio::spawn(deployment_feed),
+            tokio::spawn(run_queue(pod_queue, move |key| {
+                let ctx = kubelet_ctx.clone();
+                async move {
+                    match ctx.pods.get(&ObjectRef::new(&key.1).within(&key.0)) {
+                        Some(pod) => reconcile_pod(pod, ctx).await,
+                        None => Ok(None),
+                    }
+                }
+            })),
+            tokio::spawn(run_queue(rs_queue, move |key| {
+                let ctx = rs_ctx.clone();
+                async move {
+                    match ctx.replicasets.get(&ObjectRef::new(&key.1).within(&key.0)) {
+                        Some(rs) => reconcile_replicaset(rs, ctx).await,
+                        None => Ok(None),
+                    }
+                }
+            })),
+            tokio::spawn(run_queue(deployment_queue, move |key| {
+                let ctx = deployment_ctx.clone();
+                async move {
+                    match ctx.deployments.get(&ObjectRef::new(&key.1).within(&key.0)) {
+                        Some(d) => reconcile_deployment(d, ctx).await,
+                        None => Ok(None),
+                    }
+                }
+            })),
         ];
         WorkloadSimulator { tasks }
     }
