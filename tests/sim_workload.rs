@@ -445,6 +445,42 @@ async fn scale_down_deletes_not_ready_pods_first_then_the_newest() -> TestResult
 }
 
 #[tokio::test]
+async fn a_deleted_pod_is_replaced() -> TestResult {
+    with_timeout(async {
+        let h = Harness::start().await?;
+        h.create_rs(
+            "web-v1",
+            2,
+            "v1",
+            json!({"sim.serin.dev/ready-after": "0s"}),
+            0,
+        )
+        .await?;
+        let first = h
+            .eventually("2 ready pods", Duration::from_secs(20), || async {
+                let pods = h.pods_of("web-v1").await.ok()?;
+                (pods.len() == 2 && pods.iter().all(is_ready))
+                    .then(|| pods.iter().map(|p| p.name_any()).collect::<Vec<_>>())
+            })
+            .await?;
+        Api::<Pod>::namespaced(h.client.clone(), NS)
+            .delete(&first[0], &Default::default())
+            .await?;
+        h.eventually("a replacement", Duration::from_secs(10), || async {
+            let pods = h.pods_of("web-v1").await.ok()?;
+            (pods.len() == 2
+                && pods.iter().all(is_ready)
+                && !pods.iter().any(|p| p.name_any() == first[0]))
+            .then_some(())
+        })
+        .await?;
+        h.stop().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn never_ready_and_crash_loop_pods_never_turn_ready() -> TestResult {
     with_timeout(async {
         let h = Harness::start().await?;
