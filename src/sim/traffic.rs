@@ -37,6 +37,8 @@ pub use split::{split, ClusterSnapshot, EntryPoint, PodRef, Routed, RoutingObjec
 pub const DURATION_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// The content type to serve [`TrafficSimulator::metrics_text`] with.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// How far back [`TrafficSimulator::recent_share`] can look.
 const HISTORY: Duration = Duration::from_secs(120);
 /// After a stall (a suspended laptop, a starved runtime) do not fire a burst of requests.

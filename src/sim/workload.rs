@@ -467,7 +467,11 @@ pub fn pod_from_replicaset(rs: &ReplicaSet, name: String) -> Pod {
             ..Default::default()
         },
         spec: Some(template.spec.unwrap_or_default()),
-        status: None,
+        // What kube-apiserver sets on create; the simulated kubelet takes it from there.
+        status: Some(PodStatus {
+            phase: Some("Pending".to_string()),
+            ..Default::default()
+        }),
     }
 }
 
