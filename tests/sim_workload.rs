@@ -670,6 +670,23 @@ async fn http_route_weights_split_between_services() -> TestResult {
         )
         .await?;
         h.expect_shares(&[("v1", 0.9), ("v2", 0.1)]).await?;
+        // Header routing: 20% of requests carry X-Canary: always and go to the canary rule.
+        Api::<DynamicObject>::namespaced_with(h.client.clone(), NS, &routes)
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({
+                    "metadata": {"annotations": {"sim.serin.dev/header-traffic": "X-Canary=always:0.2"}},
+                    "spec": {"rules": [
+                        {"backendRefs": [
+                            {"name": "web-stable", "port": 80, "weight": 90},
+                            {"name": "web-canary", "port": 80, "weight": 10}]},
+                        {"matches": [{"headers": [{"name": "X-Canary", "value": "always"}]}],
+                         "backendRefs": [{"name": "web-canary", "port": 80}]}]}
+                })),
+            )
+            .await?;
+        h.expect_shares(&[("v1", 0.72), ("v2", 0.28)]).await?;
         h.stop().await;
         Ok(())
     })
