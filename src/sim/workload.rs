@@ -1498,6 +1498,50 @@ mod tests {
         assert_eq!(hash, pod_template_hash(&template));
     }
 
+    #[tokio::test]
+    async fn work_queue_runs_a_key_once_at_a_time_and_honours_requeues() {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (keys, queue) = mpsc::unbounded_channel::<Key>();
+        let counted = runs.clone();
+        let worker = tokio::spawn(run_queue(queue, move |_key| {
+            let runs = counted.clone();
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The second run asks to come back once more, then waits for changes.
+                Ok(if n == 2 {
+                    Some(Duration::from_millis(10))
+                } else {
+                    None
+                })
+            }
+        }));
+        let key: Key = ("ns".into(), "a".into());
+        for _ in 0..5 {
+            assert!(keys.send(key.clone()).is_ok());
+        }
+        // One run, then one more for the events that arrived while it ran, then the requeue.
+        let settled = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..200 {
+                if runs.load(Ordering::SeqCst) >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(settled.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        drop(keys);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), worker)
+                .await
+                .is_ok(),
+            "queue ends when its senders are gone"
+        );
+    }
+
     #[test]
     fn fake_ips_are_unique_and_well_formed() {
         let ips: std::collections::HashSet<String> = (0..70_000).map(ip_from_counter).collect();
