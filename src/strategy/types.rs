@@ -1,0 +1,153 @@
+//! The planner's inputs and outputs: the observed snapshot, the actions to apply, and the plan.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+use crate::crd::analysis::AnalysisRunSpec;
+use crate::crd::{AnalysisPhase, RolloutStatus};
+use crate::traffic::{DesiredTraffic, ObservedTraffic};
+
+/// Everything the planner may look at besides the Rollout itself, read in one pass by the controller.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// ReplicaSets owned by the Rollout (by controller ownerReference), in any order.
+    pub replica_sets: Vec<ObservedReplicaSet>,
+    /// Services the spec names (stable, canary, active, preview), by name. A name missing from the map
+    /// does not exist in the cluster.
+    pub services: BTreeMap<String, ObservedService>,
+    /// The traffic router's view, when the spec configures one: `Ok` with what it observed, or `Err` with
+    /// why it cannot route (the route or Ingress is missing, it does not reference the Services, ...).
+    pub traffic: Option<Result<ObservedTraffic, String>>,
+    /// AnalysisRuns owned by the Rollout.
+    pub analysis_runs: Vec<ObservedAnalysisRun>,
+    /// Analysis templates the spec references, by reference: the template's spec, or why it cannot be used.
+    pub analysis_templates: BTreeMap<TemplateKey, Result<crate::crd::AnalysisTemplateSpec, String>>,
+}
+
+/// A ReplicaSet as the planner needs to see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObservedReplicaSet {
+    pub name: String,
+    /// Value of its `serin.dev/pod-template-hash` label.
+    pub pod_template_hash: String,
+    /// Value of its `serin.dev/revision` annotation.
+    pub revision: i64,
+    /// `spec.replicas`.
+    pub spec_replicas: i32,
+    /// `status.replicas`.
+    pub replicas: i32,
+    /// `status.readyReplicas`.
+    pub ready_replicas: i32,
+    /// `status.availableReplicas`.
+    pub available_replicas: i32,
+    /// `status.observedGeneration == metadata.generation`: the counts above describe the current spec.
+    pub status_current: bool,
+    /// It has a deletionTimestamp.
+    pub deleting: bool,
+}
+
+/// A Service the spec names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObservedService {
+    pub name: String,
+    /// `spec.selector`.
+    pub selector: BTreeMap<String, String>,
+}
+
+/// What an AnalysisRun is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnalysisPurpose {
+    /// A canary `analysis` step, by step index.
+    Step(i32),
+    /// Background analysis of a canary.
+    Background,
+    /// Blue-green analysis before the switch.
+    PrePromotion,
+    /// Blue-green analysis after the switch.
+    PostPromotion,
+}
+
+/// An AnalysisRun owned by the Rollout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedAnalysisRun {
+    pub name: String,
+    pub purpose: AnalysisPurpose,
+    /// Pod-template hash of the revision it measures.
+    pub pod_template_hash: String,
+    /// `status.phase` (Pending when absent).
+    pub phase: AnalysisPhase,
+    /// `status.message`.
+    pub message: Option<String>,
+    /// `spec.terminate` is set.
+    pub terminating: bool,
+}
+
+/// A reference to an analysis template: name and whether it is cluster-scoped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TemplateKey {
+    pub name: String,
+    pub cluster_scope: bool,
+}
+
+/// One change to the cluster. The controller applies a plan's actions in order and stops at the first
+/// failure, so the planner puts them in the safe order (weight before selectors before scale-down).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create the ReplicaSet of a pod-template hash.
+    CreateReplicaSet {
+        name: String,
+        pod_template_hash: String,
+        revision: i64,
+        replicas: i32,
+        template: Box<PodTemplateSpec>,
+    },
+    /// Change `spec.replicas` of a ReplicaSet.
+    ScaleReplicaSet { name: String, replicas: i32 },
+    /// Change the revision annotation of an existing ReplicaSet (a template that comes back).
+    SetRevision { name: String, revision: i64 },
+    /// Delete an old ReplicaSet (history pruning).
+    DeleteReplicaSet { name: String },
+    /// Pin a Service's selector to a pod-template hash, or (None) to the Rollout's own selector only.
+    SetServiceSelector {
+        service: String,
+        pod_template_hash: Option<String>,
+    },
+    /// Make the traffic router carry these weights and routes.
+    SetTraffic(DesiredTraffic),
+    /// Create an AnalysisRun.
+    CreateAnalysisRun {
+        name: String,
+        purpose: AnalysisPurpose,
+        pod_template_hash: String,
+        spec: Box<AnalysisRunSpec>,
+    },
+    /// Ask a running AnalysisRun to stop.
+    TerminateAnalysisRun { name: String },
+    /// Delete an AnalysisRun of an old revision.
+    DeleteAnalysisRun { name: String },
+}
+
+/// An event to record about a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// One of [`crate::crd::reason`].
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the planner decided.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Plan {
+    /// Changes to apply, in order.
+    pub actions: Vec<Action>,
+    /// The status to write (written only if it differs from the current one).
+    pub status: RolloutStatus,
+    /// Events to record, one per decision.
+    pub events: Vec<PlannedEvent>,
+    /// Reconcile again after this long even if nothing changes (pause durations, delays, deadlines).
+    pub requeue_after: Option<Duration>,
+}
