@@ -10,6 +10,8 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod traffic;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
