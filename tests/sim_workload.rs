@@ -14,19 +14,17 @@ use kube::api::{
 };
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
-use serin::sim::traffic::{TrafficConfig, TrafficSimulator};
-use serin::sim::workload::{WorkloadConfig, WorkloadSimulator};
+use serin::sim::traffic::TrafficSimulator;
 use serin::sim::{SimCluster, SimConfig};
 
 const NS: &str = "default";
-const SIM_USER: &str = "system:serin-sim";
+const SIM_USER: &str = serin::sim::SIMULATOR_USER;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 struct Harness {
     sim: SimCluster,
     client: Client,
-    workload: WorkloadSimulator,
     traffic: TrafficSimulator,
 }
 
@@ -38,20 +36,18 @@ impl Harness {
         })
         .await?;
         let client = sim.client().await?;
-        let sim_client = sim.client_as(SIM_USER).await?;
-        let workload = WorkloadSimulator::spawn(sim_client.clone(), WorkloadConfig::default());
-        let traffic = TrafficSimulator::spawn(sim_client, TrafficConfig::default());
+        let traffic = sim
+            .traffic()
+            .ok_or("the sim runs its traffic simulator")?
+            .clone();
         Ok(Harness {
             sim,
             client,
-            workload,
             traffic,
         })
     }
 
     async fn stop(self) {
-        self.traffic.shutdown().await;
-        self.workload.shutdown().await;
         self.sim.shutdown().await;
     }
 
