@@ -581,7 +581,9 @@ impl Leadership {
             renewer.abort();
             let _ = renewer.await;
         }
-        self.shared.lose("released");
+        // Fence first: nothing may write on our behalf once we start giving the lease away.
+        self.shared.set_valid_until(SystemTime::UNIX_EPOCH);
+        self.shared.lost.cancel();
         let namespace = self.config.lease_namespace.clone();
         let limit = self.config.renew_deadline;
         // A renewal aborted mid-flight can still land and bump the version: a conflict means read again.
