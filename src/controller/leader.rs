@@ -551,7 +551,11 @@ async fn keep_renewing(
     }
 }
 
-/// Proof of holding the Lease. Dropping it stops renewing without giving the Lease up (as a crash would);
+/// Proof of holding the Lease. The controller runs its reconcilers only while it has one, hands
+/// `lost()` to every write so in-flight writes are cancelled the moment the Lease is gone, and exits when
+/// `lost()` fires so it restarts clean as a candidate.
+///
+/// Dropping it stops renewing without giving the Lease up (as a crash would);
 /// `release` gives it up so another replica takes over at once.
 pub struct Leadership {
     api: Api<Lease>,
