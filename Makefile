@@ -24,3 +24,7 @@ demo: deps
 # Regenerates crds/ from the Rust types.
 crds:
 	SERIN_UPDATE_CRDS=1 $(CARGO) test --test crds
+
+# Refreshes the chart's copy of crds/ and the plain manifests in deploy/ from charts/serin.
+chart:
+	SERIN_UPDATE_DEPLOY=1 $(CARGO) test --test chart

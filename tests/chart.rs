@@ -53,10 +53,16 @@ fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
     command
         .args(args)
         .current_dir(repo())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
     if let Some(input) = stdin {
         use std::io::Write;
         let mut pipe = child.stdin.take().expect("stdin is piped");
@@ -72,7 +78,13 @@ fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
 
 /// `helm template` of the chart with extra arguments: the rendered YAML, or helm's error output.
 fn helm_template(extra: &[&str]) -> Result<String, String> {
-    let mut args = vec!["template", RELEASE, "charts/serin", "--namespace", RELEASE_NAMESPACE];
+    let mut args = vec![
+        "template",
+        RELEASE,
+        "charts/serin",
+        "--namespace",
+        RELEASE_NAMESPACE,
+    ];
     args.extend_from_slice(extra);
     let outcome = run(&tool("helm"), &args, None);
     if outcome.success {
@@ -109,7 +121,8 @@ const EVERYTHING_ON: &[&str] = &[
 fn documents(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
         .map(|doc| {
-            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("valid YAML");
+            let value =
+                <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("valid YAML");
             serde_json::to_value(value).expect("YAML maps to JSON")
         })
         .filter(|doc| !doc.is_null())
@@ -130,12 +143,20 @@ fn of_kind<'a>(docs: &'a [Value], wanted: &str) -> Vec<&'a Value> {
 
 fn one_of_kind<'a>(docs: &'a [Value], wanted: &str) -> &'a Value {
     let found = of_kind(docs, wanted);
-    assert_eq!(found.len(), 1, "exactly one {wanted} expected, found {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one {wanted} expected, found {}",
+        found.len()
+    );
     found[0]
 }
 
 fn strings(value: &Value) -> Vec<&str> {
-    value.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 
 /// Runs kubernetes-validate in strict mode over the documents; panics with its report when one fails.
@@ -151,20 +172,37 @@ fn validate_against_kubernetes_schemas(docs: &[&Value], what: &str) {
     let file = file.to_string_lossy().into_owned();
     let outcome = run(
         &tool("kubernetes-validate"),
-        &["--strict", "--kubernetes-version", KUBERNETES_VERSION, &file],
+        &[
+            "--strict",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            &file,
+        ],
         None,
     );
     let report = format!("{}{}", outcome.stdout, outcome.stderr);
-    assert!(outcome.success, "{what}: kubernetes-validate --strict failed:\n{report}");
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert_eq!(passed, docs.len(), "{what}: every object must be validated, not skipped:\n{report}");
+    assert!(
+        outcome.success,
+        "{what}: kubernetes-validate --strict failed:\n{report}"
+    );
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert_eq!(
+        passed,
+        docs.len(),
+        "{what}: every object must be validated, not skipped:\n{report}"
+    );
 }
 
 /// Objects kubernetes-validate has schemas for: everything except custom resources of other projects. The
 /// ServiceMonitor is a Prometheus Operator CRD, not part of Kubernetes, so there is no schema to check it
 /// against; Serin's own CRDs (CustomResourceDefinition objects) are built-in and are validated.
 fn kubernetes_kinds(docs: &[Value]) -> Vec<&Value> {
-    docs.iter().filter(|d| kind(d) != "ServiceMonitor").collect()
+    docs.iter()
+        .filter(|d| kind(d) != "ServiceMonitor")
+        .collect()
 }
 
 #[test]
@@ -173,7 +211,11 @@ fn helm_lint_passes_in_strict_mode() {
         let mut args = vec!["lint", "--strict", "charts/serin"];
         args.extend_from_slice(values);
         let outcome = run(&tool("helm"), &args, None);
-        assert!(outcome.success, "helm lint {values:?}:\n{}{}", outcome.stdout, outcome.stderr);
+        assert!(
+            outcome.success,
+            "helm lint {values:?}:\n{}{}",
+            outcome.stdout, outcome.stderr
+        );
     }
 }
 
@@ -192,7 +234,10 @@ fn rendered_objects_pass_strict_kubernetes_schema_validation() {
         "Service",
         "PodDisruptionBudget",
     ] {
-        assert!(kinds.contains(wanted), "default render has a {wanted}: {kinds:?}");
+        assert!(
+            kinds.contains(wanted),
+            "default render has a {wanted}: {kinds:?}"
+        );
     }
     validate_against_kubernetes_schemas(&kubernetes_kinds(&default), "default values");
 
@@ -223,14 +268,22 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
         "secret",
     ];
     for volume in pod["volumes"].as_array().into_iter().flatten() {
-        let types: Vec<&String> = volume.as_object().into_iter().flat_map(|o| o.keys()).filter(|k| *k != "name").collect();
+        let types: Vec<&String> = volume
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .filter(|k| *k != "name")
+            .collect();
         if types.iter().any(|t| !allowed_volumes.contains(&t.as_str())) {
             violations.push(format!("volume type {types:?} is not allowed"));
         }
     }
     let pod_context = &pod["securityContext"];
     let seccomp_ok = |context: &Value| {
-        matches!(context["seccompProfile"]["type"].as_str(), Some("RuntimeDefault") | Some("Localhost"))
+        matches!(
+            context["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault") | Some("Localhost")
+        )
     };
     let containers = ["initContainers", "containers", "ephemeralContainers"]
         .iter()
@@ -246,16 +299,22 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
         if context["allowPrivilegeEscalation"].as_bool() != Some(false) {
             violations.push(format!("{name}: allowPrivilegeEscalation must be false"));
         }
-        let run_as_non_root = context["runAsNonRoot"].as_bool().or(pod_context["runAsNonRoot"].as_bool());
+        let run_as_non_root = context["runAsNonRoot"]
+            .as_bool()
+            .or(pod_context["runAsNonRoot"].as_bool());
         if run_as_non_root != Some(true) {
             violations.push(format!("{name}: runAsNonRoot must be true"));
         }
-        let user = context["runAsUser"].as_i64().or(pod_context["runAsUser"].as_i64());
+        let user = context["runAsUser"]
+            .as_i64()
+            .or(pod_context["runAsUser"].as_i64());
         if user == Some(0) {
             violations.push(format!("{name}: runAsUser is 0"));
         }
         if !seccomp_ok(context) && !seccomp_ok(pod_context) {
-            violations.push(format!("{name}: seccompProfile must be RuntimeDefault or Localhost"));
+            violations.push(format!(
+                "{name}: seccompProfile must be RuntimeDefault or Localhost"
+            ));
         }
         if !strings(&context["capabilities"]["drop"]).contains(&"ALL") {
             violations.push(format!("{name}: capabilities must drop ALL"));
@@ -301,7 +360,10 @@ fn the_restricted_profile_check_catches_what_it_must() {
         "SYS_ADMIN",
         "hostPort",
     ] {
-        assert!(violations.iter().any(|v| v.contains(expected)), "{expected} in {violations:?}");
+        assert!(
+            violations.iter().any(|v| v.contains(expected)),
+            "{expected} in {violations:?}"
+        );
     }
 }
 
@@ -321,10 +383,16 @@ fn the_controller_pod_meets_the_restricted_pod_security_standard() {
         assert_eq!(context["capabilities"]["drop"], json!(["ALL"]));
         assert_eq!(context["seccompProfile"]["type"], json!("RuntimeDefault"));
         assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
-        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], json!("RuntimeDefault"));
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            json!("RuntimeDefault")
+        );
         for limit in ["requests", "limits"] {
             for resource in ["cpu", "memory"] {
-                assert!(container["resources"][limit][resource].is_string(), "resources.{limit}.{resource} set");
+                assert!(
+                    container["resources"][limit][resource].is_string(),
+                    "resources.{limit}.{resource} set"
+                );
             }
         }
     }
@@ -332,7 +400,10 @@ fn the_controller_pod_meets_the_restricted_pod_security_standard() {
 
 fn deployment_args(docs: &[Value]) -> Vec<String> {
     let container = &one_of_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
-    strings(&container["args"]).into_iter().map(str::to_string).collect()
+    strings(&container["args"])
+        .into_iter()
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
@@ -359,29 +430,62 @@ fn the_deployment_runs_the_controller_with_leader_election_probes_and_its_identi
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
-    assert!(!args.iter().any(|a| a.starts_with("--namespace")), "all namespaces by default: {args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--namespace")),
+        "all namespaces by default: {args:?}"
+    );
     let pod_name = container["env"]
         .as_array()
         .and_then(|env| env.iter().find(|e| e["name"] == "POD_NAME"))
         .expect("POD_NAME is set");
-    assert_eq!(pod_name["valueFrom"]["fieldRef"]["fieldPath"], json!("metadata.name"));
-    assert_eq!(container["ports"][0], json!({"name": "metrics", "containerPort": 8080, "protocol": "TCP"}));
-    assert_eq!(container["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "metrics"}));
-    assert_eq!(container["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}));
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        json!("metadata.name")
+    );
+    assert_eq!(
+        container["ports"][0],
+        json!({"name": "metrics", "containerPort": 8080, "protocol": "TCP"})
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "metrics"})
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "metrics"})
+    );
 
     let service = one_of_kind(&docs, "Service");
     assert_eq!(service["spec"]["ports"][0]["name"], json!("metrics"));
     assert_eq!(service["spec"]["ports"][0]["port"], json!(8080));
-    assert_eq!(service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
     let pdb = one_of_kind(&docs, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
-    assert!(of_kind(&docs, "ServiceMonitor").is_empty(), "ServiceMonitor is off by default");
-
-    let single = documents(&render(&["--set", "replicas=1", "--set", "leaderElection.enabled=false"]));
-    assert!(of_kind(&single, "PodDisruptionBudget").is_empty(), "no PDB for a single replica");
-    assert!(!deployment_args(&single).iter().any(|a| a.starts_with("--lease") || a == "--leader-elect"));
     assert!(
-        !of_kind(&single, "Role").iter().any(|r| name(r).ends_with("leader-election")),
+        of_kind(&docs, "ServiceMonitor").is_empty(),
+        "ServiceMonitor is off by default"
+    );
+
+    let single = documents(&render(&[
+        "--set",
+        "replicas=1",
+        "--set",
+        "leaderElection.enabled=false",
+    ]));
+    assert!(
+        of_kind(&single, "PodDisruptionBudget").is_empty(),
+        "no PDB for a single replica"
+    );
+    assert!(!deployment_args(&single)
+        .iter()
+        .any(|a| a.starts_with("--lease") || a == "--leader-elect"));
+    assert!(
+        !of_kind(&single, "Role")
+            .iter()
+            .any(|r| name(r).ends_with("leader-election")),
         "no Lease access without leader election"
     );
 
@@ -389,9 +493,14 @@ fn the_deployment_runs_the_controller_with_leader_election_probes_and_its_identi
     let monitor = one_of_kind(&everything, "ServiceMonitor");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], json!("metrics"));
     let pod = &one_of_kind(&everything, "Deployment")["spec"]["template"]["spec"];
-    assert_eq!(pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
     assert_eq!(pod["imagePullSecrets"], json!([{"name": "regcred"}]));
-    assert!(deployment_args(&everything).iter().any(|a| a == "--namespace=shop"));
+    assert!(deployment_args(&everything)
+        .iter()
+        .any(|a| a == "--namespace=shop"));
 }
 
 /// (apiGroup, resource) -> verbs granted by a role's rules.
@@ -410,7 +519,9 @@ fn grants(role: &Value) -> BTreeMap<(String, String), BTreeSet<String>> {
 }
 
 fn verbs(role: &Value, group: &str, resource: &str) -> BTreeSet<String> {
-    grants(role).remove(&(group.to_string(), resource.to_string())).unwrap_or_default()
+    grants(role)
+        .remove(&(group.to_string(), resource.to_string()))
+        .unwrap_or_default()
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
@@ -421,11 +532,26 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 fn rbac_is_least_privilege_and_never_lists_secrets_cluster_wide() {
     for values in [&[][..], NAMESPACED, EVERYTHING_ON] {
         let docs = documents(&render(values));
-        for role in of_kind(&docs, "ClusterRole").into_iter().chain(of_kind(&docs, "Role")) {
+        for role in of_kind(&docs, "ClusterRole")
+            .into_iter()
+            .chain(of_kind(&docs, "Role"))
+        {
             for ((group, resource), granted) in grants(role) {
-                assert!(!granted.contains("*"), "{}: wildcard verbs on {group}/{resource}", name(role));
-                assert!(group != "*" && resource != "*", "{}: wildcard group or resource", name(role));
-                assert!(!granted.contains("deletecollection"), "{}: deletecollection on {resource}", name(role));
+                assert!(
+                    !granted.contains("*"),
+                    "{}: wildcard verbs on {group}/{resource}",
+                    name(role)
+                );
+                assert!(
+                    group != "*" && resource != "*",
+                    "{}: wildcard group or resource",
+                    name(role)
+                );
+                assert!(
+                    !granted.contains("deletecollection"),
+                    "{}: deletecollection on {resource}",
+                    name(role)
+                );
             }
         }
         for role in of_kind(&docs, "ClusterRole") {
@@ -435,23 +561,48 @@ fn rbac_is_least_privilege_and_never_lists_secrets_cluster_wide() {
                 "{values:?}: ClusterRole {} lists or watches Secrets: {secrets:?}",
                 name(role)
             );
-            assert!(verbs(role, "coordination.k8s.io", "leases").is_empty(), "Leases only through a Role");
+            assert!(
+                verbs(role, "coordination.k8s.io", "leases").is_empty(),
+                "Leases only through a Role"
+            );
         }
         let lease_role = of_kind(&docs, "Role")
             .into_iter()
             .find(|r| name(r).ends_with("leader-election"))
             .expect("a leader-election Role");
-        assert_eq!(lease_role["metadata"]["namespace"], json!(RELEASE_NAMESPACE));
-        assert_eq!(grants(lease_role).len(), 1, "the lease Role grants only Leases");
-        assert_eq!(verbs(lease_role, "coordination.k8s.io", "leases"), set(&["get", "create", "update", "patch"]));
+        assert_eq!(
+            lease_role["metadata"]["namespace"],
+            json!(RELEASE_NAMESPACE)
+        );
+        assert_eq!(
+            grants(lease_role).len(),
+            1,
+            "the lease Role grants only Leases"
+        );
+        assert_eq!(
+            verbs(lease_role, "coordination.k8s.io", "leases"),
+            set(&["get", "create", "update", "patch"])
+        );
     }
 
     let docs = documents(&render(&[]));
     let cluster_role = one_of_kind(&docs, "ClusterRole");
-    assert_eq!(verbs(cluster_role, "serin.dev", "rollouts"), set(&["get", "list", "watch", "update", "patch"]));
-    assert_eq!(verbs(cluster_role, "serin.dev", "rollouts/status"), set(&["get", "update", "patch"]));
-    assert!(verbs(cluster_role, "serin.dev", "rollouts/scale").is_empty(), "scaling is for users");
-    assert_eq!(verbs(cluster_role, "serin.dev", "clusteranalysistemplates"), set(&["get", "list", "watch"]));
+    assert_eq!(
+        verbs(cluster_role, "serin.dev", "rollouts"),
+        set(&["get", "list", "watch", "update", "patch"])
+    );
+    assert_eq!(
+        verbs(cluster_role, "serin.dev", "rollouts/status"),
+        set(&["get", "update", "patch"])
+    );
+    assert!(
+        verbs(cluster_role, "serin.dev", "rollouts/scale").is_empty(),
+        "scaling is for users"
+    );
+    assert_eq!(
+        verbs(cluster_role, "serin.dev", "clusteranalysistemplates"),
+        set(&["get", "list", "watch"])
+    );
     assert_eq!(
         verbs(cluster_role, "serin.dev", "analysisruns"),
         set(&["get", "list", "watch", "create", "update", "patch", "delete"])
@@ -460,18 +611,30 @@ fn rbac_is_least_privilege_and_never_lists_secrets_cluster_wide() {
         verbs(cluster_role, "apps", "replicasets"),
         set(&["get", "list", "watch", "create", "update", "patch", "delete"])
     );
-    assert_eq!(verbs(cluster_role, "", "services"), set(&["get", "list", "watch", "update", "patch"]));
+    assert_eq!(
+        verbs(cluster_role, "", "services"),
+        set(&["get", "list", "watch", "update", "patch"])
+    );
     assert_eq!(verbs(cluster_role, "", "secrets"), set(&["get"]));
     assert_eq!(verbs(cluster_role, "", "events"), set(&["create", "patch"]));
-    assert_eq!(verbs(cluster_role, "events.k8s.io", "events"), set(&["create", "patch"]));
+    assert_eq!(
+        verbs(cluster_role, "events.k8s.io", "events"),
+        set(&["create", "patch"])
+    );
     assert_eq!(
         verbs(cluster_role, "gateway.networking.k8s.io", "httproutes"),
         set(&["get", "list", "watch", "update", "patch"])
     );
-    assert!(verbs(cluster_role, "", "pods").is_empty(), "the controller reads ReplicaSets, not pods");
+    assert!(
+        verbs(cluster_role, "", "pods").is_empty(),
+        "the controller reads ReplicaSets, not pods"
+    );
     let binding = one_of_kind(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], json!(name(cluster_role)));
-    assert_eq!(binding["subjects"][0]["namespace"], json!(RELEASE_NAMESPACE));
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        json!(RELEASE_NAMESPACE)
+    );
 }
 
 #[test]
@@ -481,14 +644,28 @@ fn namespaced_mode_renders_a_role_per_namespace_and_no_cluster_role_for_rollouts
         let granted = grants(role);
         assert_eq!(
             granted.keys().cloned().collect::<Vec<_>>(),
-            vec![("serin.dev".to_string(), "clusteranalysistemplates".to_string())],
+            vec![(
+                "serin.dev".to_string(),
+                "clusteranalysistemplates".to_string()
+            )],
             "namespaced mode: a ClusterRole may only read ClusterAnalysisTemplates"
         );
     }
     let mut role_namespaces = Vec::new();
-    for role in of_kind(&docs, "Role").into_iter().filter(|r| !name(r).ends_with("leader-election")) {
-        role_namespaces.push(role["metadata"]["namespace"].as_str().unwrap_or("").to_string());
-        assert_eq!(verbs(role, "serin.dev", "rollouts"), set(&["get", "list", "watch", "update", "patch"]));
+    for role in of_kind(&docs, "Role")
+        .into_iter()
+        .filter(|r| !name(r).ends_with("leader-election"))
+    {
+        role_namespaces.push(
+            role["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+        assert_eq!(
+            verbs(role, "serin.dev", "rollouts"),
+            set(&["get", "list", "watch", "update", "patch"])
+        );
         assert_eq!(verbs(role, "", "secrets"), set(&["get"]));
     }
     assert_eq!(role_namespaces, ["a", "b"]);
@@ -499,9 +676,18 @@ fn namespaced_mode_renders_a_role_per_namespace_and_no_cluster_role_for_rollouts
         .collect();
     assert_eq!(binding_namespaces, ["a", "b"]);
     let args = deployment_args(&docs);
-    assert!(args.iter().any(|a| a == "--namespace=a") && args.iter().any(|a| a == "--namespace=b"), "{args:?}");
+    assert!(
+        args.iter().any(|a| a == "--namespace=a") && args.iter().any(|a| a == "--namespace=b"),
+        "{args:?}"
+    );
 
-    let without_cluster_templates = documents(&render(&[NAMESPACED, &["--set", "rbac.clusterAnalysisTemplates=false"]].concat()));
+    let without_cluster_templates = documents(&render(
+        &[
+            NAMESPACED,
+            &["--set", "rbac.clusterAnalysisTemplates=false"],
+        ]
+        .concat(),
+    ));
     assert!(of_kind(&without_cluster_templates, "ClusterRole").is_empty());
     assert!(of_kind(&without_cluster_templates, "ClusterRoleBinding").is_empty());
 }
@@ -509,18 +695,33 @@ fn namespaced_mode_renders_a_role_per_namespace_and_no_cluster_role_for_rollouts
 #[test]
 fn bad_values_fail_rendering_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--set", "namespaced=true"], "namespaced=true needs at least one namespace in watchNamespaces"),
-        (&["--set", "leaderElection.enabled=false"], "needs leaderElection.enabled=true"),
+        (
+            &["--set", "namespaced=true"],
+            "namespaced=true needs at least one namespace in watchNamespaces",
+        ),
+        (
+            &["--set", "leaderElection.enabled=false"],
+            "needs leaderElection.enabled=true",
+        ),
         (&["--set", "controller.logFormat=xml"], "logFormat"),
         (&["--set", "replicas=-1"], "replicas"),
-        (&["--set", "leaderElection.leaseDuration=soon"], "leaseDuration"),
-        (&["--set", "watchNamespaces={Not_A_Namespace}"], "watchNamespaces"),
+        (
+            &["--set", "leaderElection.leaseDuration=soon"],
+            "leaseDuration",
+        ),
+        (
+            &["--set", "watchNamespaces={Not_A_Namespace}"],
+            "watchNamespaces",
+        ),
         (&["--set", "nameSpaced=true"], "nameSpaced"),
     ];
     for (values, message) in cases {
         match helm_template(values) {
             Ok(_) => panic!("{values:?} must fail rendering"),
-            Err(error) => assert!(error.contains(message), "{values:?}: expected {message:?} in: {error}"),
+            Err(error) => assert!(
+                error.contains(message),
+                "{values:?}: expected {message:?} in: {error}"
+            ),
         }
     }
 }
@@ -538,7 +739,12 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 fn file_names(dir: &Path) -> Vec<String> {
     yaml_files(dir)
         .iter()
-        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect()
 }
 
@@ -552,10 +758,15 @@ fn chart_crds_are_a_byte_for_byte_copy_of_crds() {
             std::fs::remove_file(stale).expect("removing a stale CRD copy");
         }
         for file in yaml_files(&source) {
-            std::fs::copy(&file, copy.join(file.file_name().unwrap_or_default())).expect("copying a CRD");
+            std::fs::copy(&file, copy.join(file.file_name().unwrap_or_default()))
+                .expect("copying a CRD");
         }
     }
-    assert_eq!(file_names(&copy), file_names(&source), "charts/serin/crds holds the files of crds/");
+    assert_eq!(
+        file_names(&copy),
+        file_names(&source),
+        "charts/serin/crds holds the files of crds/"
+    );
     for file in file_names(&source) {
         let original = std::fs::read(source.join(&file)).expect("reading crds/");
         let copied = std::fs::read(copy.join(&file)).expect("reading charts/serin/crds/");
@@ -566,16 +777,22 @@ fn chart_crds_are_a_byte_for_byte_copy_of_crds() {
     }
 
     // What helm installs is what crds/ says.
-    let rendered: BTreeMap<String, Value> = of_kind(&documents(&render(&["--include-crds"])), "CustomResourceDefinition")
-        .into_iter()
-        .map(|crd| (name(crd).to_string(), crd.clone()))
-        .collect();
+    let rendered: BTreeMap<String, Value> = of_kind(
+        &documents(&render(&["--include-crds"])),
+        "CustomResourceDefinition",
+    )
+    .into_iter()
+    .map(|crd| (name(crd).to_string(), crd.clone()))
+    .collect();
     let expected: BTreeMap<String, Value> = yaml_files(&source)
         .iter()
         .flat_map(|f| documents(&std::fs::read_to_string(f).expect("reading crds/")))
         .map(|crd| (name(&crd).to_string(), crd))
         .collect();
-    assert_eq!(rendered.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    assert_eq!(
+        rendered.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
     assert!(rendered == expected, "rendered CRDs equal crds/");
 }
 
@@ -598,16 +815,35 @@ fn deploy_manifests_equal_a_fresh_render_of_the_chart() {
         "deploy/serin.yaml is stale; regenerate with `SERIN_UPDATE_DEPLOY=1 cargo test --test chart` (or `make chart`)"
     );
     let docs = documents(&on_disk);
-    assert_eq!(kind(&docs[0]), "Namespace", "the Namespace comes first so that `kubectl apply -f deploy/` works");
+    assert_eq!(
+        kind(&docs[0]),
+        "Namespace",
+        "the Namespace comes first so that `kubectl apply -f deploy/` works"
+    );
     assert_eq!(name(&docs[0]), RELEASE_NAMESPACE);
-    let crd_positions: Vec<usize> =
-        docs.iter().enumerate().filter(|(_, d)| kind(d) == "CustomResourceDefinition").map(|(i, _)| i).collect();
-    assert_eq!(crd_positions, [1, 2, 3, 4], "the CRDs come before anything that could use them");
-    assert_eq!(file_names(&repo().join("deploy")), ["serin.yaml"], "kubectl apply -f deploy/ applies one bundle");
+    let crd_positions: Vec<usize> = docs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| kind(d) == "CustomResourceDefinition")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        crd_positions,
+        [1, 2, 3, 4],
+        "the CRDs come before anything that could use them"
+    );
+    assert_eq!(
+        file_names(&repo().join("deploy")),
+        ["serin.yaml"],
+        "kubectl apply -f deploy/ applies one bundle"
+    );
     validate_against_kubernetes_schemas(&docs.iter().collect::<Vec<_>>(), "deploy/serin.yaml");
     let pod = &one_of_kind(&docs, "Deployment")["spec"]["template"]["spec"];
     assert!(restricted_violations(pod).is_empty());
-    assert_eq!(docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], json!("restricted"));
+    assert_eq!(
+        docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        json!("restricted")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -620,10 +856,16 @@ fn lua_literal(value: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => lua_string(s),
-        Value::Array(items) => format!("{{{}}}", items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")),
+        Value::Array(items) => format!(
+            "{{{}}}",
+            items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
+        ),
         Value::Object(map) => format!(
             "{{{}}}",
-            map.iter().map(|(k, v)| format!("[{}] = {}", lua_string(k), lua_literal(v))).collect::<Vec<_>>().join(", ")
+            map.iter()
+                .map(|(k, v)| format!("[{}] = {}", lua_string(k), lua_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -643,7 +885,8 @@ fn lua_string(s: &str) -> String {
 }
 
 fn health_script() -> String {
-    std::fs::read_to_string(repo().join("deploy/argocd-health.lua")).expect("deploy/argocd-health.lua")
+    std::fs::read_to_string(repo().join("deploy/argocd-health.lua"))
+        .expect("deploy/argocd-health.lua")
 }
 
 /// Runs the health check on an object with Lua 5.1 (the dialect of Argo CD's gopher-lua): (status, message).
@@ -655,7 +898,10 @@ fn argocd_health(object: &Value) -> (String, String) {
     );
     let outcome = run(&tool("lua5.1"), &["-"], Some(&program));
     assert!(outcome.success, "lua failed: {}", outcome.stderr);
-    let (status, message) = outcome.stdout.split_once('\n').unwrap_or((&outcome.stdout, ""));
+    let (status, message) = outcome
+        .stdout
+        .split_once('\n')
+        .unwrap_or((&outcome.stdout, ""));
     (status.to_string(), message.to_string())
 }
 
@@ -682,34 +928,52 @@ fn argocd_health_check_maps_every_phase() {
             "Waiting for the Serin controller to observe the rollout",
         ),
         (
-            rollout_with_status(3, json!({"observedGeneration": 2, "phase": "Healthy", "message": "old news"})),
+            rollout_with_status(
+                3,
+                json!({"observedGeneration": 2, "phase": "Healthy", "message": "old news"}),
+            ),
             "Progressing",
             "Waiting for the Serin controller to observe the latest spec",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Healthy", "message": "revision 4 is stable",
-                                          "conditions": [condition("Ready", "True", "ready")]})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Healthy", "message": "revision 4 is stable",
+                                          "conditions": [condition("Ready", "True", "ready")]}),
+            ),
             "Healthy",
             "revision 4 is stable",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Progressing", "message": "step 2/6: weight 25%"})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Progressing", "message": "step 2/6: weight 25%"}),
+            ),
             "Progressing",
             "step 2/6: weight 25%",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Paused", "message": "paused at step 3: waiting for promote"})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Paused", "message": "paused at step 3: waiting for promote"}),
+            ),
             "Suspended",
             "paused at step 3: waiting for promote",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Degraded", "message": "progress deadline exceeded"})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Degraded", "message": "progress deadline exceeded"}),
+            ),
             "Degraded",
             "progress deadline exceeded",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Aborted",
-                                          "message": "aborted: error-rate 0.25 failed result < 0.01"})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Aborted",
+                                          "message": "aborted: error-rate 0.25 failed result < 0.01"}),
+            ),
             "Degraded",
             "aborted: error-rate 0.25 failed result < 0.01",
         ),
@@ -719,33 +983,55 @@ fn argocd_health_check_maps_every_phase() {
             "The rollout was aborted; all traffic is on the stable version",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Degraded", "message": "invalid",
-                "conditions": [condition("InvalidSpec", "True", "strategy.canary.steps[1]: \"pause\" needs a duration")]})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Degraded", "message": "invalid",
+                "conditions": [condition("InvalidSpec", "True", "strategy.canary.steps[1]: \"pause\" needs a duration")]}),
+            ),
             "Degraded",
             "strategy.canary.steps[1]: \"pause\" needs a duration",
         ),
         (
-            rollout_with_status(2, json!({"observedGeneration": 2, "phase": "Healthy", "message": "fine",
-                "conditions": [condition("InvalidSpec", "False", "")]})),
+            rollout_with_status(
+                2,
+                json!({"observedGeneration": 2, "phase": "Healthy", "message": "fine",
+                "conditions": [condition("InvalidSpec", "False", "")]}),
+            ),
             "Healthy",
             "fine",
         ),
     ];
     for (object, status, message) in cases {
         let (got_status, got_message) = argocd_health(&object);
-        assert_eq!((got_status.as_str(), got_message.as_str()), (status, message), "for {object}");
+        assert_eq!(
+            (got_status.as_str(), got_message.as_str()),
+            (status, message),
+            "for {object}"
+        );
     }
 }
 
 #[test]
 fn gitops_doc_installs_exactly_the_shipped_health_check() {
     let doc = std::fs::read_to_string(repo().join("docs/gitops.md")).expect("docs/gitops.md");
-    assert!(doc.contains("resource.customizations.health.serin.dev_Rollout: |"), "argocd-cm key in docs/gitops.md");
+    assert!(
+        doc.contains("resource.customizations.health.serin.dev_Rollout: |"),
+        "argocd-cm key in docs/gitops.md"
+    );
     let indented: String = health_script()
         .lines()
-        .map(|line| if line.is_empty() { "\n".to_string() } else { format!("    {line}\n") })
+        .map(|line| {
+            if line.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("    {line}\n")
+            }
+        })
         .collect();
-    assert!(doc.contains(&indented), "docs/gitops.md must embed deploy/argocd-health.lua verbatim, indented by 4");
+    assert!(
+        doc.contains(&indented),
+        "docs/gitops.md must embed deploy/argocd-health.lua verbatim, indented by 4"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -760,13 +1046,19 @@ fn examples() -> Vec<Example> {
     let mut out = Vec::new();
     let mut dirs = vec![repo().join("examples")];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).expect("reading examples/").flatten() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("reading examples/")
+            .flatten()
+        {
             let path = entry.path();
             if path.is_dir() {
                 dirs.push(path);
             } else if path.extension().is_some_and(|x| x == "yaml") {
                 let text = std::fs::read_to_string(&path).expect("reading an example");
-                out.extend(documents(&text).into_iter().map(|doc| Example { file: path.clone(), doc }));
+                out.extend(documents(&text).into_iter().map(|doc| Example {
+                    file: path.clone(),
+                    doc,
+                }));
             }
         }
     }
@@ -777,10 +1069,23 @@ fn examples() -> Vec<Example> {
 /// Deserializes into Serin's type and back: what comes back must be what was written, so an unknown or
 /// misspelled field (which serde would silently drop) fails as surely as a wrong type.
 fn round_trips<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, file: &Path) -> T {
-    let typed: T = serde_json::from_value(doc.clone())
-        .unwrap_or_else(|e| panic!("{}: {} {} does not parse: {e}", file.display(), kind(doc), name(doc)));
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{}: {} {} does not parse: {e}",
+            file.display(),
+            kind(doc),
+            name(doc)
+        )
+    });
     let back = serde_json::to_value(&typed).expect("serializes");
-    assert_eq!(&back, doc, "{}: {} {} has fields Serin does not know", file.display(), kind(doc), name(doc));
+    assert_eq!(
+        &back,
+        doc,
+        "{}: {} {} has fields Serin does not know",
+        file.display(),
+        kind(doc),
+        name(doc)
+    );
     typed
 }
 
@@ -794,7 +1099,10 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
     let mut routes: BTreeMap<(String, String), &Value> = BTreeMap::new();
     for example in &all {
         let doc = &example.doc;
-        let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let namespace = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let required_args = |args: &Value| -> Vec<String> {
             args.as_array()
                 .into_iter()
@@ -807,11 +1115,17 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
             "Rollout" => rollouts.push((example, round_trips::<Rollout>(doc, &example.file))),
             "AnalysisTemplate" => {
                 round_trips::<AnalysisTemplate>(doc, &example.file);
-                templates.insert((namespace, name(doc).to_string()), required_args(&doc["spec"]["args"]));
+                templates.insert(
+                    (namespace, name(doc).to_string()),
+                    required_args(&doc["spec"]["args"]),
+                );
             }
             "ClusterAnalysisTemplate" => {
                 round_trips::<ClusterAnalysisTemplate>(doc, &example.file);
-                templates.insert((String::new(), name(doc).to_string()), required_args(&doc["spec"]["args"]));
+                templates.insert(
+                    (String::new(), name(doc).to_string()),
+                    required_args(&doc["spec"]["args"]),
+                );
             }
             "Namespace" | "Service" => {
                 if kind(doc) == "Service" {
@@ -825,20 +1139,35 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
             _ => {}
         }
     }
-    assert_eq!(rollouts.len(), 3, "canary, blue-green and Gateway API examples");
+    assert_eq!(
+        rollouts.len(),
+        3,
+        "canary, blue-green and Gateway API examples"
+    );
     let mut saw_builtin_check = false;
     let mut saw_promql = false;
     for example in &all {
-        for metric in example.doc["spec"]["metrics"].as_array().into_iter().flatten() {
+        for metric in example.doc["spec"]["metrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             saw_builtin_check |= metric["provider"]["prometheus"]["check"]["kind"] == "ErrorRate";
             saw_promql |= metric["provider"]["prometheus"]["query"].is_string();
         }
     }
-    assert!(saw_builtin_check && saw_promql, "examples show the built-in check and raw PromQL");
+    assert!(
+        saw_builtin_check && saw_promql,
+        "examples show the built-in check and raw PromQL"
+    );
 
     for (example, rollout) in &rollouts {
         let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
-        let where_ = format!("{}: Rollout {}", example.file.display(), rollout.metadata.name.clone().unwrap_or_default());
+        let where_ = format!(
+            "{}: Rollout {}",
+            example.file.display(),
+            rollout.metadata.name.clone().unwrap_or_default()
+        );
         let strategy = &rollout.spec.strategy;
         let mut needed_services = Vec::new();
         let mut analyses = Vec::new();
@@ -850,10 +1179,19 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
             for step in spec["canary"]["steps"].as_array().into_iter().flatten() {
                 analyses.push(&step["analysis"]);
             }
-            if let Some(gateway) = canary.traffic_routing.as_ref().and_then(|t| t.gateway_api.as_ref()) {
+            if let Some(gateway) = canary
+                .traffic_routing
+                .as_ref()
+                .and_then(|t| t.gateway_api.as_ref())
+            {
                 let route = routes
                     .get(&(namespace.clone(), gateway.http_route.clone()))
-                    .unwrap_or_else(|| panic!("{where_}: HTTPRoute {} is in the example", gateway.http_route));
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "{where_}: HTTPRoute {} is in the example",
+                            gateway.http_route
+                        )
+                    });
                 let backends: BTreeSet<&str> = route["spec"]["rules"][0]["backendRefs"]
                     .as_array()
                     .into_iter()
@@ -861,7 +1199,10 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
                     .filter_map(|b| b["name"].as_str())
                     .collect();
                 let expected: BTreeSet<&str> = needed_services.iter().map(String::as_str).collect();
-                assert_eq!(backends, expected, "{where_}: the route's backends are the stable and canary Services");
+                assert_eq!(
+                    backends, expected,
+                    "{where_}: the route's backends are the stable and canary Services"
+                );
             }
         }
         if let Some(blue_green) = &strategy.blue_green {
@@ -871,25 +1212,61 @@ fn every_example_rollout_and_template_is_valid_and_consistent() {
             analyses.push(&spec["blueGreen"]["postPromotionAnalysis"]);
         }
         for service in needed_services {
-            assert!(services.contains(&(namespace.clone(), service.clone())), "{where_}: Service {service} is in the example");
+            assert!(
+                services.contains(&(namespace.clone(), service.clone())),
+                "{where_}: Service {service} is in the example"
+            );
         }
-        let labels = rollout.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-        for (key, value) in rollout.spec.selector.match_labels.clone().unwrap_or_default() {
-            assert_eq!(labels.get(&key), Some(&value), "{where_}: the selector matches the template");
+        let labels = rollout
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        for (key, value) in rollout
+            .spec
+            .selector
+            .match_labels
+            .clone()
+            .unwrap_or_default()
+        {
+            assert_eq!(
+                labels.get(&key),
+                Some(&value),
+                "{where_}: the selector matches the template"
+            );
         }
         let pod = serde_json::to_value(rollout.spec.template.spec.clone()).expect("pod spec");
-        assert!(restricted_violations(&pod).is_empty(), "{where_}: {:?}", restricted_violations(&pod));
+        assert!(
+            restricted_violations(&pod).is_empty(),
+            "{where_}: {:?}",
+            restricted_violations(&pod)
+        );
         for analysis in analyses.into_iter().filter(|a| !a.is_null()) {
-            let given: BTreeSet<&str> =
-                analysis["args"].as_array().into_iter().flatten().filter_map(|a| a["name"].as_str()).collect();
+            let given: BTreeSet<&str> = analysis["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["name"].as_str())
+                .collect();
             for template in analysis["templates"].as_array().into_iter().flatten() {
-                let scope = if template["clusterScope"] == json!(true) { String::new() } else { namespace.clone() };
+                let scope = if template["clusterScope"] == json!(true) {
+                    String::new()
+                } else {
+                    namespace.clone()
+                };
                 let template_name = template["templateName"].as_str().unwrap_or("").to_string();
                 let required = templates
                     .get(&(scope, template_name.clone()))
-                    .unwrap_or_else(|| panic!("{where_}: analysis template {template_name} is in the examples"));
+                    .unwrap_or_else(|| {
+                        panic!("{where_}: analysis template {template_name} is in the examples")
+                    });
                 for arg in required {
-                    assert!(given.contains(arg.as_str()), "{where_}: template {template_name} needs argument {arg}");
+                    assert!(
+                        given.contains(arg.as_str()),
+                        "{where_}: template {template_name} needs argument {arg}"
+                    );
                 }
             }
         }
@@ -902,28 +1279,72 @@ fn gitops_examples_point_at_the_sample_app() {
     let all = examples();
     let find = |wanted: &str| {
         all.iter()
-            .find(|e| kind(&e.doc) == wanted && e.doc["apiVersion"].as_str().is_some_and(|v| !v.starts_with("kustomize.config")))
+            .find(|e| {
+                kind(&e.doc) == wanted
+                    && e.doc["apiVersion"]
+                        .as_str()
+                        .is_some_and(|v| !v.starts_with("kustomize.config"))
+            })
             .map(|e| &e.doc)
             .unwrap_or_else(|| panic!("an example {wanted}"))
     };
     let application = find("Application");
     assert_eq!(application["apiVersion"], json!("argoproj.io/v1alpha1"));
-    let app_path = application["spec"]["source"]["path"].as_str().expect("source.path");
-    assert!(repo().join(app_path).join("kustomization.yaml").is_file(), "{app_path} is a kustomization");
+    let app_path = application["spec"]["source"]["path"]
+        .as_str()
+        .expect("source.path");
+    assert!(
+        repo().join(app_path).join("kustomization.yaml").is_file(),
+        "{app_path} is a kustomization"
+    );
 
     let flux = find("Kustomization");
     assert_eq!(flux["apiVersion"], json!("kustomize.toolkit.fluxcd.io/v1"));
-    assert_eq!(flux["spec"]["wait"], json!(true), "Flux waits for the Rollout's health");
-    let flux_path = flux["spec"]["path"].as_str().expect("spec.path").trim_start_matches("./");
-    assert_eq!(flux_path, app_path, "Argo CD and Flux deploy the same sample app");
+    assert_eq!(
+        flux["spec"]["wait"],
+        json!(true),
+        "Flux waits for the Rollout's health"
+    );
+    let flux_path = flux["spec"]["path"]
+        .as_str()
+        .expect("spec.path")
+        .trim_start_matches("./");
+    assert_eq!(
+        flux_path, app_path,
+        "Argo CD and Flux deploy the same sample app"
+    );
     let source = find("GitRepository");
-    assert_eq!(flux["spec"]["sourceRef"], json!({"kind": "GitRepository", "name": name(source)}));
-    assert_eq!(source["metadata"]["namespace"], flux["metadata"]["namespace"]);
+    assert_eq!(
+        flux["spec"]["sourceRef"],
+        json!({"kind": "GitRepository", "name": name(source)})
+    );
+    assert_eq!(
+        source["metadata"]["namespace"],
+        flux["metadata"]["namespace"]
+    );
 
     // The kustomization lists every manifest of the sample app, and nothing that is not there.
     let dir = repo().join(app_path);
-    let kustomization = documents(&std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization"));
-    let listed: BTreeSet<String> = strings(&kustomization[0]["resources"]).into_iter().map(str::to_string).collect();
-    let present: BTreeSet<String> = file_names(&dir).into_iter().filter(|f| f != "kustomization.yaml").collect();
+    let kustomization =
+        documents(&std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization"));
+    let listed: BTreeSet<String> = strings(&kustomization[0]["resources"])
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let present: BTreeSet<String> = file_names(&dir)
+        .into_iter()
+        .filter(|f| f != "kustomization.yaml")
+        .collect();
     assert_eq!(listed, present);
+}
+
+#[test]
+fn install_doc_lists_the_values_as_they_are() {
+    let doc = std::fs::read_to_string(repo().join("docs/install.md")).expect("docs/install.md");
+    let values =
+        std::fs::read_to_string(repo().join("charts/serin/values.yaml")).expect("values.yaml");
+    assert!(
+        doc.contains(&values),
+        "docs/install.md must embed charts/serin/values.yaml verbatim"
+    );
 }
