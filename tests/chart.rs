@@ -581,7 +581,7 @@ fn rbac_is_least_privilege_and_never_lists_secrets_cluster_wide() {
         );
         assert_eq!(
             verbs(lease_role, "coordination.k8s.io", "leases"),
-            set(&["get", "create", "update", "patch"])
+            set(&["get", "create", "update"])
         );
     }
 
