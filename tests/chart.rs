@@ -1348,3 +1348,274 @@ fn install_doc_lists_the_values_as_they_are() {
         "docs/install.md must embed charts/serin/values.yaml verbatim"
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Applying to the simulated cluster with the real kubectl.
+
+const KUBECTL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::new(tool("kubectl"));
+    command
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(repo())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().expect("starting kubectl");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(input.as_bytes())
+            .await
+            .expect("writing to kubectl");
+        drop(pipe);
+    }
+    let output = tokio::time::timeout(KUBECTL_WAIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("kubectl {args:?} timed out"))
+        .expect("kubectl runs");
+    Outcome {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+async fn kubectl_ok(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let outcome = kubectl(kubeconfig, args, stdin).await;
+    assert!(
+        outcome.success,
+        "kubectl {args:?} failed:\n{}{}",
+        outcome.stdout, outcome.stderr
+    );
+    outcome.stdout
+}
+
+async fn start_sim() -> serin::sim::SimCluster {
+    serin::sim::SimCluster::start(serin::sim::SimConfig::default())
+        .await
+        .expect("the simulated cluster starts")
+}
+
+async fn wait_for_crds(kubeconfig: &Path, names: &[&str]) {
+    for name in names {
+        let crd = format!("crd/{name}");
+        kubectl_ok(
+            kubeconfig,
+            &["wait", "--for=condition=established", &crd, "--timeout=30s"],
+            None,
+        )
+        .await;
+    }
+}
+
+const SERIN_CRDS: &[&str] = &[
+    "rollouts.serin.dev",
+    "analysistemplates.serin.dev",
+    "clusteranalysistemplates.serin.dev",
+    "analysisruns.serin.dev",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_manifests_and_the_chart_apply_to_the_simulated_cluster() {
+    let sim = start_sim().await;
+    let kubeconfig = sim.kubeconfig_path().to_path_buf();
+
+    // What the install docs say, verbatim.
+    let applied = kubectl_ok(&kubeconfig, &["apply", "-f", "deploy/"], None).await;
+    assert!(
+        applied.contains("namespace/serin-system created"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("deployment.apps/serin created"),
+        "{applied}"
+    );
+    wait_for_crds(&kubeconfig, SERIN_CRDS).await;
+    let replicas = kubectl_ok(
+        &kubeconfig,
+        &[
+            "-n",
+            "serin-system",
+            "get",
+            "deployment",
+            "serin",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(replicas, "2");
+    let roles = kubectl_ok(
+        &kubeconfig,
+        &["-n", "serin-system", "get", "roles", "-o", "name"],
+        None,
+    )
+    .await;
+    assert!(
+        roles.contains("role.rbac.authorization.k8s.io/serin-leader-election"),
+        "{roles}"
+    );
+    let again = kubectl_ok(&kubeconfig, &["apply", "-f", "deploy/"], None).await;
+    // kubectl's strategic merge always re-sends a PodDisruptionBudget's selector (its patch strategy is
+    // `replace`), so it reports that one as configured on a real API server too.
+    let changed: Vec<&str> = again
+        .lines()
+        .filter(|line| !line.ends_with(" unchanged"))
+        .filter(|line| *line != "poddisruptionbudget.policy/serin configured")
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "a second apply changes nothing:\n{again}"
+    );
+
+    // `helm template | kubectl apply -f -`, namespaced mode, as a second release beside the first.
+    let namespaces = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+                      apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
+    kubectl_ok(&kubeconfig, &["apply", "-f", "-"], Some(namespaces)).await;
+    let bundle = render(
+        &[
+            &["--include-crds", "--set", "fullnameOverride=serin-team"][..],
+            NAMESPACED,
+        ]
+        .concat(),
+    );
+    let applied = kubectl_ok(&kubeconfig, &["apply", "-f", "-"], Some(&bundle)).await;
+    for expected in [
+        "role.rbac.authorization.k8s.io/serin-team created",
+        "rolebinding.rbac.authorization.k8s.io/serin-team created",
+        "deployment.apps/serin-team created",
+    ] {
+        assert!(applied.contains(expected), "{expected} in:\n{applied}");
+    }
+    for namespace in ["a", "b"] {
+        let roles = kubectl_ok(
+            &kubeconfig,
+            &["-n", namespace, "get", "roles", "-o", "name"],
+            None,
+        )
+        .await;
+        assert!(
+            roles.contains("role.rbac.authorization.k8s.io/serin-team"),
+            "{namespace}: {roles}"
+        );
+    }
+    sim.shutdown().await;
+}
+
+/// The Gateway API is not part of Kubernetes: clusters that use it install its CRDs. This stands in for
+/// them with the one kind the examples use, accepting any spec.
+const HTTPROUTE_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: httproutes.gateway.networking.k8s.io
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {plural: httproutes, singular: httproute, kind: HTTPRoute, listKind: HTTPRouteList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
+    subresources: {status: {}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_apply_to_the_simulated_cluster_with_serins_crds() {
+    let sim = start_sim().await;
+    let kubeconfig = sim.kubeconfig_path().to_path_buf();
+    kubectl_ok(&kubeconfig, &["apply", "-f", "crds/"], None).await;
+    kubectl_ok(&kubeconfig, &["apply", "-f", "-"], Some(HTTPROUTE_CRD)).await;
+    wait_for_crds(&kubeconfig, SERIN_CRDS).await;
+    wait_for_crds(&kubeconfig, &["httproutes.gateway.networking.k8s.io"]).await;
+
+    let sample = kubectl_ok(&kubeconfig, &["apply", "-k", "examples/sample-app"], None).await;
+    assert!(
+        sample.contains("rollout.serin.dev/checkout created"),
+        "{sample}"
+    );
+    assert!(
+        sample.contains("analysistemplate.serin.dev/http-health created"),
+        "{sample}"
+    );
+    let blue_green = kubectl_ok(&kubeconfig, &["apply", "-f", "examples/blue-green/"], None).await;
+    assert!(
+        blue_green.contains("rollout.serin.dev/cart created"),
+        "{blue_green}"
+    );
+    assert!(
+        blue_green.contains("clusteranalysistemplate.serin.dev/error-rate created"),
+        "{blue_green}"
+    );
+    let gateway = kubectl_ok(&kubeconfig, &["apply", "-f", "examples/gateway-api/"], None).await;
+    assert!(
+        gateway.contains("httproute.gateway.networking.k8s.io/catalog created"),
+        "{gateway}"
+    );
+    assert!(
+        gateway.contains("rollout.serin.dev/catalog created"),
+        "{gateway}"
+    );
+
+    let rollouts = kubectl_ok(
+        &kubeconfig,
+        &[
+            "get",
+            "rollouts",
+            "-A",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {end}",
+        ],
+        None,
+    )
+    .await;
+    let mut rollouts: Vec<&str> = rollouts.split_whitespace().collect();
+    rollouts.sort();
+    assert_eq!(rollouts, ["cart/cart", "catalog/catalog", "shop/checkout"]);
+
+    // The CRD's schema is enforced, so the applies above mean something: a weight above 100 is refused.
+    let sample = std::fs::read_to_string(repo().join("examples/sample-app/rollout.yaml"))
+        .expect("the sample Rollout");
+    let bad = sample.replace("- setWeight: 50\n", "- setWeight: 150\n");
+    assert_ne!(bad, sample);
+    let refused = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&bad)).await;
+    assert!(
+        !refused.success,
+        "an out-of-range weight must be refused:\n{}",
+        refused.stdout
+    );
+    assert!(refused.stderr.contains("setWeight"), "{}", refused.stderr);
+    // ...and so are the CRD's CEL rules: a step that sets two things at once.
+    let bad = sample.replace(
+        "- setWeight: 50\n",
+        "- setWeight: 50\n          pause: {}\n",
+    );
+    assert_ne!(bad, sample);
+    let refused = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&bad)).await;
+    assert!(
+        !refused.success,
+        "a step with two actions must be refused:\n{}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("a step sets exactly one of"),
+        "{}",
+        refused.stderr
+    );
+    sim.shutdown().await;
+}
