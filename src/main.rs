@@ -6,6 +6,7 @@ use serin::cli::{Cli, Command, LogFormat};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    serin::sim::install_crypto_provider();
     init_logging(&cli);
     match serin::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

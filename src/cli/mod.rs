@@ -35,7 +35,8 @@ pub struct Cli {
 #[derive(Debug, Clone, Default, Args)]
 pub struct ClusterArgs {
     /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    #[arg(long, global = true, env = "KUBECONFIG")]
+    /// For `sim`: where to write the simulated cluster's kubeconfig.
+    #[arg(long, global = true)]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
@@ -72,6 +73,16 @@ pub enum Command {
     Resume(NameArg),
     /// Roll back: set the template to an earlier revision's (this changes the spec).
     Undo(UndoArgs),
+    /// Run the simulated Kubernetes cluster on 127.0.0.1 until Ctrl-C (`--kubeconfig`: where to write its
+    /// kubeconfig).
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Port to listen on; 0 picks any free port.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +181,8 @@ pub enum CliError {
     Output(#[source] std::io::Error),
     #[error("controller: {0}")]
     Controller(#[from] ControllerError),
+    #[error("simulated cluster: {0}")]
+    Sim(#[from] crate::sim::SimError),
 }
 
 impl CliError {
@@ -185,6 +198,7 @@ impl CliError {
             CliError::RenderCrds(_) => "render_crds",
             CliError::Output(_) => "output",
             CliError::Controller(error) => error.category(),
+            CliError::Sim(error) => error.category(),
         }
     }
 }
@@ -257,6 +271,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 ManualCommand::Promote
             };
             send(&cli.cluster, &args.name, command).await
+        }
+        Command::Sim(args) => {
+            let config = crate::sim::SimConfig {
+                port: args.port,
+                kubeconfig_path: cli.cluster.kubeconfig.clone(),
+                ..crate::sim::SimConfig::default()
+            };
+            let cluster = crate::sim::SimCluster::start(config).await?;
+            tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), "serin sim ready; Ctrl-C to stop");
+            println!("serin sim listening on {}; kubeconfig: {}", cluster.base_url(), cluster.kubeconfig_path().display());
+            let _ = tokio::signal::ctrl_c().await;
+            cluster.shutdown().await;
+            Ok(())
         }
         Command::Abort(args) => send(&cli.cluster, &args.name, ManualCommand::Abort).await,
         Command::Retry(args) => send(&cli.cluster, &args.name, ManualCommand::Retry).await,

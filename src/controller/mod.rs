@@ -1,6 +1,7 @@
 //! The reconciler: observe the cluster, call the pure planner, apply its actions in safe order, write status.
 
 pub mod act;
+pub mod leader;
 pub mod metrics;
 pub mod observe;
 
@@ -262,12 +263,38 @@ impl CacheSync {
 }
 
 struct ScopeContext {
+    /// Our own last status write per Rollout, with the resourceVersion it replaced: until the watch cache
+    /// shows it, a reconcile plans from it instead of the stale cached copy (which would only earn a 409 or,
+    /// worse, an unchanged plan that writes nothing and waits for a trigger that already came).
+    written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, Rollout)>>,
     client: Client,
     sources: Sources,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     error_backoff: Duration,
     resync: Duration,
+}
+
+impl ScopeContext {
+    fn fresher(&self, key: &str, cached: &Rollout) -> Rollout {
+        let Ok(mut written) = self.written.lock() else {
+            return cached.clone();
+        };
+        match written.get(key) {
+            Some((replaced, ours)) if *replaced == cached.metadata.resource_version => ours.clone(),
+            Some(_) => {
+                written.remove(key);
+                cached.clone()
+            }
+            None => cached.clone(),
+        }
+    }
+
+    fn remember(&self, key: String, replaced: &Rollout, written: Rollout) {
+        if let Ok(mut map) = self.written.lock() {
+            map.insert(key, (replaced.metadata.resource_version.clone(), written));
+        }
+    }
 }
 
 fn scoped_api<K>(client: &Client, scope: &Option<String>) -> Api<K>
@@ -345,6 +372,7 @@ fn spawn_scope(
         .touched_objects();
 
     let context = Arc::new(ScopeContext {
+        written: Default::default(),
         client: client.clone(),
         sources: Sources {
             client,
@@ -415,7 +443,8 @@ async fn reconcile_rollout(
         return Ok(Requeue::await_change());
     };
     let api: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
-    let mut current = rollout.clone();
+    let key = format!("{namespace}/{}", rollout.name_any());
+    let mut current = context.fresher(&key, rollout);
     // A status write that loses a race (a `serin promote` landed meanwhile) is planned again at once on the
     // fresh object, so the command is neither lost nor overwritten.
     for _attempt in 0..3 {
@@ -439,8 +468,11 @@ async fn reconcile_rollout(
         };
         context.metrics.wrote(applied as u64);
         match write_status(&api, &current, &plan.status).await {
-            Ok(wrote) => {
-                context.metrics.wrote(u64::from(wrote));
+            Ok(written) => {
+                context.metrics.wrote(u64::from(written.is_some()));
+                if let Some(written) = written {
+                    context.remember(key.clone(), &current, written);
+                }
                 for event in &plan.events {
                     publish(context, &current, event).await;
                 }
@@ -494,9 +526,9 @@ async fn write_status(
     api: &Api<Rollout>,
     rollout: &Rollout,
     status: &RolloutStatus,
-) -> Result<bool, StatusWriteError> {
+) -> Result<Option<Rollout>, StatusWriteError> {
     if !status_differs(rollout.status.as_ref(), status) {
-        return Ok(false);
+        return Ok(None);
     }
     let mut updated = rollout.clone();
     updated.status = Some(status.clone());
@@ -509,7 +541,7 @@ async fn write_status(
         .replace_status(&rollout.name_any(), &params, &updated)
         .await
     {
-        Ok(_) => Ok(true),
+        Ok(written) => Ok(Some(written)),
         Err(kube::Error::Api(status)) if status.is_conflict() => Err(StatusWriteError::Conflict),
         Err(error) => Err(StatusWriteError::Other(error)),
     }

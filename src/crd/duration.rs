@@ -148,11 +148,14 @@ impl JsonSchema for ManifestDuration {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // allOf, not anyOf: in a structural schema the branches carry no type, so `minimum` only
+        // constrains integers and `pattern` only strings; with anyOf a negative integer passes the pattern
+        // branch (and "-5s" the minimum branch) vacuously.
         json_schema!({
             "x-kubernetes-int-or-string": true,
-            "anyOf": [
-                {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": DURATION_PATTERN}
+            "allOf": [
+                {"minimum": 0},
+                {"pattern": DURATION_PATTERN}
             ]
         })
     }
