@@ -227,3 +227,73 @@ async fn crd_prints_every_custom_resource_definition() {
     assert_eq!(out.stdout.matches("kind: CustomResourceDefinition").count(), 4);
     assert!(out.stdout.contains("name: rollouts.serin.dev"));
 }
+
+/// `serin controller` as a process: with `--leader-elect`, two replicas share one Lease, only the holder
+/// reconciles, and when it dies the other takes over and carries the rollout on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_processes_elect_one_leader_and_fail_over() {
+    let world = World::without_controller().await;
+    let kubeconfig = world.sim.kubeconfig_path().display().to_string();
+    let spawn = |identity: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+            .args([
+                "controller",
+                "--kubeconfig",
+                kubeconfig.as_str(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--leader-elect",
+                "--lease-namespace",
+                NS,
+                "--lease-duration",
+                "2s",
+                "--lease-renew",
+                "1500ms",
+                "--lease-retry",
+                "200ms",
+                "--instance",
+                identity,
+            ])
+            .env_remove("KUBECONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("controller process starts")
+    };
+    let mut first = spawn("replica-a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = spawn("replica-b");
+
+    world.given_services("web", &["web", "web-canary"]).await;
+    let steps = json!({"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]});
+    world
+        .given_rollout(canary_rollout("web", 4, "web:1", steps))
+        .await
+        .expect("rollout accepted");
+    world
+        .then_eventually("web", "v1 Healthy under the first leader", TIMEOUT, |s| s.is(RolloutPhase::Healthy))
+        .await;
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(world.admin.clone(), NS);
+    let holder = || async {
+        leases
+            .get("serin-controller")
+            .await
+            .ok()
+            .and_then(|lease| lease.spec.and_then(|spec| spec.holder_identity))
+    };
+    assert_eq!(holder().await.as_deref(), Some("replica-a"));
+
+    // The leader dies; the standby takes the Lease once it expires and carries the rollout on.
+    first.kill().await.expect("kill the leader");
+    world.when_image_changes("web", "web:2").await;
+    world
+        .then_eventually("web", "the new leader reconciles v2 to its first pause", TIMEOUT, |s| {
+            s.is(RolloutPhase::Paused) && s.step() == Some(1)
+        })
+        .await;
+    assert_eq!(holder().await.as_deref(), Some("replica-b"));
+    second.kill().await.expect("kill the second replica");
+    world.stop().await;
+}

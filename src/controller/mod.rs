@@ -48,6 +48,8 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Name of this instance in events (`reportingInstance`).
     pub instance: Option<String>,
+    /// Leader election: reconcile only while holding this Lease (used by [`run`]).
+    pub leader: Option<leader::LeaseConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -59,6 +61,7 @@ impl Default for ControllerConfig {
             error_backoff: Duration::from_secs(2),
             resync: Duration::from_secs(300),
             instance: None,
+            leader: None,
         }
     }
 }
@@ -74,6 +77,8 @@ pub enum ControllerError {
     },
     #[error("a controller task ended abnormally: {0}")]
     TaskFailed(#[source] tokio::task::JoinError),
+    #[error("leader election: {0}")]
+    Leader(#[from] leader::LeaderError),
 }
 
 impl ControllerError {
@@ -82,6 +87,7 @@ impl ControllerError {
         match self {
             ControllerError::BindMetrics { .. } => "bind_metrics",
             ControllerError::TaskFailed(_) => "task_failed",
+            ControllerError::Leader(error) => error.category(),
         }
     }
 }
@@ -116,15 +122,59 @@ impl ReconcileError {
 
 /// Runs the controller until Ctrl-C.
 pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
-    let handle = ControllerHandle::start(client, config).await?;
-    let cancel = handle.cancel.clone();
+    let interrupted = CancellationToken::new();
+    let on_signal = interrupted.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             tracing::info!("interrupted, stopping");
-            cancel.cancel();
+            on_signal.cancel();
         }
     });
-    handle.wait_for_exit().await
+    // One metrics endpoint for the life of the process, so a standby replica still answers /healthz.
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics_addr {
+        metrics::serve(addr, metrics.clone(), interrupted.clone())
+            .await
+            .map_err(|source| ControllerError::BindMetrics { addr, source })?;
+    }
+    let reconciler_config = ControllerConfig {
+        metrics_addr: None,
+        ..config.clone()
+    };
+    let Some(lease) = config.leader.clone() else {
+        let handle = ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
+        let cancel = handle.cancel.clone();
+        tokio::spawn(async move {
+            interrupted.cancelled().await;
+            cancel.cancel();
+        });
+        return handle.wait_for_exit().await;
+    };
+    loop {
+        let leadership = tokio::select! {
+            _ = interrupted.cancelled() => return Ok(()),
+            acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
+        };
+        tracing::info!(identity = %lease.identity, "leading: starting the reconcilers");
+        let handle =
+            ControllerHandle::start_with_metrics(client.clone(), reconciler_config.clone(), metrics.clone())
+                .await?;
+        let lost = leadership.lost();
+        tokio::select! {
+            _ = lost.cancelled() => {
+                // Safety rule 8: a controller that can no longer prove it holds the Lease stops writing at
+                // once; in-flight reconciles are dropped wherever they are, and it stands again as candidate.
+                tracing::warn!("lost the lease: stopping every write");
+                handle.kill();
+                drop(leadership);
+            }
+            _ = interrupted.cancelled() => {
+                let stopped = handle.stop().await;
+                leadership.release().await;
+                return stopped;
+            }
+        }
+    }
 }
 
 /// A controller running in this process: stop it, kill it, read its counters.
@@ -141,8 +191,16 @@ impl ControllerHandle {
         client: Client,
         config: ControllerConfig,
     ) -> Result<ControllerHandle, ControllerError> {
+        ControllerHandle::start_with_metrics(client, config, Arc::new(Metrics::new())).await
+    }
+
+    /// Starts the controller counting into `metrics` (shared across restarts of the reconcilers).
+    pub async fn start_with_metrics(
+        client: Client,
+        config: ControllerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<ControllerHandle, ControllerError> {
         let cancel = CancellationToken::new();
-        let metrics = Arc::new(Metrics::new());
         let mut tasks = Vec::new();
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_addr {
