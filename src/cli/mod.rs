@@ -314,7 +314,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let cluster = crate::sim::SimCluster::start(config).await?;
             tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), "serin sim ready; Ctrl-C to stop");
-            println!("serin sim listening on {}; kubeconfig: {}", cluster.base_url(), cluster.kubeconfig_path().display());
+            println!(
+                "serin sim listening on {}; kubeconfig: {}",
+                cluster.base_url(),
+                cluster.kubeconfig_path().display()
+            );
             let _ = tokio::signal::ctrl_c().await;
             cluster.shutdown().await;
             Ok(())

@@ -125,10 +125,9 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     let interrupted = CancellationToken::new();
     let on_signal = interrupted.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("interrupted, stopping");
-            on_signal.cancel();
-        }
+        shutdown_signal().await;
+        tracing::info!("interrupted, stopping");
+        on_signal.cancel();
     });
     // One metrics endpoint for the life of the process, so a standby replica still answers /healthz.
     let metrics = Arc::new(Metrics::new());
@@ -142,7 +141,8 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         ..config.clone()
     };
     let Some(lease) = config.leader.clone() else {
-        let handle = ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
+        let handle =
+            ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
         let cancel = handle.cancel.clone();
         tokio::spawn(async move {
             interrupted.cancelled().await;
@@ -156,9 +156,12 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
             acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
         };
         tracing::info!(identity = %lease.identity, "leading: starting the reconcilers");
-        let handle =
-            ControllerHandle::start_with_metrics(client.clone(), reconciler_config.clone(), metrics.clone())
-                .await?;
+        let handle = ControllerHandle::start_with_metrics(
+            client.clone(),
+            reconciler_config.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let lost = leadership.lost();
         tokio::select! {
             _ = lost.cancelled() => {
@@ -174,6 +177,22 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
                 return stopped;
             }
         }
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends a pod it stops).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
     }
 }
 
@@ -311,7 +330,11 @@ impl CacheSync {
         move |event| {
             if !counted && matches!(event, watcher::Event::InitDone) {
                 counted = true;
-                tracing::debug!(cache, left = sync.pending.load(Ordering::Acquire), "a cache synced");
+                tracing::debug!(
+                    cache,
+                    left = sync.pending.load(Ordering::Acquire),
+                    "a cache synced"
+                );
                 if sync.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
                     sync.metrics.set_ready();
                 }
@@ -459,8 +482,7 @@ fn spawn_scope(
                 tracing::debug!(%error, "reconcile trigger failed");
             }
         });
-    let task = tokio::spawn(controller);
-    task
+    tokio::spawn(controller)
 }
 
 fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRef<Rollout>> {
