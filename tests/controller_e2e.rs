@@ -565,3 +565,55 @@ async fn specs_only_the_controller_can_judge_get_invalid_spec_and_change_nothing
     );
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_putting_selectors_back_fails_on_abort_nothing_after_it_happens() {
+    let world = World::start().await;
+    world.given_services("ord", &["ord", "ord-canary"]).await;
+    let canary =
+        json!({"steps": [{"setWeight": 50}, {"pause": {}}], "abortScaleDownDelaySeconds": 0});
+    world
+        .given_rollout(canary_rollout("ord", 4, "ord:1", canary))
+        .await
+        .expect("rollout accepted");
+    let v1 = healthy_first_revision(&world, "ord", 4).await;
+    world.when_image_changes("ord", "ord:2").await;
+    let paused = world
+        .then_eventually("ord", "paused at weight 50", STEP_TIMEOUT, |s| {
+            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 50
+        })
+        .await;
+    let v2 = paused.canary_hash().expect("canary revision");
+
+    // Every Service write fails: the abort cannot move traffic back, so it must not go further.
+    world
+        .sim
+        .faults()
+        .fail_next("patch", "services", 10_000, 500);
+    world.when_command("ord", ManualCommand::Abort).await;
+    world
+        .expect_event("ord", "SetServiceSelectorFailed", STEP_TIMEOUT)
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = world.state("ord").await;
+    assert_eq!(
+        held.replicas_of(&v2),
+        2,
+        "canary scaled down before traffic left it:\n{held:#?}"
+    );
+    expect_selectors(&held, &[("ord", None), ("ord-canary", Some(&v2))]);
+    assert_ne!(
+        held.phase(),
+        Some(RolloutPhase::Aborted),
+        "reported Aborted without doing it"
+    );
+
+    world.sim.faults().clear();
+    let aborted = world
+        .then_eventually("ord", "aborted once writes work again", STEP_TIMEOUT, |s| {
+            s.is(RolloutPhase::Aborted) && s.replicas_of(&v2) == 0
+        })
+        .await;
+    expect_selectors(&aborted, &[("ord", Some(&v1)), ("ord-canary", Some(&v1))]);
+    world.stop().await;
+}

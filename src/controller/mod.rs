@@ -31,7 +31,7 @@ pub use observe::{observe, ObserveError, Sources};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::{labels, Rollout, RolloutStatus};
-use crate::strategy::{Plan, PlannedEvent};
+use crate::strategy::Plan;
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -533,16 +533,8 @@ async fn reconcile_rollout(
         let applied = match act(&context.client, &current, &plan.actions).await {
             Ok(applied) => applied,
             Err(error) => {
-                publish(
-                    context,
-                    &current,
-                    &PlannedEvent {
-                        warning: true,
-                        reason: "ActionFailed",
-                        message: format!("{error} ({})", error.category()),
-                    },
-                )
-                .await;
+                let reason = failure_reason(error.category());
+                publish(context, &current, true, &reason, &error.to_string()).await;
                 return Err(error.into());
             }
         };
@@ -554,7 +546,14 @@ async fn reconcile_rollout(
                     context.remember(key.clone(), &current, written);
                 }
                 for event in &plan.events {
-                    publish(context, &current, event).await;
+                    publish(
+                        context,
+                        &current,
+                        event.warning,
+                        event.reason,
+                        &event.message,
+                    )
+                    .await;
                 }
                 context.metrics.rollout_state(
                     &namespace,
@@ -635,16 +634,40 @@ pub fn status_differs(current: Option<&RolloutStatus>, planned: &RolloutStatus) 
     }
 }
 
-async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent) {
+/// The event reason for a failed action: its bounded category in PascalCase (`scale_replicaset` ->
+/// `ScaleReplicasetFailed`), so events and metrics name failures alike.
+pub fn failure_reason(category: &str) -> String {
+    let mut reason: String = category
+        .split('_')
+        .filter(|word| !word.is_empty())
+        .map(|word| {
+            let mut chars = word.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    reason.push_str("Failed");
+    reason
+}
+
+async fn publish(
+    context: &ScopeContext,
+    rollout: &Rollout,
+    warning: bool,
+    reason: &str,
+    message: &str,
+) {
     let recorded = Event {
-        type_: if event.warning {
+        type_: if warning {
             EventType::Warning
         } else {
             EventType::Normal
         },
-        reason: event.reason.to_string(),
-        note: Some(event.message.clone()),
-        action: event.reason.to_string(),
+        reason: reason.to_string(),
+        note: Some(message.to_string()),
+        action: reason.to_string(),
         secondary: None,
     };
     if let Err(error) = context
@@ -652,7 +675,7 @@ async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent
         .publish(&recorded, &rollout.object_ref(&()))
         .await
     {
-        tracing::warn!(%error, reason = event.reason, "recording an event failed");
+        tracing::warn!(%error, reason, "recording an event failed");
     }
 }
 
@@ -713,6 +736,15 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
         );
         assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&deleting));
+    }
+
+    #[test]
+    fn failure_reasons_are_the_category_in_pascal_case() {
+        assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
+        assert_eq!(
+            failure_reason("traffic_router_unsupported"),
+            "TrafficRouterUnsupportedFailed"
+        );
     }
 
     #[test]
