@@ -531,12 +531,23 @@ pub(crate) fn plan_canary(
         let (routed, headers, mirrors) = match (&canary_hash, active) {
             (Some(hash), true) => {
                 let available = ctx.available(hash);
+                // Until the canary has the pods for the step's weight, keep the weight Serin set for this
+                // canary (or what the router carries after a lost status write), whichever is higher,
+                // within what the available pods can carry.
+                let set_before = match &ctx.prev.canary_revision {
+                    Some(previous) if previous.pod_template_hash == *hash && !ctx.prev.abort => {
+                        ctx.prev.current_weight.unwrap_or(0)
+                    }
+                    _ => 0,
+                };
                 let routed = if available >= canary_pods_needed(n, dw) {
                     dw
-                } else if canary_pods_needed(n, current) <= available {
-                    current.min(100)
                 } else {
-                    max_weight_carried(n, available)
+                    [set_before, current]
+                        .into_iter()
+                        .filter(|w| *w <= dw && canary_pods_needed(n, *w) <= available)
+                        .max()
+                        .unwrap_or_else(|| max_weight_carried(n, available).min(dw))
                 };
                 let (headers, mirrors) = routes_at(steps, idx);
                 (routed, headers, mirrors)
@@ -619,30 +630,48 @@ pub(crate) fn plan_canary(
             (Some(_), true) => (n - canary_target(canary, steps, idx, n)).max(0),
             _ => n,
         };
+        // Only pods behind the stable Service (as it will select after this plan) carry traffic, so only
+        // they count towards the availability floor; the others may go freely.
+        let pinned = stable_svc.and_then(|svc| out.world.selectors.get(svc).cloned().flatten());
+        let serving = |hash: &str| match &pinned {
+            Some(selected) if selected != hash => 0,
+            _ => ctx.available(hash),
+        };
         let stable_input = ScaleInput {
             spec: stable_spec,
-            available: ctx.available(&stable_hash),
+            available: serving(&stable_hash),
             target: stable_target,
             hold: false,
         };
         let canary_input = match (&canary_hash, active) {
             (Some(hash), true) => Some(ScaleInput {
                 spec: canary_spec_before,
-                available: ctx.available(hash),
+                available: serving(hash),
                 target: canary_target(canary, steps, idx, n),
                 hold: false,
             }),
             _ => None,
         };
+        // Old versions behind an unpinned stable Service still serve: they leave within the availability
+        // budget once their delay (if any) has passed, and count for nothing while they are held.
         let other_inputs: Vec<ScaleInput> = leftovers
             .iter()
             .map(|rs| {
-                let has_deadline = ctx.deadline(status, &rs.pod_template_hash).is_some();
+                let hash = rs.pod_template_hash.as_str();
+                // Versions that no longer serve are kept until the stable can carry everything, for a
+                // quick way back (fast rollback); those still serving leave within the budget.
+                let idle_until_stable_full = serving(hash) == 0
+                    && ctx.available(hash) > 0
+                    && !ctx.fully_available(&stable_hash, n);
+                let held = idle_until_stable_full
+                    || ctx
+                        .deadline(status, hash)
+                        .is_some_and(|due| due > ctx.now_s);
                 ScaleInput {
-                    spec: out.spec_of(&rs.pod_template_hash).unwrap_or(0),
-                    available: ctx.available(&rs.pod_template_hash),
+                    spec: out.spec_of(hash).unwrap_or(0),
+                    available: if held { 0 } else { serving(hash) },
                     target: 0,
-                    hold: has_deadline,
+                    hold: held,
                 }
             })
             .collect();
@@ -664,12 +693,10 @@ pub(crate) fn plan_canary(
             }
         }
         for (rs, new) in leftovers.iter().zip(others_new) {
-            if ctx.deadline(status, &rs.pod_template_hash).is_none() {
-                push(
-                    &rs.pod_template_hash,
-                    out.spec_of(&rs.pod_template_hash).unwrap_or(0),
-                    new,
-                );
+            let hash = rs.pod_template_hash.as_str();
+            match ctx.deadline(status, hash) {
+                Some(due) if due > ctx.now_s => out.requeue_at(due),
+                _ => push(hash, out.spec_of(hash).unwrap_or(0), new),
             }
         }
     }
@@ -691,11 +718,11 @@ pub(crate) fn plan_canary(
         }
     }
     let stable_full = ctx.fully_available(&stable_hash, n);
-    for rs in &leftovers {
+    for rs in leftovers.iter().filter(|_| router) {
         let hash = rs.pod_template_hash.as_str();
         if ctx.deadline(status, hash).is_some() {
-            scale_after_deadline(ctx, out, status, hash, router && !router_state_known);
-        } else if router && router_state_known && stable_full {
+            scale_after_deadline(ctx, out, status, hash, !router_state_known);
+        } else if router_state_known && stable_full {
             out.scale(ctx, hash, 0);
         }
     }
@@ -916,8 +943,17 @@ fn weight_reached(
     let n = ctx.replicas;
     let target = canary_target(canary, &canary.steps, index, n);
     if canary.traffic_routing.is_some() {
-        let carried = out.world.traffic.as_ref().map(|t| t.canary_weight);
-        ctx.available(hash) >= canary_pods_needed(n, weight) && carried == Some(weight)
+        let Some(carried) = out.world.traffic.as_ref().map(|t| t.canary_weight) else {
+            return false;
+        };
+        // A router already at a later step's weight (a plan whose status write was lost) counts as past
+        // this step, so the weight does not step back.
+        let later = usize::try_from(index)
+            .ok()
+            .and_then(|i| canary.steps.get(i + 1..))
+            .is_some_and(|rest| rest.iter().any(|s| s.set_weight == Some(carried)));
+        ctx.available(hash) >= canary_pods_needed(n, weight.max(carried))
+            && (carried == weight || (carried > weight && later))
     } else {
         ctx.available(hash) >= target && ctx.shrunk_to(stable, (n - target).max(0))
     }
