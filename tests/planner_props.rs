@@ -149,12 +149,12 @@ fn build_rollout(
                     }),
                     ..Default::default()
                 }),
-                steps: monotone(steps),
                 analysis: background.then(|| BackgroundAnalysis {
                     templates: analysis().templates,
                     args: vec![],
-                    starting_step: Some(1),
+                    starting_step: Some(steps.len().min(1) as i32),
                 }),
+                steps: monotone(steps),
                 max_unavailable: Some(
                     k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(max_unavailable),
                 ),

@@ -3,9 +3,9 @@
 
 use super::canary::DEFAULT_SCALE_DOWN_DELAY_SECS;
 use super::context::{
-    add_deadline, ensure_run, others, prune_history, prune_runs, release_run, remove_deadline,
-    revision_ref, scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot,
-    RunState,
+    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, prune_history, prune_runs,
+    release_run, remove_deadline, revision_ref, scale_after_deadline, terminate_runs_of,
+    tidy_deadlines, Ctx, Out, RunSlot, RunState,
 };
 use super::status::{
     apply_user_pause, end_pause, end_step_pauses, fill_counts, previous_degraded,
@@ -47,6 +47,7 @@ pub(crate) fn plan_blue_green(
     let mut state = status.blue_green.clone().unwrap_or_default();
     let mut aborting: Option<(String, String)> = None;
 
+    let mut first_rollout = false;
     let mut stable_hash = match status.stable_revision.clone() {
         Some(stable)
             if ctx.rs(&stable.pod_template_hash).is_some()
@@ -55,6 +56,7 @@ pub(crate) fn plan_blue_green(
             stable.pod_template_hash
         }
         _ => {
+            first_rollout = true;
             let revision = ctx.next_revision_for(&ctx.hash);
             status.stable_revision = Some(RevisionRef {
                 pod_template_hash: ctx.hash.clone(),
@@ -360,10 +362,11 @@ pub(crate) fn plan_blue_green(
     let aborted = new_hash.is_some() && status.abort;
 
     // Act: selectors first (a rollback switches back before anything shrinks), then replicas.
-    out.set_selector(active_svc, Some(&stable_hash));
+    let hold = first_rollout && !stable_healthy_now;
+    pin_unless_serving_elsewhere(ctx, out, active_svc, &stable_hash, hold);
     match (&new_hash, active_new) {
         (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
-        _ => out.set_selector(preview_svc, Some(&stable_hash)),
+        _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &stable_hash, hold),
     }
     if ctx.rs(&stable_hash).is_none() {
         out.ensure_rs(

@@ -1,9 +1,9 @@
 //! Decides the next move of a canary rollout: steps, weights, replica counts, promotion, abort.
 
 use super::context::{
-    add_deadline, ensure_run, others, prune_history, prune_runs, release_run, remove_deadline,
-    scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot, RunState,
-    ROUTER_FOLLOW_UP_SECS,
+    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, prune_history, prune_runs,
+    release_run, remove_deadline, scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx,
+    Out, RunSlot, RunState, ROUTER_FOLLOW_UP_SECS,
 };
 use super::replicas::{
     canary_pods_needed, max_surge, max_unavailable, max_weight_carried, pods_for_weight,
@@ -564,22 +564,17 @@ pub(crate) fn plan_canary(
         }
     }
 
-    // Selectors. On the very first rollout, keep Services where they are until the new pods can carry
-    // everything, if older pods still serve.
-    let others_serving = others(ctx, &[&stable_hash])
-        .iter()
-        .any(|rs| rs.available_replicas > 0);
-    let hold_selectors = first_rollout && others_serving && !stable_healthy_now;
-    if !hold_selectors {
-        match (&canary_hash, active) {
-            (Some(hash), true) => {
-                out.set_selector(stable_svc, if router { Some(&stable_hash) } else { None });
-                out.set_selector(canary_svc, Some(hash));
-            }
-            _ => {
-                out.set_selector(stable_svc, Some(&stable_hash));
-                out.set_selector(canary_svc, Some(&stable_hash));
-            }
+    // Selectors. When Serin takes over without a stable in status, a Service that still sends traffic to
+    // older pods stays where it is until the new pods can carry everything.
+    let hold = first_rollout && !stable_healthy_now;
+    match (&canary_hash, active) {
+        (Some(hash), true) => {
+            out.set_selector(stable_svc, if router { Some(&stable_hash) } else { None });
+            out.set_selector(canary_svc, Some(hash));
+        }
+        _ => {
+            pin_unless_serving_elsewhere(ctx, out, stable_svc, &stable_hash, hold);
+            pin_unless_serving_elsewhere(ctx, out, canary_svc, &stable_hash, hold);
         }
     }
 

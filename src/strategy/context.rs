@@ -596,6 +596,29 @@ pub(crate) fn revision_ref(ctx: &Ctx, hash: &str) -> RevisionRef {
     }
 }
 
+/// Pins a Service to `hash`, unless `hold` and the Service still reaches available pods of another version.
+pub(crate) fn pin_unless_serving_elsewhere(
+    ctx: &Ctx,
+    out: &mut Out,
+    service: Option<&str>,
+    hash: &str,
+    hold: bool,
+) {
+    let Some(name) = service else { return };
+    if hold {
+        let serving_elsewhere = match out.world.selectors.get(name).cloned().flatten() {
+            Some(current) => current != hash && ctx.available(&current) > 0,
+            None => ctx.observed.replica_sets.iter().any(|rs| {
+                rs.pod_template_hash != hash && !rs.deleting && rs.available_replicas > 0
+            }),
+        };
+        if serving_elsewhere {
+            return;
+        }
+    }
+    out.set_selector(Some(name), Some(hash));
+}
+
 /// Hashes of live ReplicaSets that are neither of `roles`, oldest revision first.
 pub(crate) fn others<'a>(ctx: &Ctx<'a>, roles: &[&str]) -> Vec<&'a ObservedReplicaSet> {
     let mut list: Vec<&ObservedReplicaSet> = ctx

@@ -1438,3 +1438,134 @@ fn never_panics_on_odd_input() {
     let _ = cluster.plan(1);
     let _ = BTreeMap::<String, String>::new();
 }
+
+#[test]
+fn set_canary_scale_grows_the_canary_but_never_below_its_weight() {
+    let steps = vec![
+        CanaryStep {
+            set_canary_scale: Some(SetCanaryScale {
+                replicas: Some(5),
+                weight: None,
+                match_traffic_weight: false,
+            }),
+            ..Default::default()
+        },
+        weight(10),
+        pause(None),
+        CanaryStep {
+            set_canary_scale: Some(SetCanaryScale {
+                replicas: Some(1),
+                weight: None,
+                match_traffic_weight: false,
+            }),
+            ..Default::default()
+        },
+        weight(50),
+        pause(None),
+    ];
+    let mut cluster = healthy(canary_rollout(steps, true));
+    let h2 = hash_of("app:2");
+    cluster.set_template("app:2");
+    cluster.settle(1);
+    assert_eq!(cluster.status().current_step_index, Some(2));
+    assert_eq!(cluster.rs(&h2).spec_replicas, 5);
+    assert_eq!(cluster.weight(), 10);
+    cluster.command(ManualCommands {
+        promote: Some(PromoteCommand::Step),
+        ..Default::default()
+    });
+    cluster.settle(2);
+    // setCanaryScale 1 with weight 50: the weight needs 5 pods, so 5 it is (rule 1).
+    assert_eq!(cluster.status().current_step_index, Some(5));
+    assert_eq!(cluster.rs(&h2).spec_replicas, 5);
+    assert_eq!(cluster.weight(), 50);
+}
+
+#[test]
+fn pause_step_with_duration_requeues_at_its_end_and_records_the_pause() {
+    let mut cluster = healthy(canary_rollout(
+        vec![weight(10), pause(Some(90)), weight(20)],
+        true,
+    ));
+    cluster.set_template("app:2");
+    cluster.settle(100);
+    let status = cluster.status();
+    assert_eq!(status.current_step_index, Some(1));
+    assert_eq!(status.pause_conditions[0].start_time.0, at(100));
+    let plan = cluster.plan(150);
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.requeue_after, Some(std::time::Duration::from_secs(40)));
+    assert_eq!(
+        condition_of(&plan.status, condition::PAUSED),
+        ("True".into(), reason::PAUSED_STEP.into())
+    );
+    cluster.settle(190);
+    assert_eq!(cluster.status().phase, Some(RolloutPhase::Healthy));
+}
+
+#[test]
+fn analysis_runs_of_old_revisions_are_stopped_and_pruned() {
+    let mut cluster = healthy(canary_rollout(vec![weight(10), pause(None)], false));
+    for i in 0..8 {
+        cluster.observed.analysis_runs.push(ObservedAnalysisRun {
+            name: format!("checkout-old{i}-step1"),
+            purpose: AnalysisPurpose::Step(1),
+            pod_template_hash: format!("old{i}"),
+            phase: if i == 0 {
+                AnalysisPhase::Running
+            } else {
+                AnalysisPhase::Failed
+            },
+            message: None,
+            terminating: false,
+        });
+    }
+    let plan = cluster.plan(1);
+    assert!(plan.actions.contains(&Action::TerminateAnalysisRun {
+        name: "checkout-old0-step1".into()
+    }));
+    let deleted = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::DeleteAnalysisRun { .. }))
+        .count();
+    assert_eq!(deleted, 3, "{:?}", plan.actions);
+}
+
+#[test]
+fn conditions_keep_their_transition_time_while_unchanged() {
+    let mut cluster = healthy(canary_rollout(vec![weight(10), pause(None)], false));
+    let ready_since = cluster
+        .status()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap()
+        .last_transition_time
+        .clone();
+    cluster.set_template("app:2");
+    cluster.settle(500);
+    let status = cluster.status();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.last_transition_time.0),
+        ("False", at(500))
+    );
+    let invalid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::INVALID_SPEC)
+        .unwrap();
+    assert_eq!(
+        invalid.last_transition_time, ready_since,
+        "InvalidSpec stayed False since the start"
+    );
+    assert!(status
+        .conditions
+        .iter()
+        .all(|c| c.observed_generation == Some(2)));
+}
