@@ -6,7 +6,10 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use kube::Client;
 use serde_json::{json, Value};
 
-use super::{router_for, Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, TrafficError, TrafficRouter};
+use super::{
+    router_for, Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, TrafficError,
+    TrafficRouter,
+};
 use crate::crd::labels::FIELD_MANAGER;
 use crate::crd::Rollout;
 
@@ -27,7 +30,10 @@ impl ApplyOutcome {
 }
 
 /// None when the Rollout has no trafficRouting; Some(Err(message)) when the router cannot route (missing or invalid object).
-pub async fn observe(client: &kube::Client, rollout: &Rollout) -> Option<Result<ObservedTraffic, String>> {
+pub async fn observe(
+    client: &kube::Client,
+    rollout: &Rollout,
+) -> Option<Result<ObservedTraffic, String>> {
     let router = match router_for(rollout)? {
         Ok(router) => router,
         Err(error) => return Some(Err(error.to_string())),
@@ -43,7 +49,11 @@ pub async fn observe(client: &kube::Client, rollout: &Rollout) -> Option<Result<
 ///
 /// (With an Istio DestinationRule, the subsets are written before the VirtualService; if the
 /// VirtualService write then fails, the subsets' hash labels were already pinned, which moves no traffic.)
-pub async fn apply(client: &kube::Client, rollout: &Rollout, desired: &DesiredTraffic) -> Result<ApplyOutcome, TrafficError> {
+pub async fn apply(
+    client: &kube::Client,
+    rollout: &Rollout,
+    desired: &DesiredTraffic,
+) -> Result<ApplyOutcome, TrafficError> {
     let router = router_for(rollout).ok_or_else(|| TrafficError::NoTrafficRouting {
         rollout: rollout.metadata.name.clone().unwrap_or_default(),
     })??;
@@ -99,16 +109,25 @@ fn api_for(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), &key.namespace, &key.kind.api_resource())
 }
 
-async fn read_objects(client: &Client, router: &dyn TrafficRouter) -> Result<RouterObjects, TrafficError> {
+async fn read_objects(
+    client: &Client,
+    router: &dyn TrafficRouter,
+) -> Result<RouterObjects, TrafficError> {
     let mut objects = RouterObjects::new();
     for key in router.objects() {
         let found = api_for(client, &key)
             .get_opt(&key.name)
             .await
-            .map_err(|source| TrafficError::Read { object: key.to_string(), source })?;
+            .map_err(|source| TrafficError::Read {
+                object: key.to_string(),
+                source,
+            })?;
         if let Some(found) = found {
-            let value = serde_json::to_value(&found)
-                .map_err(|error| TrafficError::EncodePatch { object: key.to_string(), reason: error.to_string() })?;
+            let value =
+                serde_json::to_value(&found).map_err(|error| TrafficError::EncodePatch {
+                    object: key.to_string(),
+                    reason: error.to_string(),
+                })?;
             objects.insert(key, value);
         }
     }
@@ -116,7 +135,10 @@ async fn read_objects(client: &Client, router: &dyn TrafficRouter) -> Result<Rou
 }
 
 fn resource_version(object: &Value) -> Option<String> {
-    object.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(str::to_string)
+    object
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// A patch from what was read to what is wanted, failing on the server if the object changed in between.
@@ -150,25 +172,42 @@ async fn write(client: &Client, change: Change) -> Result<String, TrafficError> 
     let api = api_for(client, change.key());
     let failed = |source: kube::Error| {
         if is_conflict(&source) {
-            TrafficError::Conflict { object: object.clone() }
+            TrafficError::Conflict {
+                object: object.clone(),
+            }
         } else {
-            TrafficError::Write { object: object.clone(), source }
+            TrafficError::Write {
+                object: object.clone(),
+                source,
+            }
         }
     };
     match change {
-        Change::Update { key, current, desired } => {
-            let patch = guarded_patch(&current, &desired)
-                .map_err(|reason| TrafficError::EncodePatch { object: object.clone(), reason })?;
+        Change::Update {
+            key,
+            current,
+            desired,
+        } => {
+            let patch =
+                guarded_patch(&current, &desired).map_err(|reason| TrafficError::EncodePatch {
+                    object: object.clone(),
+                    reason,
+                })?;
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..PatchParams::default()
             };
-            api.patch(&key.name, &params, &Patch::<()>::Json(patch)).await.map_err(failed)?;
+            api.patch(&key.name, &params, &Patch::<()>::Json(patch))
+                .await
+                .map_err(failed)?;
             Ok(format!("patched {object}"))
         }
         Change::Create { object: value, .. } => {
-            let dynamic: DynamicObject = serde_json::from_value(value)
-                .map_err(|error| TrafficError::EncodePatch { object: object.clone(), reason: error.to_string() })?;
+            let dynamic: DynamicObject =
+                serde_json::from_value(value).map_err(|error| TrafficError::EncodePatch {
+                    object: object.clone(),
+                    reason: error.to_string(),
+                })?;
             let params = PostParams {
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..PostParams::default()
@@ -180,13 +219,18 @@ async fn write(client: &Client, change: Change) -> Result<String, TrafficError> 
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     resource_version: resource_version(&current),
-                    uid: current.pointer("/metadata/uid").and_then(Value::as_str).map(str::to_string),
+                    uid: current
+                        .pointer("/metadata/uid")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 }),
                 ..DeleteParams::default()
             };
             match api.delete(&key.name, &params).await {
                 Ok(_) => Ok(format!("deleted {object}")),
-                Err(kube::Error::Api(status)) if status.code == 404 => Ok(format!("{object} already gone")),
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    Ok(format!("{object} already gone"))
+                }
                 Err(error) => Err(failed(error)),
             }
         }
@@ -206,7 +250,9 @@ mod tests {
         let mut desired = current.clone();
         desired["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(90);
         desired["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(10);
-        desired["spec"]["rules"].as_array_mut().map(|rules| rules.push(json!({"name": "serin-h"})));
+        if let Some(rules) = desired["spec"]["rules"].as_array_mut() {
+            rules.push(json!({"name": "serin-h"}));
+        }
         let patch = guarded_patch(&current, &desired).expect("patch");
         assert_eq!(
             serde_json::to_value(&patch.0[0]).expect("op"),
@@ -218,6 +264,9 @@ mod tests {
 
         let mut moved = current.clone();
         moved["metadata"]["resourceVersion"] = json!("8");
-        assert!(json_patch::patch(&mut moved, &patch).is_err(), "a concurrent edit must fail the patch");
+        assert!(
+            json_patch::patch(&mut moved, &patch).is_err(),
+            "a concurrent edit must fail the patch"
+        );
     }
 }

@@ -34,7 +34,11 @@ impl RouteInvalid {
         }
     }
 
-    pub(crate) fn field(object: &str, field: impl Into<String>, problem: impl Into<String>) -> RouteInvalid {
+    pub(crate) fn field(
+        object: &str,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> RouteInvalid {
         RouteInvalid::Field {
             object: object.to_string(),
             field: field.into(),

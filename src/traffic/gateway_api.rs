@@ -4,10 +4,13 @@
 use serde_json::{json, Value};
 
 use super::shared::{
-    canary_share, clamped_weight, covers, effective_mirror, managed_route_name, read_managed_routes,
-    regex_escape, write_managed_routes, ManagedRoutes, MANAGED_PREFIX,
+    canary_share, clamped_weight, covers, effective_mirror, managed_route_name,
+    read_managed_routes, regex_escape, write_managed_routes, ManagedRoutes, MANAGED_PREFIX,
 };
-use super::{Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind, TrafficRouter};
+use super::{
+    Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind,
+    TrafficRouter,
+};
 use crate::crd::rollout::{HeaderMatch, StringMatch};
 
 /// Routes through the HTTPRoute `http_route` in `namespace`.
@@ -25,10 +28,12 @@ impl GatewayApiRouter {
     }
 
     fn route<'a>(&self, objects: &'a RouterObjects) -> Result<&'a Value, RouteInvalid> {
-        objects.get(&self.key()).ok_or_else(|| RouteInvalid::Missing {
-            object: self.key().to_string(),
-            named_by: "spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute",
-        })
+        objects
+            .get(&self.key())
+            .ok_or_else(|| RouteInvalid::Missing {
+                object: self.key().to_string(),
+                named_by: "spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute",
+            })
     }
 
     /// Whether a backendRef points at the Service `service` in the route's namespace.
@@ -44,11 +49,18 @@ impl GatewayApiRouter {
     /// stable and the canary Service.
     fn primary_rule(&self, route: &Value) -> Result<usize, RouteInvalid> {
         let object = self.key().to_string();
-        let rules = route.pointer("/spec/rules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let rules = route
+            .pointer("/spec/rules")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let referencing = |service: &str, rule: &Value| {
             rule.get("backendRefs")
                 .and_then(Value::as_array)
-                .is_some_and(|refs| refs.iter().any(|backend_ref| self.refers_to(backend_ref, service)))
+                .is_some_and(|refs| {
+                    refs.iter()
+                        .any(|backend_ref| self.refers_to(backend_ref, service))
+                })
         };
         let stable_rules: Vec<usize> = rules
             .iter()
@@ -99,14 +111,22 @@ impl GatewayApiRouter {
     /// its filters except Serin's mirror, and the canary backendRef alone.
     fn header_rule(&self, primary: &Value, header_route: &super::HeaderRoute) -> Value {
         let headers: Vec<Value> = header_route.matches.iter().map(header_match).collect();
-        let primary_matches = primary.get("matches").and_then(Value::as_array).cloned().unwrap_or_default();
+        let primary_matches = primary
+            .get("matches")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let matches: Vec<Value> = if primary_matches.is_empty() {
             vec![json!({"headers": headers})]
         } else {
             primary_matches
                 .into_iter()
                 .map(|mut user_match| {
-                    let mut all_headers = user_match.get("headers").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let mut all_headers = user_match
+                        .get("headers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
                     all_headers.extend(headers.iter().cloned());
                     if let Some(fields) = user_match.as_object_mut() {
                         fields.insert("headers".to_string(), Value::Array(all_headers));
@@ -118,7 +138,10 @@ impl GatewayApiRouter {
         let mut canary_ref = primary
             .get("backendRefs")
             .and_then(Value::as_array)
-            .and_then(|refs| refs.iter().find(|backend_ref| self.refers_to(backend_ref, &self.canary_service)))
+            .and_then(|refs| {
+                refs.iter()
+                    .find(|backend_ref| self.refers_to(backend_ref, &self.canary_service))
+            })
             .cloned()
             .unwrap_or_else(|| json!({"name": self.canary_service}));
         if let Some(fields) = canary_ref.as_object_mut() {
@@ -132,7 +155,13 @@ impl GatewayApiRouter {
         let filters: Vec<Value> = primary
             .get("filters")
             .and_then(Value::as_array)
-            .map(|filters| filters.iter().filter(|filter| !self.is_managed_mirror(filter)).cloned().collect())
+            .map(|filters| {
+                filters
+                    .iter()
+                    .filter(|filter| !self.is_managed_mirror(filter))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         if !filters.is_empty() {
             rule["filters"] = Value::Array(filters);
@@ -147,7 +176,10 @@ impl GatewayApiRouter {
         let port = primary
             .get("backendRefs")
             .and_then(Value::as_array)
-            .and_then(|refs| refs.iter().find(|backend_ref| self.refers_to(backend_ref, &self.canary_service)))
+            .and_then(|refs| {
+                refs.iter()
+                    .find(|backend_ref| self.refers_to(backend_ref, &self.canary_service))
+            })
             .and_then(|backend_ref| backend_ref.get("port"))
             .cloned();
         let mut backend_ref = json!({"name": self.canary_service});
@@ -159,13 +191,19 @@ impl GatewayApiRouter {
 }
 
 fn is_managed_rule(rule: &Value) -> bool {
-    rule.get("name").and_then(Value::as_str).is_some_and(|name| name.starts_with(MANAGED_PREFIX))
+    rule.get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|name| name.starts_with(MANAGED_PREFIX))
 }
 
 /// A Gateway API header match; a prefix becomes an anchored regular expression (Gateway API has no prefix
 /// match for headers).
 fn header_match(condition: &HeaderMatch) -> Value {
-    let StringMatch { exact, prefix, regex } = &condition.header_value;
+    let StringMatch {
+        exact,
+        prefix,
+        regex,
+    } = &condition.header_value;
     let (kind, value) = match (exact, prefix, regex) {
         (Some(exact), _, _) => ("Exact", exact.clone()),
         (None, Some(prefix), _) => ("RegularExpression", format!("^{}.*", regex_escape(prefix))),
@@ -176,7 +214,10 @@ fn header_match(condition: &HeaderMatch) -> Value {
 }
 
 fn weight_of(backend_ref: &Value) -> i64 {
-    backend_ref.get("weight").and_then(Value::as_i64).unwrap_or(1)
+    backend_ref
+        .get("weight")
+        .and_then(Value::as_i64)
+        .unwrap_or(1)
 }
 
 impl TrafficRouter for GatewayApiRouter {
@@ -196,36 +237,62 @@ impl TrafficRouter for GatewayApiRouter {
         let route = self.route(objects)?;
         let index = self.primary_rule(route)?;
         let primary = &route["spec"]["rules"][index];
-        let refs = primary.get("backendRefs").and_then(Value::as_array).cloned().unwrap_or_default();
+        let refs = primary
+            .get("backendRefs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let total_of = |service: &str| -> i64 {
-            refs.iter().filter(|backend_ref| self.refers_to(backend_ref, service)).map(weight_of).sum()
+            refs.iter()
+                .filter(|backend_ref| self.refers_to(backend_ref, service))
+                .map(weight_of)
+                .sum()
         };
         let managed = read_managed_routes(route);
         let rule_names: Vec<&str> = route
             .pointer("/spec/rules")
             .and_then(Value::as_array)
-            .map(|rules| rules.iter().filter_map(|rule| rule.get("name").and_then(Value::as_str)).collect())
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter_map(|rule| rule.get("name").and_then(Value::as_str))
+                    .collect()
+            })
             .unwrap_or_default();
         let mirrored = primary
             .get("filters")
             .and_then(Value::as_array)
             .is_some_and(|filters| filters.iter().any(|filter| self.is_managed_mirror(filter)));
         Ok(ObservedTraffic {
-            canary_weight: canary_share(total_of(&self.stable_service), total_of(&self.canary_service)),
+            canary_weight: canary_share(
+                total_of(&self.stable_service),
+                total_of(&self.canary_service),
+            ),
             header_routes: managed
                 .header_routes
                 .into_iter()
                 .filter(|name| rule_names.contains(&managed_route_name(name).as_str()))
                 .collect(),
-            mirror_routes: if mirrored { managed.mirror_routes } else { Vec::new() },
+            mirror_routes: if mirrored {
+                managed.mirror_routes
+            } else {
+                Vec::new()
+            },
         })
     }
 
-    fn desired(&self, objects: &RouterObjects, desired: &DesiredTraffic) -> Result<Vec<Change>, RouteInvalid> {
+    fn desired(
+        &self,
+        objects: &RouterObjects,
+        desired: &DesiredTraffic,
+    ) -> Result<Vec<Change>, RouteInvalid> {
         let route = self.route(objects)?;
         let index = self.primary_rule(route)?;
         let canary_weight = clamped_weight(desired);
-        let mut rules = route["spec"]["rules"].as_array().cloned().unwrap_or_default();
+        let mut rules = route["spec"]["rules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let mut primary = rules[index].clone();
 
         if let Some(refs) = primary.get_mut("backendRefs").and_then(Value::as_array_mut) {
@@ -244,10 +311,20 @@ impl TrafficRouter for GatewayApiRouter {
         }
 
         let mirror = effective_mirror(desired);
-        let existing_filters = primary.get("filters").and_then(Value::as_array).cloned().unwrap_or_default();
-        let existing_mirror = existing_filters.iter().find(|filter| self.is_managed_mirror(filter)).cloned();
-        let mut filters: Vec<Value> =
-            existing_filters.iter().filter(|filter| !self.is_managed_mirror(filter)).cloned().collect();
+        let existing_filters = primary
+            .get("filters")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let existing_mirror = existing_filters
+            .iter()
+            .find(|filter| self.is_managed_mirror(filter))
+            .cloned();
+        let mut filters: Vec<Value> = existing_filters
+            .iter()
+            .filter(|filter| !self.is_managed_mirror(filter))
+            .cloned()
+            .collect();
         if let Some((_, percent)) = &mirror {
             let wanted = self.mirror_filter(&primary, *percent);
             filters.push(match existing_mirror {
@@ -278,9 +355,10 @@ impl TrafficRouter for GatewayApiRouter {
                     what: format!("give two header routes the same rule name \"{name}\""),
                 });
             }
-            let present = rules
-                .iter()
-                .find(|rule| is_managed_rule(rule) && rule.get("name").and_then(Value::as_str) == Some(name.as_str()));
+            let present = rules.iter().find(|rule| {
+                is_managed_rule(rule)
+                    && rule.get("name").and_then(Value::as_str) == Some(name.as_str())
+            });
             header_rules.push(match present {
                 Some(present) if covers(present, &wanted) => present.clone(),
                 _ => wanted,
@@ -297,7 +375,11 @@ impl TrafficRouter for GatewayApiRouter {
         write_managed_routes(
             &mut changed,
             &ManagedRoutes {
-                header_routes: desired.header_routes.iter().map(|route| route.name.clone()).collect(),
+                header_routes: desired
+                    .header_routes
+                    .iter()
+                    .map(|route| route.name.clone())
+                    .collect(),
                 mirror_routes: mirror.map(|(names, _)| names).unwrap_or_default(),
             },
         );
@@ -309,5 +391,222 @@ impl TrafficRouter for GatewayApiRouter {
             current: route.clone(),
             desired: changed,
         }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::traffic::test_support::{applied, bytes, exact_header, mirror, traffic, written};
+
+    fn router() -> GatewayApiRouter {
+        GatewayApiRouter {
+            namespace: "shop".into(),
+            http_route: "checkout".into(),
+            stable_service: "checkout".into(),
+            canary_service: "checkout-canary".into(),
+        }
+    }
+
+    fn user_route() -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "checkout", "namespace": "shop", "resourceVersion": "5",
+                         "annotations": {"team": "payments"}},
+            "spec": {
+                "parentRefs": [{"name": "public"}],
+                "hostnames": ["shop.example"],
+                "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                     "filters": [{"type": "RequestHeaderModifier",
+                                  "requestHeaderModifier": {"add": [{"name": "x-env", "value": "prod"}]}}],
+                     "backendRefs": [{"name": "checkout", "port": 80, "weight": 100},
+                                     {"name": "checkout-canary", "port": 80, "weight": 0}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/static"}}],
+                     "backendRefs": [{"name": "static", "port": 80}]}
+                ]
+            }
+        })
+    }
+
+    fn objects(route: Value) -> RouterObjects {
+        let mut objects = RouterObjects::new();
+        objects.insert(router().key(), route);
+        objects
+    }
+
+    fn with_weights(mut route: Value, stable: i64, canary: i64) -> Value {
+        route["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(stable);
+        route["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(canary);
+        route
+    }
+
+    #[test]
+    fn weights_are_set_on_the_primary_rule_and_nothing_else_changes() {
+        for (weight, expected_stable) in [(10, 90), (50, 50), (100, 0)] {
+            let changes = router()
+                .desired(&objects(user_route()), &traffic(weight))
+                .expect("routable");
+            let changed = written(&changes);
+            let refs = &changed["spec"]["rules"][0]["backendRefs"];
+            assert_eq!(
+                refs[0]["weight"],
+                json!(expected_stable),
+                "stable at {weight}"
+            );
+            assert_eq!(refs[1]["weight"], json!(weight), "canary at {weight}");
+            assert_eq!(
+                bytes(&with_weights(changed.clone(), 100, 0)),
+                bytes(&user_route()),
+                "only weights at {weight}"
+            );
+            let observed = router()
+                .observe(&applied(&objects(user_route()), &changes))
+                .expect("observable");
+            assert_eq!(observed.canary_weight, weight);
+        }
+    }
+
+    #[test]
+    fn a_route_that_already_carries_the_weights_is_not_written() {
+        assert!(router()
+            .desired(&objects(user_route()), &traffic(0))
+            .expect("routable")
+            .is_empty());
+        let at_ten = with_weights(user_route(), 90, 10);
+        assert!(router()
+            .desired(&objects(at_ten), &traffic(10))
+            .expect("routable")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_hand_edit_is_observed_as_drift_and_reverted() {
+        let edited = with_weights(user_route(), 70, 30);
+        assert_eq!(
+            router()
+                .observe(&objects(edited.clone()))
+                .expect("observable")
+                .canary_weight,
+            30
+        );
+        let changes = router()
+            .desired(&objects(edited), &traffic(10))
+            .expect("routable");
+        assert_eq!(
+            bytes(&written(&changes)),
+            bytes(&with_weights(user_route(), 90, 10))
+        );
+    }
+
+    #[test]
+    fn header_route_is_a_managed_rule_to_the_canary_and_is_removed_without_a_trace() {
+        let mut desired = traffic(10);
+        desired.header_routes = vec![exact_header("beta users", "X-Canary", "yes")];
+        let changes = router()
+            .desired(&objects(user_route()), &desired)
+            .expect("routable");
+        let changed = written(&changes);
+        let rules = changed["spec"]["rules"].as_array().expect("rules");
+        assert_eq!(rules.len(), 3);
+        assert_eq!(
+            rules[2],
+            json!({
+                "name": "serin-beta-users",
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"},
+                             "headers": [{"type": "Exact", "name": "X-Canary", "value": "yes"}]}],
+                "filters": [{"type": "RequestHeaderModifier",
+                             "requestHeaderModifier": {"add": [{"name": "x-env", "value": "prod"}]}}],
+                "backendRefs": [{"name": "checkout-canary", "port": 80, "weight": 1}]
+            })
+        );
+        assert_eq!(rules[1], user_route()["spec"]["rules"][1]);
+        let after = applied(&objects(user_route()), &changes);
+        let observed = router().observe(&after).expect("observable");
+        assert_eq!(observed.header_routes, vec!["beta users".to_string()]);
+        assert!(
+            router()
+                .desired(&after, &desired)
+                .expect("routable")
+                .is_empty(),
+            "idempotent"
+        );
+
+        let removal = router().desired(&after, &traffic(0)).expect("routable");
+        assert_eq!(bytes(&written(&removal)), bytes(&user_route()));
+    }
+
+    #[test]
+    fn server_defaults_on_a_managed_rule_do_not_cause_rewrites() {
+        let mut desired = traffic(10);
+        desired.header_routes = vec![exact_header("beta", "X-Canary", "yes")];
+        let mut stored = written(
+            &router()
+                .desired(&objects(user_route()), &desired)
+                .expect("routable"),
+        );
+        stored["spec"]["rules"][2]["backendRefs"][0]["group"] = json!("");
+        stored["spec"]["rules"][2]["backendRefs"][0]["kind"] = json!("Service");
+        assert!(router()
+            .desired(&objects(stored), &desired)
+            .expect("routable")
+            .is_empty());
+    }
+
+    #[test]
+    fn mirror_is_a_request_mirror_filter_on_the_primary_rule_and_is_removed_at_the_end() {
+        let mut desired = traffic(10);
+        desired.mirror_routes = vec![mirror("shadow", 25)];
+        let changes = router()
+            .desired(&objects(user_route()), &desired)
+            .expect("routable");
+        let changed = written(&changes);
+        assert_eq!(
+            changed["spec"]["rules"][0]["filters"][1],
+            json!({"type": "RequestMirror",
+                   "requestMirror": {"backendRef": {"name": "checkout-canary", "port": 80}, "percent": 25}})
+        );
+        let after = applied(&objects(user_route()), &changes);
+        assert_eq!(
+            router().observe(&after).expect("observable").mirror_routes,
+            vec!["shadow".to_string()]
+        );
+        let removal = router().desired(&after, &traffic(0)).expect("routable");
+        assert_eq!(bytes(&written(&removal)), bytes(&user_route()));
+    }
+
+    #[test]
+    fn invalid_routes_are_named_with_object_and_field() {
+        let mut no_stable = user_route();
+        no_stable["spec"]["rules"] = json!([{"backendRefs": [{"name": "other", "port": 80}]}]);
+        let mut two_rules = user_route();
+        two_rules["spec"]["rules"][1]["backendRefs"] = json!([{"name": "checkout", "port": 80}]);
+        let mut no_canary = user_route();
+        no_canary["spec"]["rules"][0]["backendRefs"] = json!([{"name": "checkout", "port": 80}]);
+        let mut other_namespace = user_route();
+        other_namespace["spec"]["rules"][0]["backendRefs"][0]["namespace"] = json!("elsewhere");
+        let cases = [
+            (Some(no_stable), "HTTPRoute shop/checkout: spec.rules[0].backendRefs: no backendRef to the stable Service \"checkout\""),
+            (Some(two_rules), "HTTPRoute shop/checkout: spec.rules[0].backendRefs and spec.rules[1].backendRefs: both reference the stable Service \"checkout\""),
+            (Some(no_canary), "HTTPRoute shop/checkout: spec.rules[0].backendRefs: no backendRef to the canary Service \"checkout-canary\""),
+            (Some(other_namespace), "HTTPRoute shop/checkout: spec.rules: no rule has a backendRef to the stable Service \"checkout\""),
+            (None, "HTTPRoute shop/checkout: not found (named by the Rollout's spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute)"),
+        ];
+        for (route, expected) in cases {
+            let objects = route.map(objects).unwrap_or_default();
+            let message = router().validate(&objects).expect_err(expected).to_string();
+            assert!(
+                message.starts_with(expected),
+                "{message}\n  expected to start with\n{expected}"
+            );
+            assert!(router().observe(&objects).is_err());
+            assert!(
+                router().desired(&objects, &traffic(10)).is_err(),
+                "nothing written for {expected}"
+            );
+        }
     }
 }

@@ -70,7 +70,10 @@ impl DesiredTraffic {
     pub fn sends_to_canary(&self) -> bool {
         self.canary_weight > 0
             || !self.header_routes.is_empty()
-            || self.mirror_routes.iter().any(|mirror| mirror.percentage > 0)
+            || self
+                .mirror_routes
+                .iter()
+                .any(|mirror| mirror.percentage > 0)
     }
 }
 
@@ -117,7 +120,10 @@ impl RoutingKind {
     }
 
     pub fn api_resource(&self) -> ApiResource {
-        let (group, version) = self.api_version().split_once('/').unwrap_or(("", self.api_version()));
+        let (group, version) = self
+            .api_version()
+            .split_once('/')
+            .unwrap_or(("", self.api_version()));
         let plural = match self {
             RoutingKind::HttpRoute => "httproutes",
             RoutingKind::VirtualService => "virtualservices",
@@ -198,7 +204,9 @@ pub enum Change {
 impl Change {
     pub fn key(&self) -> &ObjectKey {
         match self {
-            Change::Update { key, .. } | Change::Create { key, .. } | Change::Delete { key, .. } => key,
+            Change::Update { key, .. }
+            | Change::Create { key, .. }
+            | Change::Delete { key, .. } => key,
         }
     }
 }
@@ -216,7 +224,11 @@ pub trait TrafficRouter: Send + Sync {
     fn observe(&self, objects: &RouterObjects) -> Result<ObservedTraffic, RouteInvalid>;
     /// The writes that make the objects carry `desired`, touching only the fields Serin manages; empty
     /// when they already do.
-    fn desired(&self, objects: &RouterObjects, desired: &DesiredTraffic) -> Result<Vec<Change>, RouteInvalid>;
+    fn desired(
+        &self,
+        objects: &RouterObjects,
+        desired: &DesiredTraffic,
+    ) -> Result<Vec<Change>, RouteInvalid>;
 }
 
 /// The router the Rollout configures: None without `trafficRouting`; Err when the Rollout lacks what
@@ -226,7 +238,9 @@ pub fn router_for(rollout: &Rollout) -> Option<Result<Box<dyn TrafficRouter>, Tr
     let routing = canary.traffic_routing.as_ref()?;
     let rollout_name = rollout.metadata.name.clone().unwrap_or_default();
     let Some(namespace) = rollout.metadata.namespace.clone() else {
-        return Some(Err(TrafficError::RolloutNamespaceMissing { rollout: rollout_name }));
+        return Some(Err(TrafficError::RolloutNamespaceMissing {
+            rollout: rollout_name,
+        }));
     };
     let object = format!("Rollout {namespace}/{rollout_name}");
     let required = |value: &Option<String>, field: &str| match value.as_deref() {
@@ -281,4 +295,124 @@ pub fn router_for(rollout: &Rollout) -> Option<Result<Box<dyn TrafficRouter>, Tr
         ))));
     };
     Some(Ok(router))
+}
+
+/// Helpers for the routers' unit tests: play changes onto the objects as the API server would.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::crd::rollout::{HeaderMatch, StringMatch};
+
+    /// The objects after the changes, as if written.
+    pub fn applied(objects: &RouterObjects, changes: &[Change]) -> RouterObjects {
+        let mut result = objects.clone();
+        for change in changes {
+            match change {
+                Change::Update { key, desired, .. } => result.insert(key.clone(), desired.clone()),
+                Change::Create { key, object } => result.insert(key.clone(), object.clone()),
+                Change::Delete { key, .. } => {
+                    result.objects.remove(key);
+                }
+            }
+        }
+        result
+    }
+
+    /// The object a single Update (or Create) writes.
+    pub fn written(changes: &[Change]) -> Value {
+        match changes {
+            [Change::Update { desired, .. }] => desired.clone(),
+            [Change::Create { object, .. }] => object.clone(),
+            other => panic!("expected one update or create, got {other:?}"),
+        }
+    }
+
+    pub fn traffic(weight: i32) -> DesiredTraffic {
+        DesiredTraffic {
+            stable_service: "checkout".into(),
+            canary_service: "checkout-canary".into(),
+            canary_weight: weight,
+            ..DesiredTraffic::default()
+        }
+    }
+
+    pub fn exact_header(name: &str, header: &str, value: &str) -> HeaderRoute {
+        HeaderRoute {
+            name: name.into(),
+            matches: vec![HeaderMatch {
+                header_name: header.into(),
+                header_value: StringMatch {
+                    exact: Some(value.into()),
+                    ..StringMatch::default()
+                },
+            }],
+        }
+    }
+
+    pub fn mirror(name: &str, percentage: i32) -> MirrorRoute {
+        MirrorRoute {
+            name: name.into(),
+            percentage,
+        }
+    }
+
+    /// Serialized bytes, to compare objects byte for byte.
+    pub fn bytes(value: &Value) -> String {
+        serde_json::to_string(value).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(routing: &str, services: &str) -> Rollout {
+        let yaml = format!(
+            "apiVersion: serin.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: checkout, namespace: shop, uid: u1}}\n\
+             spec:\n  selector: {{matchLabels: {{app: checkout}}}}\n  template: {{metadata: {{labels: {{app: checkout}}}}}}\n\
+             \x20 strategy:\n    canary:\n{services}      trafficRouting: {routing}\n"
+        );
+        serde_yaml::from_str(&yaml).expect("rollout yaml")
+    }
+
+    const SERVICES: &str = "      stableService: checkout\n      canaryService: checkout-canary\n";
+
+    #[test]
+    fn router_for_picks_the_configured_backend_and_its_objects() {
+        let cases = [
+            ("{gatewayAPI: {httpRoute: web}}", "gatewayAPI", vec!["HTTPRoute shop/web"]),
+            (
+                "{istio: {virtualService: {name: vs, routes: [primary]}, destinationRule: {name: dr, canarySubsetName: c, stableSubsetName: s}}}",
+                "istio",
+                vec!["VirtualService shop/vs", "DestinationRule shop/dr"],
+            ),
+            ("{nginx: {stableIngress: web}}", "nginx", vec!["Ingress shop/web", "Ingress shop/web-checkout-canary"]),
+        ];
+        for (routing, name, keys) in cases {
+            let router = router_for(&rollout(routing, SERVICES))
+                .expect("configured")
+                .expect("valid");
+            assert_eq!(router.name(), name);
+            let objects: Vec<String> = router.objects().iter().map(ToString::to_string).collect();
+            assert_eq!(objects, keys);
+        }
+    }
+
+    #[test]
+    fn router_for_needs_the_services_and_is_none_without_routing() {
+        let mut without = rollout("{gatewayAPI: {httpRoute: web}}", SERVICES);
+        if let Some(canary) = without.spec.strategy.canary.as_mut() {
+            canary.traffic_routing = None;
+        }
+        assert!(router_for(&without).is_none());
+        let missing = router_for(&rollout(
+            "{gatewayAPI: {httpRoute: web}}",
+            "      stableService: checkout\n",
+        ))
+        .expect("configured")
+        .err()
+        .expect("canaryService required")
+        .to_string();
+        assert_eq!(missing, "Rollout shop/checkout: spec.strategy.canary.canaryService: required when trafficRouting is set");
+    }
 }

@@ -5,8 +5,14 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::shared::{canary_share, clamped_weight, covers, read_managed_routes, regex_escape, write_managed_routes, ManagedRoutes};
-use super::{Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind, TrafficRouter};
+use super::shared::{
+    canary_share, clamped_weight, covers, read_managed_routes, regex_escape, write_managed_routes,
+    ManagedRoutes,
+};
+use super::{
+    Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind,
+    TrafficRouter,
+};
 use crate::crd::labels::ROLLOUT_NAME;
 
 /// Annotation prefix of ingress-nginx.
@@ -42,7 +48,11 @@ impl NginxRouter {
     }
 
     fn canary_key(&self) -> ObjectKey {
-        ObjectKey::new(RoutingKind::Ingress, &self.namespace, &self.canary_ingress_name())
+        ObjectKey::new(
+            RoutingKind::Ingress,
+            &self.namespace,
+            &self.canary_ingress_name(),
+        )
     }
 
     fn annotation(&self, name: &str) -> String {
@@ -50,46 +60,70 @@ impl NginxRouter {
     }
 
     fn stable<'a>(&self, objects: &'a RouterObjects) -> Result<&'a Value, RouteInvalid> {
-        let stable = objects.get(&self.stable_key()).ok_or_else(|| RouteInvalid::Missing {
-            object: self.stable_key().to_string(),
-            named_by: "spec.strategy.canary.trafficRouting.nginx.stableIngress",
-        })?;
+        let stable = objects
+            .get(&self.stable_key())
+            .ok_or_else(|| RouteInvalid::Missing {
+                object: self.stable_key().to_string(),
+                named_by: "spec.strategy.canary.trafficRouting.nginx.stableIngress",
+            })?;
         if self.points_at_stable(stable) {
             Ok(stable)
         } else {
             Err(RouteInvalid::field(
                 &self.stable_key().to_string(),
                 "spec.rules[*].http.paths[*].backend.service.name",
-                format!("no backend to the stable Service \"{}\"", self.stable_service),
+                format!(
+                    "no backend to the stable Service \"{}\"",
+                    self.stable_service
+                ),
             ))
         }
     }
 
     fn points_at_stable(&self, ingress: &Value) -> bool {
-        let is_stable = |backend: &Value| backend.pointer("/service/name").and_then(Value::as_str) == Some(self.stable_service.as_str());
-        let default_backend = ingress.pointer("/spec/defaultBackend").is_some_and(is_stable);
-        let rules = ingress.pointer("/spec/rules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let is_stable = |backend: &Value| {
+            backend.pointer("/service/name").and_then(Value::as_str)
+                == Some(self.stable_service.as_str())
+        };
+        let default_backend = ingress
+            .pointer("/spec/defaultBackend")
+            .is_some_and(is_stable);
+        let rules = ingress
+            .pointer("/spec/rules")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         default_backend
             || rules.iter().any(|rule| {
                 rule.pointer("/http/paths")
                     .and_then(Value::as_array)
-                    .is_some_and(|paths| paths.iter().any(|path| path.get("backend").is_some_and(is_stable)))
+                    .is_some_and(|paths| {
+                        paths
+                            .iter()
+                            .any(|path| path.get("backend").is_some_and(is_stable))
+                    })
             })
     }
 
     /// The canary Ingress as it stands, after checking that it is this Rollout's.
     fn canary<'a>(&self, objects: &'a RouterObjects) -> Result<Option<&'a Value>, RouteInvalid> {
-        let Some(canary) = objects.get(&self.canary_key()) else { return Ok(None) };
+        let Some(canary) = objects.get(&self.canary_key()) else {
+            return Ok(None);
+        };
         let owned = canary
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
             .is_some_and(|owners| {
                 owners.iter().any(|owner| {
                     owner.get("kind").and_then(Value::as_str) == Some("Rollout")
-                        && owner.get("name").and_then(Value::as_str) == Some(self.rollout_name.as_str())
+                        && owner.get("name").and_then(Value::as_str)
+                            == Some(self.rollout_name.as_str())
                 })
             });
-        let labelled = canary.pointer("/metadata/labels").and_then(|labels| labels.get(ROLLOUT_NAME)).and_then(Value::as_str)
+        let labelled = canary
+            .pointer("/metadata/labels")
+            .and_then(|labels| labels.get(ROLLOUT_NAME))
+            .and_then(Value::as_str)
             == Some(self.rollout_name.as_str());
         if owned || (self.rollout_uid.is_none() && labelled) {
             Ok(Some(canary))
@@ -109,7 +143,9 @@ impl NginxRouter {
     /// paths to other Services are left out (the canary Ingress only carries the canary's share).
     fn canary_spec(&self, stable: &Value) -> Value {
         let to_canary = |backend: &Value| -> Option<Value> {
-            if backend.pointer("/service/name").and_then(Value::as_str) != Some(self.stable_service.as_str()) {
+            if backend.pointer("/service/name").and_then(Value::as_str)
+                != Some(self.stable_service.as_str())
+            {
                 return None;
             }
             let mut backend = backend.clone();
@@ -157,19 +193,28 @@ impl NginxRouter {
         Value::Object(spec)
     }
 
-    fn canary_annotations(&self, desired: &DesiredTraffic) -> Result<Map<String, Value>, RouteInvalid> {
+    fn canary_annotations(
+        &self,
+        desired: &DesiredTraffic,
+    ) -> Result<Map<String, Value>, RouteInvalid> {
         let mut annotations: Map<String, Value> = self
             .additional_annotations
             .iter()
             .map(|(key, value)| (key.clone(), json!(value)))
             .collect();
         annotations.insert(self.annotation("canary"), json!("true"));
-        annotations.insert(self.annotation("canary-weight"), json!(clamped_weight(desired).to_string()));
+        annotations.insert(
+            self.annotation("canary-weight"),
+            json!(clamped_weight(desired).to_string()),
+        );
         match desired.header_routes.as_slice() {
             [] => {}
             [route] if route.matches.len() == 1 => {
                 let condition = &route.matches[0];
-                annotations.insert(self.annotation("canary-by-header"), json!(condition.header_name));
+                annotations.insert(
+                    self.annotation("canary-by-header"),
+                    json!(condition.header_name),
+                );
                 let value = &condition.header_value;
                 match (&value.exact, &value.prefix, &value.regex) {
                     (Some(exact), _, _) => {
@@ -182,7 +227,8 @@ impl NginxRouter {
                         );
                     }
                     (None, None, Some(regex)) => {
-                        annotations.insert(self.annotation("canary-by-header-pattern"), json!(regex));
+                        annotations
+                            .insert(self.annotation("canary-by-header-pattern"), json!(regex));
                     }
                     (None, None, None) => {}
                 }
@@ -190,14 +236,20 @@ impl NginxRouter {
             _ => {
                 return Err(RouteInvalid::Unsupported {
                     router: "nginx",
-                    what: "route by more than one header condition (NGINX canaries match one header)".to_string(),
+                    what:
+                        "route by more than one header condition (NGINX canaries match one header)"
+                            .to_string(),
                 })
             }
         }
         Ok(annotations)
     }
 
-    fn desired_canary(&self, stable: &Value, desired: &DesiredTraffic) -> Result<Value, RouteInvalid> {
+    fn desired_canary(
+        &self,
+        stable: &Value,
+        desired: &DesiredTraffic,
+    ) -> Result<Value, RouteInvalid> {
         let mut metadata = json!({
             "name": self.canary_ingress_name(),
             "namespace": self.namespace,
@@ -223,7 +275,11 @@ impl NginxRouter {
         write_managed_routes(
             &mut canary,
             &ManagedRoutes {
-                header_routes: desired.header_routes.iter().map(|route| route.name.clone()).collect(),
+                header_routes: desired
+                    .header_routes
+                    .iter()
+                    .map(|route| route.name.clone())
+                    .collect(),
                 mirror_routes: Vec::new(),
             },
         );
@@ -274,24 +330,35 @@ impl TrafficRouter for NginxRouter {
         })
     }
 
-    fn desired(&self, objects: &RouterObjects, desired: &DesiredTraffic) -> Result<Vec<Change>, RouteInvalid> {
+    fn desired(
+        &self,
+        objects: &RouterObjects,
+        desired: &DesiredTraffic,
+    ) -> Result<Vec<Change>, RouteInvalid> {
         let stable = self.stable(objects)?;
         let current = self.canary(objects)?;
         if effective_mirror_requested(desired) {
             return Err(RouteInvalid::Unsupported {
                 router: "nginx",
-                what: "mirror traffic (use the Gateway API or Istio router for setMirrorRoute)".to_string(),
+                what: "mirror traffic (use the Gateway API or Istio router for setMirrorRoute)"
+                    .to_string(),
             });
         }
         if clamped_weight(desired) == 0 && desired.header_routes.is_empty() {
             return Ok(current
-                .map(|current| Change::Delete { key: self.canary_key(), current: current.clone() })
+                .map(|current| Change::Delete {
+                    key: self.canary_key(),
+                    current: current.clone(),
+                })
                 .into_iter()
                 .collect());
         }
         let wanted = self.desired_canary(stable, desired)?;
         let Some(current) = current else {
-            return Ok(vec![Change::Create { key: self.canary_key(), object: wanted }]);
+            return Ok(vec![Change::Create {
+                key: self.canary_key(),
+                object: wanted,
+            }]);
         };
         // Serin owns the canary Ingress: its labels, annotations, owners and spec are exactly Serin's.
         let mut changed = current.clone();
@@ -299,22 +366,250 @@ impl TrafficRouter for NginxRouter {
             match wanted["metadata"].get(field) {
                 Some(value) => changed["metadata"][field] = value.clone(),
                 None => {
-                    if let Some(metadata) = changed.get_mut("metadata").and_then(Value::as_object_mut) {
+                    if let Some(metadata) =
+                        changed.get_mut("metadata").and_then(Value::as_object_mut)
+                    {
                         metadata.remove(field);
                     }
                 }
             }
         }
-        if !current.get("spec").is_some_and(|spec| covers(spec, &wanted["spec"])) {
+        if !current
+            .get("spec")
+            .is_some_and(|spec| covers(spec, &wanted["spec"]))
+        {
             changed["spec"] = wanted["spec"].clone();
         }
         if &changed == current {
             return Ok(Vec::new());
         }
-        Ok(vec![Change::Update { key: self.canary_key(), current: current.clone(), desired: changed }])
+        Ok(vec![Change::Update {
+            key: self.canary_key(),
+            current: current.clone(),
+            desired: changed,
+        }])
     }
 }
 
 fn effective_mirror_requested(desired: &DesiredTraffic) -> bool {
-    desired.mirror_routes.iter().any(|mirror| mirror.percentage > 0)
+    desired
+        .mirror_routes
+        .iter()
+        .any(|mirror| mirror.percentage > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::traffic::test_support::{applied, exact_header, mirror, traffic, written};
+
+    fn router() -> NginxRouter {
+        NginxRouter {
+            namespace: "shop".into(),
+            rollout_name: "checkout".into(),
+            rollout_uid: Some("uid-1".into()),
+            stable_ingress: "checkout".into(),
+            annotation_prefix: DEFAULT_ANNOTATION_PREFIX.into(),
+            additional_annotations: BTreeMap::from([("team".to_string(), "payments".to_string())]),
+            stable_service: "checkout".into(),
+            canary_service: "checkout-canary".into(),
+        }
+    }
+
+    fn stable_ingress() -> Value {
+        json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "checkout", "namespace": "shop", "resourceVersion": "9",
+                         "annotations": {"nginx.ingress.kubernetes.io/rewrite-target": "/"}},
+            "spec": {
+                "ingressClassName": "nginx",
+                "tls": [{"hosts": ["shop.example"], "secretName": "shop-tls"}],
+                "rules": [{"host": "shop.example", "http": {"paths": [
+                    {"path": "/api", "pathType": "Prefix",
+                     "backend": {"service": {"name": "checkout", "port": {"number": 80}}}},
+                    {"path": "/static", "pathType": "Prefix",
+                     "backend": {"service": {"name": "static", "port": {"number": 80}}}}
+                ]}}]
+            }
+        })
+    }
+
+    fn objects() -> RouterObjects {
+        let mut objects = RouterObjects::new();
+        objects.insert(router().stable_key(), stable_ingress());
+        objects
+    }
+
+    #[test]
+    fn the_canary_ingress_is_created_from_the_stable_one() {
+        let changes = router()
+            .desired(&objects(), &traffic(10))
+            .expect("routable");
+        assert!(matches!(&changes[..], [Change::Create { .. }]));
+        assert_eq!(
+            written(&changes),
+            json!({
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "Ingress",
+                "metadata": {
+                    "name": "checkout-checkout-canary",
+                    "namespace": "shop",
+                    "labels": {"serin.dev/rollout": "checkout"},
+                    "annotations": {"nginx.ingress.kubernetes.io/canary": "true",
+                                    "nginx.ingress.kubernetes.io/canary-weight": "10",
+                                    "team": "payments"},
+                    "ownerReferences": [{"apiVersion": "serin.dev/v1alpha1", "kind": "Rollout", "name": "checkout",
+                                         "uid": "uid-1", "controller": true, "blockOwnerDeletion": true}]
+                },
+                "spec": {
+                    "ingressClassName": "nginx",
+                    "rules": [{"host": "shop.example", "http": {"paths": [
+                        {"path": "/api", "pathType": "Prefix",
+                         "backend": {"service": {"name": "checkout-canary", "port": {"number": 80}}}}
+                    ]}}]
+                }
+            })
+        );
+        let after = applied(&objects(), &changes);
+        assert_eq!(
+            router().observe(&after).expect("observable").canary_weight,
+            10
+        );
+        assert!(router()
+            .desired(&after, &traffic(10))
+            .expect("routable")
+            .is_empty());
+    }
+
+    #[test]
+    fn weights_move_on_the_canary_ingress_and_zero_deletes_it() {
+        let at_ten = applied(
+            &objects(),
+            &router()
+                .desired(&objects(), &traffic(10))
+                .expect("routable"),
+        );
+        for weight in [50, 100] {
+            let changes = router()
+                .desired(&at_ten, &traffic(weight))
+                .expect("routable");
+            assert_eq!(changes.len(), 1);
+            assert_eq!(
+                changes[0].key().name,
+                "checkout-checkout-canary",
+                "the stable Ingress is never written"
+            );
+            let after = applied(&at_ten, &changes);
+            assert_eq!(
+                router().observe(&after).expect("observable").canary_weight,
+                weight
+            );
+        }
+        let removal = router().desired(&at_ten, &traffic(0)).expect("routable");
+        assert!(matches!(&removal[..], [Change::Delete { .. }]));
+        assert_eq!(
+            router()
+                .observe(&applied(&at_ten, &removal))
+                .expect("observable"),
+            ObservedTraffic::default()
+        );
+        assert!(router()
+            .desired(&objects(), &traffic(0))
+            .expect("routable")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_hand_edit_of_the_canary_weight_is_observed_and_reverted() {
+        let mut at_ten = applied(
+            &objects(),
+            &router()
+                .desired(&objects(), &traffic(10))
+                .expect("routable"),
+        );
+        let key = router().canary_key();
+        let mut edited = at_ten.get(&key).cloned().expect("canary");
+        edited["metadata"]["annotations"]["nginx.ingress.kubernetes.io/canary-weight"] =
+            json!("60");
+        at_ten.insert(key.clone(), edited);
+        assert_eq!(
+            router().observe(&at_ten).expect("observable").canary_weight,
+            60
+        );
+        let changes = router().desired(&at_ten, &traffic(10)).expect("routable");
+        assert_eq!(
+            written(&changes)["metadata"]["annotations"]
+                ["nginx.ingress.kubernetes.io/canary-weight"],
+            json!("10")
+        );
+    }
+
+    #[test]
+    fn header_route_uses_canary_by_header_and_keeps_the_ingress_at_weight_zero() {
+        let mut desired = traffic(0);
+        desired.header_routes = vec![exact_header("beta", "X-Canary", "yes")];
+        let changes = router().desired(&objects(), &desired).expect("routable");
+        let annotations = written(&changes)["metadata"]["annotations"].clone();
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/canary-by-header"],
+            json!("X-Canary")
+        );
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/canary-by-header-value"],
+            json!("yes")
+        );
+        let after = applied(&objects(), &changes);
+        assert_eq!(
+            router().observe(&after).expect("observable").header_routes,
+            vec!["beta".to_string()]
+        );
+        assert!(matches!(
+            &router().desired(&after, &traffic(0)).expect("routable")[..],
+            [Change::Delete { .. }]
+        ));
+    }
+
+    #[test]
+    fn unsupported_and_invalid_inputs_are_refused_with_the_object_named() {
+        let mut mirrored = traffic(10);
+        mirrored.mirror_routes = vec![mirror("shadow", 10)];
+        assert!(matches!(
+            router().desired(&objects(), &mirrored),
+            Err(RouteInvalid::Unsupported { .. })
+        ));
+
+        let missing = router()
+            .validate(&RouterObjects::new())
+            .expect_err("missing")
+            .to_string();
+        assert_eq!(
+            missing,
+            "Ingress shop/checkout: not found (named by the Rollout's spec.strategy.canary.trafficRouting.nginx.stableIngress)"
+        );
+
+        let mut elsewhere = stable_ingress();
+        elsewhere["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] =
+            json!("other");
+        let mut objects_elsewhere = RouterObjects::new();
+        objects_elsewhere.insert(router().stable_key(), elsewhere);
+        let message = router()
+            .validate(&objects_elsewhere)
+            .expect_err("no stable")
+            .to_string();
+        assert!(message.starts_with("Ingress shop/checkout: spec.rules[*].http.paths[*].backend.service.name: no backend to the stable Service \"checkout\""), "{message}");
+
+        let mut foreign = objects();
+        foreign.insert(
+            router().canary_key(),
+            json!({"metadata": {"name": "checkout-checkout-canary", "namespace": "shop"}}),
+        );
+        let message = router()
+            .desired(&foreign, &traffic(10))
+            .expect_err("foreign")
+            .to_string();
+        assert!(message.starts_with("Ingress shop/checkout-checkout-canary: metadata.ownerReferences: exists and is not owned"), "{message}");
+    }
 }

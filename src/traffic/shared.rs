@@ -17,7 +17,11 @@ pub(crate) fn covers(existing: &Value, wanted: &Value) -> bool {
             .iter()
             .all(|(key, value)| have.get(key).is_some_and(|present| covers(present, value))),
         (Value::Array(have), Value::Array(want)) => {
-            have.len() == want.len() && have.iter().zip(want).all(|(present, value)| covers(present, value))
+            have.len() == want.len()
+                && have
+                    .iter()
+                    .zip(want)
+                    .all(|(present, value)| covers(present, value))
         }
         (Value::Number(have), Value::Number(want)) => have.as_f64() == want.as_f64(),
         _ => existing == wanted,
@@ -42,7 +46,13 @@ pub(crate) fn managed_route_name(step_name: &str) -> String {
     let mut name: String = step_name
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     name = name.trim_matches(|c| c == '-' || c == '.').to_string();
     if name.is_empty() {
@@ -71,7 +81,13 @@ pub(crate) fn read_managed_routes(object: &Value) -> ManagedRoutes {
         parsed
             .get(field)
             .and_then(Value::as_array)
-            .map(|names| names.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     ManagedRoutes {
@@ -86,7 +102,10 @@ pub(crate) fn write_managed_routes(object: &mut Value, routes: &ManagedRoutes) {
     let wanted = if routes.header_routes.is_empty() && routes.mirror_routes.is_empty() {
         None
     } else {
-        Some(json!({"headerRoutes": routes.header_routes, "mirrorRoutes": routes.mirror_routes}).to_string())
+        Some(
+            json!({"headerRoutes": routes.header_routes, "mirrorRoutes": routes.mirror_routes})
+                .to_string(),
+        )
     };
     let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
         return;
@@ -101,8 +120,14 @@ pub(crate) fn write_managed_routes(object: &mut Value, routes: &ManagedRoutes) {
             }
         }
         None => {
-            let emptied = match metadata.get_mut("annotations").and_then(Value::as_object_mut) {
-                Some(annotations) => annotations.remove(MANAGED_ROUTES_ANNOTATION).is_some() && annotations.is_empty(),
+            let emptied = match metadata
+                .get_mut("annotations")
+                .and_then(Value::as_object_mut)
+            {
+                Some(annotations) => {
+                    annotations.remove(MANAGED_ROUTES_ANNOTATION).is_some()
+                        && annotations.is_empty()
+                }
                 None => false,
             };
             if emptied {
@@ -115,7 +140,11 @@ pub(crate) fn write_managed_routes(object: &mut Value, routes: &ManagedRoutes) {
 /// The mirror in place: the names of the mirror routes with a percentage above 0 and the percentage to
 /// mirror (the latest step's: a later `setMirrorRoute` replaces an earlier one on the same route).
 pub(crate) fn effective_mirror(desired: &DesiredTraffic) -> Option<(Vec<String>, i32)> {
-    let active: Vec<_> = desired.mirror_routes.iter().filter(|mirror| mirror.percentage > 0).collect();
+    let active: Vec<_> = desired
+        .mirror_routes
+        .iter()
+        .filter(|mirror| mirror.percentage > 0)
+        .collect();
     let last = active.last()?;
     Some((
         active.iter().map(|mirror| mirror.name.clone()).collect(),
@@ -197,6 +226,9 @@ mod tests {
         let mut annotated = json!({"metadata": {"annotations": {"team": "x"}}});
         write_managed_routes(&mut annotated, &routes);
         write_managed_routes(&mut annotated, &ManagedRoutes::default());
-        assert_eq!(annotated, json!({"metadata": {"annotations": {"team": "x"}}}));
+        assert_eq!(
+            annotated,
+            json!({"metadata": {"annotations": {"team": "x"}}})
+        );
     }
 }
