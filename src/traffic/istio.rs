@@ -326,6 +326,10 @@ impl TrafficRouter for IstioRouter {
         keys
     }
 
+    fn pins_pod_template_hashes(&self) -> bool {
+        self.destination_rule.is_some()
+    }
+
     fn validate(&self, objects: &RouterObjects) -> Result<(), RouteInvalid> {
         self.primary_routes(self.virtual_service(objects)?)?;
         self.check_subsets(objects)

@@ -58,10 +58,10 @@ pub struct DesiredTraffic {
     /// Mirror routes in place, in step order.
     pub mirror_routes: Vec<MirrorRoute>,
     /// Pod-template hash of the stable version: pinned on the stable subset of an Istio DestinationRule.
-    /// When None, `apply` takes it from the Rollout's `status.stableRevision`.
+    /// When None, `apply` takes the hash the stable Service's selector is pinned to.
     pub stable_pod_template_hash: Option<String>,
     /// Pod-template hash of the canary version: pinned on the canary subset of an Istio DestinationRule.
-    /// When None, `apply` takes it from the Rollout's `status.canaryRevision`.
+    /// When None, `apply` takes the hash the canary Service's selector is pinned to.
     pub canary_pod_template_hash: Option<String>,
 }
 
@@ -229,6 +229,10 @@ pub trait TrafficRouter: Send + Sync {
         objects: &RouterObjects,
         desired: &DesiredTraffic,
     ) -> Result<Vec<Change>, RouteInvalid>;
+    /// Whether `desired` uses the pod-template hashes of [`DesiredTraffic`] (Istio DestinationRule subsets).
+    fn pins_pod_template_hashes(&self) -> bool {
+        false
+    }
 }
 
 /// The router the Rollout configures: None without `trafficRouting`; Err when the Rollout lacks what
