@@ -489,7 +489,9 @@ impl TrafficRouter for IstioRouter {
                             .cloned()
                             .unwrap_or_default();
                         all.extend(headers.clone());
-                        user_match["headers"] = Value::Object(all);
+                        if let Some(fields) = user_match.as_object_mut() {
+                            fields.insert("headers".to_string(), Value::Object(all));
+                        }
                         user_match
                     })
                     .collect()
