@@ -609,4 +609,21 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_weight_from_any_starting_point_is_observed_and_then_stable(
+            weight in 0i32..=100,
+            stable_start in 0i64..1000,
+            canary_start in 0i64..1000,
+        ) {
+            let start = objects(with_weights(user_route(), stable_start, canary_start));
+            let changes = router().desired(&start, &traffic(weight)).expect("routable");
+            let after = applied(&start, &changes);
+            proptest::prop_assert_eq!(router().observe(&after).expect("observable").canary_weight, weight);
+            proptest::prop_assert!(router().desired(&after, &traffic(weight)).expect("routable").is_empty());
+            let changed = after.get(&router().key()).cloned().expect("route");
+            proptest::prop_assert_eq!(bytes(&with_weights(changed, 100, 0)), bytes(&user_route()));
+        }
+    }
 }
