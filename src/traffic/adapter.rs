@@ -10,7 +10,7 @@ use super::{
     router_for, Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, TrafficError,
     TrafficRouter,
 };
-use crate::crd::labels::{FIELD_MANAGER, POD_TEMPLATE_HASH};
+use crate::crd::labels::FIELD_MANAGER;
 use crate::crd::Rollout;
 
 /// What `apply` wrote.
@@ -57,13 +57,8 @@ pub async fn apply(
     let router = router_for(rollout).ok_or_else(|| TrafficError::NoTrafficRouting {
         rollout: rollout.metadata.name.clone().unwrap_or_default(),
     })??;
-    let desired = if router.pins_pod_template_hashes() {
-        with_hashes_from_services(client, router.as_ref(), desired).await?
-    } else {
-        desired.clone()
-    };
     let objects = read_objects(client, router.as_ref()).await?;
-    let changes = router.desired(&objects, &desired)?;
+    let changes = router.desired(&objects, desired)?;
     let mut outcome = ApplyOutcome {
         router: router.name(),
         written: Vec::new(),
@@ -90,48 +85,6 @@ pub async fn apply(
         outcome.written.push(write(client, change).await?);
     }
     Ok(outcome)
-}
-
-/// The planner may leave the hashes out. The stable and canary Services' selectors then say which version
-/// each serves: the planner pins them before it moves weights (and, at promotion, before the stable
-/// Service's weight returns to 100%), so the subsets follow the Services. A Service without a pinned hash
-/// leaves its subset as it is.
-async fn with_hashes_from_services(
-    client: &Client,
-    router: &dyn TrafficRouter,
-    desired: &DesiredTraffic,
-) -> Result<DesiredTraffic, TrafficError> {
-    let mut desired = desired.clone();
-    let Some(namespace) = router.objects().first().map(|key| key.namespace.clone()) else {
-        return Ok(desired);
-    };
-    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-    for (service, hash) in [
-        (
-            desired.stable_service.clone(),
-            &mut desired.stable_pod_template_hash,
-        ),
-        (
-            desired.canary_service.clone(),
-            &mut desired.canary_pod_template_hash,
-        ),
-    ] {
-        if hash.is_some() {
-            continue;
-        }
-        let found = services
-            .get_opt(&service)
-            .await
-            .map_err(|source| TrafficError::Read {
-                object: format!("Service {namespace}/{service}"),
-                source,
-            })?;
-        *hash = found
-            .and_then(|found| found.spec)
-            .and_then(|spec| spec.selector)
-            .and_then(|selector| selector.get(POD_TEMPLATE_HASH).cloned());
-    }
-    Ok(desired)
 }
 
 fn api_for(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {

@@ -51,6 +51,21 @@ impl IstioRouter {
             .map(|rule| ObjectKey::new(RoutingKind::DestinationRule, &self.namespace, &rule.name))
     }
 
+    fn service_key(&self, service: &str) -> ObjectKey {
+        ObjectKey::new(RoutingKind::Service, &self.namespace, service)
+    }
+
+    /// The pod-template hash a Service's selector is pinned to. The planner pins the stable and canary
+    /// Services before it moves weights (and, at promotion, the stable Service to the new version before
+    /// the weight returns to it), so subsets that follow the Services never select the wrong pods.
+    fn pinned_hash<'a>(&self, objects: &'a RouterObjects, service: &str) -> Option<&'a str> {
+        objects
+            .get(&self.service_key(service))?
+            .pointer("/spec/selector")?
+            .get(POD_TEMPLATE_HASH)?
+            .as_str()
+    }
+
     fn virtual_service<'a>(&self, objects: &'a RouterObjects) -> Result<&'a Value, RouteInvalid> {
         objects
             .get(&self.vs_key())
@@ -241,7 +256,6 @@ impl IstioRouter {
     fn desired_destination_rule(
         &self,
         objects: &RouterObjects,
-        desired: &DesiredTraffic,
     ) -> Result<Option<Change>, RouteInvalid> {
         let (Some(rule), Some(key), Some(current)) = (
             &self.destination_rule,
@@ -250,6 +264,8 @@ impl IstioRouter {
         ) else {
             return Ok(None);
         };
+        let stable_hash = self.pinned_hash(objects, &self.stable_service);
+        let canary_hash = self.pinned_hash(objects, &self.canary_service);
         let mut changed = current.clone();
         if let Some(subsets) = changed
             .pointer_mut("/spec/subsets")
@@ -261,9 +277,9 @@ impl IstioRouter {
                     .and_then(Value::as_str)
                     .unwrap_or_default();
                 let hash = if name == rule.stable_subset_name {
-                    desired.stable_pod_template_hash.as_deref()
+                    stable_hash
                 } else if name == rule.canary_subset_name {
-                    desired.canary_pod_template_hash.as_deref()
+                    canary_hash
                 } else {
                     None
                 };
@@ -322,12 +338,12 @@ impl TrafficRouter for IstioRouter {
 
     fn objects(&self) -> Vec<ObjectKey> {
         let mut keys = vec![self.vs_key()];
-        keys.extend(self.dr_key());
+        if let Some(rule) = self.dr_key() {
+            keys.push(rule);
+            keys.push(self.service_key(&self.stable_service));
+            keys.push(self.service_key(&self.canary_service));
+        }
         keys
-    }
-
-    fn pins_pod_template_hashes(&self) -> bool {
-        self.destination_rule.is_some()
     }
 
     fn validate(&self, objects: &RouterObjects) -> Result<(), RouteInvalid> {
@@ -531,7 +547,7 @@ impl TrafficRouter for IstioRouter {
         // Subsets are pinned before any weight moves, so a weight never reaches a subset that still selects
         // the wrong pods.
         let mut changes: Vec<Change> = self
-            .desired_destination_rule(objects, desired)?
+            .desired_destination_rule(objects)?
             .into_iter()
             .collect();
         if &changed != virtual_service {
@@ -784,9 +800,13 @@ mod tests {
         let mut objects = RouterObjects::new();
         objects.insert(subset_router().vs_key(), subset_virtual_service());
         objects.insert(subset_router().dr_key().expect("dr"), destination_rule());
-        let mut desired = traffic(25);
-        desired.stable_pod_template_hash = Some("aaaa".into());
-        desired.canary_pod_template_hash = Some("bbbb".into());
+        for (service, hash) in [("checkout", "aaaa"), ("checkout-canary", "bbbb")] {
+            objects.insert(
+                subset_router().service_key(service),
+                json!({"metadata": {"name": service}, "spec": {"selector": {"app": "checkout", POD_TEMPLATE_HASH: hash}}}),
+            );
+        }
+        let desired = traffic(25);
         let changes = subset_router()
             .desired(&objects, &desired)
             .expect("routable");

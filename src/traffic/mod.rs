@@ -57,12 +57,6 @@ pub struct DesiredTraffic {
     pub header_routes: Vec<HeaderRoute>,
     /// Mirror routes in place, in step order.
     pub mirror_routes: Vec<MirrorRoute>,
-    /// Pod-template hash of the stable version: pinned on the stable subset of an Istio DestinationRule.
-    /// When None, `apply` takes the hash the stable Service's selector is pinned to.
-    pub stable_pod_template_hash: Option<String>,
-    /// Pod-template hash of the canary version: pinned on the canary subset of an Istio DestinationRule.
-    /// When None, `apply` takes the hash the canary Service's selector is pinned to.
-    pub canary_pod_template_hash: Option<String>,
 }
 
 impl DesiredTraffic {
@@ -99,6 +93,8 @@ pub enum RoutingKind {
     DestinationRule,
     /// `networking.k8s.io/v1` Ingress.
     Ingress,
+    /// `v1` Service (read only: its selector says which version it serves).
+    Service,
 }
 
 impl RoutingKind {
@@ -108,6 +104,7 @@ impl RoutingKind {
             RoutingKind::VirtualService => "VirtualService",
             RoutingKind::DestinationRule => "DestinationRule",
             RoutingKind::Ingress => "Ingress",
+            RoutingKind::Service => "Service",
         }
     }
 
@@ -116,6 +113,7 @@ impl RoutingKind {
             RoutingKind::HttpRoute => "gateway.networking.k8s.io/v1",
             RoutingKind::VirtualService | RoutingKind::DestinationRule => "networking.istio.io/v1",
             RoutingKind::Ingress => "networking.k8s.io/v1",
+            RoutingKind::Service => "v1",
         }
     }
 
@@ -129,6 +127,7 @@ impl RoutingKind {
             RoutingKind::VirtualService => "virtualservices",
             RoutingKind::DestinationRule => "destinationrules",
             RoutingKind::Ingress => "ingresses",
+            RoutingKind::Service => "services",
         };
         ApiResource {
             group: group.to_string(),
@@ -229,10 +228,6 @@ pub trait TrafficRouter: Send + Sync {
         objects: &RouterObjects,
         desired: &DesiredTraffic,
     ) -> Result<Vec<Change>, RouteInvalid>;
-    /// Whether `desired` uses the pod-template hashes of [`DesiredTraffic`] (Istio DestinationRule subsets).
-    fn pins_pod_template_hashes(&self) -> bool {
-        false
-    }
 }
 
 /// The router the Rollout configures: None without `trafficRouting`; Err when the Rollout lacks what
@@ -388,7 +383,12 @@ mod tests {
             (
                 "{istio: {virtualService: {name: vs, routes: [primary]}, destinationRule: {name: dr, canarySubsetName: c, stableSubsetName: s}}}",
                 "istio",
-                vec!["VirtualService shop/vs", "DestinationRule shop/dr"],
+                vec![
+                    "VirtualService shop/vs",
+                    "DestinationRule shop/dr",
+                    "Service shop/checkout",
+                    "Service shop/checkout-canary",
+                ],
             ),
             ("{nginx: {stableIngress: web}}", "nginx", vec!["Ingress shop/web", "Ingress shop/web-checkout-canary"]),
         ];
