@@ -304,7 +304,9 @@ impl TrafficRouter for GatewayApiRouter {
                 } else {
                     continue;
                 };
-                if weight_of(backend_ref) != weight || backend_ref.get("weight").is_none() {
+                // Written explicitly even where the default (1) would give the same split: Serin's
+                // weights are percentages, and observe reads them back as such.
+                if backend_ref.get("weight").and_then(Value::as_i64) != Some(weight) {
                     backend_ref["weight"] = json!(weight);
                 }
             }
