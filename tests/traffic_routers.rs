@@ -645,7 +645,7 @@ async fn nginx_canary_ingress_is_created_moved_and_deleted_and_the_stable_ingres
         let h = Harness::start(&[]).await?;
         let stable: Ingress = serde_json::from_value(json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": "checkout", "namespace": NS, "annotations": {"team": "payments"}},
+            "metadata": {"name": "checkout", "namespace": NS, "annotations": {"team": "payments", "sim.serin.dev/header-traffic": "X-Canary=yes:0.1"}},
             "spec": {"ingressClassName": "nginx", "rules": [{"host": "shop.example", "http": {"paths": [
                 {"path": "/", "pathType": "Prefix",
                  "backend": {"service": {"name": "checkout", "port": {"number": 80}}}}]}}]}
@@ -676,6 +676,23 @@ async fn nginx_canary_ingress_is_created_moved_and_deleted_and_the_stable_ingres
         assert_eq!(observed_weight(&h.client, &rollout).await?, 90);
         traffic::apply(&h.client, &rollout, &desired(50)).await?;
         assert_eq!(observed_weight(&h.client, &rollout).await?, 50);
+
+        // A header route keeps the canary Ingress at weight 0: only requests with the header reach it.
+        let mut with_header = desired(0);
+        with_header.header_routes = vec![HeaderRoute {
+            name: "beta".into(),
+            matches: vec![serde_json::from_value(
+                json!({"headerName": "X-Canary", "headerValue": {"exact": "yes"}}),
+            )?],
+        }];
+        traffic::apply(&h.client, &rollout, &with_header).await?;
+        let canary = ingresses.get("checkout-checkout-canary").await?;
+        let annotations = canary.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.get("nginx.ingress.kubernetes.io/canary-by-header").map(String::as_str),
+            Some("X-Canary")
+        );
+        h.expect_canary_share(10).await?;
 
         let outcome = traffic::apply(&h.client, &rollout, &desired(0)).await?;
         assert_eq!(outcome.written, vec!["deleted Ingress shop/checkout-checkout-canary".to_string()]);
