@@ -741,10 +741,7 @@ mod tests {
     #[test]
     fn failure_reasons_are_the_category_in_pascal_case() {
         assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
-        assert_eq!(
-            failure_reason("traffic_router_unsupported"),
-            "TrafficRouterUnsupportedFailed"
-        );
+        assert_eq!(failure_reason("set_traffic"), "SetTrafficFailed");
     }
 
     #[test]
