@@ -42,11 +42,21 @@ fn crds_directory_matches_the_generated_definitions() {
 fn rollout_crd_has_scale_subresource_printer_columns_and_short_name() {
     let crd = serin::crd::all().remove(0);
     assert_eq!(crd.spec.names.kind, "Rollout");
-    assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["ro".to_string()][..]));
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["ro".to_string()][..])
+    );
     let version = &crd.spec.versions[0];
-    let scale = version.subresources.as_ref().and_then(|s| s.scale.as_ref()).expect("scale subresource");
+    let scale = version
+        .subresources
+        .as_ref()
+        .and_then(|s| s.scale.as_ref())
+        .expect("scale subresource");
     assert_eq!(scale.spec_replicas_path, ".spec.replicas");
-    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
     let columns: Vec<&str> = version
         .additional_printer_columns
         .as_ref()
@@ -55,9 +65,15 @@ fn rollout_crd_has_scale_subresource_printer_columns_and_short_name() {
         .map(|c| c.name.as_str())
         .collect();
     for wanted in ["Phase", "Step", "Weight", "Age"] {
-        assert!(columns.contains(&wanted), "printer column {wanted} in {columns:?}");
+        assert!(
+            columns.contains(&wanted),
+            "printer column {wanted} in {columns:?}"
+        );
     }
     let yaml = serde_yaml::to_string(&crd).unwrap();
     assert!(yaml.contains("exactly one of strategy.canary or strategy.blueGreen"));
-    assert!(yaml.len() < 200_000, "CRD must stay small enough for client-side kubectl apply");
+    assert!(
+        yaml.len() < 200_000,
+        "CRD must stay small enough for client-side kubectl apply"
+    );
 }

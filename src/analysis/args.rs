@@ -105,9 +105,9 @@ fn parse(query: &str) -> Result<Vec<Piece<'_>>, ArgsError> {
                 escaped = true;
                 context
             }
-            (Context::DoubleQuoted, b'"') | (Context::SingleQuoted, b'\'') | (Context::Backtick, b'`') => {
-                Context::Bare
-            }
+            (Context::DoubleQuoted, b'"')
+            | (Context::SingleQuoted, b'\'')
+            | (Context::Backtick, b'`') => Context::Bare,
             (Context::Comment, b'\n') => Context::Bare,
             (unchanged, _) => unchanged,
         };
@@ -143,7 +143,10 @@ pub fn referenced_names(text: &str) -> Result<Vec<String>, ArgsError> {
 }
 
 /// Substitutes arguments into a PromQL query, escaping or rejecting each value according to where it appears.
-pub fn substitute_promql(query: &str, values: &BTreeMap<String, String>) -> Result<String, ArgsError> {
+pub fn substitute_promql(
+    query: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<String, ArgsError> {
     let mut out = String::with_capacity(query.len());
     for piece in parse(query)? {
         match piece {
@@ -157,7 +160,9 @@ pub fn substitute_promql(query: &str, values: &BTreeMap<String, String>) -> Resu
                     Context::SingleQuoted => out.push_str(&escape_quoted(value, '\'', name)?),
                     Context::Backtick => {
                         if value.contains('`') {
-                            return Err(ArgsError::BacktickInRawString { name: name.to_string() });
+                            return Err(ArgsError::BacktickInRawString {
+                                name: name.to_string(),
+                            });
                         }
                         out.push_str(value);
                     }
@@ -181,7 +186,10 @@ pub fn substitute_promql(query: &str, values: &BTreeMap<String, String>) -> Resu
 
 /// Substitutes arguments into plain text (a built-in check's field), without any escaping: the result is
 /// escaped where it is finally placed into PromQL.
-pub fn substitute_plain(text: &str, values: &BTreeMap<String, String>) -> Result<String, ArgsError> {
+pub fn substitute_plain(
+    text: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<String, ArgsError> {
     let mut out = String::with_capacity(text.len());
     for piece in parse(text)? {
         match piece {
@@ -247,7 +255,10 @@ mod tests {
     use super::*;
 
     fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -256,7 +267,10 @@ mod tests {
         let table: &[(&str, &str)] = &[
             ("checkout", r#"service="checkout""#),
             (r#"a"b"#, r#"service="a\"b""#),
-            (r#"x"} or vector(1) or {a=""#, r#"service="x\"} or vector(1) or {a=\"""#),
+            (
+                r#"x"} or vector(1) or {a=""#,
+                r#"service="x\"} or vector(1) or {a=\"""#,
+            ),
             ("}", r#"service="}""#),
             ("line1\nline2", r#"service="line1\nline2""#),
             (r"back\slash", r#"service="back\\slash""#),
@@ -278,17 +292,30 @@ mod tests {
 
     #[test]
     fn single_quoted_values_escape_the_single_quote() {
-        let out = substitute_promql("up{job='{{args.job}}'}", &values(&[("job", "a'b\"c")])).unwrap();
+        let out =
+            substitute_promql("up{job='{{args.job}}'}", &values(&[("job", "a'b\"c")])).unwrap();
         assert_eq!(out, r#"up{job='a\'b"c'}"#);
     }
 
     #[test]
     fn bare_values_must_be_a_single_safe_token() {
         let query = "rate(x[{{args.window}}]) > {{args.threshold}}";
-        let ok = substitute_promql(query, &values(&[("window", "5m"), ("threshold", "0.05")])).unwrap();
+        let ok =
+            substitute_promql(query, &values(&[("window", "5m"), ("threshold", "0.05")])).unwrap();
         assert_eq!(ok, "rate(x[5m]) > 0.05");
-        for bad in ["1 or vector(1)", "1)", "}", "a\"", "", "1\n", "x{a=\"b\"}", "-1", "ü"] {
-            let err = substitute_promql(query, &values(&[("window", "5m"), ("threshold", bad)])).unwrap_err();
+        for bad in [
+            "1 or vector(1)",
+            "1)",
+            "}",
+            "a\"",
+            "",
+            "1\n",
+            "x{a=\"b\"}",
+            "-1",
+            "ü",
+        ] {
+            let err = substitute_promql(query, &values(&[("window", "5m"), ("threshold", bad)]))
+                .unwrap_err();
             assert!(
                 matches!(&err, ArgsError::UnsafeBareValue { name, .. } if name == "threshold"),
                 "{bad:?}: {err:?}"
@@ -299,7 +326,11 @@ mod tests {
     #[test]
     fn escaped_quote_in_the_template_does_not_confuse_the_lexer() {
         // The \" inside the first string must not end it, so the placeholder is still inside a string.
-        let out = substitute_promql(r#"x{a="q\"{{args.v}}"}"#, &values(&[("v", "1 or vector(1)")])).unwrap();
+        let out = substitute_promql(
+            r#"x{a="q\"{{args.v}}"}"#,
+            &values(&[("v", "1 or vector(1)")]),
+        )
+        .unwrap();
         assert_eq!(out, r#"x{a="q\"1 or vector(1)"}"#);
     }
 
@@ -338,7 +369,8 @@ mod tests {
 
     #[test]
     fn values_in_comments_cannot_start_a_new_line_of_query() {
-        let out = substitute_promql("up # {{args.v}}\n", &values(&[("v", "x\nor vector(1)")])).unwrap();
+        let out =
+            substitute_promql("up # {{args.v}}\n", &values(&[("v", "x\nor vector(1)")])).unwrap();
         assert_eq!(out, "up # x or vector(1)\n");
     }
 

@@ -60,10 +60,11 @@ impl Condition {
                 reason: format!("longer than {MAX_CONDITION_LEN} characters"),
             });
         }
-        let program = cel::Program::compile(trimmed).map_err(|errors| ConditionError::DoesNotParse {
-            condition: source.to_string(),
-            reason: errors.to_string().trim().to_string(),
-        })?;
+        let program =
+            cel::Program::compile(trimmed).map_err(|errors| ConditionError::DoesNotParse {
+                condition: source.to_string(),
+                reason: errors.to_string().trim().to_string(),
+            })?;
         Ok(Condition {
             source: trimmed.to_string(),
             program,
@@ -135,7 +136,11 @@ mod tests {
         ];
         for (source, value, expected) in table {
             let condition = Condition::compile(source).unwrap();
-            assert_eq!(condition.evaluate(*value).unwrap(), *expected, "{source} with {value}");
+            assert_eq!(
+                condition.evaluate(*value).unwrap(),
+                *expected,
+                "{source} with {value}"
+            );
         }
     }
 
@@ -144,7 +149,10 @@ mod tests {
         // cel refuses to order NaN; either outcome other than `true` is safe, the verdict never asks.
         for source in ["result < 0.01", "result > 0.01", "result != 0.5"] {
             let outcome = Condition::compile(source).unwrap().evaluate(f64::NAN);
-            assert!(outcome != Ok(true) || source.contains("!="), "{source}: {outcome:?}");
+            assert!(
+                outcome != Ok(true) || source.contains("!="),
+                "{source}: {outcome:?}"
+            );
         }
     }
 
@@ -162,7 +170,8 @@ mod tests {
             let err = Condition::compile(source).unwrap_err();
             assert_eq!(err.category(), "does_not_parse", "{source}");
             assert!(
-                err.to_string().starts_with(&format!("condition {source:?} does not parse: ")),
+                err.to_string()
+                    .starts_with(&format!("condition {source:?} does not parse: ")),
                 "{err}"
             );
         }
@@ -171,9 +180,15 @@ mod tests {
 
     #[test]
     fn non_boolean_and_unknown_variables_are_evaluation_errors() {
-        let err = Condition::compile("result + 1.0").unwrap().evaluate(1.0).unwrap_err();
+        let err = Condition::compile("result + 1.0")
+            .unwrap()
+            .evaluate(1.0)
+            .unwrap_err();
         assert_eq!(err.category(), "not_boolean");
-        let err = Condition::compile("value < 1.0").unwrap().evaluate(1.0).unwrap_err();
+        let err = Condition::compile("value < 1.0")
+            .unwrap()
+            .evaluate(1.0)
+            .unwrap_err();
         assert_eq!(err.category(), "evaluation");
     }
 

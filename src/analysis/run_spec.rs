@@ -8,10 +8,12 @@ use super::args;
 use super::condition::Conditions;
 use super::verdict::MetricLimits;
 use crate::crd::analysis::{
-    AnalysisRunSpec, AnalysisTemplateSpec, DryRunMetric, Metric, TemplateArgument, TemplateArgumentValueFrom,
+    AnalysisRunSpec, AnalysisTemplateSpec, DryRunMetric, Metric, TemplateArgument,
+    TemplateArgumentValueFrom,
 };
 use crate::crd::rollout::{
-    AnalysisArgument, AnalysisTemplateRef, BackgroundAnalysis, PodTemplateHashValue, RolloutAnalysis,
+    AnalysisArgument, AnalysisTemplateRef, BackgroundAnalysis, PodTemplateHashValue,
+    RolloutAnalysis,
 };
 use crate::crd::Rollout;
 use crate::strategy::types::TemplateKey;
@@ -26,19 +28,38 @@ pub enum RunSpecError {
     #[error("analysis names no template")]
     NoTemplates,
     #[error("metric {metric:?} is defined by more than one template ({first:?} and {second:?})")]
-    DuplicateMetric { metric: String, first: String, second: String },
+    DuplicateMetric {
+        metric: String,
+        first: String,
+        second: String,
+    },
     #[error("argument {0:?} has no value: give it in the Rollout's analysis args or as a default in the template")]
     MissingArgument(String),
-    #[error("argument {name:?} has two different default values in templates {first:?} and {second:?}")]
-    ConflictingArgument { name: String, first: String, second: String },
+    #[error(
+        "argument {name:?} has two different default values in templates {first:?} and {second:?}"
+    )]
+    ConflictingArgument {
+        name: String,
+        first: String,
+        second: String,
+    },
     #[error("argument {name:?}: field {path:?} {reason}")]
-    FieldRef { name: String, path: String, reason: String },
+    FieldRef {
+        name: String,
+        path: String,
+        reason: String,
+    },
     #[error("argument {name:?} asks for the {which} pod-template hash, which is not known yet")]
     UnknownPodTemplateHash { name: String, which: &'static str },
-    #[error("argument {0:?} sets valueFrom without secretKeyRef, fieldRef or podTemplateHashValue")]
+    #[error(
+        "argument {0:?} sets valueFrom without secretKeyRef, fieldRef or podTemplateHashValue"
+    )]
     EmptyValueFrom(String),
     #[error("metric {metric:?}: {source}")]
-    Query { metric: String, source: args::ArgsError },
+    Query {
+        metric: String,
+        source: args::ArgsError,
+    },
     #[error("metric {metric:?}: query refers to argument {arg:?}, which no template declares")]
     UndeclaredArgument { metric: String, arg: String },
     #[error("metric {metric:?}: {reason}")]
@@ -102,7 +123,9 @@ pub trait TemplateSource {
 
 impl TemplateSource for [(TemplateKey, AnalysisTemplateSpec)] {
     fn find(&self, key: &TemplateKey) -> Option<Result<&AnalysisTemplateSpec, &str>> {
-        self.iter().find(|(k, _)| k == key).map(|(_, spec)| Ok(spec))
+        self.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, spec)| Ok(spec))
     }
 }
 
@@ -114,7 +137,8 @@ impl TemplateSource for Vec<(TemplateKey, AnalysisTemplateSpec)> {
 
 impl TemplateSource for BTreeMap<TemplateKey, Result<AnalysisTemplateSpec, String>> {
     fn find(&self, key: &TemplateKey) -> Option<Result<&AnalysisTemplateSpec, &str>> {
-        self.get(key).map(|found| found.as_ref().map_err(String::as_str))
+        self.get(key)
+            .map(|found| found.as_ref().map_err(String::as_str))
     }
 }
 
@@ -180,7 +204,8 @@ pub fn build_run_spec<'a, T: TemplateSource + ?Sized>(
                 Some((first, existing))
                     if (existing.value.is_some() || existing.value_from.is_some())
                         && (arg.value.is_some() || arg.value_from.is_some())
-                        && (existing.value != arg.value || existing.value_from != arg.value_from) =>
+                        && (existing.value != arg.value
+                            || existing.value_from != arg.value_from) =>
                 {
                     return Err(RunSpecError::ConflictingArgument {
                         name: arg.name.clone(),
@@ -188,7 +213,8 @@ pub fn build_run_spec<'a, T: TemplateSource + ?Sized>(
                         second: name.clone(),
                     });
                 }
-                Some((_, existing)) if existing.value.is_some() || existing.value_from.is_some() => {}
+                Some((_, existing))
+                    if existing.value.is_some() || existing.value_from.is_some() => {}
                 _ => {
                     declared.insert(arg.name.clone(), (name.clone(), arg.clone()));
                 }
@@ -235,14 +261,16 @@ fn validate_metric(
         metric: metric.name.clone(),
         reason,
     };
-    Conditions::compile(metric.success_condition.as_deref(), metric.failure_condition.as_deref()).map_err(
-        |error| match error {
-            super::condition::ConditionError::Empty { condition } if condition.is_empty() => {
-                invalid("set a successCondition, a failureCondition or both".to_string())
-            }
-            other => invalid(other.to_string()),
-        },
-    )?;
+    Conditions::compile(
+        metric.success_condition.as_deref(),
+        metric.failure_condition.as_deref(),
+    )
+    .map_err(|error| match error {
+        super::condition::ConditionError::Empty { condition } if condition.is_empty() => {
+            invalid("set a successCondition, a failureCondition or both".to_string())
+        }
+        other => invalid(other.to_string()),
+    })?;
     MetricLimits::of(metric).map_err(|error| invalid(error.to_string()))?;
     let Some(prometheus) = &metric.provider.prometheus else {
         return Err(invalid("set a provider (prometheus)".to_string()));
@@ -363,7 +391,9 @@ fn read_field(rollout: &Rollout, path: &str) -> Result<String, String> {
     for segment in &segments {
         current = match current {
             serde_json::Value::Object(map) => map.get(segment),
-            serde_json::Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+            serde_json::Value::Array(items) => {
+                segment.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
             _ => None,
         }
         .ok_or_else(|| "does not exist in the Rollout".to_string())?;
@@ -378,7 +408,10 @@ fn read_field(rollout: &Rollout, path: &str) -> Result<String, String> {
 
 /// Names of the metrics that are dry-run in a run.
 pub fn dry_run_names(spec: &AnalysisRunSpec) -> BTreeSet<&str> {
-    spec.dry_run.iter().map(|d| d.metric_name.as_str()).collect()
+    spec.dry_run
+        .iter()
+        .map(|d| d.metric_name.as_str())
+        .collect()
 }
 
 #[cfg(test)]
@@ -476,7 +509,10 @@ mod tests {
     }
 
     fn value_of<'s>(spec: &'s AnalysisRunSpec, name: &str) -> Option<&'s str> {
-        spec.args.iter().find(|a| a.name == name).and_then(|a| a.value.as_deref())
+        spec.args
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.value.as_deref())
     }
 
     #[test]
@@ -485,8 +521,15 @@ mod tests {
             (
                 key("errors"),
                 template(
-                    vec![declared("service", None), declared("hash", None), declared("ns", None)],
-                    vec![metric("error-rate", r#"x{s="{{args.service}}",h="{{args.hash}}",n="{{args.ns}}"}"#)],
+                    vec![
+                        declared("service", None),
+                        declared("hash", None),
+                        declared("ns", None),
+                    ],
+                    vec![metric(
+                        "error-rate",
+                        r#"x{s="{{args.service}}",h="{{args.hash}}",n="{{args.ns}}"}"#,
+                    )],
                 ),
             ),
             (
@@ -570,7 +613,10 @@ mod tests {
     fn secrets_stay_references_and_are_never_copied_into_the_run() {
         let templates = vec![(
             key("t"),
-            template(vec![declared("token", None)], vec![metric("m", r#"x{t="{{args.token}}"}"#)]),
+            template(
+                vec![declared("token", None)],
+                vec![metric("m", r#"x{t="{{args.token}}"}"#)],
+            ),
         )];
         let secret = SecretKeyRef {
             name: "creds".into(),
@@ -588,12 +634,18 @@ mod tests {
         );
         let spec = build_run_spec(&request, &templates, &rollout(), "s", "c").unwrap();
         assert_eq!(spec.args[0].value, None);
-        assert_eq!(spec.args[0].value_from.as_ref().map(|f| &f.secret_key_ref), Some(&secret));
+        assert_eq!(
+            spec.args[0].value_from.as_ref().map(|f| &f.secret_key_ref),
+            Some(&secret)
+        );
     }
 
     #[test]
     fn invalid_specs_are_errors_naming_what_is_wrong() {
-        let ok_template = template(vec![declared("service", None)], vec![metric("m", r#"x{s="{{args.service}}"}"#)]);
+        let ok_template = template(
+            vec![declared("service", None)],
+            vec![metric("m", r#"x{s="{{args.service}}"}"#)],
+        );
         let with = |templates: Vec<(TemplateKey, AnalysisTemplateSpec)>,
                     names: &[&str],
                     args: Vec<AnalysisArgument>| {
@@ -608,7 +660,10 @@ mod tests {
         assert!(err.to_string().contains("\"service\""));
 
         let err = with(
-            vec![(key("a"), ok_template.clone()), (key("b"), ok_template.clone())],
+            vec![
+                (key("a"), ok_template.clone()),
+                (key("b"), ok_template.clone()),
+            ],
             &["a", "b"],
             vec![given("service", "x")],
         );
@@ -626,12 +681,24 @@ mod tests {
 
         let mut bad_condition = metric("m", "up");
         bad_condition.success_condition = Some("result <".into());
-        let err = with(vec![(key("t"), template(vec![], vec![bad_condition]))], &["t"], vec![]);
-        assert!(err.to_string().contains(r#"condition "result <" does not parse"#), "{err}");
+        let err = with(
+            vec![(key("t"), template(vec![], vec![bad_condition]))],
+            &["t"],
+            vec![],
+        );
+        assert!(
+            err.to_string()
+                .contains(r#"condition "result <" does not parse"#),
+            "{err}"
+        );
 
         let mut no_condition = metric("m", "up");
         no_condition.success_condition = None;
-        let err = with(vec![(key("t"), template(vec![], vec![no_condition]))], &["t"], vec![]);
+        let err = with(
+            vec![(key("t"), template(vec![], vec![no_condition]))],
+            &["t"],
+            vec![],
+        );
         assert_eq!(err.category(), "invalid_metric");
 
         let err = with(
@@ -672,7 +739,11 @@ mod tests {
         with_dry_run.dry_run = vec![DryRunMetric {
             metric_name: "ghost".into(),
         }];
-        let err = with(vec![(key("t"), with_dry_run)], &["t"], vec![given("service", "x")]);
+        let err = with(
+            vec![(key("t"), with_dry_run)],
+            &["t"],
+            vec![given("service", "x")],
+        );
         assert_eq!(err, RunSpecError::UnknownDryRunMetric("ghost".into()));
     }
 
@@ -685,10 +756,12 @@ mod tests {
             cluster_scope: true,
         };
         map.insert(cluster_key, Ok(template(vec![], vec![metric("m", "up")])));
-        let err = build_run_spec(&analysis(&["broken"], vec![]), &map, &rollout(), "s", "c").unwrap_err();
+        let err =
+            build_run_spec(&analysis(&["broken"], vec![]), &map, &rollout(), "s", "c").unwrap_err();
         assert_eq!(err.category(), "unusable_template");
         // The same name as a namespaced template is not found: scope is part of the key.
-        let err = build_run_spec(&analysis(&["shared"], vec![]), &map, &rollout(), "s", "c").unwrap_err();
+        let err =
+            build_run_spec(&analysis(&["shared"], vec![]), &map, &rollout(), "s", "c").unwrap_err();
         assert_eq!(err, RunSpecError::UnknownTemplate("shared".into()));
         let request = RolloutAnalysis {
             templates: vec![AnalysisTemplateRef {
@@ -711,7 +784,8 @@ mod tests {
             });
         }
         let templates = vec![(key("t"), template(vec![], vec![check_metric]))];
-        let err = build_run_spec(&analysis(&["t"], vec![]), &templates, &rollout(), "s", "c").unwrap_err();
+        let err = build_run_spec(&analysis(&["t"], vec![]), &templates, &rollout(), "s", "c")
+            .unwrap_err();
         assert_eq!(err.category(), "undeclared_argument");
     }
 

@@ -80,7 +80,11 @@ fn format_provider_value(value: &ProviderValue) -> String {
         ProviderValue::Scalar(v) => format_value(*v),
         ProviderValue::Vector(series) if series.len() == 1 => format_value(series[0].value),
         ProviderValue::Vector(series) => {
-            let mut shown: Vec<String> = series.iter().take(SHOWN).map(|s| format_value(s.value)).collect();
+            let mut shown: Vec<String> = series
+                .iter()
+                .take(SHOWN)
+                .map(|s| format_value(s.value))
+                .collect();
             if series.len() > SHOWN {
                 shown.push(format!("... {} more", series.len() - SHOWN));
             }
@@ -118,7 +122,10 @@ pub fn judge(value: &ProviderValue, conditions: &Conditions) -> MeasurementVerdi
     let failure = match conditions.failure.as_ref().map(|c| (c, c.evaluate(number))) {
         Some((_, Err(error))) => return verdict(AnalysisPhase::Error, text, error.to_string()),
         Some((condition, Ok(true))) => {
-            let message = format!("value {text} met failure condition {:?}", condition.source());
+            let message = format!(
+                "value {text} met failure condition {:?}",
+                condition.source()
+            );
             return verdict(AnalysisPhase::Failed, text, message);
         }
         Some((_, Ok(false))) => Some(false),
@@ -139,7 +146,8 @@ pub fn judge(value: &ProviderValue, conditions: &Conditions) -> MeasurementVerdi
                 verdict(AnalysisPhase::Successful, text, message)
             }
             Ok(false) if failure.is_some() => {
-                let message = format!("value {text} met neither the success nor the failure condition");
+                let message =
+                    format!("value {text} met neither the success nor the failure condition");
                 verdict(AnalysisPhase::Inconclusive, text, message)
             }
             Ok(false) => {
@@ -230,7 +238,10 @@ pub fn record(result: &mut MetricResult, measurement: Measurement) {
         result.consecutive_error = 0;
     }
     result.measurements.push(measurement);
-    let excess = result.measurements.len().saturating_sub(MEASUREMENT_HISTORY_LIMIT);
+    let excess = result
+        .measurements
+        .len()
+        .saturating_sub(MEASUREMENT_HISTORY_LIMIT);
     result.measurements.drain(..excess);
 }
 
@@ -245,7 +256,10 @@ fn last_message(result: &MetricResult, phase: AnalysisPhase) -> String {
 }
 
 /// The phase of a metric from its counts, and why.
-pub fn metric_phase(result: &MetricResult, limits: &MetricLimits) -> (AnalysisPhase, Option<String>) {
+pub fn metric_phase(
+    result: &MetricResult,
+    limits: &MetricLimits,
+) -> (AnalysisPhase, Option<String>) {
     let name = &result.name;
     if result.failed > limits.failure_limit {
         let message = format!(
@@ -391,17 +405,45 @@ mod tests {
             (success, None, ProviderValue::Scalar(f64::NAN), Inconclusive),
             (None, failure, ProviderValue::Scalar(f64::NAN), Inconclusive),
             (success, failure, series(&[f64::NAN]), Inconclusive),
-            (success, None, ProviderValue::Scalar(f64::INFINITY), Inconclusive),
-            (Some("result > 0.0"), None, ProviderValue::Scalar(f64::INFINITY), Inconclusive),
+            (
+                success,
+                None,
+                ProviderValue::Scalar(f64::INFINITY),
+                Inconclusive,
+            ),
+            (
+                Some("result > 0.0"),
+                None,
+                ProviderValue::Scalar(f64::INFINITY),
+                Inconclusive,
+            ),
             (None, failure, ProviderValue::Scalar(f64::INFINITY), Failed),
-            (None, Some("result < 0.0"), ProviderValue::Scalar(f64::NEG_INFINITY), Failed),
-            (None, failure, ProviderValue::Scalar(f64::NEG_INFINITY), Inconclusive),
-            (Some("result + 1.0"), None, ProviderValue::Scalar(1.0), Error),
+            (
+                None,
+                Some("result < 0.0"),
+                ProviderValue::Scalar(f64::NEG_INFINITY),
+                Failed,
+            ),
+            (
+                None,
+                failure,
+                ProviderValue::Scalar(f64::NEG_INFINITY),
+                Inconclusive,
+            ),
+            (
+                Some("result + 1.0"),
+                None,
+                ProviderValue::Scalar(1.0),
+                Error,
+            ),
         ];
         for (success, failure, value, expected) in table {
             let conditions = Conditions::compile(*success, *failure).unwrap();
             let got = judge(value, &conditions);
-            assert_eq!(got.phase, *expected, "{success:?} {failure:?} {value:?}: {got:?}");
+            assert_eq!(
+                got.phase, *expected,
+                "{success:?} {failure:?} {value:?}: {got:?}"
+            );
         }
     }
 
@@ -415,7 +457,11 @@ mod tests {
             ProviderValue::Scalar(f64::INFINITY),
             ProviderValue::Scalar(f64::NEG_INFINITY),
         ] {
-            assert_ne!(judge(&value, &lenient).phase, AnalysisPhase::Successful, "{value:?}");
+            assert_ne!(
+                judge(&value, &lenient).phase,
+                AnalysisPhase::Successful,
+                "{value:?}"
+            );
         }
     }
 
@@ -428,9 +474,20 @@ mod tests {
             got.message.as_deref(),
             Some(r#"value 0.2 failed condition "result < 0.05""#)
         );
-        assert_eq!(judge(&series(&[]), &conditions).value.as_deref(), Some("[]"));
-        assert_eq!(judge(&series(&[0.1, 0.3]), &conditions).value.as_deref(), Some("[0.1, 0.3]"));
-        assert_eq!(judge(&ProviderValue::Scalar(f64::INFINITY), &conditions).value.as_deref(), Some("+Inf"));
+        assert_eq!(
+            judge(&series(&[]), &conditions).value.as_deref(),
+            Some("[]")
+        );
+        assert_eq!(
+            judge(&series(&[0.1, 0.3]), &conditions).value.as_deref(),
+            Some("[0.1, 0.3]")
+        );
+        assert_eq!(
+            judge(&ProviderValue::Scalar(f64::INFINITY), &conditions)
+                .value
+                .as_deref(),
+            Some("+Inf")
+        );
     }
 
     fn measurement(phase: AnalysisPhase, message: &str) -> Measurement {
@@ -459,7 +516,10 @@ mod tests {
             ..Default::default()
         };
         for phase in phases {
-            record(&mut result, measurement(*phase, &format!("{} measurement", phase.as_str())));
+            record(
+                &mut result,
+                measurement(*phase, &format!("{} measurement", phase.as_str())),
+            );
         }
         result
     }
@@ -470,10 +530,18 @@ mod tests {
         let table: &[(&[AnalysisPhase], MetricLimits, AnalysisPhase)] = &[
             (&[], limits(0, 0, 4, Some(3)), Pending),
             (&[Successful], limits(0, 0, 4, Some(3)), Running),
-            (&[Successful, Successful, Successful], limits(0, 0, 4, Some(3)), Successful),
+            (
+                &[Successful, Successful, Successful],
+                limits(0, 0, 4, Some(3)),
+                Successful,
+            ),
             (&[Failed], limits(0, 0, 4, Some(3)), Failed),
             (&[Failed], limits(1, 0, 4, Some(3)), Running),
-            (&[Failed, Successful, Failed], limits(1, 0, 4, Some(3)), Failed),
+            (
+                &[Failed, Successful, Failed],
+                limits(1, 0, 4, Some(3)),
+                Failed,
+            ),
             (&[Inconclusive], limits(0, 0, 4, Some(3)), Inconclusive),
             (&[Inconclusive], limits(0, 1, 4, Some(3)), Running),
             (&[Error, Error], limits(0, 0, 1, None), Error),
@@ -497,9 +565,15 @@ mod tests {
             name: "error-rate".into(),
             ..Default::default()
         };
-        record(&mut result, measurement(Failed, r#"value 0.1 failed condition "result < 0.05""#));
+        record(
+            &mut result,
+            measurement(Failed, r#"value 0.1 failed condition "result < 0.05""#),
+        );
         record(&mut result, measurement(Successful, "fine"));
-        record(&mut result, measurement(Failed, r#"value 0.2 failed condition "result < 0.05""#));
+        record(
+            &mut result,
+            measurement(Failed, r#"value 0.2 failed condition "result < 0.05""#),
+        );
         let (phase, message) = metric_phase(&result, &limits(1, 0, 4, Some(5)));
         assert_eq!(phase, Failed);
         assert_eq!(
@@ -532,9 +606,17 @@ mod tests {
     fn run_phase_is_the_worst_non_dry_run_metric() {
         use AnalysisPhase::*;
         let table: &[(&[(AnalysisPhase, bool)], bool, AnalysisPhase)] = &[
-            (&[(Successful, false), (Successful, false)], false, Successful),
+            (
+                &[(Successful, false), (Successful, false)],
+                false,
+                Successful,
+            ),
             (&[(Successful, false), (Running, false)], false, Running),
-            (&[(Running, false), (Inconclusive, false)], false, Inconclusive),
+            (
+                &[(Running, false), (Inconclusive, false)],
+                false,
+                Inconclusive,
+            ),
             (&[(Inconclusive, false), (Error, false)], false, Error),
             (&[(Error, false), (Failed, false)], false, Failed),
             (&[(Successful, false), (Failed, true)], false, Successful),
@@ -561,10 +643,17 @@ mod tests {
     fn run_message_is_the_failing_metrics_and_mentions_dry_run_failures() {
         use AnalysisPhase::*;
         let (_, message) = run_phase(
-            &[metric("a", Successful, false), metric("b", Failed, false), metric("c", Failed, true)],
+            &[
+                metric("a", Successful, false),
+                metric("b", Failed, false),
+                metric("c", Failed, true),
+            ],
             false,
         );
-        assert_eq!(message.as_deref(), Some(r#"metric "b" is Failed; dry-run metric "c" is Failed"#));
+        assert_eq!(
+            message.as_deref(),
+            Some(r#"metric "b" is Failed; dry-run metric "c" is Failed"#)
+        );
     }
 
     #[test]
@@ -578,9 +667,16 @@ mod tests {
         assert_eq!(MetricLimits::of(&m).unwrap().count, None);
         m.count = Some(IntOrString::String("3".into()));
         assert_eq!(MetricLimits::of(&m).unwrap().count, Some(3));
-        for bad in [IntOrString::Int(0), IntOrString::Int(-1), IntOrString::String("x".into())] {
+        for bad in [
+            IntOrString::Int(0),
+            IntOrString::Int(-1),
+            IntOrString::String("x".into()),
+        ] {
             m.count = Some(bad);
-            assert_eq!(MetricLimits::of(&m).unwrap_err().category(), "invalid_count");
+            assert_eq!(
+                MetricLimits::of(&m).unwrap_err().category(),
+                "invalid_count"
+            );
         }
     }
 }

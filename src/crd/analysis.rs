@@ -22,7 +22,11 @@ use super::rollout::SecretKeyRef;
     shortname = "at",
     category = "serin",
     doc = "An AnalysisTemplate says which metrics to measure, how often, and what counts as healthy.",
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisTemplateSpec {
@@ -49,7 +53,11 @@ pub struct AnalysisTemplateSpec {
     shortname = "cat",
     category = "serin",
     doc = "A ClusterAnalysisTemplate is an AnalysisTemplate shared by all namespaces.",
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterAnalysisTemplateSpec {
@@ -303,8 +311,17 @@ pub struct PrometheusTls {
     category = "serin",
     doc = "An AnalysisRun measures the metrics of its templates for one Rollout revision and records every measurement.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisRunSpec {

@@ -5,13 +5,14 @@ pub mod duration;
 pub mod rollout;
 
 pub use analysis::{
-    AnalysisPhase, AnalysisRun, AnalysisRunSpec, AnalysisRunStatus, AnalysisTemplate, AnalysisTemplateSpec,
-    ClusterAnalysisTemplate, ClusterAnalysisTemplateSpec, Measurement, Metric, MetricResult,
+    AnalysisPhase, AnalysisRun, AnalysisRunSpec, AnalysisRunStatus, AnalysisTemplate,
+    AnalysisTemplateSpec, ClusterAnalysisTemplate, ClusterAnalysisTemplateSpec, Measurement,
+    Metric, MetricResult,
 };
 pub use duration::{parse_duration, DurationError, ManifestDuration};
 pub use rollout::{
-    BlueGreenStrategy, CanaryStep, CanaryStrategy, Rollout, RolloutPhase, RolloutSpec, RolloutStatus,
-    RolloutStrategy, TrafficRouting,
+    BlueGreenStrategy, CanaryStep, CanaryStrategy, Rollout, RolloutPhase, RolloutSpec,
+    RolloutStatus, RolloutStrategy, TrafficRouting,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

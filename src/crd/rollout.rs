@@ -30,11 +30,27 @@ use super::duration::ManifestDuration;
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(name = "Available", type_ = "integer", json_path = ".status.availableReplicas"),
+    printcolumn(
+        name = "Available",
+        type_ = "integer",
+        json_path = ".status.availableReplicas"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Step", type_ = "integer", json_path = ".status.currentStepIndex"),
-    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.currentWeight"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Step",
+        type_ = "integer",
+        json_path = ".status.currentStepIndex"
+    ),
+    printcolumn(
+        name = "Weight",
+        type_ = "integer",
+        json_path = ".status.currentWeight"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
@@ -272,7 +288,11 @@ pub struct SetMirrorRoute {
 ]))]
 pub struct TrafficRouting {
     /// Gateway API: weights on the stable and canary backendRefs of an HTTPRoute.
-    #[serde(default, rename = "gatewayAPI", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "gatewayAPI",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub gateway_api: Option<GatewayApiRouting>,
 
     /// Istio: weights on the destinations of named HTTP routes of a VirtualService.

@@ -3,6 +3,6 @@
 pub mod types;
 
 pub use types::{
-    Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService, Plan,
-    PlannedEvent, TemplateKey,
+    Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
+    Plan, PlannedEvent, TemplateKey,
 };
