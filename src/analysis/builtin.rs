@@ -57,7 +57,7 @@ fn is_metric_name(name: &str) -> bool {
 
 fn promql_duration(window: Duration) -> String {
     let millis = window.as_millis();
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         format!("{}s", millis / 1000)
     } else {
         format!("{millis}ms")

@@ -605,7 +605,8 @@ mod tests {
     #[test]
     fn run_phase_is_the_worst_non_dry_run_metric() {
         use AnalysisPhase::*;
-        let table: &[(&[(AnalysisPhase, bool)], bool, AnalysisPhase)] = &[
+        type Case<'a> = (&'a [(AnalysisPhase, bool)], bool, AnalysisPhase);
+        let table: &[Case] = &[
             (
                 &[(Successful, false), (Successful, false)],
                 false,

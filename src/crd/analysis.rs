@@ -1,6 +1,9 @@
 //! Analysis resources: `AnalysisTemplate`, `ClusterAnalysisTemplate` (what to measure) and `AnalysisRun`
 //! (one execution of them for a Rollout, with every measurement).
 
+// The kube derive's printcolumn(...) entries repeat `type_ = ...`, which clippy mistakes for duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
