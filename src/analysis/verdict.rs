@@ -70,7 +70,9 @@ pub fn format_value(value: f64) -> String {
     } else if value == f64::NEG_INFINITY {
         "-Inf".to_string()
     } else {
-        format!("{value}")
+        // Ten significant digits: `0.2`, not the `0.19999999999999998` that float division leaves.
+        let rounded: f64 = format!("{value:.9e}").parse().unwrap_or(value);
+        format!("{rounded}")
     }
 }
 
@@ -488,6 +490,9 @@ mod tests {
                 .as_deref(),
             Some("+Inf")
         );
+        assert_eq!(format_value(0.19999999999999998), "0.2");
+        assert_eq!(format_value(1.5e-7), "0.00000015");
+        assert_eq!(format_value(2.485), "2.485");
     }
 
     fn measurement(phase: AnalysisPhase, message: &str) -> Measurement {
