@@ -709,3 +709,142 @@ pub fn spawn_with(client: Client, config: RunnerConfig, measurer: Measurer) -> R
         task,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::analysis::{AnalysisRunSpec, MetricProvider};
+    use crate::crd::ManifestDuration;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    /// Nothing listens on port 1: any query made would be an Error measurement, which the tests rule out.
+    fn run_with(metric: Metric) -> AnalysisRun {
+        let mut run = AnalysisRun::new(
+            "r",
+            AnalysisRunSpec {
+                metrics: vec![metric],
+                ..Default::default()
+            },
+        );
+        run.metadata.namespace = Some("shop".into());
+        run
+    }
+
+    fn metric(interval: u64, initial_delay: Option<u64>) -> Metric {
+        Metric {
+            name: "m".into(),
+            interval: Some(ManifestDuration::from_secs(interval)),
+            initial_delay: initial_delay.map(ManifestDuration::from_secs),
+            count: Some(IntOrString::Int(3)),
+            success_condition: Some("result < 1.0".into()),
+            provider: MetricProvider {
+                prometheus: Some(PrometheusMetric {
+                    address: "http://127.0.0.1:1".into(),
+                    query: Some("vector(0)".into()),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }
+    }
+
+    fn measurer() -> Measurer {
+        Measurer::new(
+            PrometheusProvider::new(),
+            Arc::new(StaticSecrets::default()),
+        )
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + seconds).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_initial_delay_before_the_first_measurement() {
+        let run = run_with(metric(10, Some(60)));
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Running));
+        assert_eq!(outcome.status.started_at, Some(Time(at(0))));
+        assert_eq!(outcome.requeue_after, Some(Duration::from_secs(60)));
+        assert_eq!(measurements_taken(&outcome), 0);
+    }
+
+    fn measurements_taken(outcome: &Advance) -> i32 {
+        outcome.status.metric_results.iter().map(|r| r.count).sum()
+    }
+
+    #[tokio::test]
+    async fn next_measurement_is_due_one_interval_after_the_last_recorded_one() {
+        // As after a restart: status says the last measurement finished 4s ago, the interval is 10s.
+        let mut run = run_with(metric(10, None));
+        let mut result = MetricResult {
+            name: "m".into(),
+            phase: AnalysisPhase::Running,
+            ..Default::default()
+        };
+        verdict::record(
+            &mut result,
+            Measurement {
+                phase: AnalysisPhase::Successful,
+                value: Some("0".into()),
+                started_at: Time(at(-5)),
+                finished_at: Some(Time(at(-4))),
+                message: None,
+                metadata: BTreeMap::new(),
+            },
+        );
+        run.status = Some(AnalysisRunStatus {
+            phase: Some(AnalysisPhase::Running),
+            started_at: Some(Time(at(-5))),
+            metric_results: vec![result],
+            ..Default::default()
+        });
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(outcome.requeue_after, Some(Duration::from_secs(6)));
+        assert_eq!(
+            Some(&outcome.status),
+            run.status.as_ref(),
+            "nothing to write"
+        );
+    }
+
+    #[tokio::test]
+    async fn terminated_and_completed_runs_are_not_measured() {
+        let mut run = run_with(metric(10, None));
+        run.spec.terminate = true;
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Successful));
+        assert_eq!(
+            outcome.status.message.as_deref(),
+            Some("terminated: all 1 metrics successful")
+        );
+        assert_eq!(outcome.requeue_after, None);
+
+        run.spec.terminate = false;
+        run.status = Some(AnalysisRunStatus {
+            phase: Some(AnalysisPhase::Failed),
+            message: Some("earlier verdict".into()),
+            ..Default::default()
+        });
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(Some(&outcome.status), run.status.as_ref());
+    }
+
+    #[tokio::test]
+    async fn a_broken_spec_ends_the_run_before_measuring() {
+        let mut broken = metric(10, None);
+        broken.failure_condition = Some("result >".into());
+        let outcome = advance(&run_with(broken), at(0), &measurer()).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        assert_eq!(outcome.measured, 0);
+        let message = outcome.status.message.unwrap_or_default();
+        assert!(
+            message.starts_with(r#"metric "m": condition "result >" does not parse: "#),
+            "{message}"
+        );
+    }
+}
