@@ -2,7 +2,9 @@
 //! (the `cel` crate, the same language Kubernetes uses for validation rules) over one variable, `result`, a
 //! double.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 /// Why a condition cannot be used or evaluated.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -119,6 +121,44 @@ impl Conditions {
     }
 }
 
+/// Compiled conditions shared by every pass over every run, so each distinct condition is compiled once
+/// rather than at each measurement.
+#[derive(Clone, Debug, Default)]
+pub struct ConditionCache {
+    compiled: Arc<Mutex<HashMap<(Option<String>, Option<String>), Arc<Conditions>>>>,
+}
+
+/// Distinct condition pairs kept; past it the cache starts over (templates rarely have that many).
+const CACHE_LIMIT: usize = 4096;
+
+impl ConditionCache {
+    /// The compiled pair, compiling it on first use. Errors are not cached: a run with a broken condition
+    /// ends at its first pass.
+    pub fn get_or_compile(
+        &self,
+        success: Option<&str>,
+        failure: Option<&str>,
+    ) -> Result<Arc<Conditions>, ConditionError> {
+        let key = (success.map(str::to_string), failure.map(str::to_string));
+        // Poisoning only means a panic elsewhere while holding the lock; the map is still consistent.
+        if let Some(found) = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(found.clone());
+        }
+        let compiled = Arc::new(Conditions::compile(success, failure)?);
+        let mut map = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CACHE_LIMIT {
+            map.clear();
+        }
+        map.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +237,18 @@ mod tests {
         assert!(Conditions::compile(None, None).is_err());
         let both = Conditions::compile(Some("result < 1.0"), Some("result > 2.0")).unwrap();
         assert!(both.success.is_some() && both.failure.is_some());
+    }
+
+    #[test]
+    fn the_cache_compiles_each_pair_once() {
+        let cache = ConditionCache::default();
+        let first = cache.get_or_compile(Some("result < 1.0"), None).unwrap();
+        let again = cache.get_or_compile(Some("result < 1.0"), None).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = cache
+            .get_or_compile(Some("result < 1.0"), Some("result > 2.0"))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(cache.get_or_compile(Some("result <"), None).is_err());
     }
 }

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::args;
 use super::builtin::builtin_query;
-use super::condition::Conditions;
+use super::condition::{ConditionCache, Conditions};
 use super::prometheus::{Credentials, PrometheusProvider, PrometheusTarget, DEFAULT_TIMEOUT};
 use super::run_spec::dry_run_names;
 use super::verdict::{self, MetricLimits};
@@ -217,11 +217,16 @@ impl SecretStore for StaticSecrets {
 pub struct Measurer {
     pub provider: PrometheusProvider,
     pub secrets: Arc<dyn SecretStore>,
+    pub conditions: ConditionCache,
 }
 
 impl Measurer {
     pub fn new(provider: PrometheusProvider, secrets: Arc<dyn SecretStore>) -> Self {
-        Measurer { provider, secrets }
+        Measurer {
+            provider,
+            secrets,
+            conditions: ConditionCache::default(),
+        }
     }
 }
 
@@ -240,24 +245,25 @@ pub struct Advance {
 struct PreparedMetric<'r> {
     metric: &'r Metric,
     prometheus: &'r PrometheusMetric,
-    conditions: Conditions,
+    conditions: Arc<Conditions>,
     limits: MetricLimits,
     interval: Duration,
     initial_delay: Duration,
 }
 
-fn prepare(metric: &Metric) -> Result<PreparedMetric<'_>, String> {
+fn prepare<'r>(metric: &'r Metric, cache: &ConditionCache) -> Result<PreparedMetric<'r>, String> {
     let in_metric = |reason: String| format!("metric {:?}: {reason}", metric.name);
-    let conditions = Conditions::compile(
-        metric.success_condition.as_deref(),
-        metric.failure_condition.as_deref(),
-    )
-    .map_err(|e| match e {
-        super::condition::ConditionError::Empty { condition } if condition.is_empty() => {
-            in_metric("set a successCondition, a failureCondition or both".to_string())
-        }
-        other => in_metric(other.to_string()),
-    })?;
+    let conditions = cache
+        .get_or_compile(
+            metric.success_condition.as_deref(),
+            metric.failure_condition.as_deref(),
+        )
+        .map_err(|e| match e {
+            super::condition::ConditionError::Empty { condition } if condition.is_empty() => {
+                in_metric("set a successCondition, a failureCondition or both".to_string())
+            }
+            other => in_metric(other.to_string()),
+        })?;
     let limits = MetricLimits::of(metric).map_err(|e| e.to_string())?;
     let prometheus = metric
         .provider
@@ -441,7 +447,7 @@ pub async fn advance(run: &AnalysisRun, now: Timestamp, measurer: &Measurer) -> 
 
     let mut prepared = Vec::with_capacity(run.spec.metrics.len());
     for metric in &run.spec.metrics {
-        match prepare(metric) {
+        match prepare(metric, &measurer.conditions) {
             Ok(p) => prepared.push(p),
             Err(message) => return end_run(status, AnalysisPhase::Error, message),
         }
