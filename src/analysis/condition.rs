@@ -125,8 +125,11 @@ impl Conditions {
 /// rather than at each measurement.
 #[derive(Clone, Debug, Default)]
 pub struct ConditionCache {
-    compiled: Arc<Mutex<HashMap<(Option<String>, Option<String>), Arc<Conditions>>>>,
+    compiled: Arc<Mutex<HashMap<ConditionSources, Arc<Conditions>>>>,
 }
+
+/// The success and failure condition as written.
+type ConditionSources = (Option<String>, Option<String>);
 
 /// Distinct condition pairs kept; past it the cache starts over (templates rarely have that many).
 const CACHE_LIMIT: usize = 4096;
