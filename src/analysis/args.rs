@@ -379,4 +379,61 @@ mod tests {
         let out = substitute_plain("{{args.svc}}-canary", &values(&[("svc", "a\"b")])).unwrap();
         assert_eq!(out, "a\"b-canary");
     }
+
+    /// Reads a PromQL double-quoted string body back (the escapes `push_escaped` writes), or says where an
+    /// unescaped quote would have ended the string early.
+    fn unquote(body: &str) -> Result<String, String> {
+        let mut out = String::new();
+        let mut chars = body.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => return Err(format!("unescaped quote in {body:?}")),
+                '\\' => match chars.next() {
+                    Some('\\') => out.push('\\'),
+                    Some('"') => out.push('"'),
+                    Some('n') => out.push('\n'),
+                    Some('r') => out.push('\r'),
+                    Some('t') => out.push('\t'),
+                    Some('u') => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        let code = u32::from_str_radix(&hex, 16).map_err(|e| e.to_string())?;
+                        out.push(char::from_u32(code).ok_or("bad code point")?);
+                    }
+                    other => return Err(format!("unknown escape {other:?}")),
+                },
+                c if c.is_control() => return Err(format!("raw control character {c:?}")),
+                c => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_value_stays_inside_its_string(value in "\\PC*|[\"\\\\{}\n\r\t\u{0}-\u{1f} a-z()]*") {
+            let out = substitute_promql(r#"x{a="{{args.v}}"}"#, &values(&[("v", &value)]));
+            match out {
+                // NUL is refused outright.
+                Err(err) => proptest::prop_assert!(value.contains('\0'), "{err}"),
+                Ok(out) => {
+                    let body = out
+                        .strip_prefix(r#"x{a=""#)
+                        .and_then(|rest| rest.strip_suffix(r#""}"#))
+                        .ok_or_else(|| proptest::test_runner::TestCaseError::fail(format!("structure changed: {out}")))?;
+                    proptest::prop_assert_eq!(unquote(body), Ok(value.clone()));
+                }
+            }
+        }
+
+        #[test]
+        fn bare_values_are_single_tokens_or_rejected(value in "\\PC*") {
+            match substitute_promql("rate(x[{{args.v}}])", &values(&[("v", &value)])) {
+                Ok(out) => {
+                    proptest::prop_assert!(is_bare_safe(&value));
+                    proptest::prop_assert_eq!(out, format!("rate(x[{value}])"));
+                }
+                Err(err) => proptest::prop_assert_eq!(err.category(), "unsafe_bare_value"),
+            }
+        }
+    }
 }
