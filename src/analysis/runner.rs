@@ -293,6 +293,15 @@ fn plus(at: Timestamp, by: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// Kubernetes times are written with one-second precision. Rounding a measurement's end *up* keeps the
+/// next one at least an interval after the real answer, before and after the status round trip.
+fn ceil_to_second(at: Timestamp) -> Timestamp {
+    if at.subsec_nanosecond() == 0 {
+        return at;
+    }
+    Timestamp::from_second(at.as_second().saturating_add(1)).unwrap_or(at)
+}
+
 fn until(now: Timestamp, due: Timestamp) -> Duration {
     Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO)
 }
@@ -426,7 +435,7 @@ async fn measure(
         phase: judged.phase,
         value: judged.value,
         started_at: Time(now),
-        finished_at: Some(Time(plus(now, clock.elapsed()))),
+        finished_at: Some(Time(ceil_to_second(plus(now, clock.elapsed())))),
         message: judged.message,
         metadata,
     }
@@ -852,5 +861,40 @@ mod tests {
             message.starts_with(r#"metric "m": condition "result >" does not parse: "#),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn measurement_end_is_rounded_up_so_the_round_trip_never_brings_the_next_one_early() {
+        let run = run_with(metric(10, None));
+        let start = at(0)
+            .checked_add(SignedDuration::from_millis(300))
+            .unwrap_or(at(0));
+        // Nothing listens on port 1: the measurement is a quick Error, which is all this test needs.
+        let outcome = advance(&run, start, &measurer()).await;
+        assert_eq!(outcome.measured, 1);
+        let finished = outcome.status.metric_results[0].measurements[0]
+            .finished_at
+            .clone()
+            .map(|t| t.0);
+        assert!(
+            finished.is_some_and(|f| f.subsec_nanosecond() == 0 && f > start),
+            "{finished:?}"
+        );
+        // Through JSON, as the API server stores it.
+        let stored: AnalysisRunStatus =
+            serde_json::from_value(serde_json::to_value(&outcome.status).unwrap_or_default())
+                .unwrap_or_default();
+        let mut run = run;
+        run.status = Some(stored);
+        let almost = start
+            .checked_add(SignedDuration::from_millis(10_500))
+            .unwrap_or(start);
+        let outcome = advance(&run, almost, &measurer()).await;
+        assert_eq!(
+            outcome.measured, 0,
+            "10.5s after a measurement started at .3 it may have ended at .9"
+        );
+        let after = at(11);
+        assert_eq!(advance(&run, after, &measurer()).await.measured, 1);
     }
 }
