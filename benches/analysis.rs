@@ -8,7 +8,8 @@
 #[path = "../tests/analysis_support/prometheus.rs"]
 mod support;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -75,6 +76,72 @@ fn run_for(name: &str, service: &str, hash: &str, metrics: Vec<Metric>) -> Analy
     );
     run.metadata.namespace = Some("bench".into());
     run
+}
+
+/// When the answer to the last query about each service left a proxy in front of Prometheus: the moment
+/// the runner has its measurement (loopback adds microseconds).
+type AnswerTimes = Arc<Mutex<HashMap<String, Instant>>>;
+
+async fn answering_proxy(prometheus: &str) -> (String, AnswerTimes) {
+    let answers: AnswerTimes = Arc::default();
+    let upstream = format!("{prometheus}/api/v1/query");
+    let http = reqwest::Client::new();
+    let recorded = answers.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/query",
+        axum::routing::get(
+            move |axum::extract::RawQuery(query): axum::extract::RawQuery| {
+                let http = http.clone();
+                let upstream = upstream.clone();
+                let recorded = recorded.clone();
+                async move {
+                    let url = format!("{upstream}?{}", query.clone().unwrap_or_default());
+                    let body = match http.get(url).send().await {
+                        Ok(response) => response.bytes().await.unwrap_or_default(),
+                        Err(_) => Default::default(),
+                    };
+                    let decoded: String = url_decode(&query.unwrap_or_default());
+                    if let Some(service) = decoded
+                        .split("service=\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                    {
+                        if let Ok(mut map) = recorded.lock() {
+                            map.insert(service.to_string(), Instant::now());
+                        }
+                    }
+                    ([("content-type", "application/json")], body)
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let address = listener.local_addr().expect("proxy address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{address}"), answers)
+}
+
+fn url_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -160,30 +227,42 @@ async fn main() {
                         None => break,
                     }
                 }
+                run.status
             })
         })
         .collect();
+    // An interval of a rollout is one round of its run: each metric measured once.
+    let mut rounds = 0_i64;
     for task in tasks {
-        let _ = task.await;
+        if let Ok(Some(status)) = task.await {
+            rounds += status
+                .metric_results
+                .iter()
+                .map(|r| i64::from(r.count))
+                .max()
+                .unwrap_or(0);
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let queries = provider.queries_sent() as f64;
-    let per_rollout_per_interval = queries / rollouts as f64 / elapsed; // interval is 1s
+    let per_rollout_per_interval = queries / rounds.max(1) as f64;
     println!(
-        "queries: {queries} for {rollouts} rollouts over {elapsed:.1}s at a 1s interval = {per_rollout_per_interval:.2} queries per rollout per interval (2 metrics per run)"
+        "queries: {queries} for {rollouts} rollouts, {rounds} intervals in all over {elapsed:.1}s = {per_rollout_per_interval:.2} queries per rollout per interval (2 metrics per run)"
     );
 
-    // 2. From a failing measurement's answer to the run's Failed status.
+    // 2. From a failing measurement's answer (leaving the proxy) to the run's Failed status.
+    let (proxy, answers) = answering_proxy(&address).await;
     let mut latencies = Vec::with_capacity(rollouts * 3);
     for round in 0..3 {
         for i in 0..rollouts {
+            let service = format!("svc-{i}");
             let mut run = run_for(
                 &format!("fail-{round}-{i}"),
-                &format!("svc-{i}"),
+                &service,
                 "failing",
                 vec![check(
                     "error-rate",
-                    &address,
+                    &proxy,
                     BuiltinCheckKind::ErrorRate,
                     "result < 0.05",
                     Some(1),
@@ -191,16 +270,12 @@ async fn main() {
             );
             for _ in 0..10 {
                 let outcome = advance(&run, Timestamp::now(), &measurer).await;
-                let decided_at = Timestamp::now();
+                let decided = Instant::now();
                 run.status = Some(outcome.status.clone());
                 if outcome.status.phase == Some(AnalysisPhase::Failed) {
-                    let answered = outcome.status.metric_results[0]
-                        .measurements
-                        .last()
-                        .and_then(|m| m.finished_at.clone());
+                    let answered = answers.lock().ok().and_then(|m| m.get(&service).copied());
                     if let Some(answered) = answered {
-                        let gap = decided_at.duration_since(answered.0);
-                        latencies.push(Duration::try_from(gap).unwrap_or(Duration::ZERO));
+                        latencies.push(decided.saturating_duration_since(answered));
                     }
                     break;
                 }
