@@ -1,7 +1,7 @@
 //! Analysis resources: `AnalysisTemplate`, `ClusterAnalysisTemplate` (what to measure) and `AnalysisRun`
 //! (one execution of them for a Rollout, with every measurement).
 
-// The kube derive's printcolumn(...) entries repeat `type_ = ...`, which clippy mistakes for duplicates.
+// Several `printcolumn(...)` entries with the same keys are how kube-derive spells a list of columns.
 #![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;

@@ -1,5 +1,8 @@
 //! The `Rollout` resource: what the user asks for (spec) and where the rollout stands (status).
 
+// Several `printcolumn(...)` entries with the same keys are how kube-derive spells a list of columns.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;

@@ -1,1 +1,235 @@
 //! The simulated Kubernetes cluster: API server, workload and traffic simulators, fault injection.
+
+pub mod api;
+pub mod faults;
+pub mod patch;
+pub mod registry;
+pub mod schema;
+pub mod selector;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use faults::{FaultAction, FaultRule, Faults, RequestLog, RequestRecord};
+
+/// How to start the simulated cluster.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Port on 127.0.0.1; 0 picks any free port.
+    pub port: u16,
+    /// Where to write the kubeconfig; a temporary file (removed on shutdown) when None.
+    pub kubeconfig_path: Option<PathBuf>,
+    /// How many committed events watches can resume from before they get 410 Gone.
+    pub event_window: usize,
+    /// How many requests the request log keeps.
+    pub request_log_capacity: usize,
+    /// How often watches that allow bookmarks receive one.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            port: 0,
+            kubeconfig_path: None,
+            event_window: 10_000,
+            request_log_capacity: 100_000,
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum SimError {
+    #[error("binding 127.0.0.1:{port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("writing kubeconfig {path}: {source}")]
+    WriteKubeconfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("building a kube client: {0}")]
+    Client(String),
+}
+
+impl SimError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            SimError::Bind { .. } => "bind",
+            SimError::WriteKubeconfig { .. } => "write_kubeconfig",
+            SimError::Client(_) => "client",
+        }
+    }
+}
+
+/// The kubeconfig a running sim wrote; removed on drop when it was a temporary file.
+struct KubeconfigFile {
+    path: PathBuf,
+    temporary_dir: Option<PathBuf>,
+}
+
+impl Drop for KubeconfigFile {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.temporary_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The kubeconfig text for a sim at `base_url`: one context whose user's token is `admin`.
+pub fn kubeconfig_yaml(base_url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: serin-sim\n  cluster:\n    server: {base_url}\ncontexts:\n- name: serin-sim\n  context:\n    cluster: serin-sim\n    user: admin\n    namespace: default\ncurrent-context: serin-sim\npreferences: {{}}\nusers:\n- name: admin\n  user:\n    token: admin\n"
+    )
+}
+
+/// Writes via a temporary sibling and a rename, so a reader polling for the file never sees half of it.
+fn write_atomically(path: &Path, text: &str) -> Result<(), SimError> {
+    let failed = |source| SimError::WriteKubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(failed)?;
+    }
+    let staging = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&staging, text).map_err(failed)?;
+    std::fs::rename(&staging, path).map_err(failed)
+}
+
+/// Picks rustls' process-wide crypto provider. The crate links both `ring` (kube) and `aws-lc-rs`
+/// (reqwest), and with two candidates rustls refuses to choose one itself and panics on first use.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A running simulated cluster.
+pub struct SimCluster {
+    address: SocketAddr,
+    kubeconfig: KubeconfigFile,
+    state: Arc<server::ServerState>,
+    server_task: tokio::task::JoinHandle<()>,
+}
+
+impl SimCluster {
+    pub async fn start(config: SimConfig) -> Result<SimCluster, SimError> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
+            .await
+            .map_err(|source| SimError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let address = listener.local_addr().map_err(|source| SimError::Bind {
+            port: config.port,
+            source,
+        })?;
+        let base_url = format!("http://{address}");
+        let kubeconfig = match &config.kubeconfig_path {
+            Some(path) => KubeconfigFile {
+                path: path.clone(),
+                temporary_dir: None,
+            },
+            None => {
+                let dir = std::env::temp_dir()
+                    .join(format!("serin-sim-{}", uuid::Uuid::new_v4().simple()));
+                KubeconfigFile {
+                    path: dir.join("kubeconfig"),
+                    temporary_dir: Some(dir),
+                }
+            }
+        };
+        write_atomically(&kubeconfig.path, &kubeconfig_yaml(&base_url))?;
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(server::ServerState {
+            api: api::ApiState::new(config.event_window),
+            faults: Arc::new(Faults::default()),
+            log: Arc::new(RequestLog::new(config.request_log_capacity)),
+            shutdown: shutdown.clone(),
+            port: address.port(),
+            bookmark_interval: config.bookmark_interval,
+        });
+        let app = server::router(state.clone());
+        let server_task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "simulated API server stopped");
+            }
+        });
+        tracing::info!(%base_url, kubeconfig = %kubeconfig.path.display(), "simulated cluster started");
+        Ok(SimCluster {
+            address,
+            kubeconfig,
+            state,
+            server_task,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig.path
+    }
+
+    /// A client authenticated as user `admin`.
+    pub async fn client(&self) -> Result<kube::Client, SimError> {
+        self.client_as("admin").await
+    }
+
+    /// A client whose bearer token (and so the user in the request log) is `user`.
+    pub async fn client_as(&self, user: &str) -> Result<kube::Client, SimError> {
+        install_crypto_provider();
+        let url = self
+            .base_url()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| SimError::Client(e.to_string()))?;
+        let mut config = kube::Config::new(url);
+        config.default_namespace = "default".into();
+        config.auth_info.token = Some(user.to_string().into());
+        kube::Client::try_from(config).map_err(|e| SimError::Client(e.to_string()))
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    pub fn request_log(&self) -> &RequestLog {
+        &self.state.log
+    }
+
+    /// Number of objects currently stored for a resource, e.g. `("", "configmaps")`.
+    pub fn object_count(&self, group: &str, plural: &str) -> usize {
+        self.state
+            .api
+            .store
+            .lock()
+            .count(&format!("{group}/{plural}"))
+    }
+
+    /// Stops serving: open watches end, then the listener closes.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        let mut task = self.server_task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,26 @@
+# Serin: the two commands of the quick start are `make demo` and `make test`.
+CARGO ?= cargo
+
+.PHONY: deps build test lint demo crds chart
+
+deps:
+	bash scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --bin serin
+
+# The test command (.ci/run calls exactly this).
+test: deps
+	$(CARGO) nextest run --lib --bins --tests --no-fail-fast
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# Runs the simulated cluster, a Prometheus server and the controller, then a good and a bad rollout.
+demo: deps
+	$(CARGO) run --release --bin serin -- demo
+
+# Regenerates crds/ from the Rust types.
+crds:
+	SERIN_UPDATE_CRDS=1 $(CARGO) test --test crds
