@@ -693,3 +693,288 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
     );
     server.abort();
 }
+
+mod in_simulated_cluster {
+    //! The runner as a controller: AnalysisRuns in the simulated cluster (created, terminated and read
+    //! through its API), judged on series a real Prometheus scrapes.
+
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ListParams, Patch, PatchParams, PostParams};
+    use kube::Api;
+    use serde_json::json;
+    use serin::analysis::runner::{self, RunnerConfig};
+    use serin::crd::analysis::{
+        AnalysisRun, AnalysisRunStatus, BuiltinCheckKind, TemplateArgument,
+        TemplateArgumentValueFrom,
+    };
+    use serin::crd::rollout::SecretKeyRef;
+    use serin::crd::AnalysisPhase;
+    use serin::sim::{SimCluster, SimConfig};
+
+    use super::support::{http_traffic, Exporter, Prometheus};
+    use super::{analysis_run, arg, metric, phases_of, values_of, with_check};
+
+    const NS: &str = "default";
+
+    async fn wait_until_completed(
+        api: &Api<AnalysisRun>,
+        name: &str,
+        within: Duration,
+    ) -> AnalysisRunStatus {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        for _ in 0..1000 {
+            if let Ok(run) = api.get(name).await {
+                if let Some(status) = run.status.clone() {
+                    if status.phase.is_some_and(|p| p.is_completed()) {
+                        return status;
+                    }
+                }
+                last = run.status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {name} did not complete: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("run {name} did not complete: {last:?}");
+    }
+
+    /// Asserts the runner never measured a metric before its interval had passed since the last one.
+    fn assert_spaced(status: &AnalysisRunStatus, interval: Duration) {
+        for result in &status.metric_results {
+            for pair in result.measurements.windows(2) {
+                let previous = pair[0]
+                    .finished_at
+                    .as_ref()
+                    .unwrap_or(&pair[0].started_at)
+                    .0;
+                let gap = pair[1].started_at.0.duration_since(previous);
+                assert!(
+                    gap.as_millis() >= interval.as_millis() as i128 - 5,
+                    "metric {} measured again after {gap:?}: {result:?}",
+                    result.name
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runner_measures_runs_of_the_simulated_cluster() {
+        let sim = SimCluster::start(SimConfig::default()).await.expect("sim");
+        let client = sim.client().await.expect("client");
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in serin::crd::all() {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .expect("create CRD");
+        }
+        let runs: Api<AnalysisRun> = Api::namespaced(client.clone(), NS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "AnalysisRun API never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "analysis-args", "namespace": NS},
+            "stringData": {"service": "web"}
+        }))
+        .expect("secret");
+        Api::<Secret>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create secret");
+
+        let mut series = http_traffic("web", "good1", 100.0, 0.0, 0.02);
+        series.extend(http_traffic("web", "bad1", 100.0, 0.2, 0.02));
+        let exporter = Exporter::start(series).await;
+        let prometheus = Prometheus::start(&[exporter.address]).await;
+        prometheus
+            .wait_for(
+                r#"sum(rate(http_requests_total{pod_template_hash="bad1"}[5s])) > 0"#,
+                Duration::from_secs(60),
+            )
+            .await;
+
+        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let address = prometheus.url.as_str();
+        let service_from_secret = TemplateArgument {
+            name: "service".into(),
+            value: None,
+            value_from: Some(TemplateArgumentValueFrom {
+                secret_key_ref: SecretKeyRef {
+                    name: "analysis-args".into(),
+                    key: "service".into(),
+                },
+            }),
+        };
+        let error_rate = || {
+            with_check(
+                metric("error-rate", address, Some("result < 0.05"), None),
+                BuiltinCheckKind::ErrorRate,
+            )
+        };
+        let latency = || {
+            with_check(
+                metric("p99-latency", address, Some("result <= 0.5"), None),
+                BuiltinCheckKind::LatencyP99,
+            )
+        };
+        let mut failing = error_rate();
+        failing.failure_limit = Some(1);
+        let mut background = error_rate();
+        background.count = None;
+
+        let to_create = vec![
+            analysis_run(
+                "good",
+                vec![service_from_secret.clone(), arg("canary-hash", "good1")],
+                vec![error_rate(), latency()],
+            ),
+            analysis_run(
+                "bad",
+                vec![service_from_secret.clone(), arg("canary-hash", "bad1")],
+                vec![failing],
+            ),
+            analysis_run(
+                "background",
+                vec![arg("service", "web"), arg("canary-hash", "good1")],
+                vec![background],
+            ),
+            analysis_run(
+                "no-secret",
+                vec![
+                    TemplateArgument {
+                        name: "service".into(),
+                        value: None,
+                        value_from: Some(TemplateArgumentValueFrom {
+                            secret_key_ref: SecretKeyRef {
+                                name: "absent".into(),
+                                key: "service".into(),
+                            },
+                        }),
+                    },
+                    arg("canary-hash", "good1"),
+                ],
+                vec![error_rate()],
+            ),
+        ];
+        for mut run in to_create {
+            run.metadata.namespace = Some(NS.into());
+            runs.create(&PostParams::default(), &run)
+                .await
+                .expect("create run");
+        }
+
+        let good = wait_until_completed(&runs, "good", Duration::from_secs(60)).await;
+        assert_eq!(good.phase, Some(AnalysisPhase::Successful), "{good:?}");
+        assert_eq!(
+            phases_of(&good, "error-rate"),
+            vec![AnalysisPhase::Successful; 3],
+            "{good:?}"
+        );
+        assert_eq!(
+            phases_of(&good, "p99-latency"),
+            vec![AnalysisPhase::Successful; 3],
+            "{good:?}"
+        );
+        assert_spaced(&good, Duration::from_secs(1));
+
+        let bad = wait_until_completed(&runs, "bad", Duration::from_secs(60)).await;
+        assert_eq!(bad.phase, Some(AnalysisPhase::Failed), "{bad:?}");
+        for value in values_of(&bad, "error-rate") {
+            let rate: f64 = value.parse().unwrap_or(f64::NAN);
+            assert!((rate - 0.2).abs() < 0.02, "recorded error rate {value}");
+        }
+        let message = bad.message.clone().unwrap_or_default();
+        assert!(
+            message.starts_with(r#"metric "error-rate": value 0."#),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                r#"failed condition "result < 0.05" (2 of 2 measurements failed, limit 1)"#
+            ),
+            "{message}"
+        );
+
+        let no_secret = wait_until_completed(&runs, "no-secret", Duration::from_secs(30)).await;
+        assert_eq!(no_secret.phase, Some(AnalysisPhase::Error));
+        assert!(
+            no_secret
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .contains("secret default/absent does not exist"),
+            "{no_secret:?}"
+        );
+
+        // A restarted runner continues the background run from its status, without an early measurement.
+        handle.shutdown().await.expect("runner stops");
+        let before = runs
+            .get("background")
+            .await
+            .expect("background run")
+            .status
+            .unwrap_or_default();
+        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let taken_before = before.metric_results.first().map(|r| r.count).unwrap_or(0);
+        loop {
+            let now = runs
+                .get("background")
+                .await
+                .expect("background run")
+                .status
+                .unwrap_or_default();
+            if now.metric_results.first().map(|r| r.count).unwrap_or(0) >= taken_before + 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "restarted runner did not measure: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        runs.patch(
+            "background",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"terminate": true}})),
+        )
+        .await
+        .expect("terminate");
+        let background = wait_until_completed(&runs, "background", Duration::from_secs(30)).await;
+        assert_eq!(
+            background.phase,
+            Some(AnalysisPhase::Successful),
+            "{background:?}"
+        );
+        assert!(
+            background
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("terminated"),
+            "{background:?}"
+        );
+        assert_spaced(&background, Duration::from_secs(1));
+
+        // Completed runs are left alone: nothing is measured or written any more.
+        let settled = runs.get("good").await.expect("good run");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let later = runs.get("good").await.expect("good run");
+        assert_eq!(
+            settled.metadata.resource_version,
+            later.metadata.resource_version
+        );
+
+        handle.shutdown().await.expect("runner stops");
+        sim.shutdown().await;
+    }
+}
