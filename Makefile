@@ -21,6 +21,11 @@ lint:
 demo: deps
 	$(CARGO) run --release --bin serin -- demo
 
-# Regenerates crds/ from the Rust types.
+# Regenerates crds/ from the Rust types, and the chart's copy and deploy/ from them.
 crds:
 	SERIN_UPDATE_CRDS=1 $(CARGO) test --test crds
+	SERIN_UPDATE_DEPLOY=1 $(CARGO) test --test chart
+
+# Refreshes the chart's copy of crds/ and the plain manifests in deploy/ from charts/serin.
+chart:
+	SERIN_UPDATE_DEPLOY=1 $(CARGO) test --test chart

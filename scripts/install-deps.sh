@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian/Ubuntu machine: Prometheus (real server for the
-# analysis tests and the demo), helm (chart tests), kubernetes-validate (schema checks of rendered manifests).
+# analysis tests and the demo), helm (chart tests), kubernetes-validate (schema checks of rendered manifests),
+# lua5.1 (the Argo CD health check test).
 # kubectl and the Rust toolchain (cargo, cargo-nextest) are expected on the machine already.
 # Idempotent: what is already installed is left alone.
 set -euo pipefail
@@ -21,6 +22,13 @@ if ! command -v prometheus >/dev/null 2>&1; then
     need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 fi
 # The Debian package starts no server by itself here (no systemd); tests and the demo start their own.
+
+# Lua 5.1 is the dialect of Argo CD's health-check interpreter; the chart tests run deploy/argocd-health.lua.
+if ! command -v lua5.1 >/dev/null 2>&1; then
+    log "installing lua5.1 (apt)"
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 >/dev/null
+fi
 
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
     log "installing kubernetes-validate (pip)"

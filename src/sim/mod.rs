@@ -10,6 +10,8 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod traffic;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,7 +35,14 @@ pub struct SimConfig {
     pub request_log_capacity: usize,
     /// How often watches that allow bookmarks receive one.
     pub bookmark_interval: Duration,
+    /// The ReplicaSet/Deployment controller and kubelet; None serves the API alone.
+    pub workload: Option<workload::WorkloadConfig>,
+    /// The request stream and its metrics on `/metrics`; None serves no traffic.
+    pub traffic: Option<traffic::TrafficConfig>,
 }
+
+/// The user the simulators write as (so request-log assertions can leave their writes out).
+pub const SIMULATOR_USER: &str = "system:serin-sim";
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -43,6 +52,19 @@ impl Default for SimConfig {
             event_window: 10_000,
             request_log_capacity: 100_000,
             bookmark_interval: Duration::from_secs(1),
+            workload: Some(workload::WorkloadConfig::default()),
+            traffic: Some(traffic::TrafficConfig::default()),
+        }
+    }
+}
+
+impl SimConfig {
+    /// The API server alone: no pods are made for ReplicaSets and no traffic flows.
+    pub fn api_only() -> SimConfig {
+        SimConfig {
+            workload: None,
+            traffic: None,
+            ..SimConfig::default()
         }
     }
 }
@@ -117,6 +139,7 @@ pub struct SimCluster {
     kubeconfig: KubeconfigFile,
     state: Arc<server::ServerState>,
     server_task: tokio::task::JoinHandle<()>,
+    workload: Option<workload::WorkloadSimulator>,
 }
 
 impl SimCluster {
@@ -155,6 +178,7 @@ impl SimCluster {
             shutdown: shutdown.clone(),
             port: address.port(),
             bookmark_interval: config.bookmark_interval,
+            traffic_metrics: std::sync::OnceLock::new(),
         });
         let app = server::router(state.clone());
         let server_task = tokio::spawn(async move {
@@ -166,12 +190,37 @@ impl SimCluster {
             }
         });
         tracing::info!(%base_url, kubeconfig = %kubeconfig.path.display(), "simulated cluster started");
-        Ok(SimCluster {
+        let mut cluster = SimCluster {
             address,
             kubeconfig,
             state,
             server_task,
-        })
+            workload: None,
+        };
+        if config.workload.is_some() || config.traffic.is_some() {
+            let simulator_client = cluster.client_as(SIMULATOR_USER).await?;
+            if let Some(workload_config) = config.workload {
+                cluster.workload = Some(workload::WorkloadSimulator::spawn(
+                    simulator_client.clone(),
+                    workload_config,
+                ));
+            }
+            if let Some(traffic_config) = config.traffic {
+                let traffic = traffic::TrafficSimulator::spawn(simulator_client, traffic_config);
+                let _ = cluster.state.traffic_metrics.set(traffic);
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The traffic simulator, when it runs.
+    pub fn traffic(&self) -> Option<&traffic::TrafficSimulator> {
+        self.state.traffic_metrics.get()
+    }
+
+    /// URL of the simulated request metrics, for a Prometheus scrape config.
+    pub fn metrics_url(&self) -> String {
+        format!("{}/metrics", self.base_url())
     }
 
     pub fn base_url(&self) -> String {
@@ -223,6 +272,12 @@ impl SimCluster {
 
     /// Stops serving: open watches end, then the listener closes.
     pub async fn shutdown(self) {
+        if let Some(traffic) = self.state.traffic_metrics.get() {
+            traffic.clone().shutdown().await;
+        }
+        if let Some(workload) = self.workload {
+            workload.shutdown().await;
+        }
         self.state.shutdown.cancel();
         let mut task = self.server_task;
         if tokio::time::timeout(Duration::from_secs(5), &mut task)

@@ -27,10 +27,29 @@ pub struct ServerState {
     pub shutdown: CancellationToken,
     pub port: u16,
     pub bookmark_interval: Duration,
+    /// The traffic simulator whose request metrics `/metrics` serves (set once it runs).
+    pub traffic_metrics: std::sync::OnceLock<super::traffic::TrafficSimulator>,
 }
 
 pub fn router(state: Arc<ServerState>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(state)
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(traffic_metrics))
+        .fallback(handle)
+        .with_state(state)
+}
+
+/// The simulated request metrics, for a Prometheus server to scrape; empty before the simulator runs.
+async fn traffic_metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let text = state
+        .traffic_metrics
+        .get()
+        .map(|traffic| traffic.metrics_text())
+        .unwrap_or_else(|| "# EOF\n".to_string());
+    Response::builder()
+        .status(200)
+        .header("content-type", super::traffic::METRICS_CONTENT_TYPE)
+        .body(Body::from(text))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 fn json_response(code: u16, body: Bytes, warnings: &[String]) -> Response {
