@@ -327,7 +327,7 @@ async fn runner_in_sim(
     use serin::analysis::runner::{self, RunnerConfig};
     use serin::sim::{SimCluster, SimConfig};
 
-    let Ok(sim) = SimCluster::start(SimConfig::default()).await else {
+    let Ok(sim) = SimCluster::start(SimConfig::api_only()).await else {
         eprintln!("simulated cluster did not start");
         return Vec::new();
     };
