@@ -453,6 +453,9 @@ pub(crate) fn plan_canary(
         };
         if ready {
             if router {
+                // The canary Service must reach the canary before it takes everything (it may still be
+                // pinned elsewhere when a revision starts and promotes in the same plan).
+                out.set_selector(canary_svc, Some(&hash));
                 let full = traffic(canary, 100, Vec::new(), Vec::new());
                 out.set_traffic(full);
                 out.set_selector(stable_svc, Some(&hash));
