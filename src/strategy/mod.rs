@@ -11,7 +11,9 @@
 //! - `setHeaderRoute`/`setMirrorRoute` need `trafficRouting`; `maxSurge` and `maxUnavailable` both 0
 //!   without a router cannot roll: both are InvalidSpec.
 //! - When the router cannot be read (`observed.traffic` is `Err` or missing) no weight is written, no
-//!   canary or old version is scaled down, and no step advances (condition Progressing False RouteMissing).
+//!   canary or old version is scaled down, the canary Service is not re-pinned (it may still carry traffic),
+//!   and no step advances (condition Progressing False RouteMissing). All traffic moves to the canary only
+//!   inside the promotion, which pins the stable Service to it in the same plan.
 //! - Without a router, scale-downs are limited by the available pods behind the stable Service (as it will
 //!   select after the plan), never below `N - maxUnavailable`; versions that no longer serve are kept until
 //!   the stable is fully available.
