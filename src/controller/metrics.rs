@@ -47,6 +47,8 @@ pub struct Metrics {
     total_reconciles: AtomicU64,
     total_writes: AtomicU64,
     ready: AtomicBool,
+    /// With leader election every replica answers ready, so the metrics Service reaches the leader too.
+    ready_as_standby: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -88,6 +90,7 @@ impl Metrics {
             total_reconciles: AtomicU64::new(0),
             total_writes: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            ready_as_standby: AtomicBool::new(false),
         }
     }
 
@@ -159,6 +162,11 @@ impl Metrics {
     }
 
     /// The caches have synced.
+    /// Makes `/readyz` answer ready whether or not this replica leads (leader election).
+    pub fn set_ready_as_standby(&self) {
+        self.ready_as_standby.store(true, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -208,7 +216,7 @@ async fn metrics_text(
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
-    if metrics.is_ready() {
+    if metrics.is_ready() || metrics.ready_as_standby.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
@@ -218,6 +226,20 @@ async fn readyz(State(metrics): State<Arc<Metrics>>) -> (StatusCode, &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn readyz_waits_for_the_caches_unless_standbys_are_ready_too() {
+        let metrics = Arc::new(Metrics::new());
+        assert_eq!(
+            readyz(State(metrics.clone())).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        metrics.set_ready_as_standby();
+        assert_eq!(readyz(State(metrics.clone())).await.0, StatusCode::OK);
+        let synced = Arc::new(Metrics::new());
+        synced.set_ready();
+        assert_eq!(readyz(State(synced)).await.0, StatusCode::OK);
+    }
 
     #[test]
     fn phase_gauges_count_each_rollout_once_in_its_latest_phase() {

@@ -134,6 +134,9 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     });
     // One metrics endpoint for the life of the process, so a standby replica still answers /healthz.
     let metrics = Arc::new(Metrics::new());
+    if config.leader.is_some() {
+        metrics.set_ready_as_standby();
+    }
     if let Some(addr) = config.metrics_addr {
         metrics::serve(addr, metrics.clone(), interrupted.clone())
             .await
