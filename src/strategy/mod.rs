@@ -1,8 +1,113 @@
 //! The pure planner: decides, from a Rollout and an observed snapshot, what should change next.
+//!
+//! `plan` has no client, no clock and no I/O; the controller observes, calls it, applies the actions in
+//! order (stopping at the first failure) and writes the returned status when it differs.
 
+pub mod analysis_spec;
+pub mod blue_green;
+pub mod canary;
+mod context;
+pub mod hash;
+pub mod replicas;
+pub mod status;
 pub mod types;
+pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
+use k8s_openapi::jiff::Timestamp;
+
+pub use hash::pod_template_hash;
 pub use types::{
     Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
     Plan, PlannedEvent, TemplateKey,
 };
+pub use validate::{validate, SpecError};
+
+use crate::crd::{reason, Rollout, RolloutPhase};
+use context::{Ctx, Out};
+use status::{fill_counts, finish, Verdict};
+
+/// Decides what to do next for `rollout`, given what the controller observed at `now`.
+///
+/// Never panics; an invalid spec yields no actions and an `InvalidSpec` condition (safety rule 7). A rollout
+/// in its desired state yields no actions, no events and the input status unchanged (safety rule 5).
+pub fn plan(rollout: &Rollout, observed: &Observed, now: Timestamp) -> Plan {
+    let prev = rollout.status.clone().unwrap_or_default();
+    let ctx = Ctx {
+        rollout,
+        name: rollout.metadata.name.clone().unwrap_or_default(),
+        observed,
+        now,
+        now_s: now.as_second(),
+        prev: prev.clone(),
+        replicas: rollout.spec.replicas.unwrap_or(1).max(0),
+        hash: pod_template_hash(&rollout.spec.template),
+    };
+    let mut out = Out::new(observed);
+    let mut status = prev;
+    let strategy = &rollout.spec.strategy;
+    let verdict = match (
+        validate(rollout, observed),
+        &strategy.canary,
+        &strategy.blue_green,
+    ) {
+        (Ok(()), Some(canary), None) => canary::plan_canary(&ctx, canary, &mut out, &mut status),
+        (Ok(()), None, Some(blue_green)) => {
+            blue_green::plan_blue_green(&ctx, blue_green, &mut out, &mut status)
+        }
+        (Ok(()), _, _) => {
+            return invalid_plan(
+                &ctx,
+                vec![SpecError::StrategyCount {
+                    field: "spec.strategy".into(),
+                }],
+            )
+        }
+        (Err(errors), _, _) => return invalid_plan(&ctx, errors),
+    };
+    finish(&ctx, &mut out, &mut status, verdict);
+    let requeue_after = out.requeue_after(ctx.now_s);
+    Plan {
+        actions: out.actions,
+        status,
+        events: out.events,
+        requeue_after,
+    }
+}
+
+/// Nothing in the cluster changes; the status says why, and a Warning event is recorded when the reason is new.
+fn invalid_plan(ctx: &Ctx, errors: Vec<SpecError>) -> Plan {
+    let message = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut out = Out::new(ctx.observed);
+    let mut status = ctx.prev.clone();
+    fill_counts(ctx, &mut status);
+    let previous_message = ctx
+        .prev
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::crd::condition::INVALID_SPEC && c.status == "True")
+        .map(|c| c.message.clone());
+    if previous_message.as_deref() != Some(message.as_str()) {
+        out.event(true, reason::INVALID_SPEC, message.clone());
+    }
+    let verdict = Verdict {
+        phase: RolloutPhase::Degraded,
+        message: format!("invalid spec: {message}"),
+        progressing: ("False", reason::INVALID_SPEC.to_string(), message.clone()),
+        degraded: Some((reason::INVALID_SPEC.to_string(), message.clone())),
+        invalid: Some(message),
+    };
+    finish(ctx, &mut out, &mut status, verdict);
+    Plan {
+        actions: Vec::new(),
+        status,
+        events: out.events,
+        requeue_after: None,
+    }
+}

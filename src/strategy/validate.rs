@@ -1,0 +1,651 @@
+//! Decides whether a Rollout's spec can be carried out, naming every problem by its field path.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use super::replicas::{max_surge, max_unavailable, ReplicaMathError};
+use super::types::{Observed, TemplateKey};
+use crate::crd::rollout::{AnalysisArgument, AnalysisTemplateRef, CanaryStep};
+use crate::crd::{AnalysisTemplateSpec, Rollout};
+
+/// One problem in the spec, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{field}: is required")]
+    Missing { field: String },
+    #[error("{field}: set exactly one of canary or blueGreen")]
+    StrategyCount { field: String },
+    #[error("{field}: {value} is not between {min} and {max}")]
+    OutOfRange {
+        field: String,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
+    #[error("{field}: a step sets exactly one of setWeight, pause, setCanaryScale, analysis, setHeaderRoute, setMirrorRoute (found {found})")]
+    StepActionCount { field: String, found: usize },
+    #[error("{field}: set exactly one of {choices} (found {found})")]
+    ChoiceCount {
+        field: String,
+        choices: &'static str,
+        found: usize,
+    },
+    #[error("{field}: {problem}")]
+    Duration { field: String, problem: String },
+    #[error("{field}: {source}")]
+    IntOrPercent {
+        field: String,
+        source: ReplicaMathError,
+    },
+    #[error("{field}: must differ from {other} ({name:?})")]
+    SameService {
+        field: String,
+        other: &'static str,
+        name: String,
+    },
+    #[error("{field}: Service {name:?} not found")]
+    ServiceNotFound { field: String, name: String },
+    #[error("{field}: must not be empty")]
+    EmptySelector { field: String },
+    #[error("{field}: does not match spec.selector ({requirement})")]
+    SelectorMismatch { field: String, requirement: String },
+    #[error("{field}: unknown operator {operator:?}")]
+    SelectorOperator { field: String, operator: String },
+    #[error("{field}: {kind} {name:?} not found")]
+    TemplateNotFound {
+        field: String,
+        kind: &'static str,
+        name: String,
+    },
+    #[error("{field}: {kind} {name:?} cannot be used: {reason}")]
+    TemplateUnusable {
+        field: String,
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("{field}: argument {arg:?} of template {template:?} has no value")]
+    ArgumentMissing {
+        field: String,
+        arg: String,
+        template: String,
+    },
+    #[error("{field}: needs spec.strategy.canary.trafficRouting")]
+    NeedsTrafficRouting { field: String },
+    #[error("{field}: maxSurge and maxUnavailable cannot both be 0")]
+    NoRoomToRoll { field: String },
+}
+
+impl SpecError {
+    /// The field path at fault.
+    pub fn field(&self) -> &str {
+        match self {
+            SpecError::Missing { field }
+            | SpecError::StrategyCount { field }
+            | SpecError::OutOfRange { field, .. }
+            | SpecError::StepActionCount { field, .. }
+            | SpecError::ChoiceCount { field, .. }
+            | SpecError::Duration { field, .. }
+            | SpecError::IntOrPercent { field, .. }
+            | SpecError::SameService { field, .. }
+            | SpecError::ServiceNotFound { field, .. }
+            | SpecError::EmptySelector { field }
+            | SpecError::SelectorMismatch { field, .. }
+            | SpecError::SelectorOperator { field, .. }
+            | SpecError::TemplateNotFound { field, .. }
+            | SpecError::TemplateUnusable { field, .. }
+            | SpecError::ArgumentMissing { field, .. }
+            | SpecError::NeedsTrafficRouting { field }
+            | SpecError::NoRoomToRoll { field } => field,
+        }
+    }
+
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            SpecError::Missing { .. } => "missing",
+            SpecError::StrategyCount { .. } => "strategy_count",
+            SpecError::OutOfRange { .. } => "out_of_range",
+            SpecError::StepActionCount { .. } => "step_action_count",
+            SpecError::ChoiceCount { .. } => "choice_count",
+            SpecError::Duration { .. } => "duration",
+            SpecError::IntOrPercent { .. } => "int_or_percent",
+            SpecError::SameService { .. } => "same_service",
+            SpecError::ServiceNotFound { .. } => "service_not_found",
+            SpecError::EmptySelector { .. } => "empty_selector",
+            SpecError::SelectorMismatch { .. } => "selector_mismatch",
+            SpecError::SelectorOperator { .. } => "selector_operator",
+            SpecError::TemplateNotFound { .. } => "template_not_found",
+            SpecError::TemplateUnusable { .. } => "template_unusable",
+            SpecError::ArgumentMissing { .. } => "argument_missing",
+            SpecError::NeedsTrafficRouting { .. } => "needs_traffic_routing",
+            SpecError::NoRoomToRoll { .. } => "no_room_to_roll",
+        }
+    }
+}
+
+/// Checks everything the planner relies on. The API server's CEL rules catch most of these already; the
+/// planner must still never act on a spec that slipped through (safety rule 7).
+pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecError>> {
+    let mut errors = Vec::new();
+    let spec = &rollout.spec;
+    if rollout
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        errors.push(SpecError::Missing {
+            field: "metadata.name".into(),
+        });
+    }
+    range(
+        &mut errors,
+        "spec.replicas",
+        spec.replicas,
+        0,
+        i64::from(i32::MAX),
+    );
+    range(
+        &mut errors,
+        "spec.revisionHistoryLimit",
+        spec.revision_history_limit,
+        0,
+        i64::from(i32::MAX),
+    );
+    range(
+        &mut errors,
+        "spec.progressDeadlineSeconds",
+        spec.progress_deadline_seconds,
+        1,
+        i64::from(i32::MAX),
+    );
+    range(
+        &mut errors,
+        "spec.minReadySeconds",
+        spec.min_ready_seconds,
+        0,
+        i64::from(i32::MAX),
+    );
+    check_selector(&mut errors, rollout);
+
+    match (&spec.strategy.canary, &spec.strategy.blue_green) {
+        (Some(_), Some(_)) | (None, None) => errors.push(SpecError::StrategyCount {
+            field: "spec.strategy".into(),
+        }),
+        (Some(canary), None) => {
+            let base = "spec.strategy.canary";
+            let router = canary.traffic_routing.is_some();
+            if let Some(routing) = &canary.traffic_routing {
+                let found = [
+                    routing.gateway_api.is_some(),
+                    routing.istio.is_some(),
+                    routing.nginx.is_some(),
+                ]
+                .into_iter()
+                .filter(|set| *set)
+                .count();
+                if found != 1 {
+                    errors.push(SpecError::ChoiceCount {
+                        field: format!("{base}.trafficRouting"),
+                        choices: "gatewayAPI, istio, nginx",
+                        found,
+                    });
+                }
+                for (name, field) in [
+                    (&canary.stable_service, "stableService"),
+                    (&canary.canary_service, "canaryService"),
+                ] {
+                    if name.as_deref().unwrap_or_default().is_empty() {
+                        errors.push(SpecError::Missing {
+                            field: format!("{base}.{field}"),
+                        });
+                    }
+                }
+            }
+            if let (Some(stable), Some(canary_svc)) =
+                (&canary.stable_service, &canary.canary_service)
+            {
+                if stable == canary_svc {
+                    errors.push(SpecError::SameService {
+                        field: format!("{base}.canaryService"),
+                        other: "stableService",
+                        name: stable.clone(),
+                    });
+                }
+            }
+            service_exists(
+                &mut errors,
+                observed,
+                &format!("{base}.stableService"),
+                canary.stable_service.as_deref(),
+            );
+            service_exists(
+                &mut errors,
+                observed,
+                &format!("{base}.canaryService"),
+                canary.canary_service.as_deref(),
+            );
+            let total = spec.replicas.unwrap_or(1);
+            let surge = max_surge(canary.max_surge.as_ref(), total).map_err(|source| {
+                SpecError::IntOrPercent {
+                    field: format!("{base}.maxSurge"),
+                    source,
+                }
+            });
+            let unavailable =
+                max_unavailable(canary.max_unavailable.as_ref(), total).map_err(|source| {
+                    SpecError::IntOrPercent {
+                        field: format!("{base}.maxUnavailable"),
+                        source,
+                    }
+                });
+            match (surge, unavailable) {
+                (Ok(0), Ok(0)) if !router && total > 0 => errors.push(SpecError::NoRoomToRoll {
+                    field: format!("{base}.maxUnavailable"),
+                }),
+                (surge, unavailable) => {
+                    errors.extend(surge.err());
+                    errors.extend(unavailable.err());
+                }
+            }
+            range(
+                &mut errors,
+                &format!("{base}.abortScaleDownDelaySeconds"),
+                canary.abort_scale_down_delay_seconds,
+                0,
+                i64::from(i32::MAX),
+            );
+            range(
+                &mut errors,
+                &format!("{base}.scaleDownDelaySeconds"),
+                canary.scale_down_delay_seconds,
+                0,
+                i64::from(i32::MAX),
+            );
+            for (index, step) in canary.steps.iter().enumerate() {
+                check_step(
+                    &mut errors,
+                    observed,
+                    &format!("{base}.steps[{index}]"),
+                    step,
+                    router,
+                );
+            }
+            if let Some(background) = &canary.analysis {
+                let field = format!("{base}.analysis");
+                check_templates(
+                    &mut errors,
+                    observed,
+                    &field,
+                    &background.templates,
+                    &background.args,
+                );
+                range(
+                    &mut errors,
+                    &format!("{field}.startingStep"),
+                    background.starting_step,
+                    0,
+                    canary.steps.len() as i64,
+                );
+            }
+        }
+        (None, Some(blue_green)) => {
+            let base = "spec.strategy.blueGreen";
+            if blue_green.active_service.is_empty() {
+                errors.push(SpecError::Missing {
+                    field: format!("{base}.activeService"),
+                });
+            } else {
+                service_exists(
+                    &mut errors,
+                    observed,
+                    &format!("{base}.activeService"),
+                    Some(&blue_green.active_service),
+                );
+            }
+            if let Some(preview) = &blue_green.preview_service {
+                if *preview == blue_green.active_service {
+                    errors.push(SpecError::SameService {
+                        field: format!("{base}.previewService"),
+                        other: "activeService",
+                        name: preview.clone(),
+                    });
+                }
+                service_exists(
+                    &mut errors,
+                    observed,
+                    &format!("{base}.previewService"),
+                    Some(preview),
+                );
+            }
+            range(
+                &mut errors,
+                &format!("{base}.autoPromotionSeconds"),
+                blue_green.auto_promotion_seconds,
+                0,
+                i64::from(i32::MAX),
+            );
+            range(
+                &mut errors,
+                &format!("{base}.previewReplicaCount"),
+                blue_green.preview_replica_count,
+                1,
+                i64::from(i32::MAX),
+            );
+            range(
+                &mut errors,
+                &format!("{base}.scaleDownDelaySeconds"),
+                blue_green.scale_down_delay_seconds,
+                0,
+                i64::from(i32::MAX),
+            );
+            range(
+                &mut errors,
+                &format!("{base}.abortScaleDownDelaySeconds"),
+                blue_green.abort_scale_down_delay_seconds,
+                0,
+                i64::from(i32::MAX),
+            );
+            for (analysis, field) in [
+                (&blue_green.pre_promotion_analysis, "prePromotionAnalysis"),
+                (&blue_green.post_promotion_analysis, "postPromotionAnalysis"),
+            ] {
+                if let Some(analysis) = analysis {
+                    check_templates(
+                        &mut errors,
+                        observed,
+                        &format!("{base}.{field}"),
+                        &analysis.templates,
+                        &analysis.args,
+                    );
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn range(errors: &mut Vec<SpecError>, field: &str, value: Option<i32>, min: i64, max: i64) {
+    if let Some(value) = value {
+        let value = i64::from(value);
+        if value < min || value > max {
+            errors.push(SpecError::OutOfRange {
+                field: field.to_string(),
+                value,
+                min,
+                max,
+            });
+        }
+    }
+}
+
+fn service_exists(
+    errors: &mut Vec<SpecError>,
+    observed: &Observed,
+    field: &str,
+    name: Option<&str>,
+) {
+    if let Some(name) = name {
+        if name.is_empty() {
+            errors.push(SpecError::Missing {
+                field: field.to_string(),
+            });
+        } else if !observed.services.contains_key(name) {
+            errors.push(SpecError::ServiceNotFound {
+                field: field.to_string(),
+                name: name.to_string(),
+            });
+        }
+    }
+}
+
+fn check_step(
+    errors: &mut Vec<SpecError>,
+    observed: &Observed,
+    field: &str,
+    step: &CanaryStep,
+    router: bool,
+) {
+    let found = [
+        step.set_weight.is_some(),
+        step.pause.is_some(),
+        step.set_canary_scale.is_some(),
+        step.analysis.is_some(),
+        step.set_header_route.is_some(),
+        step.set_mirror_route.is_some(),
+    ]
+    .into_iter()
+    .filter(|set| *set)
+    .count();
+    if found != 1 {
+        errors.push(SpecError::StepActionCount {
+            field: field.to_string(),
+            found,
+        });
+        return;
+    }
+    range(
+        errors,
+        &format!("{field}.setWeight"),
+        step.set_weight,
+        0,
+        100,
+    );
+    if let Some(duration) = step
+        .pause
+        .as_ref()
+        .and_then(|pause| pause.duration.as_ref())
+    {
+        if let Err(source) = duration.to_duration() {
+            errors.push(SpecError::Duration {
+                field: format!("{field}.pause.duration"),
+                problem: source.to_string(),
+            });
+        }
+    }
+    if let Some(scale) = &step.set_canary_scale {
+        let found = [
+            scale.replicas.is_some(),
+            scale.weight.is_some(),
+            scale.match_traffic_weight,
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        if found != 1 {
+            errors.push(SpecError::ChoiceCount {
+                field: format!("{field}.setCanaryScale"),
+                choices: "replicas, weight, matchTrafficWeight",
+                found,
+            });
+        }
+        range(
+            errors,
+            &format!("{field}.setCanaryScale.replicas"),
+            scale.replicas,
+            0,
+            i64::from(i32::MAX),
+        );
+        range(
+            errors,
+            &format!("{field}.setCanaryScale.weight"),
+            scale.weight,
+            0,
+            100,
+        );
+    }
+    if let Some(analysis) = &step.analysis {
+        check_templates(
+            errors,
+            observed,
+            &format!("{field}.analysis"),
+            &analysis.templates,
+            &analysis.args,
+        );
+    }
+    if let Some(route) = &step.set_header_route {
+        if !router {
+            errors.push(SpecError::NeedsTrafficRouting {
+                field: format!("{field}.setHeaderRoute"),
+            });
+        }
+        if route.name.is_empty() {
+            errors.push(SpecError::Missing {
+                field: format!("{field}.setHeaderRoute.name"),
+            });
+        }
+    }
+    if let Some(route) = &step.set_mirror_route {
+        if !router {
+            errors.push(SpecError::NeedsTrafficRouting {
+                field: format!("{field}.setMirrorRoute"),
+            });
+        }
+        if route.name.is_empty() {
+            errors.push(SpecError::Missing {
+                field: format!("{field}.setMirrorRoute.name"),
+            });
+        }
+        range(
+            errors,
+            &format!("{field}.setMirrorRoute.percentage"),
+            route.percentage,
+            0,
+            100,
+        );
+    }
+}
+
+/// Looks a template up in the observed snapshot.
+pub(crate) fn lookup_template<'a>(
+    observed: &'a Observed,
+    reference: &AnalysisTemplateRef,
+) -> Option<&'a Result<AnalysisTemplateSpec, String>> {
+    observed.analysis_templates.get(&TemplateKey {
+        name: reference.template_name.clone(),
+        cluster_scope: reference.cluster_scope,
+    })
+}
+
+fn check_templates(
+    errors: &mut Vec<SpecError>,
+    observed: &Observed,
+    field: &str,
+    templates: &[AnalysisTemplateRef],
+    args: &[AnalysisArgument],
+) {
+    if templates.is_empty() {
+        errors.push(SpecError::Missing {
+            field: format!("{field}.templates"),
+        });
+    }
+    let given: BTreeSet<&str> = args
+        .iter()
+        .filter(|arg| arg.value.is_some() || arg.value_from.is_some())
+        .map(|arg| arg.name.as_str())
+        .collect();
+    for (index, reference) in templates.iter().enumerate() {
+        let kind = if reference.cluster_scope {
+            "ClusterAnalysisTemplate"
+        } else {
+            "AnalysisTemplate"
+        };
+        let item = format!("{field}.templates[{index}]");
+        match lookup_template(observed, reference) {
+            None => errors.push(SpecError::TemplateNotFound {
+                field: item,
+                kind,
+                name: reference.template_name.clone(),
+            }),
+            Some(Err(reason)) => errors.push(SpecError::TemplateUnusable {
+                field: item,
+                kind,
+                name: reference.template_name.clone(),
+                reason: reason.clone(),
+            }),
+            Some(Ok(template)) => {
+                if template.metrics.is_empty() {
+                    errors.push(SpecError::TemplateUnusable {
+                        field: item,
+                        kind,
+                        name: reference.template_name.clone(),
+                        reason: "it has no metrics".into(),
+                    });
+                }
+                for declared in &template.args {
+                    let has_default = declared.value.is_some() || declared.value_from.is_some();
+                    if !has_default && !given.contains(declared.name.as_str()) {
+                        errors.push(SpecError::ArgumentMissing {
+                            field: format!("{field}.args"),
+                            arg: declared.name.clone(),
+                            template: reference.template_name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_selector(errors: &mut Vec<SpecError>, rollout: &Rollout) {
+    let selector: &LabelSelector = &rollout.spec.selector;
+    let match_labels = selector.match_labels.clone().unwrap_or_default();
+    let expressions = selector.match_expressions.clone().unwrap_or_default();
+    if match_labels.is_empty() && expressions.is_empty() {
+        errors.push(SpecError::EmptySelector {
+            field: "spec.selector".into(),
+        });
+        return;
+    }
+    let labels = rollout
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|meta| meta.labels.clone())
+        .unwrap_or_default();
+    let field = "spec.template.metadata.labels".to_string();
+    for (key, value) in &match_labels {
+        if labels.get(key) != Some(value) {
+            errors.push(SpecError::SelectorMismatch {
+                field: field.clone(),
+                requirement: format!("{key}={value}"),
+            });
+        }
+    }
+    for (index, expression) in expressions.iter().enumerate() {
+        let values = expression.values.clone().unwrap_or_default();
+        let actual = labels.get(&expression.key);
+        let holds = match expression.operator.as_str() {
+            "In" => actual.is_some_and(|v| values.contains(v)),
+            "NotIn" => actual.is_none_or(|v| !values.contains(v)),
+            "Exists" => actual.is_some(),
+            "DoesNotExist" => actual.is_none(),
+            other => {
+                errors.push(SpecError::SelectorOperator {
+                    field: format!("spec.selector.matchExpressions[{index}].operator"),
+                    operator: other.to_string(),
+                });
+                continue;
+            }
+        };
+        if !holds {
+            errors.push(SpecError::SelectorMismatch {
+                field: field.clone(),
+                requirement: format!(
+                    "{} {} ({})",
+                    expression.key,
+                    expression.operator,
+                    values.join(",")
+                ),
+            });
+        }
+    }
+}
