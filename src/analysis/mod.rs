@@ -1,1 +1,14 @@
-//! Analysis: templates to runs, Prometheus measurements, and the pure verdict rules.
+//! Analysis: templates to runs (`run_spec`), safe arguments (`args`), CEL conditions (`condition`), the pure
+//! verdict rules (`verdict`), Prometheus measurements (`prometheus`, `builtin`) and the AnalysisRun
+//! controller (`runner`).
+
+pub mod args;
+pub mod builtin;
+pub mod condition;
+pub mod prometheus;
+pub mod run_spec;
+pub mod runner;
+pub mod verdict;
+
+pub use run_spec::{build_run_spec, AnalysisRequest, RunSpecError, TemplateSource};
+pub use runner::{advance, spawn, spawn_with, Measurer, RunnerConfig, RunnerHandle, StaticSecrets};

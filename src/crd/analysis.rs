@@ -1,8 +1,8 @@
 //! Analysis resources: `AnalysisTemplate`, `ClusterAnalysisTemplate` (what to measure) and `AnalysisRun`
+//! (one execution of them for a Rollout, with every measurement).
 
 // Several `printcolumn(...)` entries with the same keys are how kube-derive spells a list of columns.
 #![allow(clippy::duplicated_attributes)]
-//! (one execution of them for a Rollout, with every measurement).
 
 use std::collections::BTreeMap;
 
