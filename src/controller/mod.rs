@@ -1,2 +1,667 @@
 //! The reconciler: observe the cluster, call the pure planner, apply its actions in safe order, write status.
+
+pub mod act;
 pub mod leader;
+pub mod metrics;
+pub mod observe;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use act::{act, ActError};
+pub use metrics::Metrics;
+pub use observe::{observe, ObserveError, Sources};
+
+use crate::crd::analysis::AnalysisRun;
+use crate::crd::{labels, Rollout, RolloutStatus};
+use crate::strategy::{Plan, PlannedEvent};
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Namespaces to watch; empty means all namespaces.
+    pub namespaces: Vec<String>,
+    /// Rollouts reconciled at the same time (per namespace scope).
+    pub concurrency: u16,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Wait before retrying a reconcile that failed for a reason other than a status conflict.
+    pub error_backoff: Duration,
+    /// Reconcile every Rollout at least this often even when nothing triggers it.
+    pub resync: Duration,
+    /// Name of this instance in events (`reportingInstance`).
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            namespaces: Vec::new(),
+            concurrency: 4,
+            metrics_addr: None,
+            error_backoff: Duration::from_secs(2),
+            resync: Duration::from_secs(300),
+            instance: None,
+        }
+    }
+}
+
+/// Why the controller could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot serve metrics on {addr}: {source}")]
+    BindMetrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a controller task ended abnormally: {0}")]
+    TaskFailed(#[source] tokio::task::JoinError),
+}
+
+impl ControllerError {
+    /// A bounded label for logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ControllerError::BindMetrics { .. } => "bind_metrics",
+            ControllerError::TaskFailed(_) => "task_failed",
+        }
+    }
+}
+
+/// Why one reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("observing the cluster failed: {0}")]
+    Observe(#[from] ObserveError),
+    #[error("applying the plan failed: {0}")]
+    Act(#[from] ActError),
+    #[error("writing status failed: {0}")]
+    WriteStatus(#[source] kube::Error),
+    #[error("the Rollout changed while its status was being written")]
+    StatusConflict,
+    #[error("re-reading the Rollout failed: {0}")]
+    ReadRollout(#[source] kube::Error),
+}
+
+impl ReconcileError {
+    /// A bounded label for metrics and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ReconcileError::Observe(error) => error.category(),
+            ReconcileError::Act(error) => error.category(),
+            ReconcileError::WriteStatus(_) => "write_status",
+            ReconcileError::StatusConflict => "status_conflict",
+            ReconcileError::ReadRollout(_) => "read_rollout",
+        }
+    }
+}
+
+/// Runs the controller until Ctrl-C.
+pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
+    let handle = ControllerHandle::start(client, config).await?;
+    let cancel = handle.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("interrupted, stopping");
+            cancel.cancel();
+        }
+    });
+    handle.wait_for_exit().await
+}
+
+/// A controller running in this process: stop it, kill it, read its counters.
+pub struct ControllerHandle {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl ControllerHandle {
+    /// Starts the controller on its own tasks and returns at once.
+    pub async fn start(
+        client: Client,
+        config: ControllerConfig,
+    ) -> Result<ControllerHandle, ControllerError> {
+        let cancel = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let mut tasks = Vec::new();
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics_addr {
+            let (bound, task) = metrics::serve(addr, metrics.clone(), cancel.clone())
+                .await
+                .map_err(|source| ControllerError::BindMetrics { addr, source })?;
+            metrics_addr = Some(bound);
+            tasks.push(task);
+        }
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: labels::FIELD_MANAGER.to_string(),
+                instance: config.instance.clone(),
+            },
+        );
+        let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+            vec![None]
+        } else {
+            config.namespaces.iter().cloned().map(Some).collect()
+        };
+        let sync = Arc::new(CacheSync {
+            pending: AtomicUsize::new(scopes.len() * CACHES_PER_SCOPE),
+            metrics: metrics.clone(),
+        });
+        for scope in scopes {
+            tasks.push(spawn_scope(
+                client.clone(),
+                scope,
+                &config,
+                recorder.clone(),
+                metrics.clone(),
+                &cancel,
+                &sync,
+            ));
+        }
+        Ok(ControllerHandle {
+            cancel,
+            tasks,
+            metrics,
+            metrics_addr,
+        })
+    }
+
+    /// The counters of this controller.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Waits until every cache has synced, or `timeout` passes; returns whether they synced.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.metrics.is_ready() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.metrics.is_ready()
+    }
+
+    /// Stops gracefully: reconciles in flight finish, no new one starts.
+    pub async fn stop(self) -> Result<(), ControllerError> {
+        self.cancel.cancel();
+        self.wait_for_exit().await
+    }
+
+    /// Stops at once, like a killed process: reconciles in flight are dropped wherever they are.
+    pub fn kill(self) {
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
+    async fn wait_for_exit(self) -> Result<(), ControllerError> {
+        for task in self.tasks {
+            match task.await {
+                Ok(()) => {}
+                Err(error) if error.is_cancelled() => {}
+                Err(error) => return Err(ControllerError::TaskFailed(error)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Watch caches per namespace scope: Rollouts, ReplicaSets, Services, AnalysisRuns.
+const CACHES_PER_SCOPE: usize = 4;
+
+/// Counts the caches whose first list has not completed; the controller is ready when none is left.
+/// (Readiness is taken from the watch streams themselves: a reflector store's `wait_until_ready` wakes only
+/// its most recent waiter, and the runtime's own runner already waits on the Rollout store.)
+struct CacheSync {
+    pending: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl CacheSync {
+    fn tracker<K>(self: &Arc<Self>, cache: &'static str) -> impl FnMut(&watcher::Event<K>) {
+        let sync = self.clone();
+        let mut counted = false;
+        move |event| {
+            if !counted && matches!(event, watcher::Event::InitDone) {
+                counted = true;
+                tracing::debug!(cache, left = sync.pending.load(Ordering::Acquire), "a cache synced");
+                if sync.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    sync.metrics.set_ready();
+                }
+            }
+        }
+    }
+}
+
+struct ScopeContext {
+    /// Our own last status write per Rollout, with the resourceVersion it replaced: until the watch cache
+    /// shows it, a reconcile plans from it instead of the stale cached copy (which would only earn a 409 or,
+    /// worse, an unchanged plan that writes nothing and waits for a trigger that already came).
+    written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, Rollout)>>,
+    client: Client,
+    sources: Sources,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    error_backoff: Duration,
+    resync: Duration,
+}
+
+impl ScopeContext {
+    fn fresher(&self, key: &str, cached: &Rollout) -> Rollout {
+        let Ok(mut written) = self.written.lock() else {
+            return cached.clone();
+        };
+        match written.get(key) {
+            Some((replaced, ours)) if *replaced == cached.metadata.resource_version => ours.clone(),
+            Some(_) => {
+                written.remove(key);
+                cached.clone()
+            }
+            None => cached.clone(),
+        }
+    }
+
+    fn remember(&self, key: String, replaced: &Rollout, written: Rollout) {
+        if let Ok(mut map) = self.written.lock() {
+            map.insert(key, (replaced.metadata.resource_version.clone(), written));
+        }
+    }
+}
+
+fn scoped_api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match scope {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// What may make a Rollout need a reconcile: a spec change (generation), deletion, or a manual command.
+/// Status writes, including the controller's own, change none of these, so they do not trigger one.
+pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    rollout.metadata.generation.hash(&mut hasher);
+    rollout
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    rollout.metadata.uid.hash(&mut hasher);
+    let commands = rollout
+        .status
+        .as_ref()
+        .and_then(|status| status.commands.as_ref());
+    serde_json::to_string(&commands)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+fn spawn_scope(
+    client: Client,
+    scope: Option<String>,
+    config: &ControllerConfig,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    cancel: &CancellationToken,
+    sync: &Arc<CacheSync>,
+) -> JoinHandle<()> {
+    let rollouts: Api<Rollout> = scoped_api(&client, &scope);
+    let replica_sets: Api<ReplicaSet> = scoped_api(&client, &scope);
+    let services: Api<Service> = scoped_api(&client, &scope);
+    let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
+
+    let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
+    let (rs_reader, rs_writer) = reflector::store::<ReplicaSet>();
+    let (svc_reader, svc_writer) = reflector::store::<Service>();
+    let (run_reader, run_writer) = reflector::store::<AnalysisRun>();
+
+    let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
+    let rollout_stream = watcher(rollouts, watcher::Config::default())
+        .default_backoff()
+        .reflect(rollout_writer)
+        .inspect_ok(sync.tracker("rollouts"))
+        .applied_objects()
+        .predicate_filter(rollout_trigger_hash, Default::default());
+    let rs_stream = watcher(replica_sets, owned.clone())
+        .default_backoff()
+        .reflect(rs_writer)
+        .inspect_ok(sync.tracker("replicasets"))
+        .touched_objects();
+    let run_stream = watcher(runs, owned)
+        .default_backoff()
+        .reflect(run_writer)
+        .inspect_ok(sync.tracker("analysisruns"))
+        .touched_objects();
+    let svc_stream = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .reflect(svc_writer)
+        .inspect_ok(sync.tracker("services"))
+        .touched_objects();
+
+    let context = Arc::new(ScopeContext {
+        written: Default::default(),
+        client: client.clone(),
+        sources: Sources {
+            client,
+            replica_sets: Some(rs_reader),
+            services: Some(svc_reader),
+            analysis_runs: Some(run_reader),
+        },
+        recorder,
+        metrics,
+        error_backoff: config.error_backoff,
+        resync: config.resync,
+    });
+
+    let mapper_reader = rollout_reader.clone();
+    let controller = Controller::for_stream(rollout_stream, rollout_reader)
+        .owns_stream(rs_stream)
+        .owns_stream(run_stream)
+        .watches_stream(svc_stream, move |service: Service| {
+            rollouts_naming(&mapper_reader, &service)
+        })
+        .with_config(RuntimeConfig::default().concurrency(config.concurrency))
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile trigger failed");
+            }
+        });
+    let task = tokio::spawn(controller);
+    task
+}
+
+fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRef<Rollout>> {
+    let namespace = service.namespace();
+    let name = service.name_any();
+    rollouts
+        .state()
+        .iter()
+        .filter(|rollout| rollout.namespace() == namespace)
+        .filter(|rollout| observe::service_names(&rollout.spec.strategy).contains(&name))
+        .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
+        .collect()
+}
+
+async fn reconcile(
+    rollout: Arc<Rollout>,
+    context: Arc<ScopeContext>,
+) -> Result<Requeue, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_rollout(&context, &rollout).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(error) => error.category(),
+    };
+    context.metrics.reconciled(outcome, started.elapsed());
+    result
+}
+
+async fn reconcile_rollout(
+    context: &ScopeContext,
+    rollout: &Rollout,
+) -> Result<Requeue, ReconcileError> {
+    if rollout.metadata.deletion_timestamp.is_some() {
+        // Owned objects go with the Rollout through their ownerReferences.
+        return Ok(Requeue::await_change());
+    }
+    let Some(namespace) = rollout.namespace() else {
+        return Ok(Requeue::await_change());
+    };
+    let api: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
+    let key = format!("{namespace}/{}", rollout.name_any());
+    let mut current = context.fresher(&key, rollout);
+    // A status write that loses a race (a `serin promote` landed meanwhile) is planned again at once on the
+    // fresh object, so the command is neither lost nor overwritten.
+    for _attempt in 0..3 {
+        let observed = observe(&context.sources, &current).await?;
+        let plan = crate::strategy::plan(&current, &observed, Timestamp::now());
+        let applied = match act(&context.client, &current, &plan.actions).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                publish(
+                    context,
+                    &current,
+                    &PlannedEvent {
+                        warning: true,
+                        reason: "ActionFailed",
+                        message: format!("{error} ({})", error.category()),
+                    },
+                )
+                .await;
+                return Err(error.into());
+            }
+        };
+        context.metrics.wrote(applied as u64);
+        match write_status(&api, &current, &plan.status).await {
+            Ok(written) => {
+                context.metrics.wrote(u64::from(written.is_some()));
+                if let Some(written) = written {
+                    context.remember(key.clone(), &current, written);
+                }
+                for event in &plan.events {
+                    publish(context, &current, event).await;
+                }
+                context.metrics.rollout_state(
+                    &namespace,
+                    &current.name_any(),
+                    plan.status.phase,
+                    plan.status.current_weight,
+                );
+                return Ok(requeue_for(&plan, context.resync));
+            }
+            Err(StatusWriteError::Conflict) => {
+                current = api
+                    .get(&current.name_any())
+                    .await
+                    .map_err(ReconcileError::ReadRollout)?;
+            }
+            Err(StatusWriteError::Other(error)) => return Err(ReconcileError::WriteStatus(error)),
+        }
+    }
+    Err(ReconcileError::StatusConflict)
+}
+
+fn requeue_for(plan: &Plan, resync: Duration) -> Requeue {
+    match plan.requeue_after {
+        Some(after) => Requeue::requeue(after.min(resync)),
+        None => Requeue::requeue(resync),
+    }
+}
+
+fn error_policy(
+    _rollout: Arc<Rollout>,
+    error: &ReconcileError,
+    context: Arc<ScopeContext>,
+) -> Requeue {
+    tracing::warn!(category = error.category(), %error, "reconcile failed");
+    match error {
+        ReconcileError::StatusConflict => Requeue::requeue(Duration::from_millis(10)),
+        _ => Requeue::requeue(context.error_backoff),
+    }
+}
+
+enum StatusWriteError {
+    Conflict,
+    Other(kube::Error),
+}
+
+/// Writes the planned status when it differs from the current one; the write carries the Rollout's
+/// resourceVersion, so it fails with a conflict instead of erasing a command written meanwhile.
+async fn write_status(
+    api: &Api<Rollout>,
+    rollout: &Rollout,
+    status: &RolloutStatus,
+) -> Result<Option<Rollout>, StatusWriteError> {
+    if !status_differs(rollout.status.as_ref(), status) {
+        return Ok(None);
+    }
+    let mut updated = rollout.clone();
+    updated.status = Some(status.clone());
+    updated.metadata.managed_fields = None;
+    let params = PostParams {
+        field_manager: Some(labels::FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api
+        .replace_status(&rollout.name_any(), &params, &updated)
+        .await
+    {
+        Ok(written) => Ok(Some(written)),
+        Err(kube::Error::Api(status)) if status.is_conflict() => Err(StatusWriteError::Conflict),
+        Err(error) => Err(StatusWriteError::Other(error)),
+    }
+}
+
+/// Whether a status write is needed.
+pub fn status_differs(current: Option<&RolloutStatus>, planned: &RolloutStatus) -> bool {
+    match current {
+        Some(current) => current != planned,
+        None => planned != &RolloutStatus::default(),
+    }
+}
+
+async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent) {
+    let recorded = Event {
+        type_: if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason.to_string(),
+        note: Some(event.message.clone()),
+        action: event.reason.to_string(),
+        secondary: None,
+    };
+    if let Err(error) = context
+        .recorder
+        .publish(&recorded, &rollout.object_ref(&()))
+        .await
+    {
+        tracing::warn!(%error, reason = event.reason, "recording an event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::rollout::{ManualCommands, PromoteCommand};
+    use crate::crd::RolloutPhase;
+    use serde_json::json;
+
+    fn rollout() -> Rollout {
+        serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "generation": 1},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}},
+                "strategy": {"canary": {"stableService": "web", "canaryService": "web-canary"}}
+            }
+        }))
+        .expect("valid rollout")
+    }
+
+    #[test]
+    fn status_only_changes_do_not_trigger_but_commands_and_spec_changes_do() {
+        let base = rollout();
+        let mut status_only = base.clone();
+        status_only.status = Some(RolloutStatus {
+            phase: Some(RolloutPhase::Paused),
+            current_weight: Some(20),
+            ..Default::default()
+        });
+        status_only.metadata.resource_version = Some("99".into());
+        assert_eq!(
+            rollout_trigger_hash(&base),
+            rollout_trigger_hash(&status_only)
+        );
+
+        let mut promoted = status_only.clone();
+        promoted
+            .status
+            .get_or_insert_with(Default::default)
+            .commands = Some(ManualCommands {
+            promote: Some(PromoteCommand::Step),
+            ..Default::default()
+        });
+        assert_ne!(
+            rollout_trigger_hash(&status_only),
+            rollout_trigger_hash(&promoted)
+        );
+
+        let mut new_spec = base.clone();
+        new_spec.metadata.generation = Some(2);
+        assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&new_spec));
+
+        let mut deleting = base.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+        );
+        assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&deleting));
+    }
+
+    #[test]
+    fn an_unchanged_status_is_not_written() {
+        let status = RolloutStatus {
+            phase: Some(RolloutPhase::Healthy),
+            ..Default::default()
+        };
+        assert!(!status_differs(Some(&status), &status));
+        assert!(!status_differs(None, &RolloutStatus::default()));
+        assert!(status_differs(None, &status));
+        let mut moved = status.clone();
+        moved.current_weight = Some(20);
+        assert!(status_differs(Some(&status), &moved));
+    }
+
+    #[test]
+    fn requeue_follows_the_plan_but_never_later_than_the_resync() {
+        let plan = Plan {
+            requeue_after: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        assert_eq!(
+            requeue_for(&plan, Duration::from_secs(300)),
+            Requeue::requeue(Duration::from_secs(2))
+        );
+        assert_eq!(
+            requeue_for(&Plan::default(), Duration::from_secs(300)),
+            Requeue::requeue(Duration::from_secs(300))
+        );
+    }
+}

@@ -148,11 +148,14 @@ impl JsonSchema for ManifestDuration {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // allOf, not anyOf: in a structural schema the branches carry no type, so `minimum` only
+        // constrains integers and `pattern` only strings; with anyOf a negative integer passes the pattern
+        // branch (and "-5s" the minimum branch) vacuously.
         json_schema!({
             "x-kubernetes-int-or-string": true,
-            "anyOf": [
-                {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": DURATION_PATTERN}
+            "allOf": [
+                {"minimum": 0},
+                {"pattern": DURATION_PATTERN}
             ]
         })
     }
@@ -180,16 +183,10 @@ mod tests {
 
     #[test]
     fn rejects_negative_and_malformed() {
-        assert_eq!(
-            parse_duration("-5s"),
-            Err(DurationError::Negative("-5s".into()))
-        );
+        assert_eq!(parse_duration("-5s"), Err(DurationError::Negative("-5s".into())));
         assert_eq!(parse_duration(""), Err(DurationError::Empty("".into())));
         for bad in ["5x", "s", "m5", "1h 2m", "1..2s"] {
-            assert!(
-                matches!(parse_duration(bad), Err(DurationError::Malformed(_))),
-                "{bad}"
-            );
+            assert!(matches!(parse_duration(bad), Err(DurationError::Malformed(_))), "{bad}");
         }
         assert_eq!(
             ManifestDuration::Seconds(-1).to_duration(),

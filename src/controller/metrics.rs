@@ -1,0 +1,256 @@
+//! The controller's Prometheus metrics and its `/metrics`, `/healthz`, `/readyz` HTTP endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::RolloutPhase;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    namespace: String,
+    rollout: String,
+}
+
+/// Counters and gauges the controller updates on every reconcile.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabels, Counter>,
+    reconcile_seconds: Histogram,
+    rollouts_by_phase: Family<PhaseLabels, Gauge>,
+    canary_weight: Family<RolloutLabels, Gauge>,
+    phases: Mutex<BTreeMap<(String, String), &'static str>>,
+    total_reconciles: AtomicU64,
+    total_writes: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("serin");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let rollouts_by_phase = Family::<PhaseLabels, Gauge>::default();
+        let canary_weight = Family::<RolloutLabels, Gauge>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by result (ok or an error category)",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_seconds.clone(),
+        );
+        registry.register("rollouts", "Rollouts by phase", rollouts_by_phase.clone());
+        registry.register(
+            "canary_weight_percent",
+            "Traffic weight the canary receives, per Rollout",
+            canary_weight.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            rollouts_by_phase,
+            canary_weight,
+            phases: Mutex::new(BTreeMap::new()),
+            total_reconciles: AtomicU64::new(0),
+            total_writes: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Records one finished reconcile.
+    pub fn reconciled(&self, result: &'static str, took: Duration) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
+        self.total_reconciles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the writes one reconcile made.
+    pub fn wrote(&self, writes: u64) {
+        self.total_writes.fetch_add(writes, Ordering::Relaxed);
+    }
+
+    /// Records where a Rollout stands after a reconcile.
+    pub fn rollout_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: Option<RolloutPhase>,
+        weight: Option<i32>,
+    ) {
+        self.canary_weight
+            .get_or_create(&RolloutLabels {
+                namespace: namespace.to_string(),
+                rollout: name.to_string(),
+            })
+            .set(i64::from(weight.unwrap_or(0)));
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        let phase = phase.map(|p| p.as_str()).unwrap_or("Unknown");
+        if phases.insert((namespace.to_string(), name.to_string()), phase) == Some(phase) {
+            return;
+        }
+        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for phase in phases.values() {
+            *counts.entry(phase).or_default() += 1;
+        }
+        for phase in [
+            "Progressing",
+            "Paused",
+            "Healthy",
+            "Degraded",
+            "Aborted",
+            "Unknown",
+        ] {
+            self.rollouts_by_phase
+                .get_or_create(&PhaseLabels { phase })
+                .set(counts.get(phase).copied().unwrap_or(0));
+        }
+    }
+
+    /// Reconciles finished since start.
+    pub fn total_reconciles(&self) -> u64 {
+        self.total_reconciles.load(Ordering::Relaxed)
+    }
+
+    /// Writes made by reconciles since start.
+    pub fn total_writes(&self) -> u64 {
+        self.total_writes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// The caches have synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail for lack of space; an error here would only drop the scrape.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `cancel` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(metrics);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "metrics endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn metrics_text(
+    State(metrics): State<Arc<Metrics>>,
+) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        metrics.encode(),
+    )
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if metrics.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_gauges_count_each_rollout_once_in_its_latest_phase() {
+        let metrics = Metrics::new();
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Progressing), Some(20));
+        metrics.rollout_state("ns", "b", Some(RolloutPhase::Progressing), None);
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Healthy), Some(0));
+        let text = metrics.encode();
+        assert!(
+            text.contains("serin_rollouts{phase=\"Progressing\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_rollouts{phase=\"Healthy\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_canary_weight_percent{namespace=\"ns\",rollout=\"a\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reconciles_are_counted_by_result() {
+        let metrics = Metrics::new();
+        metrics.reconciled("ok", Duration::from_millis(2));
+        metrics.reconciled("scale_replicaset", Duration::from_millis(2));
+        metrics.reconciled("ok", Duration::from_millis(2));
+        assert_eq!(metrics.total_reconciles(), 3);
+        let text = metrics.encode();
+        assert!(
+            text.contains("serin_reconciles_total{result=\"ok\"} 2"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,488 @@
+//! Reads what a Rollout owns and names (ReplicaSets, Services, AnalysisRuns, templates) into one `Observed`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::ListParams;
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::crd::analysis::AnalysisRun;
+use crate::crd::rollout::{AnalysisTemplateRef, RolloutStrategy};
+use crate::crd::{
+    labels, AnalysisTemplate, AnalysisTemplateSpec, ClusterAnalysisTemplate, Rollout,
+};
+use crate::strategy::{
+    AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
+    TemplateKey,
+};
+
+/// Values of the `serin.dev/analysis` label on AnalysisRuns.
+pub mod analysis_kind {
+    pub const STEP: &str = "step";
+    pub const BACKGROUND: &str = "background";
+    pub const PRE_PROMOTION: &str = "pre-promotion";
+    pub const POST_PROMOTION: &str = "post-promotion";
+}
+
+/// Why the cluster could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("the Rollout has no namespace")]
+    RolloutWithoutNamespace,
+    #[error("listing ReplicaSets failed: {0}")]
+    ListReplicaSets(#[source] kube::Error),
+    #[error("reading Service {name} failed: {source}")]
+    ReadService {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing AnalysisRuns failed: {0}")]
+    ListAnalysisRuns(#[source] kube::Error),
+    #[error("reading analysis template {name} failed: {source}")]
+    ReadTemplate {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ObserveError {
+    /// A bounded label for metrics and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ObserveError::RolloutWithoutNamespace => "rollout_without_namespace",
+            ObserveError::ListReplicaSets(_) => "list_replicasets",
+            ObserveError::ReadService { .. } => "read_service",
+            ObserveError::ListAnalysisRuns(_) => "list_analysisruns",
+            ObserveError::ReadTemplate { .. } => "read_template",
+        }
+    }
+}
+
+/// Where observations come from: reflector stores when the controller runs them, the API otherwise.
+#[derive(Clone)]
+pub struct Sources {
+    pub client: Client,
+    pub replica_sets: Option<Store<ReplicaSet>>,
+    pub services: Option<Store<Service>>,
+    pub analysis_runs: Option<Store<AnalysisRun>>,
+}
+
+impl Sources {
+    /// Observations read straight from the API server (no caches).
+    pub fn direct(client: Client) -> Sources {
+        Sources {
+            client,
+            replica_sets: None,
+            services: None,
+            analysis_runs: None,
+        }
+    }
+}
+
+/// Reads everything the planner needs about one Rollout.
+pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, ObserveError> {
+    let namespace = rollout
+        .namespace()
+        .ok_or(ObserveError::RolloutWithoutNamespace)?;
+    let name = rollout.name_any();
+    let uid = rollout.uid().unwrap_or_default();
+    let selector = format!("{}={}", labels::ROLLOUT_NAME, name);
+
+    let replica_sets: Vec<ReplicaSet> = match &sources.replica_sets {
+        Some(store) => store
+            .state_filter(|rs| {
+                rs.namespace().as_deref() == Some(namespace.as_str()) && is_controlled_by(rs, &uid)
+            })
+            .iter()
+            .map(|rs| (**rs).clone())
+            .collect(),
+        None => {
+            let api: Api<ReplicaSet> = Api::namespaced(sources.client.clone(), &namespace);
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(ObserveError::ListReplicaSets)?
+                .items
+                .into_iter()
+                .filter(|rs| is_controlled_by(rs, &uid))
+                .collect()
+        }
+    };
+
+    let mut services = BTreeMap::new();
+    for service_name in service_names(&rollout.spec.strategy) {
+        let found = match &sources.services {
+            Some(store) => store
+                .find(|svc| {
+                    svc.namespace().as_deref() == Some(namespace.as_str())
+                        && svc.name_any() == service_name
+                })
+                .map(|svc| (*svc).clone()),
+            None => {
+                let api: Api<Service> = Api::namespaced(sources.client.clone(), &namespace);
+                api.get_opt(&service_name)
+                    .await
+                    .map_err(|source| ObserveError::ReadService {
+                        name: service_name.clone(),
+                        source,
+                    })?
+            }
+        };
+        if let Some(service) = found {
+            services.insert(service_name.clone(), observed_service(&service));
+        }
+    }
+
+    let analysis_runs: Vec<AnalysisRun> = match &sources.analysis_runs {
+        Some(store) => store
+            .state_filter(|run| {
+                run.namespace().as_deref() == Some(namespace.as_str())
+                    && is_controlled_by(run, &uid)
+            })
+            .iter()
+            .map(|run| (**run).clone())
+            .collect(),
+        None => {
+            let api: Api<AnalysisRun> = Api::namespaced(sources.client.clone(), &namespace);
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(ObserveError::ListAnalysisRuns)?
+                .items
+                .into_iter()
+                .filter(|run| is_controlled_by(run, &uid))
+                .collect()
+        }
+    };
+
+    let mut analysis_templates = BTreeMap::new();
+    for reference in template_refs(&rollout.spec.strategy) {
+        let key = TemplateKey {
+            name: reference.template_name.clone(),
+            cluster_scope: reference.cluster_scope,
+        };
+        if analysis_templates.contains_key(&key) {
+            continue;
+        }
+        let found = read_template(&sources.client, &namespace, &key).await?;
+        analysis_templates.insert(key, found);
+    }
+
+    Ok(Observed {
+        replica_sets: replica_sets.iter().map(observed_replica_set).collect(),
+        services,
+        // Routers (Gateway API, Istio, NGINX) report here once they exist; without one the planner routes by
+        // replica counts behind the Services.
+        traffic: None,
+        analysis_runs: analysis_runs
+            .iter()
+            .filter_map(observed_analysis_run)
+            .collect(),
+        analysis_templates,
+    })
+}
+
+async fn read_template(
+    client: &Client,
+    namespace: &str,
+    key: &TemplateKey,
+) -> Result<Result<AnalysisTemplateSpec, String>, ObserveError> {
+    let read_error = |source| ObserveError::ReadTemplate {
+        name: key.name.clone(),
+        source,
+    };
+    if key.cluster_scope {
+        let api: Api<ClusterAnalysisTemplate> = Api::all(client.clone());
+        Ok(match api.get_opt(&key.name).await.map_err(read_error)? {
+            Some(template) => Ok(AnalysisTemplateSpec {
+                args: template.spec.args,
+                metrics: template.spec.metrics,
+                dry_run: template.spec.dry_run,
+            }),
+            None => Err(format!("ClusterAnalysisTemplate {} not found", key.name)),
+        })
+    } else {
+        let api: Api<AnalysisTemplate> = Api::namespaced(client.clone(), namespace);
+        Ok(match api.get_opt(&key.name).await.map_err(read_error)? {
+            Some(template) => Ok(template.spec),
+            None => Err(format!(
+                "AnalysisTemplate {} not found in namespace {namespace}",
+                key.name
+            )),
+        })
+    }
+}
+
+/// Whether `object` has a controller ownerReference to the object with `uid`.
+pub fn is_controlled_by<K: Resource>(object: &K, uid: &str) -> bool {
+    !uid.is_empty()
+        && object
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|owner| owner.controller == Some(true) && owner.uid == uid)
+}
+
+/// The Services a strategy names, in a stable order.
+pub fn service_names(strategy: &RolloutStrategy) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(canary) = &strategy.canary {
+        names.extend(canary.stable_service.iter().cloned());
+        names.extend(canary.canary_service.iter().cloned());
+    }
+    if let Some(blue_green) = &strategy.blue_green {
+        names.push(blue_green.active_service.clone());
+        names.extend(blue_green.preview_service.iter().cloned());
+    }
+    names.retain(|name| !name.is_empty());
+    names.dedup();
+    names
+}
+
+/// Every analysis template a strategy refers to.
+pub fn template_refs(strategy: &RolloutStrategy) -> Vec<&AnalysisTemplateRef> {
+    let mut refs = Vec::new();
+    if let Some(canary) = &strategy.canary {
+        if let Some(background) = &canary.analysis {
+            refs.extend(background.templates.iter());
+        }
+        for step in &canary.steps {
+            if let Some(analysis) = &step.analysis {
+                refs.extend(analysis.templates.iter());
+            }
+        }
+    }
+    if let Some(blue_green) = &strategy.blue_green {
+        for analysis in [
+            &blue_green.pre_promotion_analysis,
+            &blue_green.post_promotion_analysis,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            refs.extend(analysis.templates.iter());
+        }
+    }
+    refs
+}
+
+/// The planner's view of a ReplicaSet.
+pub fn observed_replica_set(rs: &ReplicaSet) -> ObservedReplicaSet {
+    let status = rs.status.as_ref();
+    ObservedReplicaSet {
+        name: rs.name_any(),
+        pod_template_hash: rs
+            .labels()
+            .get(labels::POD_TEMPLATE_HASH)
+            .cloned()
+            .unwrap_or_default(),
+        revision: rs
+            .annotations()
+            .get(labels::REVISION)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0),
+        spec_replicas: rs.spec.replicas.unwrap_or(1),
+        replicas: status.map(|s| s.replicas).unwrap_or(0),
+        ready_replicas: status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        available_replicas: status.and_then(|s| s.available_replicas).unwrap_or(0),
+        status_current: match (
+            rs.metadata.generation,
+            status.and_then(|s| s.observed_generation),
+        ) {
+            (Some(generation), Some(observed)) => observed >= generation,
+            (None, _) => true,
+            (Some(_), None) => false,
+        },
+        deleting: rs.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// The planner's view of a Service.
+pub fn observed_service(service: &Service) -> ObservedService {
+    ObservedService {
+        name: service.name_any(),
+        selector: service
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.selector.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// The planner's view of an AnalysisRun; `None` for a run without Serin's purpose labels.
+pub fn observed_analysis_run(run: &AnalysisRun) -> Option<ObservedAnalysisRun> {
+    let run_labels = run.labels();
+    let purpose = match run_labels.get(labels::ANALYSIS_KIND)?.as_str() {
+        analysis_kind::STEP => {
+            AnalysisPurpose::Step(run_labels.get(labels::STEP_INDEX)?.parse().ok()?)
+        }
+        analysis_kind::BACKGROUND => AnalysisPurpose::Background,
+        analysis_kind::PRE_PROMOTION => AnalysisPurpose::PrePromotion,
+        analysis_kind::POST_PROMOTION => AnalysisPurpose::PostPromotion,
+        _ => return None,
+    };
+    let status = run.status.as_ref();
+    Some(ObservedAnalysisRun {
+        name: run.name_any(),
+        purpose,
+        pod_template_hash: run_labels
+            .get(labels::POD_TEMPLATE_HASH)
+            .cloned()
+            .unwrap_or_default(),
+        phase: status.and_then(|s| s.phase).unwrap_or_default(),
+        message: status.and_then(|s| s.message.clone()),
+        terminating: run.spec.terminate,
+    })
+}
+
+/// The labels that mark an AnalysisRun's purpose (the inverse of [`observed_analysis_run`]).
+pub fn purpose_labels(purpose: AnalysisPurpose) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let kind = match purpose {
+        AnalysisPurpose::Step(index) => {
+            out.insert(labels::STEP_INDEX.to_string(), index.to_string());
+            analysis_kind::STEP
+        }
+        AnalysisPurpose::Background => analysis_kind::BACKGROUND,
+        AnalysisPurpose::PrePromotion => analysis_kind::PRE_PROMOTION,
+        AnalysisPurpose::PostPromotion => analysis_kind::POST_PROMOTION,
+    };
+    out.insert(labels::ANALYSIS_KIND.to_string(), kind.to_string());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::analysis::{AnalysisRunSpec, AnalysisRunStatus};
+    use crate::crd::AnalysisPhase;
+    use k8s_openapi::api::apps::v1::{ReplicaSetSpec, ReplicaSetStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use serde_json::json;
+
+    fn owned_rs(uid: &str, controller: bool) -> ReplicaSet {
+        let mut rs = ReplicaSet::default();
+        rs.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "serin.dev/v1alpha1".into(),
+            kind: "Rollout".into(),
+            name: "web".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            block_owner_deletion: Some(true),
+        }]);
+        rs
+    }
+
+    #[test]
+    fn only_a_controller_reference_with_the_same_uid_counts_as_ownership() {
+        assert!(is_controlled_by(&owned_rs("u1", true), "u1"));
+        assert!(!is_controlled_by(&owned_rs("u1", true), "u2"));
+        assert!(!is_controlled_by(&owned_rs("u1", false), "u1"));
+        assert!(!is_controlled_by(&owned_rs("", true), ""));
+    }
+
+    #[test]
+    fn replica_set_counts_hash_and_revision_are_read_from_labels_spec_and_status() {
+        let mut rs = owned_rs("u1", true);
+        rs.metadata.name = Some("web-abc".into());
+        rs.metadata.generation = Some(3);
+        rs.metadata.labels =
+            Some([(labels::POD_TEMPLATE_HASH.to_string(), "abc".to_string())].into());
+        rs.metadata.annotations = Some([(labels::REVISION.to_string(), "4".to_string())].into());
+        rs.spec = ReplicaSetSpec {
+            replicas: Some(5),
+            ..Default::default()
+        };
+        rs.status = Some(ReplicaSetStatus {
+            replicas: 5,
+            ready_replicas: Some(4),
+            available_replicas: Some(3),
+            observed_generation: Some(2),
+            ..Default::default()
+        });
+        let observed = observed_replica_set(&rs);
+        assert_eq!(observed.name, "web-abc");
+        assert_eq!(observed.pod_template_hash, "abc");
+        assert_eq!(observed.revision, 4);
+        assert_eq!((observed.spec_replicas, observed.replicas), (5, 5));
+        assert_eq!(
+            (observed.ready_replicas, observed.available_replicas),
+            (4, 3)
+        );
+        assert!(
+            !observed.status_current,
+            "status of generation 2 does not describe generation 3"
+        );
+    }
+
+    #[test]
+    fn a_garbled_revision_annotation_reads_as_zero_instead_of_failing() {
+        let mut rs = owned_rs("u1", true);
+        rs.metadata.annotations = Some([(labels::REVISION.to_string(), "x".to_string())].into());
+        assert_eq!(observed_replica_set(&rs).revision, 0);
+    }
+
+    #[test]
+    fn analysis_purpose_labels_round_trip() {
+        for purpose in [
+            AnalysisPurpose::Step(3),
+            AnalysisPurpose::Background,
+            AnalysisPurpose::PrePromotion,
+            AnalysisPurpose::PostPromotion,
+        ] {
+            let mut run = AnalysisRun::new("run", AnalysisRunSpec::default());
+            let mut run_labels = purpose_labels(purpose);
+            run_labels.insert(labels::POD_TEMPLATE_HASH.into(), "h2".into());
+            run.metadata.labels = Some(run_labels);
+            run.status = Some(AnalysisRunStatus {
+                phase: Some(AnalysisPhase::Failed),
+                message: Some("error-rate 0.3".into()),
+                ..Default::default()
+            });
+            let observed = observed_analysis_run(&run);
+            assert_eq!(
+                observed,
+                Some(ObservedAnalysisRun {
+                    name: "run".into(),
+                    purpose,
+                    pod_template_hash: "h2".into(),
+                    phase: AnalysisPhase::Failed,
+                    message: Some("error-rate 0.3".into()),
+                    terminating: false,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn an_analysis_run_without_purpose_labels_is_ignored() {
+        let run = AnalysisRun::new("run", AnalysisRunSpec::default());
+        assert_eq!(observed_analysis_run(&run), None);
+    }
+
+    #[test]
+    fn services_and_templates_named_by_both_strategies_are_listed() {
+        let strategy: RolloutStrategy = serde_json::from_value(json!({
+            "canary": {
+                "stableService": "web", "canaryService": "web-canary",
+                "analysis": {"templates": [{"templateName": "bg"}]},
+                "steps": [{"analysis": {"templates": [{"templateName": "step", "clusterScope": true}]}}]
+            },
+            "blueGreen": {"activeService": "web-active", "previewService": "web-preview",
+                          "prePromotionAnalysis": {"templates": [{"templateName": "pre"}]}}
+        }))
+        .expect("valid strategy");
+        assert_eq!(
+            service_names(&strategy),
+            ["web", "web-canary", "web-active", "web-preview"]
+        );
+        let names: Vec<_> = template_refs(&strategy)
+            .iter()
+            .map(|r| r.template_name.as_str())
+            .collect();
+        assert_eq!(names, ["bg", "step", "pre"]);
+    }
+}

@@ -1,0 +1,427 @@
+//! Given/When/Then helpers for tests that run the real controller against the simulated cluster.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+use serin::cli::ManualCommand;
+use serin::controller::observe::{is_controlled_by, observed_replica_set};
+use serin::controller::{ControllerConfig, ControllerHandle};
+use serin::crd::{labels, Rollout, RolloutPhase};
+use serin::sim::workload::WorkloadConfig;
+use serin::sim::{RequestRecord, SimCluster, SimConfig};
+use serin::strategy::ObservedReplicaSet;
+
+/// Namespace every test works in.
+pub const NS: &str = "default";
+/// User the controller authenticates as, to tell its requests apart in the sim's request log.
+pub const CONTROLLER_USER: &str = "serin-controller";
+/// How long a simulated pod takes to turn ready.
+pub const POD_READY_DELAY: Duration = Duration::from_millis(100);
+
+/// A simulated cluster with the workload simulator and, usually, a controller.
+pub struct World {
+    pub sim: SimCluster,
+    pub admin: Client,
+    controllers: Vec<ControllerHandle>,
+}
+
+impl World {
+    /// A cluster with Serin's CRDs and one running controller.
+    pub async fn start() -> World {
+        let mut world = World::without_controller().await;
+        world.start_controller().await;
+        world
+    }
+
+    /// A cluster with Serin's CRDs and no controller.
+    pub async fn without_controller() -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let sim = SimCluster::start(SimConfig {
+            workload: Some(WorkloadConfig {
+                default_ready_delay: POD_READY_DELAY,
+                resync: Duration::from_secs(2),
+            }),
+            traffic: None,
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim starts");
+        let admin = sim.client().await.expect("admin client");
+        let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+        for crd in serin::crd::all() {
+            crds.create(&PostParams::default(), &crd).await.expect("CRD is accepted");
+        }
+        let rollouts: Api<Rollout> = Api::namespaced(admin.clone(), NS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rollouts.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "Rollout resource never became servable");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        World {
+            sim,
+            admin,
+            controllers: Vec::new(),
+        }
+    }
+
+    /// Starts one more controller (as the controller user) and waits for its caches.
+    pub async fn start_controller(&mut self) {
+        let client = self.sim.client_as(CONTROLLER_USER).await.expect("controller client");
+        let config = ControllerConfig {
+            error_backoff: Duration::from_millis(200),
+            ..ControllerConfig::default()
+        };
+        let handle = ControllerHandle::start(client, config).await.expect("controller starts");
+        assert!(handle.wait_ready(Duration::from_secs(10)).await, "controller caches never synced");
+        self.controllers.push(handle);
+    }
+
+    /// Kills every controller at once, like `kill -9`.
+    pub fn kill_controllers(&mut self) {
+        for handle in self.controllers.drain(..) {
+            handle.kill();
+        }
+    }
+
+    /// The first running controller.
+    pub fn controller(&self) -> &ControllerHandle {
+        self.controllers.first().expect("a controller is running")
+    }
+
+    pub async fn stop(mut self) {
+        for handle in self.controllers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle.stop()).await;
+        }
+        self.sim.shutdown().await;
+    }
+
+    /// Given Services selecting `app`, one per name.
+    pub async fn given_services(&self, app: &str, names: &[&str]) {
+        let services: Api<Service> = Api::namespaced(self.admin.clone(), NS);
+        for name in names {
+            let service: Service = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
+            }))
+            .expect("valid service");
+            services.create(&PostParams::default(), &service).await.expect("service created");
+        }
+    }
+
+    /// Given a Rollout manifest applied by the user; the API server's answer.
+    pub async fn given_rollout(&self, manifest: Value) -> Result<Rollout, kube::Error> {
+        let rollouts: Api<Rollout> = Api::namespaced(self.admin.clone(), NS);
+        let rollout: Rollout = serde_json::from_value(manifest).expect("manifest decodes as a Rollout");
+        rollouts.create(&PostParams::default(), &rollout).await
+    }
+
+    /// Given a Rollout sent as raw JSON (for specs the typed API cannot even express).
+    pub async fn given_raw_rollout(&self, manifest: Value) -> Result<(), kube::Error> {
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            self.admin.clone(),
+            NS,
+            &kube::api::ApiResource::erase::<Rollout>(&()),
+        );
+        let object: kube::api::DynamicObject = serde_json::from_value(manifest).expect("manifest decodes");
+        api.create(&PostParams::default(), &object).await.map(|_| ())
+    }
+
+    /// When the user changes the image of the Rollout's template.
+    pub async fn when_image_changes(&self, name: &str, image: &str) {
+        self.when_template_changes(name, json!({"spec": {"containers": [{"name": "app", "image": image}]}}))
+            .await;
+    }
+
+    /// When the user merges `template_patch` into the Rollout's template.
+    pub async fn when_template_changes(&self, name: &str, template_patch: Value) {
+        let rollouts: Api<Rollout> = Api::namespaced(self.admin.clone(), NS);
+        rollouts
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"template": template_patch}})),
+            )
+            .await
+            .expect("template patched");
+    }
+
+    /// When the user runs a manual command (`serin promote`, ...).
+    pub async fn when_command(&self, name: &str, command: ManualCommand) {
+        serin::cli::commands::send(&self.admin, NS, name, command)
+            .await
+            .expect("command accepted");
+    }
+
+    /// What the Rollout, its ReplicaSets and the Services look like now.
+    pub async fn state(&self, name: &str) -> State {
+        let rollouts: Api<Rollout> = Api::namespaced(self.admin.clone(), NS);
+        let rollout = rollouts.get(name).await.expect("rollout exists");
+        let uid = rollout.uid().unwrap_or_default();
+        let replica_sets: Api<ReplicaSet> = Api::namespaced(self.admin.clone(), NS);
+        let sets = replica_sets
+            .list(&ListParams::default())
+            .await
+            .expect("list replicasets")
+            .items
+            .into_iter()
+            .filter(|rs| is_controlled_by(rs, &uid))
+            .map(|rs| observed_replica_set(&rs))
+            .collect();
+        let services: Api<Service> = Api::namespaced(self.admin.clone(), NS);
+        let selectors = services
+            .list(&ListParams::default())
+            .await
+            .expect("list services")
+            .items
+            .into_iter()
+            .map(|svc| {
+                let selector = svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
+                (svc.name_any(), selector)
+            })
+            .collect();
+        State {
+            rollout,
+            replica_sets: sets,
+            selectors,
+        }
+    }
+
+    /// Then, within `timeout`, the state satisfies `condition`; every observed state is passed to
+    /// `invariant` first (which panics on a broken safety rule). Returns the state that satisfied it.
+    pub async fn then_eventually_checking(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        mut invariant: impl FnMut(&State),
+        condition: impl Fn(&State) -> bool,
+    ) -> State {
+        let deadline = Instant::now() + timeout;
+        let mut polls = 0u32;
+        loop {
+            polls += 1;
+            let state = self.state(name).await;
+            invariant(&state);
+            if condition(&state) {
+                return state;
+            }
+            if Instant::now() >= deadline || polls > 10_000 {
+                panic!("timed out after {timeout:?} waiting for: {what}\nlast state:\n{state:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Then, within `timeout`, the state satisfies `condition`.
+    pub async fn then_eventually(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        condition: impl Fn(&State) -> bool,
+    ) -> State {
+        self.then_eventually_checking(name, what, timeout, |_| {}, condition).await
+    }
+
+    /// Events recorded about the Rollout.
+    pub async fn events(&self, name: &str) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(self.admin.clone(), NS);
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|event| {
+                event
+                    .regarding
+                    .as_ref()
+                    .is_some_and(|r| r.kind.as_deref() == Some("Rollout") && r.name.as_deref() == Some(name))
+            })
+            .collect()
+    }
+
+    /// Then, within `timeout`, an event with `reason` was recorded about the Rollout; returns its note.
+    pub async fn expect_event(&self, name: &str, reason: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events(name).await;
+            if let Some(event) = events.iter().find(|e| e.reason.as_deref() == Some(reason)) {
+                return event.note.clone().unwrap_or_default();
+            }
+            if Instant::now() >= deadline {
+                let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
+                panic!("no {reason} event about {name} within {timeout:?}; events: {reasons:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Writes the controller made (create, update, patch, delete), oldest first.
+    pub fn controller_writes(&self) -> Vec<RequestRecord> {
+        self.sim.request_log().writes_by(CONTROLLER_USER)
+    }
+
+    /// Writes the controller made, except Events (which record decisions, not cluster changes).
+    pub fn controller_object_writes(&self) -> Vec<RequestRecord> {
+        self.controller_writes()
+            .into_iter()
+            .filter(|r| r.resource != "events")
+            .collect()
+    }
+}
+
+/// A snapshot of a Rollout and what it owns.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub rollout: Rollout,
+    pub replica_sets: Vec<ObservedReplicaSet>,
+    /// Selector of every Service in the namespace, by name.
+    pub selectors: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl State {
+    pub fn phase(&self) -> Option<RolloutPhase> {
+        self.rollout.status.as_ref().and_then(|s| s.phase)
+    }
+
+    pub fn step(&self) -> Option<i32> {
+        self.rollout.status.as_ref().and_then(|s| s.current_step_index)
+    }
+
+    pub fn weight(&self) -> i32 {
+        self.rollout.status.as_ref().and_then(|s| s.current_weight).unwrap_or(0)
+    }
+
+    pub fn message(&self) -> String {
+        self.rollout.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+    }
+
+    /// The status is about the current spec.
+    pub fn observed(&self) -> bool {
+        self.rollout.status.as_ref().and_then(|s| s.observed_generation) == self.rollout.metadata.generation
+    }
+
+    pub fn stable_hash(&self) -> Option<String> {
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.stable_revision.as_ref())
+            .map(|r| r.pod_template_hash.clone())
+    }
+
+    pub fn canary_hash(&self) -> Option<String> {
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.canary_revision.as_ref())
+            .map(|r| r.pod_template_hash.clone())
+    }
+
+    pub fn current_hash(&self) -> Option<String> {
+        self.rollout.status.as_ref().and_then(|s| s.current_pod_hash.clone())
+    }
+
+    pub fn is(&self, phase: RolloutPhase) -> bool {
+        self.observed() && self.phase() == Some(phase)
+    }
+
+    pub fn rs(&self, hash: &str) -> Option<&ObservedReplicaSet> {
+        self.replica_sets.iter().find(|rs| rs.pod_template_hash == hash)
+    }
+
+    /// `spec.replicas` of the ReplicaSet of `hash` (0 when there is none).
+    pub fn replicas_of(&self, hash: &str) -> i32 {
+        self.rs(hash).map(|rs| rs.spec_replicas).unwrap_or(0)
+    }
+
+    /// Ready pods of the ReplicaSet of `hash` (0 when there is none).
+    pub fn ready_of(&self, hash: &str) -> i32 {
+        self.rs(hash).map(|rs| rs.ready_replicas).unwrap_or(0)
+    }
+
+    /// The pod-template hash a Service's selector is pinned to, if any.
+    pub fn selector_hash(&self, service: &str) -> Option<String> {
+        self.selectors.get(service).and_then(|s| s.get(labels::POD_TEMPLATE_HASH).cloned())
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<(String, String)> {
+        self.rollout.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        })
+    }
+}
+
+/// Asserts where the Services' selectors point.
+pub fn expect_selectors(state: &State, expected: &[(&str, Option<&str>)]) {
+    for (service, hash) in expected {
+        assert_eq!(
+            state.selector_hash(service).as_deref(),
+            *hash,
+            "selector of Service {service}; state:\n{state:#?}"
+        );
+    }
+}
+
+/// A pod template running `image`, with extra pod annotations.
+pub fn template(app: &str, image: &str, annotations: Value) -> Value {
+    json!({
+        "metadata": {"labels": {"app": app}, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": image}]}
+    })
+}
+
+/// A canary Rollout manifest.
+pub fn canary_rollout(name: &str, replicas: i32, image: &str, canary: Value) -> Value {
+    let mut strategy = json!({"stableService": name, "canaryService": format!("{name}-canary")});
+    if let (Some(target), Some(extra)) = (strategy.as_object_mut(), canary.as_object()) {
+        for (key, value) in extra {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    json!({
+        "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": template(name, image, json!({})),
+            "strategy": {"canary": strategy}
+        }
+    })
+}
+
+/// A blue-green Rollout manifest.
+pub fn blue_green_rollout(name: &str, replicas: i32, image: &str, blue_green: Value) -> Value {
+    let mut strategy = json!({"activeService": name, "previewService": format!("{name}-preview")});
+    if let (Some(target), Some(extra)) = (strategy.as_object_mut(), blue_green.as_object()) {
+        for (key, value) in extra {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    json!({
+        "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": template(name, image, json!({})),
+            "strategy": {"blueGreen": strategy}
+        }
+    })
+}
