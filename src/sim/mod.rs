@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod faults;
+pub mod prometheus;
 pub mod patch;
 pub mod registry;
 pub mod schema;
