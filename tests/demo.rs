@@ -18,7 +18,11 @@ async fn prometheus_scrapes_the_simulated_cluster_and_stops() {
     let up = prometheus
         .query(&format!("up{{instance=\"{}\"}}", target.address))
         .await;
-    assert_eq!(up, Some(1.0), "start() returns only after a successful scrape");
+    assert_eq!(
+        up,
+        Some(1.0),
+        "start() returns only after a successful scrape"
+    );
     assert_eq!(
         prometheus.query("count(up)").await,
         Some(1.0),
@@ -70,12 +74,18 @@ async fn the_demo_rolls_v2_out_and_v3_back_by_itself() {
         "traffic back on v2: v2 100%",
         "all as expected",
     ] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
     let failed_error_rate = stdout
         .lines()
         .any(|line| line.contains("analysis error-rate") && line.ends_with("-> Failed"));
-    assert!(failed_error_rate, "no failed error-rate measurement shown:\n{stdout}");
+    assert!(
+        failed_error_rate,
+        "no failed error-rate measurement shown:\n{stdout}"
+    );
     let summary = stdout.split("== summary").nth(1).unwrap_or_default();
     assert!(!summary.contains("FAILED"), "{summary}");
     assert!(

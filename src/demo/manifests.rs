@@ -52,8 +52,8 @@ impl Pace {
     /// The normal walkthrough: slow enough to read along.
     pub fn normal() -> Pace {
         Pace {
-            initial_delay: Duration::from_secs(4),
-            interval: Duration::from_secs(4),
+            initial_delay: Duration::from_secs(5),
+            interval: Duration::from_secs(5),
             count: 3,
             window: Duration::from_secs(20),
             pause: Duration::from_secs(5),
@@ -136,7 +136,10 @@ pub fn services() -> Result<Vec<Service>, ManifestError> {
 
 /// `http-health`: the built-in error-rate check (below 5%) and a p99 latency query (at most 0.5s), both
 /// on the canary's pod-template hash.
-pub fn analysis_template(prometheus_url: &str, pace: &Pace) -> Result<AnalysisTemplate, ManifestError> {
+pub fn analysis_template(
+    prometheus_url: &str,
+    pace: &Pace,
+) -> Result<AnalysisTemplate, ManifestError> {
     let window = seconds(pace.window);
     let latency_query = format!(
         "histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{{namespace=\"{NAMESPACE}\",service=\"{{{{args.service}}}}\",pod_template_hash=\"{{{{args.canary-hash}}}}\"}}[{window}])))"
@@ -184,7 +187,7 @@ pub fn analysis_template(prometheus_url: &str, pace: &Pace) -> Result<AnalysisTe
 }
 
 /// The `checkout` Rollout running `version`: 5 replicas, canary 20% -> analysis -> 50% -> analysis -> 80%
-/// -> pause, weights approximated by ready replicas behind the stable Service.
+/// -> pause 5s (2s with `--fast`), weights approximated by ready replicas behind the stable Service.
 pub fn rollout(version: &Version, pace: &Pace) -> Result<Rollout, ManifestError> {
     let analysis = json!({"analysis": {
         "templates": [{"templateName": TEMPLATE}],
@@ -235,14 +238,16 @@ pub fn rollout(version: &Version, pace: &Pace) -> Result<Rollout, ManifestError>
 /// would change).
 pub fn template_patch(version: &Version, pace: &Pace) -> Result<Value, ManifestError> {
     let rollout = rollout(version, pace)?;
-    let template = serde_json::to_value(&rollout.spec.template).map_err(|source| ManifestError {
-        kind: "Rollout template",
-        source,
-    })?;
+    let template =
+        serde_json::to_value(&rollout.spec.template).map_err(|source| ManifestError {
+            kind: "Rollout template",
+            source,
+        })?;
     let mut patch = json!({"spec": {"template": template}});
     // A merge patch keeps annotations it does not mention: remove the error rate explicitly.
     if version.error_rate.is_none() {
-        patch["spec"]["template"]["metadata"]["annotations"]["sim.serin.dev/error-rate"] = Value::Null;
+        patch["spec"]["template"]["metadata"]["annotations"]["sim.serin.dev/error-rate"] =
+            Value::Null;
     }
     Ok(patch)
 }
@@ -273,7 +278,10 @@ mod tests {
             .and_then(|p| p.query.clone())
             .unwrap();
         assert!(query.contains("service=\"{{args.service}}\""), "{query}");
-        assert!(query.contains("pod_template_hash=\"{{args.canary-hash}}\""), "{query}");
+        assert!(
+            query.contains("pod_template_hash=\"{{args.canary-hash}}\""),
+            "{query}"
+        );
         assert!(query.contains("[20s]"), "{query}");
     }
 
@@ -289,12 +297,17 @@ mod tests {
                 .unwrap_or_default()
         };
         assert_eq!(
-            annotations(&V3).get("sim.serin.dev/error-rate").map(String::as_str),
+            annotations(&V3)
+                .get("sim.serin.dev/error-rate")
+                .map(String::as_str),
             Some("0.25")
         );
         assert!(!annotations(&V2).contains_key("sim.serin.dev/error-rate"));
         let patch = template_patch(&V2, &Pace::normal()).unwrap();
-        assert!(patch["spec"]["template"]["metadata"]["annotations"]["sim.serin.dev/error-rate"].is_null());
+        assert!(
+            patch["spec"]["template"]["metadata"]["annotations"]["sim.serin.dev/error-rate"]
+                .is_null()
+        );
         assert_eq!(
             patch["spec"]["template"]["spec"]["containers"][0]["image"],
             V2.image

@@ -223,7 +223,7 @@ async fn install_crds(client: &Client) -> Result<(), DemoError> {
 
 async fn walkthrough(stack: &Stack, printer: &Printer, pace: &Pace) -> Result<(), DemoError> {
     let admin = stack.sim.client().await?;
-    let mut watch = RolloutWatch::new(admin.clone(), &stack.sim, &stack.prometheus, printer);
+    let mut watch = RolloutWatch::new(admin.clone(), &stack.sim, printer);
     let mut seen = Observations::default();
 
     printer.heading("1. v1: the first version");
@@ -235,9 +235,15 @@ async fn walkthrough(stack: &Stack, printer: &Printer, pace: &Pace) -> Result<()
         .await?;
     seen.v1_healthy = true;
     let v1_hash = current_hash(&v1);
+    watch
+        .wait_for_share(&v1_hash, ALL_TRAFFIC, Duration::from_secs(10))
+        .await;
     printer.say(&format!(
         "v1 is Healthy: {} ready pods, traffic: {}",
-        v1.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0),
+        v1.status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
         watch.traffic_line(Duration::from_secs(2))
     ));
 
@@ -250,8 +256,9 @@ async fn walkthrough(stack: &Stack, printer: &Printer, pace: &Pace) -> Result<()
         })
         .await?;
     let v2_hash = current_hash(&v2);
-    seen.v2_weights = watch.weights_since(act_start);
-    seen.v2_weights.push(100);
+    // Promotion is the last step: all traffic on the new version.
+    seen.v2_weights = summary::ending_at_full(watch.desired_weights_since(act_start));
+    seen.v2_actual_weights = summary::ending_at_full(watch.weights_since(act_start));
     let v2_runs = watch.runs_since(act_start);
     seen.v2_runs_successful = v2_runs
         .iter()
@@ -279,27 +286,22 @@ async fn walkthrough(stack: &Stack, printer: &Printer, pace: &Pace) -> Result<()
     seen.v3_phase = status.phase.map(|p| p.as_str().to_string());
     seen.v3_message = status.message.clone();
     let v3_runs = watch.runs_since(act_start);
-    if let Some(failed) = v3_runs
-        .iter()
-        .find(|run| run.phase.is_some_and(|p| p.is_completed() && p != AnalysisPhase::Successful))
-    {
+    if let Some(failed) = v3_runs.iter().find(|run| {
+        run.phase
+            .is_some_and(|p| p.is_completed() && p != AnalysisPhase::Successful)
+    }) {
         seen.v3_failed_run = failed.phase.map(|p| p.as_str().to_string());
         seen.v3_abort_step = failed.step_index;
     }
     seen.v3_error_rate = v3_runs
         .iter()
         .filter_map(|run| run.max_error_rate)
-        .fold(None, |max: Option<f64>, rate| Some(max.map_or(rate, |m| m.max(rate))));
+        .fold(None, |max: Option<f64>, rate| {
+            Some(max.map_or(rate, |m| m.max(rate)))
+        });
     seen.v2_share_after_abort = watch
         .wait_for_share(&v2_hash, ALL_TRAFFIC, Duration::from_secs(15))
         .await;
-    if let Some(rate) = watch.canary_error_rate(&current_hash(&v3), "20s").await {
-        printer.say(&format!(
-            "Prometheus now measures v3's error rate at {:.1}% (threshold {:.0}%)",
-            rate * 100.0,
-            manifests::MAX_ERROR_RATE * 100.0
-        ));
-    }
     printer.say(&format!(
         "v3 aborted by analysis: {}",
         seen.v3_message.as_deref().unwrap_or("no message")
@@ -346,12 +348,19 @@ fn is_healthy_on_current(rollout: &Rollout) -> bool {
     status.observed_generation == rollout.metadata.generation
         && status.phase == Some(RolloutPhase::Healthy)
         && status.current_pod_hash.is_some()
-        && status.stable_revision.as_ref().map(|s| &s.pod_template_hash)
+        && status
+            .stable_revision
+            .as_ref()
+            .map(|s| &s.pod_template_hash)
             == status.current_pod_hash.as_ref()
         && status.ready_replicas.unwrap_or(0) >= manifests::REPLICAS
 }
 
-async fn apply_first_version(client: &Client, prometheus_url: &str, pace: &Pace) -> Result<(), DemoError> {
+async fn apply_first_version(
+    client: &Client,
+    prometheus_url: &str,
+    pace: &Pace,
+) -> Result<(), DemoError> {
     let post = PostParams::default();
     let apply = |what: &'static str| move |source| DemoError::Apply { what, source };
     Api::<Namespace>::all(client.clone())

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 pub struct Observations {
     /// v1 reached Healthy with all its replicas ready.
     pub v1_healthy: bool,
-    /// Canary weights v2 went through, in order, without repeats.
+    /// Canary weights v2's steps asked for, in order, without repeats.
     pub v2_weights: Vec<i32>,
+    /// Canary weights v2 actually got (replica counts round them), in order, without repeats.
+    pub v2_actual_weights: Vec<i32>,
     /// Analysis runs of v2 that ended Successful, and those that ended otherwise.
     pub v2_runs_successful: usize,
     pub v2_runs_unsuccessful: usize,
@@ -32,9 +34,17 @@ pub struct Observations {
 
 /// Index of the first analysis step in the demo's Rollout.
 pub const FIRST_ANALYSIS_STEP: i32 = 1;
-/// Shares at or above this count as "all traffic" (the simulator splits exactly; this leaves room for one
-/// request in flight at the window's edge).
-pub const ALL_TRAFFIC: f64 = 0.99;
+/// Shares at or above this count as "all traffic" (the simulator splits exactly; this only absorbs float
+/// rounding).
+pub const ALL_TRAFFIC: f64 = 0.999;
+
+/// `weights` followed by 100 unless it already ends there.
+pub fn ending_at_full(mut weights: Vec<i32>) -> Vec<i32> {
+    if weights.last() != Some(&100) {
+        weights.push(100);
+    }
+    weights
+}
 
 /// One row of the summary table.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,14 +61,27 @@ fn percent(share: Option<f64>) -> String {
 
 /// The rows, in the order the demo's acts happen.
 pub fn checks(seen: &Observations) -> Vec<Check> {
-    let weights = if seen.v2_weights.is_empty() {
-        "none".to_string()
+    let arrows = |weights: &[i32]| {
+        if weights.is_empty() {
+            "none".to_string()
+        } else {
+            weights
+                .iter()
+                .filter(|w| **w > 0)
+                .map(|w| format!("{w}%"))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        }
+    };
+    let weights = if seen.v2_actual_weights.is_empty() || seen.v2_actual_weights == seen.v2_weights
+    {
+        arrows(&seen.v2_weights)
     } else {
-        seen.v2_weights
-            .iter()
-            .map(|w| format!("{w}%"))
-            .collect::<Vec<_>>()
-            .join(" -> ")
+        format!(
+            "{} (pods: {})",
+            arrows(&seen.v2_weights),
+            arrows(&seen.v2_actual_weights)
+        )
     };
     let stepped = {
         let expected = [20, 50, 80];
@@ -74,7 +97,12 @@ pub fn checks(seen: &Observations) -> Vec<Check> {
         Check {
             what: "v1 deployed",
             expected: "Healthy".into(),
-            seen: if seen.v1_healthy { "Healthy" } else { "not Healthy" }.into(),
+            seen: if seen.v1_healthy {
+                "Healthy"
+            } else {
+                "not Healthy"
+            }
+            .into(),
             ok: seen.v1_healthy,
         },
         Check {
@@ -124,8 +152,18 @@ pub fn checks(seen: &Observations) -> Vec<Check> {
         Check {
             what: "v3 aborted",
             expected: "Aborted by analysis".into(),
-            seen: seen.v3_phase.clone().unwrap_or_else(|| "not aborted".into()),
-            ok: seen.v3_phase.as_deref() == Some("Aborted"),
+            seen: match (&seen.v3_phase, &seen.v3_message) {
+                (Some(phase), Some(message)) if message.contains("analysis") => {
+                    format!("{phase} by analysis")
+                }
+                (Some(phase), _) => phase.clone(),
+                (None, _) => "not aborted".into(),
+            },
+            ok: seen.v3_phase.as_deref() == Some("Aborted")
+                && seen
+                    .v3_message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("analysis")),
         },
         Check {
             what: "traffic back on v2",
@@ -150,7 +188,12 @@ pub fn verdict(checks: &[Check]) -> Result<(), String> {
 /// The table, columns aligned.
 pub fn render(checks: &[Check]) -> String {
     let width = |column: fn(&Check) -> usize, title: &str| {
-        checks.iter().map(column).max().unwrap_or(0).max(title.len())
+        checks
+            .iter()
+            .map(column)
+            .max()
+            .unwrap_or(0)
+            .max(title.len())
     };
     let what = width(|c| c.what.len(), "what");
     let expected = width(|c| c.expected.len(), "expected");
@@ -202,6 +245,7 @@ mod tests {
         Observations {
             v1_healthy: true,
             v2_weights: vec![20, 50, 80, 100],
+            v2_actual_weights: vec![20, 60, 80, 100],
             v2_runs_successful: 2,
             v2_runs_unsuccessful: 0,
             v2_promoted: true,
@@ -231,8 +275,13 @@ mod tests {
             ("v2 analysis", |o| o.v2_runs_successful = 1),
             ("v2 promoted", |o| o.v2_share_after_promotion = Some(0.8)),
             ("v3 analysis", |o| o.v3_abort_step = Some(3)),
-            ("v3 analysis", |o| o.v3_failed_run = Some("Inconclusive".into())),
+            ("v3 analysis", |o| {
+                o.v3_failed_run = Some("Inconclusive".into())
+            }),
             ("v3 aborted", |o| o.v3_phase = Some("Paused".into())),
+            ("v3 aborted", |o| {
+                o.v3_message = Some("aborted by a user".into())
+            }),
             ("traffic back on v2", |o| o.v2_share_after_abort = Some(0.8)),
             ("traffic back on v2", |o| o.v2_share_after_abort = None),
         ];
@@ -249,8 +298,20 @@ mod tests {
         let mut seen = everything_as_expected();
         seen.v2_weights = vec![0, 20, 50, 50, 80, 100];
         assert_eq!(verdict(&checks(&seen)), Ok(()));
+        let row = &checks(&seen)[1];
+        assert_eq!(
+            row.seen,
+            "20% -> 50% -> 50% -> 80% -> 100% (pods: 20% -> 60% -> 80% -> 100%)"
+        );
         seen.v2_weights = vec![20, 80, 100];
         assert!(verdict(&checks(&seen)).is_err());
+    }
+
+    #[test]
+    fn promotion_ends_at_full_weight_once() {
+        assert_eq!(ending_at_full(vec![20, 50, 80]), vec![20, 50, 80, 100]);
+        assert_eq!(ending_at_full(vec![20, 100]), vec![20, 100]);
+        assert_eq!(ending_at_full(vec![]), vec![100]);
     }
 
     #[test]

@@ -16,7 +16,6 @@ use super::summary::share_line;
 use super::{DemoError, VersionNames};
 use crate::crd::analysis::{AnalysisPhase, AnalysisRun};
 use crate::crd::{labels, Rollout};
-use crate::sim::prometheus::PrometheusServer;
 use crate::sim::SimCluster;
 
 /// How often the watch looks.
@@ -79,6 +78,16 @@ pub fn format_measurement(metric: &str, value: &str) -> String {
     }
 }
 
+fn dedup_since(weights: &[(usize, i32)], act: usize) -> Vec<i32> {
+    let mut out: Vec<i32> = Vec::new();
+    for (_, weight) in weights.iter().filter(|(a, _)| *a >= act) {
+        if out.last() != Some(weight) {
+            out.push(*weight);
+        }
+    }
+    out
+}
+
 /// What the demo remembers of one AnalysisRun.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRecord {
@@ -102,7 +111,6 @@ struct Snapshot {
 pub struct RolloutWatch<'a> {
     client: Client,
     sim: &'a SimCluster,
-    prometheus: &'a PrometheusServer,
     printer: &'a Printer,
     act: usize,
     last: Snapshot,
@@ -110,21 +118,16 @@ pub struct RolloutWatch<'a> {
     events_seen: BTreeSet<String>,
     runs: BTreeMap<String, RunRecord>,
     weights: Vec<(usize, i32)>,
+    desired_weights: Vec<(usize, i32)>,
     names: VersionNames,
     traffic_due: Option<Instant>,
 }
 
 impl<'a> RolloutWatch<'a> {
-    pub fn new(
-        client: Client,
-        sim: &'a SimCluster,
-        prometheus: &'a PrometheusServer,
-        printer: &'a Printer,
-    ) -> Self {
+    pub fn new(client: Client, sim: &'a SimCluster, printer: &'a Printer) -> Self {
         RolloutWatch {
             client,
             sim,
-            prometheus,
             printer,
             act: 0,
             last: Snapshot::default(),
@@ -132,6 +135,7 @@ impl<'a> RolloutWatch<'a> {
             events_seen: BTreeSet::new(),
             runs: BTreeMap::new(),
             weights: Vec::new(),
+            desired_weights: Vec::new(),
             names: VersionNames::new(),
             traffic_due: None,
         }
@@ -143,17 +147,15 @@ impl<'a> RolloutWatch<'a> {
         self.act
     }
 
-    /// The canary weights seen since `act` began, without consecutive repeats.
-    pub fn weights_since(&self, act: usize) -> Vec<i32> {
-        let mut weights: Vec<i32> = Vec::new();
-        for (_, weight) in self.weights.iter().filter(|(a, _)| *a >= act) {
-            if weights.last() != Some(weight) {
-                weights.push(*weight);
-            }
-        }
-        weights
+    /// The canary weights the steps asked for since `act` began, without consecutive repeats.
+    pub fn desired_weights_since(&self, act: usize) -> Vec<i32> {
+        dedup_since(&self.desired_weights, act)
     }
 
+    /// The canary weights seen since `act` began, without consecutive repeats.
+    pub fn weights_since(&self, act: usize) -> Vec<i32> {
+        dedup_since(&self.weights, act)
+    }
     /// The AnalysisRuns first seen since `act` began.
     pub fn runs_since(&self, act: usize) -> Vec<RunRecord> {
         self.runs
@@ -173,12 +175,20 @@ impl<'a> RolloutWatch<'a> {
 
     /// Waits (bounded) until `hash` has at least `threshold` of the last two seconds' traffic; returns its
     /// last seen share.
-    pub async fn wait_for_share(&mut self, hash: &str, threshold: f64, within: Duration) -> Option<f64> {
+    pub async fn wait_for_share(
+        &mut self,
+        hash: &str,
+        threshold: f64,
+        within: Duration,
+    ) -> Option<f64> {
         let deadline = Instant::now() + within;
         let mut share = None;
         while let Some(traffic) = self.sim.traffic() {
             let shares = traffic.recent_share(NAMESPACE, APP, Duration::from_secs(2));
-            share = shares.get(hash).copied().or(if shares.is_empty() { None } else { Some(0.0) });
+            share = shares
+                .get(hash)
+                .copied()
+                .or(if shares.is_empty() { None } else { Some(0.0) });
             if share.is_some_and(|s| s >= threshold) || Instant::now() >= deadline {
                 break;
             }
@@ -260,7 +270,11 @@ impl<'a> RolloutWatch<'a> {
 
     fn name_of(&self, hash: Option<&str>) -> String {
         match hash {
-            Some(hash) => self.names.get(hash).cloned().unwrap_or_else(|| hash.to_string()),
+            Some(hash) => self
+                .names
+                .get(hash)
+                .cloned()
+                .unwrap_or_else(|| format!("new version ({hash})")),
             None => "none".into(),
         }
     }
@@ -269,18 +283,31 @@ impl<'a> RolloutWatch<'a> {
         let Some(status) = &rollout.status else {
             return;
         };
-        let stable = status.stable_revision.as_ref().map(|r| r.pod_template_hash.as_str());
-        let canary = status.canary_revision.as_ref().map(|r| r.pod_template_hash.as_str());
+        let stable = status
+            .stable_revision
+            .as_ref()
+            .map(|r| r.pod_template_hash.as_str());
+        let canary = status
+            .canary_revision
+            .as_ref()
+            .map(|r| r.pod_template_hash.as_str());
         let now = Snapshot {
             phase: status.phase.map(|p| p.as_str().to_string()),
             weight: canary.and(status.current_weight),
             message: status.message.clone(),
         };
+        if let Some(desired) = canary.and(status.desired_weight) {
+            self.desired_weights.push((self.act, desired));
+        }
         if now.weight != self.last.weight {
             if let Some(weight) = now.weight {
                 self.weights.push((self.act, weight));
+                let asked = match status.desired_weight {
+                    Some(desired) if desired != weight => format!(" (step asks {desired}%)"),
+                    _ => String::new(),
+                };
                 let line = format!(
-                    "weight: canary {} {weight}% · stable {} {}%",
+                    "weight: canary {} {weight}% · stable {} {}%{asked}",
                     self.name_of(canary),
                     self.name_of(stable),
                     100 - weight
@@ -310,8 +337,14 @@ impl<'a> RolloutWatch<'a> {
             .filter(|event| !self.events_seen.contains(&event.name_any()))
             .collect();
         fresh.sort_by(|a, b| {
-            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
-                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+            (
+                a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                a.name_any(),
+            )
+                .cmp(&(
+                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    b.name_any(),
+                ))
         });
         for event in fresh {
             self.events_seen.insert(event.name_any());
@@ -392,16 +425,6 @@ impl<'a> RolloutWatch<'a> {
                 self.printer.say(&line);
             }
         }
-    }
-
-    /// The error rate Prometheus measures now for `hash` over `window`, for display.
-    pub async fn canary_error_rate(&self, hash: &str, window: &str) -> Option<f64> {
-        let selector = format!("namespace=\"{NAMESPACE}\",service=\"{APP}\",pod_template_hash=\"{hash}\"");
-        self.prometheus
-            .query(&format!(
-                "sum(rate(http_requests_total{{{selector},code=~\"5..\"}}[{window}])) / sum(rate(http_requests_total{{{selector}}}[{window}]))"
-            ))
-            .await
     }
 }
 

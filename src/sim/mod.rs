@@ -2,8 +2,8 @@
 
 pub mod api;
 pub mod faults;
-pub mod prometheus;
 pub mod patch;
+pub mod prometheus;
 pub mod registry;
 pub mod schema;
 pub mod selector;

@@ -343,7 +343,9 @@ mod tests {
         assert_eq!(target.address.port(), 4321);
         assert_eq!(target.metrics_path, "/metrics");
         assert_eq!(
-            ScrapeTarget::from_url("http://127.0.0.1:9/").unwrap().metrics_path,
+            ScrapeTarget::from_url("http://127.0.0.1:9/")
+                .unwrap()
+                .metrics_path,
             "/"
         );
         assert!(ScrapeTarget::from_url("https://127.0.0.1:9/metrics").is_none());
@@ -366,9 +368,7 @@ mod tests {
 
     #[test]
     fn only_one_finite_sample_is_a_value() {
-        let vector = |result: serde_json::Value| {
-            json!({"status": "success", "data": {"resultType": "vector", "result": result}})
-        };
+        let vector = |result: serde_json::Value| json!({"status": "success", "data": {"resultType": "vector", "result": result}});
         assert_eq!(
             single_value(&vector(json!([{"metric": {}, "value": [1.0, "0.25"]}]))),
             Some(0.25)
