@@ -268,7 +268,8 @@ mod tests {
 
     #[test]
     fn each_deviation_fails_with_its_reason() {
-        let cases: Vec<(&str, fn(&mut Observations))> = vec![
+        type Breakage = fn(&mut Observations);
+        let cases: Vec<(&str, Breakage)> = vec![
             ("v1 deployed", |o| o.v1_healthy = false),
             ("v2 canary steps", |o| o.v2_weights = vec![20, 100]),
             ("v2 analysis", |o| o.v2_runs_unsuccessful = 1),
