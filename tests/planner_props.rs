@@ -59,6 +59,8 @@ enum Op {
         phase: u8,
     },
     Drift(i32),
+    /// The route becomes unreadable (true) or readable again (false), keeping its weight.
+    RouteBroken(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::NewTemplate),
         1 => (0usize..4, 0u8..5).prop_map(|(run, phase)| Op::Verdict { run, phase }),
         1 => (0i32..=100).prop_map(Op::Drift),
+        1 => any::<bool>().prop_map(Op::RouteBroken),
     ]
 }
 
@@ -197,6 +200,8 @@ struct Model {
     excused: bool,
     /// The router's weight was edited by hand and no complete reconcile has reverted it yet.
     drifted: bool,
+    /// The route cannot be read; its weight stays what it was.
+    broken_route: Option<ObservedTraffic>,
 }
 
 impl Model {
@@ -235,6 +240,7 @@ impl Model {
             last: None,
             excused: false,
             drifted: false,
+            broken_route: None,
         }
     }
 
@@ -318,6 +324,10 @@ impl Model {
                         matches!(self.kind, Kind::CanaryRouter),
                         "SetTraffic without a router"
                     );
+                    assert!(
+                        self.broken_route.is_none(),
+                        "SetTraffic to a route that cannot be read"
+                    );
                     self.observed.traffic = Some(Ok(ObservedTraffic {
                         canary_weight: desired.canary_weight,
                         header_routes: desired
@@ -386,6 +396,9 @@ impl Model {
     }
 
     fn weight(&self) -> i32 {
+        if let Some(hidden) = &self.broken_route {
+            return hidden.canary_weight;
+        }
         match &self.observed.traffic {
             Some(Ok(t)) => t.canary_weight,
             _ => 0,
@@ -435,7 +448,7 @@ impl Model {
         } else {
             self.excused = true;
         }
-        if !failed {
+        if !failed && self.broken_route.is_none() {
             self.drifted = false;
         }
         self.check(&plan, &before, floor)
@@ -525,6 +538,7 @@ impl Model {
             && status.phase == Some(RolloutPhase::Aborted)
             && !self.excused
             && !self.drifted
+            && self.broken_route.is_none()
         {
             prop_assert_eq!(self.selected(STABLE), Some(stable.clone()));
             prop_assert_eq!(self.selected(CANARY), Some(stable.clone()));
@@ -551,7 +565,11 @@ impl Model {
             // A failed action or lost status write may have half-applied a decision the planner no longer
             // remembers (a scale-down of the canary, say): forward motion is checked between complete
             // reconciles only.
-            self.last = match (canary, status.abort, self.excused || self.drifted) {
+            self.last = match (
+                canary,
+                status.abort,
+                self.excused || self.drifted || self.broken_route.is_some(),
+            ) {
                 (Some(hash), false, false) => Some((hash, self.weight(), step)),
                 _ => None,
             };
@@ -617,6 +635,17 @@ fn run_case(
                     }
                 }
             }
+            Op::RouteBroken(true) => {
+                if let Some(Ok(traffic)) = model.observed.traffic.clone() {
+                    model.broken_route = Some(traffic);
+                    model.observed.traffic = Some(Err("HTTPRoute web not found".into()));
+                }
+            }
+            Op::RouteBroken(false) => {
+                if let Some(traffic) = model.broken_route.take() {
+                    model.observed.traffic = Some(Ok(traffic));
+                }
+            }
             Op::Drift(weight) => {
                 if let Some(Ok(traffic)) = model.observed.traffic.as_mut() {
                     traffic.canary_weight = weight;
@@ -627,6 +656,9 @@ fn run_case(
     }
     // Left alone with every pod ready, the rollout settles: a reconcile that changes nothing (rule 5).
     model.command(|c| c.paused = Some(false));
+    if let Some(traffic) = model.broken_route.take() {
+        model.observed.traffic = Some(Ok(traffic));
+    }
     let mut settled = false;
     for _ in 0..60 {
         for rs in &mut model.observed.replica_sets {

@@ -453,6 +453,9 @@ pub(crate) fn plan_canary(
         };
         if ready {
             if router {
+                // The canary Service must reach the canary before it takes everything (it may still be
+                // pinned elsewhere when a revision starts and promotes in the same plan).
+                out.set_selector(canary_svc, Some(&hash));
                 let full = traffic(canary, 100, Vec::new(), Vec::new());
                 out.set_traffic(full);
                 out.set_selector(stable_svc, Some(&hash));
@@ -540,14 +543,21 @@ pub(crate) fn plan_canary(
                     }
                     _ => 0,
                 };
-                let routed = if available >= canary_pods_needed(n, dw) {
-                    dw
+                // All traffic moves only within the promotion itself (which switches the stable Service in
+                // the same plan); before that the canary keeps the last step's weight.
+                let target = match (idx >= len, len) {
+                    (true, 0) => 0,
+                    (true, _) => desired_weight(steps, len - 1).min(99),
+                    (false, _) => dw,
+                };
+                let routed = if available >= canary_pods_needed(n, target) {
+                    target
                 } else {
                     [set_before, current]
                         .into_iter()
-                        .filter(|w| *w <= dw && canary_pods_needed(n, *w) <= available)
+                        .filter(|w| *w <= target && canary_pods_needed(n, *w) <= available)
                         .max()
-                        .unwrap_or_else(|| max_weight_carried(n, available).min(dw))
+                        .unwrap_or_else(|| max_weight_carried(n, available).min(target))
                 };
                 let (headers, mirrors) = routes_at(steps, idx);
                 (routed, headers, mirrors)
@@ -566,15 +576,22 @@ pub(crate) fn plan_canary(
 
     // Selectors. When Serin takes over without a stable in status, a Service that still sends traffic to
     // older pods stays where it is until the new pods can carry everything.
+    let router_state_known = route_error.is_none();
+    // While the router cannot be read, the canary Service may still carry traffic: it is not re-pinned.
     let hold = first_rollout && !stable_healthy_now;
+    let canary_svc_movable = if router && !router_state_known {
+        None
+    } else {
+        canary_svc
+    };
     match (&canary_hash, active) {
         (Some(hash), true) => {
             out.set_selector(stable_svc, if router { Some(&stable_hash) } else { None });
-            out.set_selector(canary_svc, Some(hash));
+            out.set_selector(canary_svc_movable, Some(hash));
         }
         _ => {
             pin_unless_serving_elsewhere(ctx, out, stable_svc, &stable_hash, hold);
-            pin_unless_serving_elsewhere(ctx, out, canary_svc, &stable_hash, hold);
+            pin_unless_serving_elsewhere(ctx, out, canary_svc_movable, &stable_hash, hold);
         }
     }
 
@@ -606,11 +623,15 @@ pub(crate) fn plan_canary(
         );
     }
     let stable_spec = out.spec_of(&stable_hash).unwrap_or(0);
-    let router_state_known = route_error.is_none();
     if router {
         push(&stable_hash, stable_spec, n);
         if let (Some(hash), true) = (&canary_hash, active) {
-            let target = canary_target(canary, steps, idx, n);
+            // While the router cannot be read the canary may carry traffic: it never shrinks then.
+            let target = if router_state_known {
+                canary_target(canary, steps, idx, n)
+            } else {
+                canary_target(canary, steps, idx, n).max(canary_spec_before)
+            };
             if ctx.rs(hash).is_none() {
                 out.ensure_rs(ctx, hash, revision_of_canary, target);
             } else {

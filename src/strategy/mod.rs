@@ -2,6 +2,32 @@
 //!
 //! `plan` has no client, no clock and no I/O; the controller observes, calls it, applies the actions in
 //! order (stopping at the first failure) and writes the returned status when it differs.
+//!
+//! Choices where the brief left room (the safer option each time):
+//! - With a router, a `setWeight` step is done once the router *reports* the weight (the controller should
+//!   watch the routing object; the plan also asks for a short requeue after a `SetTraffic`). The canary is
+//!   sized `max(ceil(N*w/100), setCanaryScale)`: setCanaryScale can grow it, never shrink it below what its
+//!   weight needs. Without a router, setCanaryScale sets the canary size and the stable gets the rest.
+//! - `setHeaderRoute`/`setMirrorRoute` need `trafficRouting`; `maxSurge` and `maxUnavailable` both 0
+//!   without a router cannot roll: both are InvalidSpec.
+//! - When the router cannot be read (`observed.traffic` is `Err` or missing) no weight is written, no
+//!   canary or old version is scaled down, the canary Service is not re-pinned (it may still carry traffic),
+//!   and no step advances (condition Progressing False RouteMissing). All traffic moves to the canary only
+//!   inside the promotion, which pins the stable Service to it in the same plan.
+//! - Without a router, scale-downs are limited by the available pods behind the stable Service (as it will
+//!   select after the plan), never below `N - maxUnavailable`; versions that no longer serve are kept until
+//!   the stable is fully available.
+//! - A user pause (`spec.paused`, `status.commands.paused`) holds steps and promotions; abort, retry and
+//!   safety corrections still happen.
+//! - Blue-green uses `currentStepIndex` 0 (preview, waiting for its gate) and 1 (promotion decided: scale
+//!   the new version to full size, then switch); it is absent when no new version is in flight.
+//! - AnalysisRuns are named `<rollout>-<hash>-step<i>` / `-background` / `-pre` / `-post`; a retried
+//!   analysis gets a `-2`, `-3`, ... suffix so that the old verdict is never read again. The name in use is
+//!   kept in `status.analysis`.
+//! - Times written to status are whole seconds, as the API server stores them.
+//! - If a status write is lost after the actions were applied, the next plan resumes from the older status
+//!   and the cluster as it is: no duplicate ReplicaSet, and never an unsafe split, though a step may run
+//!   again.
 
 pub mod analysis_spec;
 pub mod blue_green;
