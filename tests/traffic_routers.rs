@@ -84,6 +84,7 @@ impl Harness {
         })
         .await?;
         let client = sim.client().await?;
+        // The default configuration runs the workload and traffic simulators too.
         let harness = Harness { sim, client };
         let namespace: Namespace = serde_json::from_value(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
@@ -232,6 +233,33 @@ impl Harness {
         .await?;
         Ok(created)
     }
+
+    /// Waits until the canary's share of the simulated `checkout` traffic is within 3 points of `weight`.
+    async fn expect_canary_share(&self, weight: i32) -> TestResult {
+        let want = f64::from(weight) / 100.0;
+        let mut last = Default::default();
+        let settled = eventually(
+            "the simulated traffic to follow the weight",
+            Duration::from_secs(30),
+            || {
+                let share = self
+                    .sim
+                    .traffic()
+                    .map(|traffic| traffic.recent_share(NS, "checkout", Duration::from_secs(2)))
+                    .unwrap_or_default();
+                last = share.clone();
+                let canary = share.get(CANARY_HASH).copied().unwrap_or(0.0);
+                let stable = share.get(STABLE_HASH).copied().unwrap_or(0.0);
+                let settled =
+                    (canary - want).abs() <= 0.03 && (stable - (1.0 - want)).abs() <= 0.03;
+                async move { settled.then_some(()) }
+            },
+        )
+        .await;
+        settled.map_err(|error| {
+            format!("{error}: canary weight {weight}, last shares {last:?}").into()
+        })
+    }
 }
 
 fn desired(weight: i32) -> DesiredTraffic {
@@ -321,6 +349,7 @@ async fn gateway_api_weights_follow_apply_and_the_users_route_is_untouched() -> 
             assert!(traffic::apply(&h.client, &rollout, &desired(weight))
                 .await?
                 .wrote_nothing());
+            h.expect_canary_share(weight).await?;
         }
         h.stop().await;
         Ok(())
@@ -453,6 +482,8 @@ async fn gateway_api_header_and_mirror_routes_pass_the_schema_and_leave_no_trace
             ..with_routes.clone()
         };
         traffic::apply(&h.client, &rollout, &header_only).await?;
+        // The header rule takes the requests that carry the header (10% per the sim annotation).
+        h.expect_canary_share(10).await?;
         traffic::apply(&h.client, &rollout, &with_routes).await?;
         let observed = traffic::observe(&h.client, &rollout)
             .await
@@ -582,6 +613,7 @@ async fn istio_weights_and_subsets_follow_apply() -> TestResult {
             assert_eq!(stored.pointer(weights[1]), Some(&json!(weight)));
             assert_eq!(user_part(&stored, &weights), user_part(&original, &weights));
             assert_eq!(observed_weight(&h.client, &rollout).await?, weight);
+            h.expect_canary_share(weight).await?;
         }
         let pinned = h.must_get(RoutingKind::DestinationRule, "checkout").await?;
         assert_eq!(pinned.pointer("/spec/subsets/0/labels/serin.dev~1pod-template-hash"), Some(&json!(STABLE_HASH)));
@@ -613,7 +645,7 @@ async fn nginx_canary_ingress_is_created_moved_and_deleted_and_the_stable_ingres
         let h = Harness::start(&[]).await?;
         let stable: Ingress = serde_json::from_value(json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": "checkout", "namespace": NS, "annotations": {"team": "payments"}},
+            "metadata": {"name": "checkout", "namespace": NS, "annotations": {"team": "payments", "sim.serin.dev/header-traffic": "X-Canary=yes:0.1"}},
             "spec": {"ingressClassName": "nginx", "rules": [{"host": "shop.example", "http": {"paths": [
                 {"path": "/", "pathType": "Prefix",
                  "backend": {"service": {"name": "checkout", "port": {"number": 80}}}}]}}]}
@@ -636,6 +668,7 @@ async fn nginx_canary_ingress_is_created_moved_and_deleted_and_the_stable_ingres
             let owners = canary.metadata.owner_references.clone().unwrap_or_default();
             assert!(owners.iter().any(|owner| owner.kind == "Rollout" && owner.name == "checkout"));
             assert_eq!(observed_weight(&h.client, &rollout).await?, weight);
+            h.expect_canary_share(weight).await?;
         }
 
         let hand_edit = json!({"metadata": {"annotations": {"nginx.ingress.kubernetes.io/canary-weight": "90"}}});
@@ -644,9 +677,27 @@ async fn nginx_canary_ingress_is_created_moved_and_deleted_and_the_stable_ingres
         traffic::apply(&h.client, &rollout, &desired(50)).await?;
         assert_eq!(observed_weight(&h.client, &rollout).await?, 50);
 
+        // A header route keeps the canary Ingress at weight 0: only requests with the header reach it.
+        let mut with_header = desired(0);
+        with_header.header_routes = vec![HeaderRoute {
+            name: "beta".into(),
+            matches: vec![serde_json::from_value(
+                json!({"headerName": "X-Canary", "headerValue": {"exact": "yes"}}),
+            )?],
+        }];
+        traffic::apply(&h.client, &rollout, &with_header).await?;
+        let canary = ingresses.get("checkout-checkout-canary").await?;
+        let annotations = canary.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.get("nginx.ingress.kubernetes.io/canary-by-header").map(String::as_str),
+            Some("X-Canary")
+        );
+        h.expect_canary_share(10).await?;
+
         let outcome = traffic::apply(&h.client, &rollout, &desired(0)).await?;
         assert_eq!(outcome.written, vec!["deleted Ingress shop/checkout-checkout-canary".to_string()]);
         assert!(h.get(RoutingKind::Ingress, "checkout-checkout-canary").await?.is_none());
+        h.expect_canary_share(0).await?;
         let untouched = ingresses.get("checkout").await?;
         assert_eq!(untouched.metadata.resource_version, stable.metadata.resource_version, "stable Ingress never written");
         h.stop().await;
