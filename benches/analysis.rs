@@ -2,6 +2,9 @@
 //! - Prometheus queries per rollout per interval (each rollout's run measures error rate and p99 latency);
 //! - time from a failing measurement's answer to the run's Failed status (p50, p90, max).
 //!
+//! - the runner as a controller in the simulated cluster: time from a failing measurement's answer to
+//!   the Failed status reaching a watcher (status write and watch delivery included).
+//!
 //! Run with `cargo bench --bench analysis` (prometheus must be installed: `apt-get install -y prometheus`).
 //! `SERIN_BENCH_ROLLOUTS` (default 20) and `SERIN_BENCH_SECONDS` (default 10) size it.
 
@@ -294,4 +297,109 @@ async fn main() {
         percentile(&latencies, 0.9),
         latencies.last().copied().unwrap_or_default()
     );
+
+    // 3. The runner in the simulated cluster: answer -> Failed status seen by a watcher.
+    for (label, batch) in [("one run at a time", 1), ("all runs at once", rollouts)] {
+        let through_api = runner_in_sim(&proxy, &answers, rollouts, batch).await;
+        println!(
+            "runner in sim, {label}: failing answer -> Failed status seen by a watcher ({} runs): p50 {:?}, p90 {:?}, max {:?}",
+            through_api.len(),
+            percentile(&through_api, 0.5),
+            percentile(&through_api, 0.9),
+            through_api.last().copied().unwrap_or_default()
+        );
+    }
+}
+
+/// Creates `rollouts` failing runs, `batch` at a time (the next batch once the previous one failed), and
+/// times each from its answer to its Failed status reaching a watcher.
+async fn runner_in_sim(
+    proxy: &str,
+    answers: &AnswerTimes,
+    rollouts: usize,
+    batch: usize,
+) -> Vec<Duration> {
+    use futures::StreamExt;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ListParams, PostParams};
+    use kube::runtime::watcher;
+    use kube::Api;
+    use serin::analysis::runner::{self, RunnerConfig};
+    use serin::sim::{SimCluster, SimConfig};
+
+    let Ok(sim) = SimCluster::start(SimConfig::api_only()).await else {
+        eprintln!("simulated cluster did not start");
+        return Vec::new();
+    };
+    let Ok(client) = sim.client().await else {
+        eprintln!("no client for the simulated cluster");
+        return Vec::new();
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in serin::crd::all() {
+        let _ = crds.create(&PostParams::default(), &crd).await;
+    }
+    let runs: Api<AnalysisRun> = Api::namespaced(client.clone(), "default");
+    for _ in 0..100 {
+        if runs.list(&ListParams::default()).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let handle = runner::spawn(client.clone(), RunnerConfig::default());
+    let mut events = Box::pin(watcher(runs.clone(), watcher::Config::default()));
+    let mut latencies = Vec::with_capacity(rollouts);
+    let mut pending = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for first in (0..rollouts).step_by(batch.max(1)) {
+        for i in first..(first + batch.max(1)).min(rollouts) {
+            let service = format!("svc-{i}");
+            let name = format!("sim-{batch}-fail-{i}");
+            let mut run = run_for(
+                &name,
+                &service,
+                "failing",
+                vec![check(
+                    "error-rate",
+                    proxy,
+                    BuiltinCheckKind::ErrorRate,
+                    "result < 0.05",
+                    Some(1),
+                )],
+            );
+            run.metadata.namespace = Some("default".into());
+            match runs.create(&PostParams::default(), &run).await {
+                Ok(_) => {
+                    pending.insert(name, service);
+                }
+                Err(error) => eprintln!("creating run: {error}"),
+            }
+        }
+        while !pending.is_empty() && Instant::now() < deadline {
+            let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
+            else {
+                continue;
+            };
+            let seen = Instant::now();
+            let run = match event {
+                Ok(watcher::Event::Apply(run)) | Ok(watcher::Event::InitApply(run)) => run,
+                _ => continue,
+            };
+            let failed = run.status.as_ref().and_then(|s| s.phase) == Some(AnalysisPhase::Failed);
+            let name = run.metadata.name.clone().unwrap_or_default();
+            if failed {
+                if let Some(service) = pending.remove(&name) {
+                    if let Some(answered) =
+                        answers.lock().ok().and_then(|m| m.get(&service).copied())
+                    {
+                        latencies.push(seen.saturating_duration_since(answered));
+                    }
+                }
+            }
+        }
+    }
+    let _ = handle.shutdown().await;
+    sim.shutdown().await;
+    latencies.sort();
+    latencies
 }

@@ -41,11 +41,18 @@ async fn create_rollout(admin: &Client, name: &str, replicas: i32, steps: Value)
             "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}
         }))
         .expect("valid service");
-        services.create(&PostParams::default(), &svc).await.expect("service");
+        services
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("service");
     }
     let rollouts: Api<Rollout> = Api::namespaced(admin.clone(), NS);
-    let object: Rollout = serde_json::from_value(rollout(name, replicas, "app:1", steps)).expect("valid rollout");
-    rollouts.create(&PostParams::default(), &object).await.expect("rollout");
+    let object: Rollout =
+        serde_json::from_value(rollout(name, replicas, "app:1", steps)).expect("valid rollout");
+    rollouts
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("rollout");
 }
 
 async fn wait_all_healthy(admin: &Client, expected: usize, timeout: Duration) -> bool {
@@ -103,7 +110,9 @@ async fn cluster() -> Cluster {
     let admin = sim.client().await.expect("admin");
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     for crd in serin::crd::all() {
-        crds.create(&PostParams::default(), &crd).await.expect("crd");
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("crd");
     }
     let rollouts: Api<Rollout> = Api::namespaced(admin.clone(), NS);
     for _ in 0..200 {
@@ -116,7 +125,11 @@ async fn cluster() -> Cluster {
 }
 
 async fn controller(cluster: &Cluster, concurrency: u16) -> ControllerHandle {
-    let client = cluster.sim.client_as(CONTROLLER).await.expect("controller client");
+    let client = cluster
+        .sim
+        .client_as(CONTROLLER)
+        .await
+        .expect("controller client");
     let handle = ControllerHandle::start(
         client,
         ControllerConfig {
@@ -126,7 +139,10 @@ async fn controller(cluster: &Cluster, concurrency: u16) -> ControllerHandle {
     )
     .await
     .expect("controller");
-    assert!(handle.wait_ready(Duration::from_secs(60)).await, "caches synced");
+    assert!(
+        handle.wait_ready(Duration::from_secs(60)).await,
+        "caches synced"
+    );
     handle
 }
 
@@ -141,8 +157,19 @@ async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
     for sample in 0..samples {
         // Wait for the previous change to settle so the controller is idle.
         if !wait_all_healthy(&cluster.admin, 1, Duration::from_secs(10)).await {
-            for r in cluster.sim.request_log().filter(|r| r.verb != "watch" && r.user != "admin").iter().rev().take(40).rev() {
-                eprintln!("{:?} {} {} {} {:?} {:?} {}", r.time, r.user, r.verb, r.resource, r.subresource, r.name, r.status);
+            for r in cluster
+                .sim
+                .request_log()
+                .filter(|r| r.verb != "watch" && r.user != "admin")
+                .iter()
+                .rev()
+                .take(40)
+                .rev()
+            {
+                eprintln!(
+                    "{:?} {} {} {} {:?} {:?} {}",
+                    r.time, r.user, r.verb, r.resource, r.subresource, r.name, r.status
+                );
             }
             panic!("stuck");
         }
@@ -174,7 +201,10 @@ async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
                 latencies.push(at.duration_since(before).unwrap_or_default());
                 break;
             }
-            assert!(Instant::now() < deadline, "no controller write after a change");
+            assert!(
+                Instant::now() < deadline,
+                "no controller write after a change"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -192,7 +222,8 @@ async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
 async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
     let cluster = cluster().await;
     let handle = controller(&cluster, 4).await;
-    let steps = json!([{"setWeight": 25}, {"setWeight": 50}, {"setWeight": 75}, {"setWeight": 100}]);
+    let steps =
+        json!([{"setWeight": 25}, {"setWeight": 50}, {"setWeight": 75}, {"setWeight": 100}]);
     create_rollout(&cluster.admin, "steps", 4, steps).await;
     assert!(wait_all_healthy(&cluster.admin, 1, Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -209,20 +240,36 @@ async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(wait_all_healthy(&cluster.admin, 1, Duration::from_secs(60)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let requests = cluster.sim.request_log().filter(|r| r.user == CONTROLLER && r.verb != "watch");
+    let requests = cluster
+        .sim
+        .request_log()
+        .filter(|r| r.user == CONTROLLER && r.verb != "watch");
     let writes: Vec<_> = requests
         .iter()
-        .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete") && r.resource != "events")
+        .filter(|r| {
+            matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete")
+                && r.resource != "events"
+        })
         .collect();
     let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     for r in &requests {
-        let sub = r.subresource.as_deref().map(|s| format!("/{s}")).unwrap_or_default();
-        *kinds.entry(format!("{} {}{sub}", r.verb, r.resource)).or_default() += 1;
+        let sub = r
+            .subresource
+            .as_deref()
+            .map(|s| format!("/{s}"))
+            .unwrap_or_default();
+        *kinds
+            .entry(format!("{} {}{sub}", r.verb, r.resource))
+            .or_default() += 1;
     }
     let _ = handle.stop().await;
     cluster.sim.shutdown().await;
     let steps = 4.0;
-    (requests.len() as f64 / steps, writes.len() as f64 / steps, kinds.into_iter().collect())
+    (
+        requests.len() as f64 / steps,
+        writes.len() as f64 / steps,
+        kinds.into_iter().collect(),
+    )
 }
 
 /// Reconciles per second when a fresh controller starts over `count` settled Rollouts.

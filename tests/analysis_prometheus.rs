@@ -700,7 +700,8 @@ mod in_simulated_cluster {
 
     use std::time::{Duration, Instant};
 
-    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::core::v1::{Secret, Service};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{ListParams, Patch, PatchParams, PostParams};
     use kube::Api;
@@ -765,7 +766,7 @@ mod in_simulated_cluster {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runner_measures_runs_of_the_simulated_cluster() {
-        let sim = SimCluster::start(SimConfig::default()).await.expect("sim");
+        let sim = SimCluster::start(SimConfig::api_only()).await.expect("sim");
         let client = sim.client().await.expect("client");
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in serin::crd::all() {
@@ -972,6 +973,161 @@ mod in_simulated_cluster {
         assert_eq!(
             settled.metadata.resource_version,
             later.metadata.resource_version
+        );
+
+        handle.shutdown().await.expect("runner stops");
+        sim.shutdown().await;
+    }
+
+    async fn create_replica_set(
+        client: &kube::Client,
+        name: &str,
+        hash: &str,
+        annotations: serde_json::Value,
+    ) {
+        let rs: ReplicaSet = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": "web"}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web", "pod-template-hash": hash}},
+                "template": {
+                    "metadata": {"labels": {"app": "web", "pod-template-hash": hash}, "annotations": annotations},
+                    "spec": {"containers": [{"name": "app", "image": format!("web:{hash}")}]}
+                }
+            }
+        }))
+        .expect("replica set");
+        Api::<ReplicaSet>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &rs)
+            .await
+            .expect("create replica set");
+    }
+
+    /// The simulator's traffic (a healthy version, one answering 20% errors, one slow), scraped by
+    /// Prometheus from the simulated cluster's `/metrics`, judged by the runner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn simulated_traffic_scraped_by_prometheus_passes_and_fails_as_it_should() {
+        let sim = SimCluster::start(SimConfig::default()).await.expect("sim");
+        let client = sim.client().await.expect("client");
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in serin::crd::all() {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .expect("create CRD");
+        }
+        let runs: Api<AnalysisRun> = Api::namespaced(client.clone(), NS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "AnalysisRun API never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        create_replica_set(&client, "web-good", "good1", json!({})).await;
+        create_replica_set(
+            &client,
+            "web-errors",
+            "errors1",
+            json!({"sim.serin.dev/error-rate": "0.2"}),
+        )
+        .await;
+        create_replica_set(
+            &client,
+            "web-slow",
+            "slow1",
+            json!({"sim.serin.dev/latency-p50": "1s", "sim.serin.dev/latency-p99": "2s"}),
+        )
+        .await;
+        let service: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .expect("service");
+        Api::<Service>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &service)
+            .await
+            .expect("create service");
+
+        let sim_address: std::net::SocketAddr = sim
+            .base_url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("sim address");
+        let prometheus = Prometheus::start(&[sim_address]).await;
+        for hash in ["good1", "errors1", "slow1"] {
+            prometheus
+                .wait_for(
+                    &format!(
+                        r#"sum(rate(http_requests_total{{pod_template_hash="{hash}"}}[5s])) > 0"#
+                    ),
+                    Duration::from_secs(60),
+                )
+                .await;
+        }
+
+        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let address = prometheus.url.as_str();
+        let args = |hash: &str| vec![arg("service", "web"), arg("canary-hash", hash)];
+        let error_rate = || {
+            with_check(
+                metric("error-rate", address, Some("result < 0.05"), None),
+                BuiltinCheckKind::ErrorRate,
+            )
+        };
+        let latency = || {
+            with_check(
+                metric("p99-latency", address, Some("result <= 0.5"), None),
+                BuiltinCheckKind::LatencyP99,
+            )
+        };
+        for (name, hash) in [
+            ("v2-good", "good1"),
+            ("v3-errors", "errors1"),
+            ("v4-slow", "slow1"),
+        ] {
+            let mut run = analysis_run(name, args(hash), vec![error_rate(), latency()]);
+            run.metadata.namespace = Some(NS.into());
+            runs.create(&PostParams::default(), &run)
+                .await
+                .expect("create run");
+        }
+
+        let good = wait_until_completed(&runs, "v2-good", Duration::from_secs(60)).await;
+        assert_eq!(good.phase, Some(AnalysisPhase::Successful), "{good:?}");
+
+        let errors = wait_until_completed(&runs, "v3-errors", Duration::from_secs(60)).await;
+        assert_eq!(errors.phase, Some(AnalysisPhase::Failed), "{errors:?}");
+        let recorded = values_of(&errors, "error-rate");
+        let rate: f64 = recorded
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        assert!(
+            (rate - 0.2).abs() < 0.03,
+            "recorded error rate {recorded:?}"
+        );
+        assert!(
+            errors
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .starts_with(r#"metric "error-rate": value 0."#),
+            "{errors:?}"
+        );
+
+        let slow = wait_until_completed(&runs, "v4-slow", Duration::from_secs(60)).await;
+        assert_eq!(slow.phase, Some(AnalysisPhase::Failed), "{slow:?}");
+        let p99: f64 = values_of(&slow, "p99-latency")
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        assert!(p99 > 0.5, "recorded p99 {p99}");
+        assert!(
+            slow.message
+                .as_deref()
+                .unwrap_or("")
+                .contains(r#"metric "p99-latency""#),
+            "{slow:?}"
         );
 
         handle.shutdown().await.expect("runner stops");

@@ -45,7 +45,8 @@ async fn serin(world: &World, args: &[&str]) -> Output {
 /// A canary `web` paused at step 1 (weight 25) on its second revision; returns (v1, v2) hashes.
 async fn paused_canary(world: &World) -> (String, String) {
     world.given_services("web", &["web", "web-canary"]).await;
-    let steps = json!({"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]});
+    let steps =
+        json!({"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]});
     world
         .given_rollout(canary_rollout("web", 4, "web:1", steps))
         .await
@@ -70,7 +71,9 @@ async fn paused_canary(world: &World) -> (String, String) {
 async fn status_shows_steps_revisions_weights_pods_and_events() {
     let world = World::start().await;
     let (v1, v2) = paused_canary(&world).await;
-    world.expect_event("web", serin::crd::reason::STEP_REACHED, TIMEOUT).await;
+    world
+        .expect_event("web", serin::crd::reason::STEP_REACHED, TIMEOUT)
+        .await;
     let out = serin(&world, &["-n", NS, "status", "web"]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let text = out.stdout;
@@ -119,8 +122,18 @@ async fn promote_moves_a_paused_rollout_and_commands_that_make_no_sense_are_refu
 
     let out = serin(&world, &["retry", "web"]).await;
     assert_ne!(out.code, Some(0));
-    assert_eq!(out.stderr.trim().lines().count(), 1, "one clear line: {}", out.stderr);
-    assert!(out.stderr.contains("only an aborted rollout can be retried"), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim().lines().count(),
+        1,
+        "one clear line: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("only an aborted rollout can be retried"),
+        "{}",
+        out.stderr
+    );
 
     let out = serin(&world, &["promote", "nope"]).await;
     assert_ne!(out.code, Some(0));
@@ -157,10 +170,11 @@ async fn abort_retry_pause_resume_and_undo_work_from_the_command_line() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     world
         .then_eventually("web", "user pause recorded", TIMEOUT, |s| {
-            s.rollout
-                .status
-                .as_ref()
-                .is_some_and(|st| st.pause_conditions.iter().any(|c| c.reason == serin::crd::reason::PAUSED_BY_USER))
+            s.rollout.status.as_ref().is_some_and(|st| {
+                st.pause_conditions
+                    .iter()
+                    .any(|c| c.reason == serin::crd::reason::PAUSED_BY_USER)
+            })
         })
         .await;
     let out = serin(&world, &["resume", "web"]).await;
@@ -194,7 +208,11 @@ async fn works_as_a_kubectl_plugin() {
     let world = World::start().await;
     paused_canary(&world).await;
     let bin = tempfile::tempdir().expect("temp dir");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_serin"), bin.path().join("kubectl-serin")).expect("symlink");
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_serin"),
+        bin.path().join("kubectl-serin"),
+    )
+    .expect("symlink");
     let kubeconfig = world.sim.kubeconfig_path().display().to_string();
 
     let out = run(
@@ -205,7 +223,11 @@ async fn works_as_a_kubectl_plugin() {
     .await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stdout.contains("Name:       web"), "{}", out.stdout);
-    assert!(out.stdout.contains("current   1  pause (until promoted)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("current   1  pause (until promoted)"),
+        "{}",
+        out.stdout
+    );
 
     let out = run(
         Path::new("kubectl"),
@@ -215,7 +237,9 @@ async fn works_as_a_kubectl_plugin() {
     .await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     world
-        .then_eventually("web", "promoted through the plugin", TIMEOUT, |s| s.step() == Some(3))
+        .then_eventually("web", "promoted through the plugin", TIMEOUT, |s| {
+            s.step() == Some(3)
+        })
         .await;
     world.stop().await;
 }
@@ -224,6 +248,85 @@ async fn works_as_a_kubectl_plugin() {
 async fn crd_prints_every_custom_resource_definition() {
     let out = run(Path::new(env!("CARGO_BIN_EXE_serin")), &["crd"], None).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert_eq!(out.stdout.matches("kind: CustomResourceDefinition").count(), 4);
+    assert_eq!(
+        out.stdout.matches("kind: CustomResourceDefinition").count(),
+        4
+    );
     assert!(out.stdout.contains("name: rollouts.serin.dev"));
+}
+
+/// `serin controller` as a process: with `--leader-elect`, two replicas share one Lease, only the holder
+/// reconciles, and when it dies the other takes over and carries the rollout on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_processes_elect_one_leader_and_fail_over() {
+    let world = World::without_controller().await;
+    let kubeconfig = world.sim.kubeconfig_path().display().to_string();
+    let spawn = |identity: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+            .args([
+                "controller",
+                "--kubeconfig",
+                kubeconfig.as_str(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--leader-elect",
+                "--lease-namespace",
+                NS,
+                "--lease-duration",
+                "2s",
+                "--lease-renew",
+                "1500ms",
+                "--lease-retry",
+                "200ms",
+                "--instance",
+                identity,
+            ])
+            .env_remove("KUBECONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("controller process starts")
+    };
+    let mut first = spawn("replica-a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = spawn("replica-b");
+
+    world.given_services("web", &["web", "web-canary"]).await;
+    let steps =
+        json!({"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]});
+    world
+        .given_rollout(canary_rollout("web", 4, "web:1", steps))
+        .await
+        .expect("rollout accepted");
+    world
+        .then_eventually("web", "v1 Healthy under the first leader", TIMEOUT, |s| {
+            s.is(RolloutPhase::Healthy)
+        })
+        .await;
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(world.admin.clone(), NS);
+    let holder = || async {
+        leases
+            .get("serin-controller")
+            .await
+            .ok()
+            .and_then(|lease| lease.spec.and_then(|spec| spec.holder_identity))
+    };
+    assert_eq!(holder().await.as_deref(), Some("replica-a"));
+
+    // The leader dies; the standby takes the Lease once it expires and carries the rollout on.
+    first.kill().await.expect("kill the leader");
+    world.when_image_changes("web", "web:2").await;
+    world
+        .then_eventually(
+            "web",
+            "the new leader reconciles v2 to its first pause",
+            TIMEOUT,
+            |s| s.is(RolloutPhase::Paused) && s.step() == Some(1),
+        )
+        .await;
+    assert_eq!(holder().await.as_deref(), Some("replica-b"));
+    second.kill().await.expect("kill the second replica");
+    world.stop().await;
 }

@@ -15,12 +15,17 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Brings a fresh Rollout to Healthy on its first template and returns that template's hash.
 async fn healthy_first_revision(world: &World, name: &str, replicas: i32) -> String {
     let state = world
-        .then_eventually(name, "first revision Healthy and fully ready", STEP_TIMEOUT, |s| {
-            s.is(RolloutPhase::Healthy)
-                && s.stable_hash().is_some()
-                && s.stable_hash() == s.current_hash()
-                && s.ready_of(s.stable_hash().as_deref().unwrap_or_default()) == replicas
-        })
+        .then_eventually(
+            name,
+            "first revision Healthy and fully ready",
+            STEP_TIMEOUT,
+            |s| {
+                s.is(RolloutPhase::Healthy)
+                    && s.stable_hash().is_some()
+                    && s.stable_hash() == s.current_hash()
+                    && s.ready_of(s.stable_hash().as_deref().unwrap_or_default()) == replicas
+            },
+        )
         .await;
     state.stable_hash().unwrap_or_default()
 }
@@ -40,7 +45,10 @@ impl Monotonic {
         for rs in &state.replica_sets {
             *per_hash.entry(rs.pod_template_hash.as_str()).or_default() += 1;
         }
-        assert!(per_hash.values().all(|count| *count == 1), "duplicate ReplicaSet: {per_hash:?}");
+        assert!(
+            per_hash.values().all(|count| *count == 1),
+            "duplicate ReplicaSet: {per_hash:?}"
+        );
         if state.is(RolloutPhase::Aborted) || !state.observed() {
             return;
         }
@@ -61,7 +69,11 @@ impl Monotonic {
         );
         self.highest_weight = state.weight();
         let step = state.step().unwrap_or(0);
-        assert!(step >= self.highest_step, "step went back from {} to {step}", self.highest_step);
+        assert!(
+            step >= self.highest_step,
+            "step went back from {} to {step}",
+            self.highest_step
+        );
         self.highest_step = step;
     }
 }
@@ -71,7 +83,10 @@ impl Monotonic {
 fn serving_pods_never_below(replicas: i32) -> impl Fn(&State) {
     move |state: &State| {
         let ready: i32 = state.replica_sets.iter().map(|rs| rs.ready_replicas).sum();
-        assert!(ready >= replicas, "only {ready} ready pods of {replicas}:\n{state:#?}");
+        assert!(
+            ready >= replicas,
+            "only {ready} ready pods of {replicas}:\n{state:#?}"
+        );
     }
 }
 
@@ -99,9 +114,13 @@ async fn canary_goes_step_by_step_to_healthy_and_scales_the_old_version_down() {
     };
 
     let at_20 = world
-        .then_eventually_checking("web", "step 1 (pause 2s) at weight 20", STEP_TIMEOUT, &mut check, |s| {
-            s.observed() && s.step() == Some(1)
-        })
+        .then_eventually_checking(
+            "web",
+            "step 1 (pause 2s) at weight 20",
+            STEP_TIMEOUT,
+            &mut check,
+            |s| s.observed() && s.step() == Some(1),
+        )
         .await;
     let v2 = at_20.canary_hash().expect("canary revision");
     assert_ne!(v1, v2);
@@ -111,9 +130,13 @@ async fn canary_goes_step_by_step_to_healthy_and_scales_the_old_version_down() {
     expect_selectors(&at_20, &[("web", None), ("web-canary", Some(&v2))]);
 
     let at_50 = world
-        .then_eventually_checking("web", "step 3 (pause until promoted) at 50", STEP_TIMEOUT, &mut check, |s| {
-            s.observed() && s.step() == Some(3) && s.is(RolloutPhase::Paused)
-        })
+        .then_eventually_checking(
+            "web",
+            "step 3 (pause until promoted) at 50",
+            STEP_TIMEOUT,
+            &mut check,
+            |s| s.observed() && s.step() == Some(3) && s.is(RolloutPhase::Paused),
+        )
         .await;
     assert_eq!(at_50.weight(), 50);
     assert_eq!(at_50.replicas_of(&v2), 5, "{at_50:#?}");
@@ -123,7 +146,10 @@ async fn canary_goes_step_by_step_to_healthy_and_scales_the_old_version_down() {
     // An indefinite pause holds until promoted.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = world.state("web").await;
-    assert_eq!((held.step(), held.phase()), (Some(3), Some(RolloutPhase::Paused)));
+    assert_eq!(
+        (held.step(), held.phase()),
+        (Some(3), Some(RolloutPhase::Paused))
+    );
 
     world.when_command("web", ManualCommand::Promote).await;
     let mut saw_80 = false;
@@ -135,7 +161,11 @@ async fn canary_goes_step_by_step_to_healthy_and_scales_the_old_version_down() {
             |s| {
                 check(s);
                 if s.step() == Some(4) && s.canary_hash().as_deref() == Some(v2.as_str()) {
-                    assert_eq!(s.replicas_of(&v2), 8, "setWeight 80 sizes the canary to 8 of 10:\n{s:#?}");
+                    assert_eq!(
+                        s.replicas_of(&v2),
+                        8,
+                        "setWeight 80 sizes the canary to 8 of 10:\n{s:#?}"
+                    );
                     saw_80 = true;
                 }
             },
@@ -146,16 +176,22 @@ async fn canary_goes_step_by_step_to_healthy_and_scales_the_old_version_down() {
     expect_selectors(&done, &[("web", Some(&v2)), ("web-canary", Some(&v2))]);
     assert_eq!(done.replicas_of(&v2), 10);
     world
-        .then_eventually("web", "v1 scaled down", STEP_TIMEOUT, |s| s.replicas_of(&v1) == 0)
+        .then_eventually("web", "v1 scaled down", STEP_TIMEOUT, |s| {
+            s.replicas_of(&v1) == 0
+        })
         .await;
-    world.expect_event("web", reason::STEP_REACHED, STEP_TIMEOUT).await;
+    world
+        .expect_event("web", reason::STEP_REACHED, STEP_TIMEOUT)
+        .await;
     world.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_previews_then_switches_and_keeps_the_old_version_for_the_delay() {
     let world = World::start().await;
-    world.given_services("shop", &["shop", "shop-preview"]).await;
+    world
+        .given_services("shop", &["shop", "shop-preview"])
+        .await;
     world
         .given_rollout(blue_green_rollout(
             "shop",
@@ -170,13 +206,22 @@ async fn blue_green_previews_then_switches_and_keeps_the_old_version_for_the_del
 
     world.when_image_changes("shop", "shop:2").await;
     let preview = world
-        .then_eventually("shop", "preview ready and waiting for promotion", STEP_TIMEOUT, |s| {
-            s.is(RolloutPhase::Paused)
-                && s.canary_hash().is_some_and(|h| h != v1 && s.ready_of(&h) == 3)
-        })
+        .then_eventually(
+            "shop",
+            "preview ready and waiting for promotion",
+            STEP_TIMEOUT,
+            |s| {
+                s.is(RolloutPhase::Paused)
+                    && s.canary_hash()
+                        .is_some_and(|h| h != v1 && s.ready_of(&h) == 3)
+            },
+        )
         .await;
     let v2 = preview.canary_hash().unwrap_or_default();
-    expect_selectors(&preview, &[("shop", Some(&v1)), ("shop-preview", Some(&v2))]);
+    expect_selectors(
+        &preview,
+        &[("shop", Some(&v1)), ("shop-preview", Some(&v2))],
+    );
     assert_eq!(preview.replicas_of(&v1), 3);
 
     world.when_command("shop", ManualCommand::Promote).await;
@@ -185,11 +230,18 @@ async fn blue_green_previews_then_switches_and_keeps_the_old_version_for_the_del
             s.selector_hash("shop").as_deref() == Some(v2.as_str())
         })
         .await;
-    assert_eq!(switched.replicas_of(&v1), 3, "v1 is kept for the scale-down delay:\n{switched:#?}");
+    assert_eq!(
+        switched.replicas_of(&v1),
+        3,
+        "v1 is kept for the scale-down delay:\n{switched:#?}"
+    );
     let done = world
-        .then_eventually("shop", "Healthy on v2 and v1 scaled down", STEP_TIMEOUT, |s| {
-            s.is(RolloutPhase::Healthy) && s.replicas_of(&v1) == 0
-        })
+        .then_eventually(
+            "shop",
+            "Healthy on v2 and v1 scaled down",
+            STEP_TIMEOUT,
+            |s| s.is(RolloutPhase::Healthy) && s.replicas_of(&v1) == 0,
+        )
         .await;
     assert_eq!(done.stable_hash().as_deref(), Some(v2.as_str()));
     expect_selectors(&done, &[("shop", Some(&v2))]);
@@ -200,7 +252,8 @@ async fn blue_green_previews_then_switches_and_keeps_the_old_version_for_the_del
 async fn abort_puts_everything_back_on_stable_and_retry_starts_the_steps_again() {
     let world = World::start().await;
     world.given_services("cart", &["cart", "cart-canary"]).await;
-    let canary = json!({"steps": [{"setWeight": 40}, {"pause": {}}], "abortScaleDownDelaySeconds": 1});
+    let canary =
+        json!({"steps": [{"setWeight": 40}, {"pause": {}}], "abortScaleDownDelaySeconds": 1});
     world
         .given_rollout(canary_rollout("cart", 5, "cart:1", canary))
         .await
@@ -217,25 +270,36 @@ async fn abort_puts_everything_back_on_stable_and_retry_starts_the_steps_again()
 
     world.when_command("cart", ManualCommand::Abort).await;
     let aborted = world
-        .then_eventually("cart", "aborted with stable at full size", STEP_TIMEOUT, |s| {
-            s.is(RolloutPhase::Aborted) && s.replicas_of(&v1) == 5 && s.ready_of(&v1) == 5
-        })
+        .then_eventually(
+            "cart",
+            "aborted with stable at full size",
+            STEP_TIMEOUT,
+            |s| s.is(RolloutPhase::Aborted) && s.replicas_of(&v1) == 5 && s.ready_of(&v1) == 5,
+        )
         .await;
     assert_eq!(aborted.weight(), 0, "{aborted:#?}");
     expect_selectors(&aborted, &[("cart", Some(&v1)), ("cart-canary", Some(&v1))]);
     assert!(!aborted.message().is_empty(), "an aborted rollout says why");
     world
-        .then_eventually("cart", "canary scaled down after the abort delay", STEP_TIMEOUT, |s| {
-            s.replicas_of(&v2) == 0
-        })
+        .then_eventually(
+            "cart",
+            "canary scaled down after the abort delay",
+            STEP_TIMEOUT,
+            |s| s.replicas_of(&v2) == 0,
+        )
         .await;
-    world.expect_event("cart", reason::ABORTED, STEP_TIMEOUT).await;
+    world
+        .expect_event("cart", reason::ABORTED, STEP_TIMEOUT)
+        .await;
 
     world.when_command("cart", ManualCommand::Retry).await;
     let retried = world
-        .then_eventually("cart", "steps carried out again after retry", STEP_TIMEOUT, |s| {
-            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.replicas_of(&v2) > 0
-        })
+        .then_eventually(
+            "cart",
+            "steps carried out again after retry",
+            STEP_TIMEOUT,
+            |s| s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.replicas_of(&v2) > 0,
+        )
         .await;
     assert_eq!(retried.weight(), 40);
     expect_selectors(&retried, &[("cart", None), ("cart-canary", Some(&v2))]);
@@ -246,9 +310,17 @@ async fn abort_puts_everything_back_on_stable_and_retry_starts_the_steps_again()
 async fn canary_pods_that_never_get_ready_hit_the_deadline_and_never_shrink_stable() {
     let world = World::start().await;
     world.given_services("api", &["api", "api-canary"]).await;
-    let mut manifest = canary_rollout("api", 4, "api:1", json!({"steps": [{"setWeight": 50}, {"pause": {}}]}));
+    let mut manifest = canary_rollout(
+        "api",
+        4,
+        "api:1",
+        json!({"steps": [{"setWeight": 50}, {"pause": {}}]}),
+    );
     manifest["spec"]["progressDeadlineSeconds"] = json!(2);
-    world.given_rollout(manifest).await.expect("rollout accepted");
+    world
+        .given_rollout(manifest)
+        .await
+        .expect("rollout accepted");
     let v1 = healthy_first_revision(&world, "api", 4).await;
 
     world
@@ -261,14 +333,20 @@ async fn canary_pods_that_never_get_ready_hit_the_deadline_and_never_shrink_stab
         assert_eq!(s.replicas_of(&v1), 4, "stable was scaled down:\n{s:#?}");
     };
     let stuck = world
-        .then_eventually_checking("api", "progress deadline exceeded", STEP_TIMEOUT, stable_untouched, |s| {
-            s.rollout.status.as_ref().is_some_and(|status| {
-                status
-                    .conditions
-                    .iter()
-                    .any(|c| c.reason == reason::PROGRESS_DEADLINE_EXCEEDED)
-            })
-        })
+        .then_eventually_checking(
+            "api",
+            "progress deadline exceeded",
+            STEP_TIMEOUT,
+            stable_untouched,
+            |s| {
+                s.rollout.status.as_ref().is_some_and(|status| {
+                    status
+                        .conditions
+                        .iter()
+                        .any(|c| c.reason == reason::PROGRESS_DEADLINE_EXCEEDED)
+                })
+            },
+        )
         .await;
     assert_ne!(stuck.phase(), Some(RolloutPhase::Healthy));
     world
@@ -289,7 +367,8 @@ async fn canary_pods_that_never_get_ready_hit_the_deadline_and_never_shrink_stab
 async fn a_restarted_or_doubled_controller_resumes_without_duplicates_or_regression() {
     let mut world = World::start().await;
     world.given_services("pay", &["pay", "pay-canary"]).await;
-    let canary = json!({"steps": [{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"pause": {}}]});
+    let canary =
+        json!({"steps": [{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"pause": {}}]});
     world
         .given_rollout(canary_rollout("pay", 5, "pay:1", canary))
         .await
@@ -298,9 +377,13 @@ async fn a_restarted_or_doubled_controller_resumes_without_duplicates_or_regress
     world.when_image_changes("pay", "pay:2").await;
     let mut monotonic = Monotonic::default();
     world
-        .then_eventually_checking("pay", "paused at step 1 with weight 20", STEP_TIMEOUT, |s| monotonic.check(s), |s| {
-            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 20
-        })
+        .then_eventually_checking(
+            "pay",
+            "paused at step 1 with weight 20",
+            STEP_TIMEOUT,
+            |s| monotonic.check(s),
+            |s| s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 20,
+        )
         .await;
 
     // Killed mid-rollout, then started again twice by mistake.
@@ -311,7 +394,11 @@ async fn a_restarted_or_doubled_controller_resumes_without_duplicates_or_regress
     for _ in 0..20 {
         let resumed = world.state("pay").await;
         monotonic.check(&resumed);
-        assert_eq!((resumed.step(), resumed.weight()), (Some(1), 20), "{resumed:#?}");
+        assert_eq!(
+            (resumed.step(), resumed.weight()),
+            (Some(1), 20),
+            "{resumed:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let resumed = world.state("pay").await;
@@ -319,9 +406,13 @@ async fn a_restarted_or_doubled_controller_resumes_without_duplicates_or_regress
 
     world.when_command("pay", ManualCommand::Promote).await;
     let next = world
-        .then_eventually_checking("pay", "paused at step 3", STEP_TIMEOUT, |s| monotonic.check(s), |s| {
-            s.is(RolloutPhase::Paused) && s.step() == Some(3)
-        })
+        .then_eventually_checking(
+            "pay",
+            "paused at step 3",
+            STEP_TIMEOUT,
+            |s| monotonic.check(s),
+            |s| s.is(RolloutPhase::Paused) && s.step() == Some(3),
+        )
         .await;
     assert_eq!(next.weight(), 60);
     assert_eq!(next.replica_sets.len(), 2, "{next:#?}");
@@ -331,9 +422,16 @@ async fn a_restarted_or_doubled_controller_resumes_without_duplicates_or_regress
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settled_rollout_is_left_alone_and_status_writes_trigger_nothing() {
     let world = World::start().await;
-    world.given_services("quiet", &["quiet", "quiet-canary"]).await;
     world
-        .given_rollout(canary_rollout("quiet", 2, "quiet:1", json!({"steps": [{"setWeight": 50}]})))
+        .given_services("quiet", &["quiet", "quiet-canary"])
+        .await;
+    world
+        .given_rollout(canary_rollout(
+            "quiet",
+            2,
+            "quiet:1",
+            json!({"steps": [{"setWeight": 50}]}),
+        ))
         .await
         .expect("rollout accepted");
     healthy_first_revision(&world, "quiet", 2).await;
@@ -377,7 +475,10 @@ async fn a_settled_rollout_is_left_alone_and_status_writes_trigger_nothing() {
     world.when_command("quiet", ManualCommand::Pause).await;
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
     while world.controller().metrics().total_reconciles() == reconciles {
-        assert!(std::time::Instant::now() < deadline, "a command did not trigger a reconcile");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a command did not trigger a reconcile"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     world.stop().await;
@@ -431,7 +532,10 @@ async fn specs_only_the_controller_can_judge_get_invalid_spec_and_change_nothing
     let mut mismatched = canary_rollout("odd", 2, "odd:1", json!({}));
     mismatched["spec"]["selector"] = json!({"matchLabels": {"app": "something-else"}});
     world.given_services("odd", &["odd", "odd-canary"]).await;
-    world.given_rollout(mismatched).await.expect("accepted by the schema");
+    world
+        .given_rollout(mismatched)
+        .await
+        .expect("accepted by the schema");
 
     for (name, field) in [("lonely", "canaryService"), ("odd", "selector")] {
         let state = world
@@ -446,13 +550,70 @@ async fn specs_only_the_controller_can_judge_get_invalid_spec_and_change_nothing
             state.message()
         );
         assert!(state.replica_sets.is_empty(), "nothing created for {name}");
-        world.expect_event(name, reason::INVALID_SPEC, STEP_TIMEOUT).await;
+        world
+            .expect_event(name, reason::INVALID_SPEC, STEP_TIMEOUT)
+            .await;
     }
     let writes: Vec<_> = world
         .controller_object_writes()
         .into_iter()
         .filter(|r| r.resource != "rollouts")
         .collect();
-    assert!(writes.is_empty(), "an invalid spec changed the cluster: {writes:#?}");
+    assert!(
+        writes.is_empty(),
+        "an invalid spec changed the cluster: {writes:#?}"
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_putting_selectors_back_fails_on_abort_nothing_after_it_happens() {
+    let world = World::start().await;
+    world.given_services("ord", &["ord", "ord-canary"]).await;
+    let canary =
+        json!({"steps": [{"setWeight": 50}, {"pause": {}}], "abortScaleDownDelaySeconds": 0});
+    world
+        .given_rollout(canary_rollout("ord", 4, "ord:1", canary))
+        .await
+        .expect("rollout accepted");
+    let v1 = healthy_first_revision(&world, "ord", 4).await;
+    world.when_image_changes("ord", "ord:2").await;
+    let paused = world
+        .then_eventually("ord", "paused at weight 50", STEP_TIMEOUT, |s| {
+            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 50
+        })
+        .await;
+    let v2 = paused.canary_hash().expect("canary revision");
+
+    // Every Service write fails: the abort cannot move traffic back, so it must not go further.
+    world
+        .sim
+        .faults()
+        .fail_next("patch", "services", 10_000, 500);
+    world.when_command("ord", ManualCommand::Abort).await;
+    world
+        .expect_event("ord", "SetServiceSelectorFailed", STEP_TIMEOUT)
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = world.state("ord").await;
+    assert_eq!(
+        held.replicas_of(&v2),
+        2,
+        "canary scaled down before traffic left it:\n{held:#?}"
+    );
+    expect_selectors(&held, &[("ord", None), ("ord-canary", Some(&v2))]);
+    assert_ne!(
+        held.phase(),
+        Some(RolloutPhase::Aborted),
+        "reported Aborted without doing it"
+    );
+
+    world.sim.faults().clear();
+    let aborted = world
+        .then_eventually("ord", "aborted once writes work again", STEP_TIMEOUT, |s| {
+            s.is(RolloutPhase::Aborted) && s.replicas_of(&v2) == 0
+        })
+        .await;
+    expect_selectors(&aborted, &[("ord", Some(&v1)), ("ord-canary", Some(&v1))]);
     world.stop().await;
 }

@@ -14,6 +14,7 @@ use kube::{Client, Config};
 
 pub use commands::{ManualCommand, RejectedCommand};
 
+use crate::controller::leader::LeaseConfig;
 use crate::controller::{ControllerConfig, ControllerError};
 
 /// `serin`: progressive delivery for Kubernetes. Installed as `kubectl-serin` on PATH, it is also the
@@ -140,9 +141,31 @@ pub struct ControllerArgs {
     /// Log level or filter (`info`, `serin=debug,kube=info`).
     #[arg(long, env = "SERIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-    /// Name of this instance in events (for example the pod name).
+    /// Name of this instance in events and in the Lease (for example the pod name).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+    /// Reconcile only while holding a Lease, so that exactly one replica writes.
+    #[arg(long, env = "SERIN_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "SERIN_LEASE_NAME", default_value = "serin-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// How long the Lease stays valid without renewal (whole seconds).
+    #[arg(long, env = "SERIN_LEASE_DURATION", default_value = "15s", value_parser = parse_flag_duration)]
+    pub lease_duration: Duration,
+    /// How long after its last renewal the holder still writes.
+    #[arg(long, env = "SERIN_LEASE_RENEW", default_value = "10s", value_parser = parse_flag_duration)]
+    pub lease_renew: Duration,
+    /// How often the holder renews and a candidate retries.
+    #[arg(long, env = "SERIN_LEASE_RETRY", default_value = "2s", value_parser = parse_flag_duration)]
+    pub lease_retry: Duration,
+}
+
+fn parse_flag_duration(text: &str) -> Result<Duration, String> {
+    crate::crd::parse_duration(text).map_err(|error| error.to_string())
 }
 
 impl ControllerArgs {
@@ -157,6 +180,17 @@ impl ControllerArgs {
             concurrency: self.concurrency.max(1),
             metrics_addr: Some(self.metrics_addr),
             instance: self.instance.clone(),
+            leader: self.leader_elect.then(|| LeaseConfig {
+                lease_name: self.lease_name.clone(),
+                lease_namespace: self.lease_namespace.clone(),
+                identity: self
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| format!("serin-{}", uuid::Uuid::new_v4().simple())),
+                lease_duration: self.lease_duration,
+                renew_deadline: self.lease_renew,
+                retry_period: self.lease_retry,
+            }),
             ..ControllerConfig::default()
         }
     }
@@ -285,7 +319,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let cluster = crate::sim::SimCluster::start(config).await?;
             tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), "serin sim ready; Ctrl-C to stop");
-            println!("serin sim listening on {}; kubeconfig: {}", cluster.base_url(), cluster.kubeconfig_path().display());
+            println!(
+                "serin sim listening on {}; kubeconfig: {}",
+                cluster.base_url(),
+                cluster.kubeconfig_path().display()
+            );
             let _ = tokio::signal::ctrl_c().await;
             cluster.shutdown().await;
             Ok(())

@@ -31,7 +31,7 @@ pub use observe::{observe, ObserveError, Sources};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::{labels, Rollout, RolloutStatus};
-use crate::strategy::{Plan, PlannedEvent};
+use crate::strategy::Plan;
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -48,6 +48,8 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Name of this instance in events (`reportingInstance`).
     pub instance: Option<String>,
+    /// Leader election: reconcile only while holding this Lease (used by [`run`]).
+    pub leader: Option<leader::LeaseConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -59,6 +61,7 @@ impl Default for ControllerConfig {
             error_backoff: Duration::from_secs(2),
             resync: Duration::from_secs(300),
             instance: None,
+            leader: None,
         }
     }
 }
@@ -74,6 +77,8 @@ pub enum ControllerError {
     },
     #[error("a controller task ended abnormally: {0}")]
     TaskFailed(#[source] tokio::task::JoinError),
+    #[error("leader election: {0}")]
+    Leader(#[from] leader::LeaderError),
 }
 
 impl ControllerError {
@@ -82,6 +87,7 @@ impl ControllerError {
         match self {
             ControllerError::BindMetrics { .. } => "bind_metrics",
             ControllerError::TaskFailed(_) => "task_failed",
+            ControllerError::Leader(error) => error.category(),
         }
     }
 }
@@ -116,15 +122,78 @@ impl ReconcileError {
 
 /// Runs the controller until Ctrl-C.
 pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
-    let handle = ControllerHandle::start(client, config).await?;
-    let cancel = handle.cancel.clone();
+    let interrupted = CancellationToken::new();
+    let on_signal = interrupted.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("interrupted, stopping");
-            cancel.cancel();
-        }
+        shutdown_signal().await;
+        tracing::info!("interrupted, stopping");
+        on_signal.cancel();
     });
-    handle.wait_for_exit().await
+    // One metrics endpoint for the life of the process, so a standby replica still answers /healthz.
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics_addr {
+        metrics::serve(addr, metrics.clone(), interrupted.clone())
+            .await
+            .map_err(|source| ControllerError::BindMetrics { addr, source })?;
+    }
+    let reconciler_config = ControllerConfig {
+        metrics_addr: None,
+        ..config.clone()
+    };
+    let Some(lease) = config.leader.clone() else {
+        let handle =
+            ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
+        let cancel = handle.cancel.clone();
+        tokio::spawn(async move {
+            interrupted.cancelled().await;
+            cancel.cancel();
+        });
+        return handle.wait_for_exit().await;
+    };
+    loop {
+        let leadership = tokio::select! {
+            _ = interrupted.cancelled() => return Ok(()),
+            acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
+        };
+        tracing::info!(identity = %lease.identity, "leading: starting the reconcilers");
+        let handle = ControllerHandle::start_with_metrics(
+            client.clone(),
+            reconciler_config.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let lost = leadership.lost();
+        tokio::select! {
+            _ = lost.cancelled() => {
+                // Safety rule 8: a controller that can no longer prove it holds the Lease stops writing at
+                // once; in-flight reconciles are dropped wherever they are, and it stands again as candidate.
+                tracing::warn!("lost the lease: stopping every write");
+                handle.kill();
+                drop(leadership);
+            }
+            _ = interrupted.cancelled() => {
+                let stopped = handle.stop().await;
+                leadership.release().await;
+                return stopped;
+            }
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends a pod it stops).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
 
 /// A controller running in this process: stop it, kill it, read its counters.
@@ -141,8 +210,16 @@ impl ControllerHandle {
         client: Client,
         config: ControllerConfig,
     ) -> Result<ControllerHandle, ControllerError> {
+        ControllerHandle::start_with_metrics(client, config, Arc::new(Metrics::new())).await
+    }
+
+    /// Starts the controller counting into `metrics` (shared across restarts of the reconcilers).
+    pub async fn start_with_metrics(
+        client: Client,
+        config: ControllerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<ControllerHandle, ControllerError> {
         let cancel = CancellationToken::new();
-        let metrics = Arc::new(Metrics::new());
         let mut tasks = Vec::new();
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_addr {
@@ -253,7 +330,11 @@ impl CacheSync {
         move |event| {
             if !counted && matches!(event, watcher::Event::InitDone) {
                 counted = true;
-                tracing::debug!(cache, left = sync.pending.load(Ordering::Acquire), "a cache synced");
+                tracing::debug!(
+                    cache,
+                    left = sync.pending.load(Ordering::Acquire),
+                    "a cache synced"
+                );
                 if sync.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
                     sync.metrics.set_ready();
                 }
@@ -401,8 +482,7 @@ fn spawn_scope(
                 tracing::debug!(%error, "reconcile trigger failed");
             }
         });
-    let task = tokio::spawn(controller);
-    task
+    tokio::spawn(controller)
 }
 
 fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRef<Rollout>> {
@@ -453,16 +533,8 @@ async fn reconcile_rollout(
         let applied = match act(&context.client, &current, &plan.actions).await {
             Ok(applied) => applied,
             Err(error) => {
-                publish(
-                    context,
-                    &current,
-                    &PlannedEvent {
-                        warning: true,
-                        reason: "ActionFailed",
-                        message: format!("{error} ({})", error.category()),
-                    },
-                )
-                .await;
+                let reason = failure_reason(error.category());
+                publish(context, &current, true, &reason, &error.to_string()).await;
                 return Err(error.into());
             }
         };
@@ -474,7 +546,14 @@ async fn reconcile_rollout(
                     context.remember(key.clone(), &current, written);
                 }
                 for event in &plan.events {
-                    publish(context, &current, event).await;
+                    publish(
+                        context,
+                        &current,
+                        event.warning,
+                        event.reason,
+                        &event.message,
+                    )
+                    .await;
                 }
                 context.metrics.rollout_state(
                     &namespace,
@@ -555,16 +634,40 @@ pub fn status_differs(current: Option<&RolloutStatus>, planned: &RolloutStatus) 
     }
 }
 
-async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent) {
+/// The event reason for a failed action: its bounded category in PascalCase (`scale_replicaset` ->
+/// `ScaleReplicasetFailed`), so events and metrics name failures alike.
+pub fn failure_reason(category: &str) -> String {
+    let mut reason: String = category
+        .split('_')
+        .filter(|word| !word.is_empty())
+        .map(|word| {
+            let mut chars = word.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    reason.push_str("Failed");
+    reason
+}
+
+async fn publish(
+    context: &ScopeContext,
+    rollout: &Rollout,
+    warning: bool,
+    reason: &str,
+    message: &str,
+) {
     let recorded = Event {
-        type_: if event.warning {
+        type_: if warning {
             EventType::Warning
         } else {
             EventType::Normal
         },
-        reason: event.reason.to_string(),
-        note: Some(event.message.clone()),
-        action: event.reason.to_string(),
+        reason: reason.to_string(),
+        note: Some(message.to_string()),
+        action: reason.to_string(),
         secondary: None,
     };
     if let Err(error) = context
@@ -572,7 +675,7 @@ async fn publish(context: &ScopeContext, rollout: &Rollout, event: &PlannedEvent
         .publish(&recorded, &rollout.object_ref(&()))
         .await
     {
-        tracing::warn!(%error, reason = event.reason, "recording an event failed");
+        tracing::warn!(%error, reason, "recording an event failed");
     }
 }
 
@@ -633,6 +736,15 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
         );
         assert_ne!(rollout_trigger_hash(&base), rollout_trigger_hash(&deleting));
+    }
+
+    #[test]
+    fn failure_reasons_are_the_category_in_pascal_case() {
+        assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
+        assert_eq!(
+            failure_reason("traffic_router_unsupported"),
+            "TrafficRouterUnsupportedFailed"
+        );
     }
 
     #[test]

@@ -60,12 +60,17 @@ impl World {
         let admin = sim.client().await.expect("admin client");
         let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
         for crd in serin::crd::all() {
-            crds.create(&PostParams::default(), &crd).await.expect("CRD is accepted");
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .expect("CRD is accepted");
         }
         let rollouts: Api<Rollout> = Api::namespaced(admin.clone(), NS);
         let deadline = Instant::now() + Duration::from_secs(10);
         while rollouts.list(&ListParams::default()).await.is_err() {
-            assert!(Instant::now() < deadline, "Rollout resource never became servable");
+            assert!(
+                Instant::now() < deadline,
+                "Rollout resource never became servable"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         World {
@@ -77,13 +82,22 @@ impl World {
 
     /// Starts one more controller (as the controller user) and waits for its caches.
     pub async fn start_controller(&mut self) {
-        let client = self.sim.client_as(CONTROLLER_USER).await.expect("controller client");
+        let client = self
+            .sim
+            .client_as(CONTROLLER_USER)
+            .await
+            .expect("controller client");
         let config = ControllerConfig {
             error_backoff: Duration::from_millis(200),
             ..ControllerConfig::default()
         };
-        let handle = ControllerHandle::start(client, config).await.expect("controller starts");
-        assert!(handle.wait_ready(Duration::from_secs(10)).await, "controller caches never synced");
+        let handle = ControllerHandle::start(client, config)
+            .await
+            .expect("controller starts");
+        assert!(
+            handle.wait_ready(Duration::from_secs(10)).await,
+            "controller caches never synced"
+        );
         self.controllers.push(handle);
     }
 
@@ -116,14 +130,18 @@ impl World {
                 "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
             }))
             .expect("valid service");
-            services.create(&PostParams::default(), &service).await.expect("service created");
+            services
+                .create(&PostParams::default(), &service)
+                .await
+                .expect("service created");
         }
     }
 
     /// Given a Rollout manifest applied by the user; the API server's answer.
     pub async fn given_rollout(&self, manifest: Value) -> Result<Rollout, kube::Error> {
         let rollouts: Api<Rollout> = Api::namespaced(self.admin.clone(), NS);
-        let rollout: Rollout = serde_json::from_value(manifest).expect("manifest decodes as a Rollout");
+        let rollout: Rollout =
+            serde_json::from_value(manifest).expect("manifest decodes as a Rollout");
         rollouts.create(&PostParams::default(), &rollout).await
     }
 
@@ -134,14 +152,20 @@ impl World {
             NS,
             &kube::api::ApiResource::erase::<Rollout>(&()),
         );
-        let object: kube::api::DynamicObject = serde_json::from_value(manifest).expect("manifest decodes");
-        api.create(&PostParams::default(), &object).await.map(|_| ())
+        let object: kube::api::DynamicObject =
+            serde_json::from_value(manifest).expect("manifest decodes");
+        api.create(&PostParams::default(), &object)
+            .await
+            .map(|_| ())
     }
 
     /// When the user changes the image of the Rollout's template.
     pub async fn when_image_changes(&self, name: &str, image: &str) {
-        self.when_template_changes(name, json!({"spec": {"containers": [{"name": "app", "image": image}]}}))
-            .await;
+        self.when_template_changes(
+            name,
+            json!({"spec": {"containers": [{"name": "app", "image": image}]}}),
+        )
+        .await;
     }
 
     /// When the user merges `template_patch` into the Rollout's template.
@@ -187,7 +211,11 @@ impl World {
             .items
             .into_iter()
             .map(|svc| {
-                let selector = svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
+                let selector = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.clone())
+                    .unwrap_or_default();
                 (svc.name_any(), selector)
             })
             .collect();
@@ -232,7 +260,8 @@ impl World {
         timeout: Duration,
         condition: impl Fn(&State) -> bool,
     ) -> State {
-        self.then_eventually_checking(name, what, timeout, |_| {}, condition).await
+        self.then_eventually_checking(name, what, timeout, |_| {}, condition)
+            .await
     }
 
     /// Events recorded about the Rollout.
@@ -245,10 +274,9 @@ impl World {
             .items
             .into_iter()
             .filter(|event| {
-                event
-                    .regarding
-                    .as_ref()
-                    .is_some_and(|r| r.kind.as_deref() == Some("Rollout") && r.name.as_deref() == Some(name))
+                event.regarding.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("Rollout") && r.name.as_deref() == Some(name)
+                })
             })
             .collect()
     }
@@ -298,20 +326,35 @@ impl State {
     }
 
     pub fn step(&self) -> Option<i32> {
-        self.rollout.status.as_ref().and_then(|s| s.current_step_index)
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.current_step_index)
     }
 
     pub fn weight(&self) -> i32 {
-        self.rollout.status.as_ref().and_then(|s| s.current_weight).unwrap_or(0)
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.current_weight)
+            .unwrap_or(0)
     }
 
     pub fn message(&self) -> String {
-        self.rollout.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.message.clone())
+            .unwrap_or_default()
     }
 
     /// The status is about the current spec.
     pub fn observed(&self) -> bool {
-        self.rollout.status.as_ref().and_then(|s| s.observed_generation) == self.rollout.metadata.generation
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.observed_generation)
+            == self.rollout.metadata.generation
     }
 
     pub fn stable_hash(&self) -> Option<String> {
@@ -331,7 +374,10 @@ impl State {
     }
 
     pub fn current_hash(&self) -> Option<String> {
-        self.rollout.status.as_ref().and_then(|s| s.current_pod_hash.clone())
+        self.rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.current_pod_hash.clone())
     }
 
     pub fn is(&self, phase: RolloutPhase) -> bool {
@@ -339,7 +385,9 @@ impl State {
     }
 
     pub fn rs(&self, hash: &str) -> Option<&ObservedReplicaSet> {
-        self.replica_sets.iter().find(|rs| rs.pod_template_hash == hash)
+        self.replica_sets
+            .iter()
+            .find(|rs| rs.pod_template_hash == hash)
     }
 
     /// `spec.replicas` of the ReplicaSet of `hash` (0 when there is none).
@@ -354,7 +402,9 @@ impl State {
 
     /// The pod-template hash a Service's selector is pinned to, if any.
     pub fn selector_hash(&self, service: &str) -> Option<String> {
-        self.selectors.get(service).and_then(|s| s.get(labels::POD_TEMPLATE_HASH).cloned())
+        self.selectors
+            .get(service)
+            .and_then(|s| s.get(labels::POD_TEMPLATE_HASH).cloned())
     }
 
     pub fn condition(&self, type_: &str) -> Option<(String, String)> {
