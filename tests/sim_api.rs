@@ -22,7 +22,7 @@ use serin::sim::{SimCluster, SimConfig};
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn start() -> (SimCluster, Client) {
-    start_with(SimConfig::default()).await
+    start_with(SimConfig::api_only()).await
 }
 
 async fn start_with(config: SimConfig) -> (SimCluster, Client) {
@@ -793,7 +793,7 @@ async fn wait_for_store(store: &reflector::Store<ConfigMap>, api: &Api<ConfigMap
 async fn reflector_recovers_from_closed_watches_and_410_without_losing_anything() {
     let (sim, client) = start_with(SimConfig {
         event_window: 20,
-        ..SimConfig::default()
+        ..SimConfig::api_only()
     })
     .await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -857,7 +857,7 @@ async fn reflector_recovers_from_closed_watches_and_410_without_losing_anything(
 async fn watch_of_a_compacted_version_streams_410_expired() {
     let (sim, client) = start_with(SimConfig {
         event_window: 5,
-        ..SimConfig::default()
+        ..SimConfig::api_only()
     })
     .await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -1384,7 +1384,7 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
 async fn watch_options_selectors_bookmarks_timeout_and_streaming_lists() {
     let (sim, client) = start_with(SimConfig {
         bookmark_interval: Duration::from_millis(100),
-        ..SimConfig::default()
+        ..SimConfig::api_only()
     })
     .await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");

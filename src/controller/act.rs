@@ -55,10 +55,8 @@ pub enum ActError {
         #[source]
         source: kube::Error,
     },
-    #[error(
-        "the Rollout asks for traffic router {router}, which this controller cannot drive yet"
-    )]
-    TrafficRouterUnsupported { router: &'static str },
+    #[error("setting traffic weights failed: {0}")]
+    SetTraffic(#[source] crate::traffic::TrafficError),
     #[error("creating AnalysisRun {name} failed: {source}")]
     CreateAnalysisRun {
         name: String,
@@ -90,7 +88,7 @@ impl ActError {
             ActError::SetRevision { .. } => "set_revision",
             ActError::DeleteReplicaSet { .. } => "delete_replicaset",
             ActError::SetServiceSelector { .. } => "set_service_selector",
-            ActError::TrafficRouterUnsupported { .. } => "traffic_router_unsupported",
+            ActError::SetTraffic(_) => "set_traffic",
             ActError::CreateAnalysisRun { .. } => "create_analysisrun",
             ActError::TerminateAnalysisRun { .. } => "terminate_analysisrun",
             ActError::DeleteAnalysisRun { .. } => "delete_analysisrun",
@@ -225,11 +223,13 @@ pub async fn act(
                         source,
                     })?;
             }
-            Action::SetTraffic(_) => {
+            Action::SetTraffic(desired) => {
                 // Without a traffic router the Service selectors and replica counts carry the weight, and the
                 // planner expresses those as other actions.
-                if let Some(router) = configured_router(rollout) {
-                    return Err(ActError::TrafficRouterUnsupported { router });
+                if has_traffic_router(rollout) {
+                    crate::traffic::apply(client, rollout, desired)
+                        .await
+                        .map_err(ActError::SetTraffic)?;
                 }
             }
             Action::CreateAnalysisRun {
@@ -287,23 +287,13 @@ pub async fn act(
     Ok(actions.len())
 }
 
-fn configured_router(rollout: &Rollout) -> Option<&'static str> {
-    let routing = rollout
+fn has_traffic_router(rollout: &Rollout) -> bool {
+    rollout
         .spec
         .strategy
         .canary
-        .as_ref()?
-        .traffic_routing
-        .as_ref()?;
-    if routing.gateway_api.is_some() {
-        Some("gatewayAPI")
-    } else if routing.istio.is_some() {
-        Some("istio")
-    } else if routing.nginx.is_some() {
-        Some("nginx")
-    } else {
-        None
-    }
+        .as_ref()
+        .is_some_and(|canary| canary.traffic_routing.is_some())
 }
 
 /// The controller ownerReference that makes the Rollout own (and garbage-collect) an object.

@@ -50,6 +50,8 @@ pub struct ControllerConfig {
     pub instance: Option<String>,
     /// Leader election: reconcile only while holding this Lease (used by [`run`]).
     pub leader: Option<leader::LeaseConfig>,
+    /// Also run the AnalysisRun measuring controller (Prometheus queries) in this process.
+    pub measure_analysis: bool,
 }
 
 impl Default for ControllerConfig {
@@ -61,6 +63,7 @@ impl Default for ControllerConfig {
             error_backoff: Duration::from_secs(2),
             resync: Duration::from_secs(300),
             instance: None,
+            measure_analysis: true,
             leader: None,
         }
     }
@@ -246,6 +249,9 @@ impl ControllerHandle {
             metrics: metrics.clone(),
         });
         for scope in scopes {
+            if config.measure_analysis {
+                tasks.push(spawn_analysis_runner(client.clone(), scope.clone(), &cancel));
+            }
             tasks.push(spawn_scope(
                 client.clone(),
                 scope,
@@ -310,6 +316,26 @@ impl ControllerHandle {
         }
         Ok(())
     }
+}
+
+/// The AnalysisRun measuring controller for one namespace scope, stopped with the Rollout controller (and so,
+/// with leader election, running only while this replica leads).
+fn spawn_analysis_runner(
+    client: Client,
+    namespace: Option<String>,
+    cancel: &CancellationToken,
+) -> JoinHandle<()> {
+    let stop = cancel.clone().cancelled_owned();
+    tokio::spawn(async move {
+        let measurer = crate::analysis::runner::Measurer::new(
+            crate::analysis::prometheus::PrometheusProvider::new(),
+            Arc::new(crate::analysis::runner::KubeSecrets::new(client.clone())),
+        );
+        let config = crate::analysis::runner::RunnerConfig { namespace };
+        if let Err(error) = crate::analysis::runner::run_until(client, config, measurer, stop).await {
+            tracing::error!(%error, "analysis runner stopped");
+        }
+    })
 }
 
 /// Watch caches per namespace scope: Rollouts, ReplicaSets, Services, AnalysisRuns.
@@ -741,10 +767,7 @@ mod tests {
     #[test]
     fn failure_reasons_are_the_category_in_pascal_case() {
         assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
-        assert_eq!(
-            failure_reason("traffic_router_unsupported"),
-            "TrafficRouterUnsupportedFailed"
-        );
+        assert_eq!(failure_reason("set_traffic"), "SetTrafficFailed");
     }
 
     #[test]

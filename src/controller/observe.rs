@@ -173,9 +173,8 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     Ok(Observed {
         replica_sets: replica_sets.iter().map(observed_replica_set).collect(),
         services,
-        // Routers (Gateway API, Istio, NGINX) report here once they exist; without one the planner routes by
-        // replica counts behind the Services.
-        traffic: None,
+        // Without a router (None) the planner routes by replica counts behind the Services.
+        traffic: crate::traffic::observe(&sources.client, rollout).await,
         analysis_runs: analysis_runs
             .iter()
             .filter_map(observed_analysis_run)

@@ -183,10 +183,16 @@ mod tests {
 
     #[test]
     fn rejects_negative_and_malformed() {
-        assert_eq!(parse_duration("-5s"), Err(DurationError::Negative("-5s".into())));
+        assert_eq!(
+            parse_duration("-5s"),
+            Err(DurationError::Negative("-5s".into()))
+        );
         assert_eq!(parse_duration(""), Err(DurationError::Empty("".into())));
         for bad in ["5x", "s", "m5", "1h 2m", "1..2s"] {
-            assert!(matches!(parse_duration(bad), Err(DurationError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(parse_duration(bad), Err(DurationError::Malformed(_))),
+                "{bad}"
+            );
         }
         assert_eq!(
             ManifestDuration::Seconds(-1).to_duration(),
