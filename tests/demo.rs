@@ -12,9 +12,10 @@ async fn prometheus_scrapes_the_simulated_cluster_and_stops() {
     serin::sim::install_crypto_provider();
     let sim = SimCluster::start(SimConfig::default()).await.unwrap();
     let target = ScrapeTarget::from_url(&sim.metrics_url()).unwrap();
-    let mut prometheus = PrometheusServer::start(&[target.clone()], &PrometheusOptions::default())
-        .await
-        .unwrap();
+    let mut prometheus =
+        PrometheusServer::start(std::slice::from_ref(&target), &PrometheusOptions::default())
+            .await
+            .unwrap();
     let up = prometheus
         .query(&format!("up{{instance=\"{}\"}}", target.address))
         .await;
