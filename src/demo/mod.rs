@@ -415,3 +415,62 @@ async fn keep_running(stack: &Stack) {
 
 /// Hash -> version name, from the demo's version annotation on ReplicaSet templates.
 pub type VersionNames = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_prometheus_says_how_to_install_it_and_exits_2() {
+        let error = DemoError::from(PrometheusError::NotInstalled);
+        assert_eq!(error.exit_code(), EXIT_PROMETHEUS_MISSING);
+        assert!(error
+            .to_string()
+            .contains("sudo apt-get install -y prometheus"));
+        let other = DemoError::Unexpected("v3 aborted: expected Aborted, saw Paused".into());
+        assert_eq!(other.exit_code(), EXIT_FAILED);
+        assert_eq!(other.category(), "unexpected");
+    }
+
+    #[test]
+    fn healthy_means_the_current_template_is_stable_and_ready() {
+        use crate::crd::rollout::RevisionRef;
+        use crate::crd::RolloutStatus;
+        let mut rollout = manifests::rollout(&V1, &Pace::fast()).unwrap();
+        rollout.metadata.generation = Some(2);
+        let healthy = RolloutStatus {
+            observed_generation: Some(2),
+            phase: Some(RolloutPhase::Healthy),
+            current_pod_hash: Some("abc".into()),
+            stable_revision: Some(RevisionRef {
+                pod_template_hash: "abc".into(),
+                revision: 1,
+            }),
+            ready_replicas: Some(manifests::REPLICAS),
+            ..RolloutStatus::default()
+        };
+        rollout.status = Some(healthy.clone());
+        assert!(is_healthy_on_current(&rollout));
+        rollout.status = Some(RolloutStatus {
+            observed_generation: Some(1),
+            ..healthy.clone()
+        });
+        assert!(
+            !is_healthy_on_current(&rollout),
+            "an older generation's status"
+        );
+        rollout.status = Some(RolloutStatus {
+            current_pod_hash: Some("def".into()),
+            ..healthy.clone()
+        });
+        assert!(
+            !is_healthy_on_current(&rollout),
+            "the new template is not stable yet"
+        );
+        rollout.status = Some(RolloutStatus {
+            ready_replicas: Some(4),
+            ..healthy
+        });
+        assert!(!is_healthy_on_current(&rollout), "not every pod ready");
+    }
+}
