@@ -227,6 +227,8 @@ impl Model {
             Ok(AnalysisTemplateSpec {
                 metrics: vec![Metric {
                     name: "m".into(),
+                    success_condition: Some("result < 0.05".into()),
+                    provider: serin_metric_provider(),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -723,4 +725,15 @@ fn model_reaches_healthy_on_a_simple_canary() {
     ];
     run_case(Kind::CanaryRouter, 4, steps, false, 0, ops).unwrap();
     let _ = BTreeMap::<String, String>::new();
+}
+
+/// A Prometheus metric as a template would hold it (the run-spec builder rejects metrics without a provider).
+fn serin_metric_provider() -> serin::crd::analysis::MetricProvider {
+    serin::crd::analysis::MetricProvider {
+        prometheus: Some(serin::crd::analysis::PrometheusMetric {
+            address: "http://prometheus:9090".into(),
+            query: Some("sum(rate(http_requests_total[1m]))".into()),
+            ..Default::default()
+        }),
+    }
 }

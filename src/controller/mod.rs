@@ -250,7 +250,11 @@ impl ControllerHandle {
         });
         for scope in scopes {
             if config.measure_analysis {
-                tasks.push(spawn_analysis_runner(client.clone(), scope.clone(), &cancel));
+                tasks.push(spawn_analysis_runner(
+                    client.clone(),
+                    scope.clone(),
+                    &cancel,
+                ));
             }
             tasks.push(spawn_scope(
                 client.clone(),
@@ -332,7 +336,8 @@ fn spawn_analysis_runner(
             Arc::new(crate::analysis::runner::KubeSecrets::new(client.clone())),
         );
         let config = crate::analysis::runner::RunnerConfig { namespace };
-        if let Err(error) = crate::analysis::runner::run_until(client, config, measurer, stop).await {
+        if let Err(error) = crate::analysis::runner::run_until(client, config, measurer, stop).await
+        {
             tracing::error!(%error, "analysis runner stopped");
         }
     })

@@ -7,11 +7,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::analysis_spec::{build_run_spec, ArgumentContext};
 use super::types::{
     Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, PlannedEvent,
 };
-use super::validate::lookup_template;
 use crate::crd::labels::POD_TEMPLATE_HASH;
 use crate::crd::rollout::{
     AnalysisArgument, AnalysisRunRef, AnalysisStatus, AnalysisTemplateRef, RevisionRef,
@@ -142,15 +140,6 @@ impl<'a> Ctx<'a> {
         match self.rs(hash) {
             None => target <= 0,
             Some(rs) => rs.status_current && rs.spec_replicas <= target && rs.replicas <= target,
-        }
-    }
-
-    pub fn argument_context(&self, stable_hash: &str) -> ArgumentContext {
-        ArgumentContext {
-            rollout_name: self.name.clone(),
-            namespace: self.rollout.metadata.namespace.clone().unwrap_or_default(),
-            stable_hash: stable_hash.to_string(),
-            latest_hash: self.hash.clone(),
         }
     }
 
@@ -400,12 +389,14 @@ pub(crate) fn ensure_run(
     };
     let state = match ctx.run(&name) {
         None => {
-            let templates: Vec<_> = templates
-                .iter()
-                .filter_map(|reference| lookup_template(ctx.observed, reference))
-                .filter_map(|found| found.as_ref().ok().cloned())
-                .collect();
-            match build_run_spec(&templates, args, &ctx.argument_context(stable_hash)) {
+            let request = crate::analysis::AnalysisRequest { templates, args };
+            match crate::analysis::build_run_spec(
+                request,
+                &ctx.observed.analysis_templates,
+                ctx.rollout,
+                stable_hash,
+                &ctx.hash,
+            ) {
                 Ok(spec) => {
                     out.actions.push(Action::CreateAnalysisRun {
                         name: name.clone(),

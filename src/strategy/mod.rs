@@ -29,7 +29,6 @@
 //!   and the cluster as it is: no duplicate ReplicaSet, and never an unsafe split, though a step may run
 //!   again.
 
-pub mod analysis_spec;
 pub mod blue_green;
 pub mod canary;
 mod context;

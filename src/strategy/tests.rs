@@ -152,6 +152,8 @@ impl Cluster {
             Ok(AnalysisTemplateSpec {
                 metrics: vec![Metric {
                     name: "error-rate".into(),
+                    success_condition: Some("result < 0.05".into()),
+                    provider: serin_metric_provider(),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -1568,4 +1570,15 @@ fn conditions_keep_their_transition_time_while_unchanged() {
         .conditions
         .iter()
         .all(|c| c.observed_generation == Some(2)));
+}
+
+/// A Prometheus metric as a template would hold it (the run-spec builder rejects metrics without a provider).
+fn serin_metric_provider() -> crate::crd::analysis::MetricProvider {
+    crate::crd::analysis::MetricProvider {
+        prometheus: Some(crate::crd::analysis::PrometheusMetric {
+            address: "http://prometheus:9090".into(),
+            query: Some("sum(rate(http_requests_total[1m]))".into()),
+            ..Default::default()
+        }),
+    }
 }
