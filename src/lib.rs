@@ -5,6 +5,7 @@ pub mod analysis;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod demo;
 pub mod sim;
 pub mod strategy;
 pub mod traffic;

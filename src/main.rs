@@ -8,6 +8,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     serin::sim::install_crypto_provider();
     init_logging(&cli);
+    if let Command::Demo(args) = &cli.command {
+        return std::process::ExitCode::from(serin::demo::main(args.options()).await);
+    }
     match serin::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -20,6 +23,7 @@ async fn main() -> std::process::ExitCode {
 fn init_logging(cli: &Cli) {
     let (format, level) = match &cli.command {
         Command::Controller(args) => (args.log_format, args.log_level.clone()),
+        Command::Demo(args) if args.verbose => (LogFormat::Text, "info".into()),
         // User commands print their results; logs only on request, and only warnings by default.
         _ => (
             LogFormat::Text,

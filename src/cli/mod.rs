@@ -77,6 +77,8 @@ pub enum Command {
     /// Run the simulated Kubernetes cluster on 127.0.0.1 until Ctrl-C (`--kubeconfig`: where to write its
     /// kubeconfig).
     Sim(SimArgs),
+    /// Walk through a good and a bad canary on a simulated cluster with a real Prometheus (about 2 minutes).
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +219,8 @@ pub enum CliError {
     Controller(#[from] ControllerError),
     #[error("simulated cluster: {0}")]
     Sim(#[from] crate::sim::SimError),
+    #[error("demo: {0}")]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -233,6 +237,7 @@ impl CliError {
             CliError::Output(_) => "output",
             CliError::Controller(error) => error.category(),
             CliError::Sim(error) => error.category(),
+            CliError::Demo(error) => error.category(),
         }
     }
 }
@@ -323,6 +328,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             cluster.shutdown().await;
             Ok(())
         }
+        Command::Demo(args) => Ok(crate::demo::run(args.options()).await?),
         Command::Abort(args) => send(&cli.cluster, &args.name, ManualCommand::Abort).await,
         Command::Retry(args) => send(&cli.cluster, &args.name, ManualCommand::Retry).await,
         Command::Pause(args) => send(&cli.cluster, &args.name, ManualCommand::Pause).await,

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod faults;
 pub mod patch;
+pub mod prometheus;
 pub mod registry;
 pub mod schema;
 pub mod selector;
