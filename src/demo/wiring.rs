@@ -40,6 +40,8 @@ impl Operators {
             namespaces: vec![namespace.to_string()],
             error_backoff: Duration::from_millis(500),
             instance: Some("serin-demo".into()),
+            // The demo runs the analysis runner itself, to count the queries it sends to Prometheus.
+            measure_analysis: false,
             ..ControllerConfig::default()
         };
         let controller = ControllerHandle::start(client.clone(), config).await?;
