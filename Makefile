@@ -19,7 +19,7 @@ lint:
 
 # Runs the simulated cluster, a Prometheus server and the controller, then a good and a bad rollout.
 demo: deps
-	$(CARGO) run --release --bin serin -- demo
+	$(CARGO) run --bin serin -- demo
 
 # Regenerates crds/ from the Rust types, and the chart's copy and deploy/ from them.
 crds:
