@@ -244,6 +244,32 @@ async fn gateway_api_canary_follows_the_steps_and_abort_puts_the_weight_back_fir
             })
             .await;
             if step == 1 {
+                // A hand edit of the managed weights (as Argo CD or a user might make) is put back.
+                let mut edited = routes.get("shop").await.unwrap();
+                edited.data["spec"]["rules"][1]["backendRefs"][0]["weight"] = json!(50);
+                edited.data["spec"]["rules"][1]["backendRefs"][1]["weight"] = json!(50);
+                routes
+                    .replace("shop", &PostParams::default(), &edited)
+                    .await
+                    .expect("hand edit accepted");
+                wait_for("the hand edit reverted", Duration::from_secs(30), async || {
+                    let route = routes.get("shop").await.ok()?;
+                    (weights(&route) == vec![("shop".to_string(), 90), ("shop-canary".to_string(), 10)])
+                        .then_some(())
+                })
+                .await;
+                let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), NS);
+                wait_for("a drift event", Duration::from_secs(10), async || {
+                    events
+                        .list(&ListParams::default())
+                        .await
+                        .ok()?
+                        .items
+                        .iter()
+                        .any(|e| e.reason.as_deref() == Some(serin::crd::reason::TRAFFIC_DRIFT))
+                        .then_some(())
+                })
+                .await;
                 serin::cli::commands::send(&admin, NS, "shop", ManualCommand::Promote)
                     .await
                     .expect("promote accepted");

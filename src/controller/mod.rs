@@ -595,7 +595,7 @@ async fn reconcile_rollout(
                     plan.status.phase,
                     plan.status.current_weight,
                 );
-                return Ok(requeue_for(&plan, context.resync));
+                return Ok(requeue_for(&plan, resync_for(&current, context.resync)));
             }
             Err(StatusWriteError::Conflict) => {
                 current = api
@@ -607,6 +607,27 @@ async fn reconcile_rollout(
         }
     }
     Err(ReconcileError::StatusConflict)
+}
+
+/// How often a routed Rollout is looked at even when nothing it watches changed.
+///
+/// The controller does not watch HTTPRoutes, VirtualServices or Ingresses (their CRDs may not exist), so
+/// a hand edit of the weights Serin manages is found by this periodic look; a look that finds nothing
+/// wrong writes nothing (safety rule 5).
+pub const ROUTE_DRIFT_RESYNC: Duration = Duration::from_secs(10);
+
+fn resync_for(rollout: &Rollout, resync: Duration) -> Duration {
+    let routed = rollout
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .is_some_and(|canary| canary.traffic_routing.is_some());
+    if routed {
+        resync.min(ROUTE_DRIFT_RESYNC)
+    } else {
+        resync
+    }
 }
 
 fn requeue_for(plan: &Plan, resync: Duration) -> Requeue {
