@@ -31,6 +31,11 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RolloutLabels {
     namespace: String,
     rollout: String,
@@ -43,6 +48,8 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     rollouts_by_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
+    decisions: Family<DecisionLabels, Counter>,
+    leader: Gauge,
     phases: Mutex<BTreeMap<(String, String), &'static str>>,
     total_reconciles: AtomicU64,
     total_writes: AtomicU64,
@@ -64,6 +71,8 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let rollouts_by_phase = Family::<PhaseLabels, Gauge>::default();
         let canary_weight = Family::<RolloutLabels, Gauge>::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let leader = Gauge::default();
         registry.register(
             "reconciles",
             "Reconciles by result (ok or an error category)",
@@ -80,8 +89,20 @@ impl Metrics {
             "Traffic weight the canary receives, per Rollout",
             canary_weight.clone(),
         );
+        registry.register(
+            "decisions",
+            "Decisions the controller made, by event reason (Promoted, Aborted, StepReached, ...)",
+            decisions.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease (or runs without leader election), else 0",
+            leader.clone(),
+        );
         Metrics {
             registry,
+            decisions,
+            leader,
             reconciles,
             reconcile_seconds,
             rollouts_by_phase,
@@ -101,6 +122,18 @@ impl Metrics {
             .inc();
         self.reconcile_seconds.observe(took.as_secs_f64());
         self.total_reconciles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a decision (the reason of the event it was announced with; a bounded set of constants).
+    pub fn decided(&self, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels { reason })
+            .inc();
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Records the writes one reconcile made.
@@ -226,6 +259,25 @@ async fn readyz(State(metrics): State<Arc<Metrics>>) -> (StatusCode, &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_and_leadership_are_exported() {
+        let metrics = Metrics::new();
+        metrics.decided(crate::crd::reason::ABORTED);
+        metrics.decided(crate::crd::reason::ABORTED);
+        metrics.decided(crate::crd::reason::PROMOTED);
+        metrics.set_leader(true);
+        let text = metrics.encode();
+        assert!(
+            text.contains("serin_decisions_total{reason=\"Aborted\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_decisions_total{reason=\"Promoted\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("serin_leader 1"), "{text}");
+    }
 
     #[tokio::test]
     async fn readyz_waits_for_the_caches_unless_standbys_are_ready_too() {

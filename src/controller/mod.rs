@@ -147,6 +147,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         ..config.clone()
     };
     let Some(lease) = config.leader.clone() else {
+        metrics.set_leader(true);
         let handle =
             ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
         let cancel = handle.cancel.clone();
@@ -162,6 +163,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
             acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
         };
         tracing::info!(identity = %lease.identity, "leading: starting the reconcilers");
+        metrics.set_leader(true);
         let handle = ControllerHandle::start_with_metrics(
             client.clone(),
             reconciler_config.clone(),
@@ -175,6 +177,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
                 // once; in-flight reconciles are dropped wherever they are, and it stands again as candidate.
                 tracing::warn!("lost the lease: stopping every write");
                 handle.kill();
+                metrics.set_leader(false);
                 drop(leadership);
             }
             _ = interrupted.cancelled() => {
@@ -580,6 +583,7 @@ async fn reconcile_rollout(
                     context.remember(key.clone(), &current, written);
                 }
                 for event in &plan.events {
+                    context.metrics.decided(event.reason);
                     publish(
                         context,
                         &current,
