@@ -214,8 +214,8 @@ fn healthy_and_done(state: &State) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn analysis_promotes_a_healthy_canary_and_aborts_one_answering_errors() {
-    let outcome = tokio::time::timeout(Duration::from_secs(240), async {
+async fn analysis_promotes_a_healthy_canary_and_aborts_erroring_and_slow_ones() {
+    let outcome = tokio::time::timeout(Duration::from_secs(300), async {
         let bed = start().await;
         let address = bed.prometheus.url.clone();
         bed.apply_template(check_template(
@@ -387,6 +387,64 @@ async fn analysis_promotes_a_healthy_canary_and_aborts_one_answering_errors() {
         assert!(
             message.contains("error-rate") && message.contains("result < 0.05"),
             "the run's message names metric and condition: {message:?}"
+        );
+
+        // v4 answers quickly but with a slow tail: the latency check fails and the rollout aborts again.
+        bed.world
+            .when_template_changes(
+                APP,
+                template(
+                    APP,
+                    "checkout:v4",
+                    // null removes v3's annotation from the merge-patched template.
+                    json!({"sim.serin.dev/error-rate": null, "sim.serin.dev/latency-p99": "800ms"}),
+                ),
+            )
+            .await;
+        let slow = bed
+            .world
+            .then_eventually(APP, "v4 Aborted", Duration::from_secs(90), |s| {
+                s.is(RolloutPhase::Degraded)
+                    || s.is(RolloutPhase::Aborted)
+                        && s.current_hash().is_some_and(|h| h != v2 && h != v3)
+            })
+            .await;
+        assert_eq!(slow.phase(), Some(RolloutPhase::Aborted), "{slow:#?}");
+        assert_eq!(slow.stable_hash().as_deref(), Some(v2.as_str()));
+        assert!(
+            slow.message().contains("p99-latency"),
+            "the Rollout's message names the failed metric: {}",
+            slow.message()
+        );
+        let v4 = slow.current_hash().expect("v4 hash");
+        bed.expect_all_traffic_on(&v2, Duration::from_secs(15)).await;
+        let v4_runs = bed.runs_of(&v4).await;
+        assert_eq!(v4_runs.len(), 1, "one run for v4's analysis step: {v4_runs:#?}");
+        let v4_status = v4_runs[0].status.clone().expect("v4 run has status");
+        let latency = v4_status
+            .metric_results
+            .iter()
+            .find(|r| r.name == "p99-latency")
+            .expect("p99-latency result");
+        assert_eq!(latency.phase, AnalysisPhase::Failed, "{v4_status:#?}");
+        assert!(
+            v4_status
+                .metric_results
+                .iter()
+                .filter(|r| r.name == "error-rate")
+                .all(|r| r.phase != AnalysisPhase::Failed),
+            "v4 answers without errors, only latency fails: {v4_status:#?}"
+        );
+        let slow_value: f64 = latency
+            .measurements
+            .iter()
+            .find(|m| m.phase == AnalysisPhase::Failed)
+            .and_then(|m| m.value.as_deref())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("a failed numeric p99: {latency:#?}"));
+        assert!(
+            slow_value > 0.5 && slow_value <= 1.0,
+            "measured p99 above the 0.5s threshold: {slow_value}"
         );
         bed.stop().await;
     })
