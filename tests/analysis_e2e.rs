@@ -1,6 +1,7 @@
 //! Rollout-level analysis end to end: the real controller (with its AnalysisRun runner) on the simulated
 //! cluster, whose traffic a real `prometheus` process scrapes every second; a healthy canary is promoted, one
-//! answering 20% errors is aborted and all simulated traffic goes back to the stable version.
+//! answering 20% errors or with a slow p99 is aborted and all simulated traffic goes back to the stable
+//! version; a blue-green rollout whose pre-promotion analysis fails never switches its active Service.
 
 #[path = "analysis_support/prometheus.rs"]
 mod prometheus;
@@ -19,7 +20,7 @@ use serin::crd::{AnalysisPhase, Rollout, RolloutPhase};
 use serin::sim::traffic::TrafficConfig;
 use serin::sim::workload::WorkloadConfig;
 use serin::sim::{SimCluster, SimConfig};
-use support::{canary_rollout, expect_selectors, template, State, World, NS};
+use support::{blue_green_rollout, canary_rollout, expect_selectors, template, State, World, NS};
 
 const APP: &str = "checkout";
 
@@ -445,6 +446,100 @@ async fn analysis_promotes_a_healthy_canary_and_aborts_erroring_and_slow_ones() 
         assert!(
             slow_value > 0.5 && slow_value <= 1.0,
             "measured p99 above the 0.5s threshold: {slow_value}"
+        );
+        bed.stop().await;
+    })
+    .await;
+    assert!(outcome.is_ok(), "test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_with_failing_pre_promotion_analysis_never_switches_active() {
+    let outcome = tokio::time::timeout(Duration::from_secs(240), async {
+        let bed = start().await;
+        let address = bed.prometheus.url.clone();
+        bed.apply_template(check_template(
+            "error-rate",
+            "ErrorRate",
+            "result < 0.05",
+            &address,
+        ))
+        .await;
+        let preview = format!("{APP}-preview");
+        bed.world.given_services(APP, &[APP, &preview]).await;
+        bed.world
+            .given_rollout(blue_green_rollout(
+                APP,
+                3,
+                "checkout:v1",
+                json!({
+                    "autoPromotionEnabled": true,
+                    "prePromotionAnalysis": {
+                        "templates": [{"templateName": "error-rate"}],
+                        "args": [
+                            {"name": "service", "value": APP},
+                            {"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}}
+                        ]
+                    }
+                }),
+            ))
+            .await
+            .expect("Rollout accepted");
+        let v1 = bed
+            .world
+            .then_eventually(APP, "v1 Healthy", Duration::from_secs(30), healthy_and_done)
+            .await
+            .current_hash()
+            .expect("v1 hash");
+        bed.prometheus
+            .wait_for(
+                &format!(
+                    r#"sum(rate(http_requests_total{{service="{APP}",pod_template_hash="{v1}"}}[10s])) > 0"#
+                ),
+                Duration::from_secs(60),
+            )
+            .await;
+
+        bed.world
+            .when_template_changes(
+                APP,
+                template(APP, "checkout:v2", json!({"sim.serin.dev/error-rate": "0.2"})),
+            )
+            .await;
+        let aborted = bed
+            .world
+            .then_eventually_checking(
+                APP,
+                "v2 Aborted by its pre-promotion analysis",
+                Duration::from_secs(90),
+                |s| {
+                    assert_eq!(
+                        s.selector_hash(APP).as_deref(),
+                        Some(v1.as_str()),
+                        "the active Service never leaves v1: {s:#?}"
+                    )
+                },
+                |s| {
+                    s.is(RolloutPhase::Degraded)
+                        || s.is(RolloutPhase::Aborted)
+                            && s.current_hash().as_deref() != Some(v1.as_str())
+                },
+            )
+            .await;
+        assert_eq!(aborted.phase(), Some(RolloutPhase::Aborted), "{aborted:#?}");
+        assert_eq!(aborted.stable_hash().as_deref(), Some(v1.as_str()));
+        assert!(
+            aborted.message().contains("error-rate"),
+            "the Rollout's message names the failed metric: {}",
+            aborted.message()
+        );
+        let v2 = aborted.current_hash().expect("v2 hash");
+        let runs = bed.runs_of(&v2).await;
+        assert_eq!(runs.len(), 1, "one pre-promotion run: {runs:#?}");
+        assert_eq!(
+            runs[0].status.as_ref().and_then(|s| s.phase),
+            Some(AnalysisPhase::Failed),
+            "{runs:#?}"
         );
         bed.stop().await;
     })
