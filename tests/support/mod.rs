@@ -80,6 +80,15 @@ impl World {
         }
     }
 
+    /// A World over a cluster the caller set up (e.g. with the traffic simulator), without a controller.
+    pub fn from_parts(sim: SimCluster, admin: Client) -> World {
+        World {
+            sim,
+            admin,
+            controllers: Vec::new(),
+        }
+    }
+
     /// Starts one more controller (as the controller user) and waits for its caches.
     pub async fn start_controller(&mut self) {
         let client = self
