@@ -218,6 +218,8 @@ pub struct Measurer {
     pub provider: PrometheusProvider,
     pub secrets: Arc<dyn SecretStore>,
     pub conditions: ConditionCache,
+    /// Told the phase of every measurement taken (for the controller's metrics).
+    pub on_measurement: Option<Arc<dyn Fn(AnalysisPhase) + Send + Sync>>,
 }
 
 impl Measurer {
@@ -226,7 +228,14 @@ impl Measurer {
             provider,
             secrets,
             conditions: ConditionCache::default(),
+            on_measurement: None,
         }
+    }
+
+    /// The same measurer, telling `observer` the phase of every measurement it takes.
+    pub fn observed_by(mut self, observer: Arc<dyn Fn(AnalysisPhase) + Send + Sync>) -> Self {
+        self.on_measurement = Some(observer);
+        self
     }
 }
 
@@ -427,6 +436,9 @@ async fn measure(
         Ok(value) => verdict::judge(&value, &prepared.conditions),
         Err(error) => verdict::judge_provider_error(error.to_string()),
     };
+    if let Some(observer) = &measurer.on_measurement {
+        observer(judged.phase);
+    }
     let mut metadata = BTreeMap::new();
     if show_query {
         metadata.insert("query".to_string(), query.to_string());

@@ -49,6 +49,7 @@ pub struct Metrics {
     rollouts_by_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
     decisions: Family<DecisionLabels, Counter>,
+    measurements: Family<PhaseLabels, Counter>,
     leader: Gauge,
     phases: Mutex<BTreeMap<(String, String), &'static str>>,
     total_reconciles: AtomicU64,
@@ -72,6 +73,7 @@ impl Metrics {
         let rollouts_by_phase = Family::<PhaseLabels, Gauge>::default();
         let canary_weight = Family::<RolloutLabels, Gauge>::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
+        let measurements = Family::<PhaseLabels, Counter>::default();
         let leader = Gauge::default();
         registry.register(
             "reconciles",
@@ -99,9 +101,15 @@ impl Metrics {
             "1 while this replica holds the leader Lease (or runs without leader election), else 0",
             leader.clone(),
         );
+        registry.register(
+            "analysis_measurements",
+            "Analysis measurements taken, by verdict (Successful, Failed, Inconclusive, Error)",
+            measurements.clone(),
+        );
         Metrics {
             registry,
             decisions,
+            measurements,
             leader,
             reconciles,
             reconcile_seconds,
@@ -128,6 +136,15 @@ impl Metrics {
     pub fn decided(&self, reason: &'static str) {
         self.decisions
             .get_or_create(&DecisionLabels { reason })
+            .inc();
+    }
+
+    /// Records one analysis measurement by its verdict.
+    pub fn measured(&self, phase: crate::crd::AnalysisPhase) {
+        self.measurements
+            .get_or_create(&PhaseLabels {
+                phase: phase.as_str(),
+            })
             .inc();
     }
 
@@ -267,7 +284,12 @@ mod tests {
         metrics.decided(crate::crd::reason::ABORTED);
         metrics.decided(crate::crd::reason::PROMOTED);
         metrics.set_leader(true);
+        metrics.measured(crate::crd::AnalysisPhase::Failed);
         let text = metrics.encode();
+        assert!(
+            text.contains("serin_analysis_measurements_total{phase=\"Failed\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("serin_decisions_total{reason=\"Aborted\"} 2"),
             "{text}"

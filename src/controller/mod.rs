@@ -260,6 +260,7 @@ impl ControllerHandle {
                     client.clone(),
                     scope.clone(),
                     &cancel,
+                    metrics.clone(),
                 ));
             }
             tasks.push(spawn_scope(
@@ -334,13 +335,15 @@ fn spawn_analysis_runner(
     client: Client,
     namespace: Option<String>,
     cancel: &CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> JoinHandle<()> {
     let stop = cancel.clone().cancelled_owned();
     tokio::spawn(async move {
         let measurer = crate::analysis::runner::Measurer::new(
             crate::analysis::prometheus::PrometheusProvider::new(),
             Arc::new(crate::analysis::runner::KubeSecrets::new(client.clone())),
-        );
+        )
+        .observed_by(Arc::new(move |phase| metrics.measured(phase)));
         let config = crate::analysis::runner::RunnerConfig { namespace };
         if let Err(error) = crate::analysis::runner::run_until(client, config, measurer, stop).await
         {
