@@ -3,13 +3,12 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
+use serin::sim::prometheus::{PrometheusOptions, PrometheusServer, ScrapeTarget};
 
 /// How a series' value evolves.
 #[derive(Clone, Debug)]
@@ -177,81 +176,33 @@ impl Drop for Exporter {
     }
 }
 
-/// A `prometheus` process scraping given targets every second; killed when dropped.
+/// A `prometheus` process scraping given targets every second; killed when dropped (a thin test-side face
+/// of `serin::sim::prometheus::PrometheusServer`, which the demo uses too).
 pub struct Prometheus {
     pub url: String,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-pub fn prometheus_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join("prometheus"))
-        .find(|candidate| candidate.is_file())
-    {
-        return path;
-    }
-    let fallback = PathBuf::from("/usr/bin/prometheus");
-    assert!(
-        fallback.is_file(),
-        "install prometheus: apt-get install -y prometheus"
-    );
-    fallback
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind for a free port");
-    listener.local_addr().expect("local address").port()
+    server: PrometheusServer,
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `targets` (host:port) every second and waits until it is ready.
+    /// Starts Prometheus scraping `targets` (host:port, path `/metrics`) every second and waits until it is
+    /// ready and has scraped each of them once.
     pub async fn start(targets: &[SocketAddr]) -> Prometheus {
-        let binary = prometheus_binary();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: test\n    static_configs:\n      - targets: [{}]\n",
-            targets.join(", ")
-        );
-        let config_path = dir.path().join("prometheus.yml");
-        std::fs::write(&config_path, config).expect("write config");
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        let prometheus = Prometheus {
-            url: format!("http://{listen}"),
-            child: Some(child),
-            _dir: dir,
-        };
-        let client = reqwest::Client::new();
-        let ready_url = format!("{}/-/ready", prometheus.url);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for _ in 0..600 {
-            if Instant::now() > deadline {
-                break;
-            }
-            if let Ok(response) = client.get(&ready_url).send().await {
-                if response.status().is_success() {
-                    return prometheus;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let targets: Vec<ScrapeTarget> = targets
+            .iter()
+            .map(|address| ScrapeTarget {
+                address: *address,
+                metrics_path: "/metrics".to_string(),
+            })
+            .collect();
+        let server = PrometheusServer::start(&targets, &PrometheusOptions::default())
+            .await
+            .unwrap_or_else(|error| {
+                panic!("{error} (install prometheus: apt-get install -y prometheus)")
+            });
+        Prometheus {
+            url: server.url().to_string(),
+            server,
         }
-        panic!("prometheus did not become ready at {}", prometheus.url);
     }
 
     /// Runs a query and returns how many series it gave (for waiting until data is there).
@@ -291,10 +242,7 @@ impl Prometheus {
 
     /// Stops the process now.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.stop();
     }
 }
 
