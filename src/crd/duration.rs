@@ -56,7 +56,7 @@ impl ManifestDuration {
     }
 }
 
-/// Parses `90`, `90s`, `1.5m`, `1h30m`, `250ms`.
+/// Parses `90`, `90s`, `1.5m`, `1h30m`, `250ms` (and the `us`/`µs`, `ns` units Go spells).
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -84,6 +84,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
@@ -175,6 +177,8 @@ mod tests {
             ("250ms", 0.25),
             ("1.5m", 90.0),
             ("0s", 0.0),
+            ("1500us", 0.0015),
+            ("250µs", 0.00025),
         ];
         for (text, secs) in cases {
             assert_eq!(parse_duration(text).unwrap().as_secs_f64(), secs, "{text}");

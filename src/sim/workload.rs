@@ -118,40 +118,15 @@ impl WorkloadError {
 #[error("invalid duration {0:?} (expected e.g. \"300ms\", \"2s\", \"1.5m\")")]
 pub struct InvalidDuration(pub String);
 
-/// Parses the Go-style durations used in annotations: a number followed by `ms`, `s`, `m` or `h`
-/// (`us`/`µs` too). Sums like `"1m30s"` are accepted.
+/// Parses the Go-style durations used in annotations: numbers each followed by `ns`, `us`/`µs`, `ms`,
+/// `s`, `m` or `h`; sums like `"1m30s"` are accepted. Like Go's `time.ParseDuration`, a bare number has no
+/// unit and is refused (the manifests' own parser, which this delegates to, would read it as seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, InvalidDuration> {
     let invalid = || InvalidDuration(text.to_string());
-    let mut rest = text.trim();
-    if rest.is_empty() {
+    if text.trim().parse::<f64>().is_ok() {
         return Err(invalid());
     }
-    let mut total = 0.0_f64;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(invalid)?;
-        if number_len == 0 {
-            return Err(invalid());
-        }
-        let value: f64 = rest[..number_len].parse().map_err(|_| invalid())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds_per_unit = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return Err(invalid()),
-        };
-        rest = &rest[unit_len..];
-        total += value * seconds_per_unit;
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| invalid())
+    crate::crd::parse_duration(text).map_err(|_| invalid())
 }
 
 fn annotation_is_true(annotations: &BTreeMap<String, String>, key: &str) -> bool {
