@@ -61,6 +61,12 @@ enum Op {
     Drift(i32),
     /// The route becomes unreadable (true) or readable again (false), keeping its weight.
     RouteBroken(bool),
+    /// The stable ReplicaSet drops out of the cache (true: a lagging cache, a deletion) or comes back.
+    HideStable(bool),
+    /// The steps are re-applied from Git shortened to this many.
+    TruncateSteps(usize),
+    /// `spec.replicas` changed (an HPA through the scale subresource).
+    Scale(i32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -78,6 +84,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4, 0u8..5).prop_map(|(run, phase)| Op::Verdict { run, phase }),
         1 => (0i32..=100).prop_map(Op::Drift),
         1 => any::<bool>().prop_map(Op::RouteBroken),
+        1 => any::<bool>().prop_map(Op::HideStable),
+        1 => (0usize..4).prop_map(Op::TruncateSteps),
+        1 => (1i32..8).prop_map(Op::Scale),
     ]
 }
 
@@ -202,6 +211,12 @@ struct Model {
     drifted: bool,
     /// The route cannot be read; its weight stays what it was.
     broken_route: Option<ObservedTraffic>,
+    /// The stable ReplicaSet, while it is out of the cache.
+    hidden_stable: Option<ObservedReplicaSet>,
+    /// A full promotion was asked for since the stable went out of the cache.
+    full_promotion_asked: bool,
+    /// `spec.replicas` as of the last complete reconcile: a scale-up is owed only once a reconcile ran.
+    settled_n: Option<i32>,
 }
 
 impl Model {
@@ -243,7 +258,20 @@ impl Model {
             excused: false,
             drifted: false,
             broken_route: None,
+            hidden_stable: None,
+            full_promotion_asked: false,
+            settled_n: None,
         }
+    }
+
+    /// The hidden stable ReplicaSet comes back into the cache (unless a new one of that name was created).
+    fn restore_stable(&mut self) {
+        if let Some(rs) = self.hidden_stable.take() {
+            if !self.observed.replica_sets.iter().any(|r| r.name == rs.name) {
+                self.observed.replica_sets.push(rs);
+            }
+        }
+        self.full_promotion_asked = false;
     }
 
     fn n(&self) -> i32 {
@@ -258,8 +286,21 @@ impl Model {
         )
     }
 
-    fn apply(&mut self, actions: &[Action]) {
+    /// Applies actions in order; false when one failed (the rest are not applied).
+    fn apply(&mut self, actions: &[Action]) -> bool {
         for action in actions {
+            // Creating a ReplicaSet the cache did not show yet fails with AlreadyExists, and the reconcile
+            // stops there; by the retry the cache has caught up.
+            if let Action::CreateReplicaSet { name, .. } = action {
+                if self
+                    .hidden_stable
+                    .as_ref()
+                    .is_some_and(|rs| rs.name == *name)
+                {
+                    self.restore_stable();
+                    return false;
+                }
+            }
             match action {
                 Action::CreateReplicaSet {
                     name,
@@ -381,6 +422,7 @@ impl Model {
                 }
             }
         }
+        true
     }
 
     fn selected(&self, service: &str) -> Option<String> {
@@ -390,10 +432,12 @@ impl Model {
             .cloned()
     }
 
+    /// A ReplicaSet as it is in the cluster (a hidden one still runs its pods).
     fn rs(&self, hash: &str) -> Option<&ObservedReplicaSet> {
         self.observed
             .replica_sets
             .iter()
+            .chain(self.hidden_stable.iter())
             .find(|rs| rs.pod_template_hash == hash)
     }
 
@@ -443,14 +487,19 @@ impl Model {
             Some(i) if i < plan.actions.len() => &plan.actions[..i],
             _ => &plan.actions[..],
         };
-        let failed = applied.len() < plan.actions.len();
-        self.apply(applied);
+        let failed = !self.apply(applied) || applied.len() < plan.actions.len();
         if write_status && !failed {
             self.rollout.status = Some(plan.status.clone());
         } else {
             self.excused = true;
         }
-        if !failed && self.broken_route.is_none() {
+        // An invalid spec changes nothing (rule 7), nor does a missing stable (rule 9), so a hand edit stays
+        // until the spec is valid and the stable observed again.
+        let invalid = plan.status.conditions.iter().any(|c| {
+            (c.type_ == serin::crd::condition::INVALID_SPEC && c.status == "True")
+                || c.reason == serin::crd::reason::STABLE_MISSING
+        });
+        if !failed && self.broken_route.is_none() && !invalid {
             self.drifted = false;
         }
         self.check(&plan, &before, floor)
@@ -476,14 +525,43 @@ impl Model {
         floor: i32,
     ) -> Result<(), TestCaseError> {
         let status = self.rollout.status.clone().unwrap_or_default();
-        let n = self.n();
+        let n = self.n().min(self.settled_n.unwrap_or(i32::MAX));
+        let invalid = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == serin::crd::condition::INVALID_SPEC && c.status == "True");
+        let stable_selected = status
+            .stable_revision
+            .as_ref()
+            .map(|r| r.pod_template_hash.clone())
+            == self.selected(STABLE);
+        if !self.excused
+            && self.hidden_stable.is_none()
+            && self.broken_route.is_none()
+            && !invalid
+            && stable_selected
+        {
+            self.settled_n = Some(self.n());
+        }
         let Some(stable) = status
             .stable_revision
             .as_ref()
             .map(|r| r.pod_template_hash.clone())
         else {
+            self.excused = false;
             return Ok(());
         };
+        // Rule 9: nothing observed missing counts as progress: while the stable ReplicaSet is out of the cache
+        // the stable revision stays, unless a human asked for a full promotion.
+        if let Some(hidden) = &self.hidden_stable {
+            if !self.full_promotion_asked {
+                prop_assert_eq!(
+                    &stable,
+                    &hidden.pod_template_hash,
+                    "stable changed while its ReplicaSet was not observed"
+                );
+            }
+        }
         let scaled_down = plan.actions.iter().any(|a| match a {
             Action::ScaleReplicaSet { name, replicas } => before
                 .iter()
@@ -516,6 +594,25 @@ impl Model {
                 }
             }
             Kind::CanaryReplicas => {
+                // Rule 11: through the steps the stable keeps its full size beside the canary.
+                let steps = self
+                    .rollout
+                    .spec
+                    .strategy
+                    .canary
+                    .as_ref()
+                    .map(|c| c.steps.len())
+                    .unwrap_or(0);
+                let in_steps = status.canary_revision.is_some()
+                    && !status.abort
+                    && usize::try_from(status.current_step_index.unwrap_or(0)).unwrap_or(0) < steps;
+                if in_steps && !self.excused && self.hidden_stable.is_none() {
+                    let spec = self.rs(&stable).map(|rs| rs.spec_replicas).unwrap_or(0);
+                    prop_assert!(
+                        spec >= n,
+                        "stable {stable} at {spec} of {n} during the steps"
+                    );
+                }
                 // Rule 3: a scale-down never takes the pods serving behind the stable Service below the floor
                 // (selectors as they are after the plan: an abort moves them first, on purpose).
                 if scaled_down {
@@ -554,7 +651,26 @@ impl Model {
                 .map(|r| r.pod_template_hash.clone());
             let step = status.current_step_index.unwrap_or(0);
             if let (Some((last_hash, last_weight, last_step)), Some(hash)) = (&self.last, &canary) {
-                if last_hash == hash && !status.abort && !self.excused && !self.drifted {
+                // Steps changed and not yet restarted (a hold): the weight may step back once they restart.
+                let steps_current = status.steps_hash
+                    == self
+                        .rollout
+                        .spec
+                        .strategy
+                        .canary
+                        .as_ref()
+                        .map(|c| serin::strategy::hash::steps_hash(&c.steps));
+                let restarted = plan
+                    .events
+                    .iter()
+                    .any(|e| e.reason == serin::crd::reason::STEPS_CHANGED);
+                if last_hash == hash
+                    && !status.abort
+                    && !self.excused
+                    && !self.drifted
+                    && steps_current
+                    && !restarted
+                {
                     prop_assert!(
                         self.weight() >= *last_weight,
                         "weight {} after {}",
@@ -606,13 +722,16 @@ fn run_case(
                 }
             }
             Op::Tick(secs) => model.now += secs,
-            Op::Promote(full) => model.command(|c| {
-                c.promote = Some(if full {
-                    PromoteCommand::Full
-                } else {
-                    PromoteCommand::Step
+            Op::Promote(full) => {
+                model.full_promotion_asked |= full && model.hidden_stable.is_some();
+                model.command(|c| {
+                    c.promote = Some(if full {
+                        PromoteCommand::Full
+                    } else {
+                        PromoteCommand::Step
+                    })
                 })
-            }),
+            }
             Op::Abort => model.command(|c| c.abort = true),
             Op::Retry => model.command(|c| c.retry = true),
             Op::Pause(paused) => model.command(|c| c.paused = Some(paused)),
@@ -648,6 +767,49 @@ fn run_case(
                     model.observed.traffic = Some(Ok(traffic));
                 }
             }
+            Op::HideStable(true) => {
+                let stable = model
+                    .rollout
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.stable_revision.as_ref())
+                    .map(|r| r.pod_template_hash.clone());
+                if let (None, Some(hash)) = (&model.hidden_stable, stable) {
+                    if let Some(i) = model
+                        .observed
+                        .replica_sets
+                        .iter()
+                        .position(|rs| rs.pod_template_hash == hash)
+                    {
+                        model.hidden_stable = Some(model.observed.replica_sets.remove(i));
+                        model.full_promotion_asked = model
+                            .rollout
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.commands.as_ref())
+                            .is_some_and(|c| c.promote == Some(PromoteCommand::Full));
+                    }
+                }
+            }
+            Op::HideStable(false) => model.restore_stable(),
+            Op::TruncateSteps(keep) => {
+                if let Some(canary) = model.rollout.spec.strategy.canary.as_mut() {
+                    canary.steps.truncate(keep);
+                    // New steps start again from the first: forward motion is measured from here.
+                    model.last = None;
+                    model.rollout.metadata.generation =
+                        model.rollout.metadata.generation.map(|g| g + 1);
+                }
+            }
+            Op::Scale(replicas) => {
+                // Fewer replicas are needed at once; more only once a complete reconcile has asked for them.
+                model.settled_n = Some(model.settled_n.unwrap_or(model.n()).min(replicas));
+                // More replicas may need more canary pods for the same weight: it may step back (rule 1).
+                model.last = None;
+                model.rollout.spec.replicas = Some(replicas);
+                model.rollout.metadata.generation =
+                    model.rollout.metadata.generation.map(|g| g + 1);
+            }
             Op::Drift(weight) => {
                 if let Some(Ok(traffic)) = model.observed.traffic.as_mut() {
                     traffic.canary_weight = weight;
@@ -658,6 +820,7 @@ fn run_case(
     }
     // Left alone with every pod ready, the rollout settles: a reconcile that changes nothing (rule 5).
     model.command(|c| c.paused = Some(false));
+    model.restore_stable();
     if let Some(traffic) = model.broken_route.take() {
         model.observed.traffic = Some(Ok(traffic));
     }
@@ -679,7 +842,7 @@ fn run_case(
         }
         let before = model.observed.replica_sets.clone();
         let floor = model.floor();
-        model.apply(&plan.actions);
+        let _ = model.apply(&plan.actions);
         model.rollout.status = Some(plan.status.clone());
         model.check(&plan, &before, floor)?;
     }

@@ -88,6 +88,10 @@ pub mod reason {
     pub const TRAFFIC_DRIFT: &str = "TrafficDriftReverted";
     pub const ROUTE_MISSING: &str = "RouteMissing";
     pub const SERVICE_MISSING: &str = "ServiceMissing";
+    /// The recorded stable version has no ReplicaSet; the rollout holds.
+    pub const STABLE_MISSING: &str = "StableReplicaSetMissing";
+    /// The canary steps changed while a revision was in flight; its steps start again.
+    pub const STEPS_CHANGED: &str = "StepsChanged";
 }
 
 /// Every CustomResourceDefinition Serin needs, in a stable order.

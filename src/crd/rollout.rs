@@ -614,6 +614,11 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_seconds_in_step: Option<i64>,
 
+    /// Hash of `spec.strategy.canary.steps` the current step index refers to. When the steps change while a
+    /// revision is in flight, its steps start again from the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_hash: Option<String>,
+
     /// True once the rollout of the current template was aborted; `serin retry` clears it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub abort: bool,

@@ -3,13 +3,14 @@
 
 use super::canary::DEFAULT_SCALE_DOWN_DELAY_SECS;
 use super::context::{
-    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, prune_history, prune_runs,
-    release_run, remove_deadline, revision_ref, scale_after_deadline, terminate_runs_of,
-    tidy_deadlines, Ctx, Out, RunSlot, RunState,
+    accept_missing_stable, add_deadline, ensure_run, others, pin_unless_serving_elsewhere,
+    prune_history, prune_runs, release_run, remove_deadline, resolve_stable, revision_ref,
+    scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot, RunState, Stable,
 };
 use super::status::{
     apply_user_pause, end_pause, end_step_pauses, fill_counts, previous_degraded,
-    progress_deadline_exceeded, start_pause, Verdict, DEFAULT_PROGRESS_DEADLINE_SECS,
+    progress_deadline_exceeded, stable_missing, start_pause, Verdict,
+    DEFAULT_PROGRESS_DEADLINE_SECS,
 };
 use super::types::AnalysisPurpose;
 use crate::crd::rollout::{ManualCommands, PromoteCommand, RevisionRef};
@@ -48,14 +49,14 @@ pub(crate) fn plan_blue_green(
     let mut aborting: Option<(String, String)> = None;
 
     let mut first_rollout = false;
-    let mut stable_hash = match status.stable_revision.clone() {
-        Some(stable)
-            if ctx.rs(&stable.pod_template_hash).is_some()
-                || stable.pod_template_hash == ctx.hash =>
-        {
-            stable.pod_template_hash
-        }
-        _ => {
+    let resolved = resolve_stable(ctx, status);
+    // A stable replaced by a human's full promotion: its pods may still serve (a lagging cache), so the
+    // Services stay where they are until the new stable can carry everything.
+    let replacing = matches!(resolved, Stable::Missing(_));
+    let mut stable_hash = match accept_missing_stable(out, resolved, &commands) {
+        Stable::Known(hash) => hash,
+        Stable::Missing(stable) => return stable_missing(ctx, out, status, &stable),
+        Stable::First => {
             first_rollout = true;
             let revision = ctx.next_revision_for(&ctx.hash);
             status.stable_revision = Some(RevisionRef {
@@ -363,10 +364,12 @@ pub(crate) fn plan_blue_green(
 
     // Act: selectors first (a rollback switches back before anything shrinks), then replicas.
     let hold = first_rollout && !stable_healthy_now;
-    pin_unless_serving_elsewhere(ctx, out, active_svc, &stable_hash, hold);
-    match (&new_hash, active_new) {
-        (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
-        _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &stable_hash, hold),
+    if !(replacing && !stable_healthy_now) {
+        pin_unless_serving_elsewhere(ctx, out, active_svc, &stable_hash, hold);
+        match (&new_hash, active_new) {
+            (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
+            _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &stable_hash, hold),
+        }
     }
     if ctx.rs(&stable_hash).is_none() {
         out.ensure_rs(

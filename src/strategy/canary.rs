@@ -1,17 +1,17 @@
 //! Decides the next move of a canary rollout: steps, weights, replica counts, promotion, abort.
 
 use super::context::{
-    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, prune_history, prune_runs,
-    release_run, remove_deadline, scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx,
-    Out, RunSlot, RunState, ROUTER_FOLLOW_UP_SECS,
+    accept_missing_stable, add_deadline, ensure_run, others, pin_unless_serving_elsewhere,
+    prune_history, prune_runs, release_run, remove_deadline, resolve_stable, scale_after_deadline,
+    terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot, RunState, Stable, ROUTER_FOLLOW_UP_SECS,
 };
 use super::replicas::{
     canary_pods_needed, max_surge, max_unavailable, max_weight_carried, pods_for_weight,
-    ratio_weight, scale_without_router, ScaleInput,
+    ratio_weight, scale_without_router, surge_pods_for_weight, ScaleInput,
 };
 use super::status::{
     apply_user_pause, end_pause, end_step_pauses, fill_counts, has_pause, previous_degraded,
-    progress_deadline_exceeded, start_pause, Verdict,
+    progress_deadline_exceeded, stable_missing, start_pause, Verdict,
 };
 use super::types::AnalysisPurpose;
 use crate::crd::rollout::{CanaryStep, ManualCommands, PromoteCommand, RevisionRef, TrafficStatus};
@@ -146,17 +146,17 @@ pub(crate) fn plan_canary(
     );
     let mut aborting: Option<Abort> = None;
 
-    // Which version is stable. Without one (first rollout, or its ReplicaSet is gone) the current template
-    // becomes stable directly, with no steps.
+    // Which version is stable. Without one (first rollout) the current template becomes stable directly,
+    // with no steps. A recorded stable whose ReplicaSet is not observed holds everything.
     let mut first_rollout = false;
-    let mut stable_hash = match status.stable_revision.clone() {
-        Some(stable)
-            if ctx.rs(&stable.pod_template_hash).is_some()
-                || stable.pod_template_hash == ctx.hash =>
-        {
-            stable.pod_template_hash
-        }
-        _ => {
+    let resolved = resolve_stable(ctx, status);
+    // A stable replaced by a human's full promotion: its pods may still serve (a lagging cache), so the
+    // Services stay where they are until the new stable can carry everything.
+    let replacing = matches!(resolved, Stable::Missing(_));
+    let mut stable_hash = match accept_missing_stable(out, resolved, &commands) {
+        Stable::Known(hash) => hash,
+        Stable::Missing(stable) => return stable_missing(ctx, out, status, &stable),
+        Stable::First => {
             let revision = ctx.next_revision_for(&ctx.hash);
             status.stable_revision = Some(RevisionRef {
                 pod_template_hash: ctx.hash.clone(),
@@ -229,6 +229,7 @@ pub(crate) fn plan_canary(
         }
         canary_hash = Some(ctx.hash.clone());
     }
+    restart_changed_steps(ctx, out, status, steps, canary_hash.as_deref());
 
     // Manual commands.
     let mut promote_step = false;
@@ -589,6 +590,7 @@ pub(crate) fn plan_canary(
             out.set_selector(stable_svc, if router { Some(&stable_hash) } else { None });
             out.set_selector(canary_svc_movable, Some(hash));
         }
+        _ if replacing && !stable_healthy_now => {}
         _ => {
             pin_unless_serving_elsewhere(ctx, out, stable_svc, &stable_hash, hold);
             pin_unless_serving_elsewhere(ctx, out, canary_svc_movable, &stable_hash, hold);
@@ -640,10 +642,23 @@ pub(crate) fn plan_canary(
             }
         }
     } else {
-        let surge = max_surge(canary.max_surge.as_ref(), n).unwrap_or(1);
         let unavailable = max_unavailable(canary.max_unavailable.as_ref(), n).unwrap_or(0);
-        let stable_target = match (&canary_hash, active) {
-            (Some(_), true) => (n - canary_target(canary, steps, idx, n)).max(0),
+        // Through the steps the stable keeps its full size and the canary runs beside it (its target is
+        // already limited by maxSurge, or set by setCanaryScale); only the promotion replaces the stable, and
+        // a promotion on hold (a pause) keeps the last step's canary.
+        let promoting = idx >= len && !user_paused && status.pause_conditions.is_empty();
+        let canary_goal = if idx >= len && !promoting && len > 0 {
+            canary_target(canary, steps, len - 1, n)
+        } else {
+            canary_target(canary, steps, idx, n)
+        };
+        let configured_surge = canary_surge_cap(canary, n);
+        let surge = match (&canary_hash, active, promoting) {
+            (Some(_), true, false) => canary_goal.max(configured_surge),
+            _ => configured_surge,
+        };
+        let stable_target = match (&canary_hash, active, promoting) {
+            (Some(_), true, true) => 0,
             _ => n,
         };
         // Only pods behind the stable Service (as it will select after this plan) carry traffic, so only
@@ -663,7 +678,7 @@ pub(crate) fn plan_canary(
             (Some(hash), true) => Some(ScaleInput {
                 spec: canary_spec_before,
                 available: serving(hash),
-                target: canary_target(canary, steps, idx, n),
+                target: canary_goal,
                 hold: false,
             }),
             _ => None,
@@ -933,14 +948,29 @@ fn traffic(
 }
 
 /// Canary pods at step `index`: with a router, what its weight needs (never less, safety rule 1) or more
-/// if setCanaryScale asks; without one, setCanaryScale or the weight's share of pods.
+/// if setCanaryScale asks; without one, setCanaryScale or the pods that, beside the full stable, carry the
+/// weight's share (safety rule 11), and the full size once all steps are done (the promotion).
 fn canary_target(canary: &CanaryStrategy, steps: &[CanaryStep], index: i32, total: i32) -> i32 {
     let weight = desired_weight(steps, index);
     let scale = canary_scale_override(steps, index, total);
     if canary.traffic_routing.is_some() {
         canary_pods_needed(total, weight).max(scale.unwrap_or(0))
+    } else if usize::try_from(index).map_or(true, |i| i >= steps.len()) {
+        total
     } else {
-        scale.unwrap_or_else(|| pods_for_weight(total, weight))
+        scale.unwrap_or_else(|| {
+            surge_pods_for_weight(total, weight, canary_surge_cap(canary, total))
+        })
+    }
+}
+
+/// The most canary pods a canary without a router may run beside its full stable: `maxSurge` when set, else
+/// as many as the stable has (so a rollout costs at most twice its pods, as a blue-green one does, and a
+/// weight above 50% gets the closest share that allows).
+fn canary_surge_cap(canary: &CanaryStrategy, total: i32) -> i32 {
+    match &canary.max_surge {
+        Some(surge) => max_surge(Some(surge), total).unwrap_or(1),
+        None => total,
     }
 }
 
@@ -971,7 +1001,10 @@ fn weight_reached(
         ctx.available(hash) >= canary_pods_needed(n, weight.max(carried))
             && (carried == weight || (carried > weight && later))
     } else {
-        ctx.available(hash) >= target && ctx.shrunk_to(stable, (n - target).max(0))
+        // The stable keeps its full size through the steps, so the canary's share is what its pods give.
+        ctx.available(hash) >= target
+            && ctx.shrunk_to(hash, target)
+            && ctx.fully_available(stable, n)
     }
 }
 
@@ -997,4 +1030,44 @@ fn abort(
         why: why.to_string(),
         message,
     }
+}
+
+/// Steps that changed under a revision in flight start again from the first (as Argo Rollouts does): an index
+/// into another list of steps would skip pauses and analysis, or repeat them. An aborted revision only records
+/// the new steps; `retry` starts it from the first step anyway.
+fn restart_changed_steps(
+    ctx: &Ctx,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    steps: &[CanaryStep],
+    canary_hash: Option<&str>,
+) {
+    let current = super::hash::steps_hash(steps);
+    let in_flight = ctx
+        .prev
+        .canary_revision
+        .as_ref()
+        .is_some_and(|c| Some(c.pod_template_hash.as_str()) == canary_hash);
+    let changed = ctx
+        .prev
+        .steps_hash
+        .as_deref()
+        .is_some_and(|recorded| recorded != current);
+    if let (Some(hash), true, true, false) = (canary_hash, in_flight, changed, status.abort) {
+        status.current_step_index = Some(0);
+        status.step_started_at = Some(ctx.stamp());
+        end_step_pauses(ctx, status);
+        release_run(ctx, out, status, RunSlot::Current);
+        remove_deadline(status, hash);
+        out.event(
+            false,
+            reason::STEPS_CHANGED,
+            format!(
+                "steps changed while revision {} was at step {}: starting again from the first step",
+                status.canary_revision.as_ref().map(|r| r.revision).unwrap_or(0),
+                ctx.prev.current_step_index.unwrap_or(0) + 1
+            ),
+        );
+    }
+    status.steps_hash = Some(current);
 }

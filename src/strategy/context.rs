@@ -579,6 +579,62 @@ pub(crate) fn tidy_deadlines(ctx: &Ctx, out: &Out, status: &mut RolloutStatus) {
     });
 }
 
+/// Which version is stable, as the status records it and the ReplicaSets show it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Stable {
+    /// The recorded stable version has its ReplicaSet (or is the current template, which can recreate it).
+    Known(String),
+    /// No stable version is recorded: the current template becomes stable without steps.
+    First,
+    /// The status names a stable version whose ReplicaSet is not observed (deleted, unlabelled, or not yet
+    /// in the cache) while the template is another version. Its pod template is lost, so nothing may move:
+    /// making the current template stable here would promote an unproven version (safety rule 9).
+    Missing(RevisionRef),
+}
+
+/// Resolves the stable version; never promotes the current template while another stable is recorded.
+pub(crate) fn resolve_stable(ctx: &Ctx, status: &RolloutStatus) -> Stable {
+    match status.stable_revision.clone() {
+        None => Stable::First,
+        Some(stable) if stable.pod_template_hash == ctx.hash => {
+            Stable::Known(stable.pod_template_hash)
+        }
+        Some(stable)
+            if ctx
+                .rs(&stable.pod_template_hash)
+                .is_some_and(|rs| !rs.deleting) =>
+        {
+            Stable::Known(stable.pod_template_hash)
+        }
+        Some(stable) => Stable::Missing(stable),
+    }
+}
+
+/// A missing stable is accepted only when a human asks for it: `promote --full` makes the current template
+/// stable (the one way forward once the stable's pod template is lost), with an event saying so.
+pub(crate) fn accept_missing_stable(
+    out: &mut Out,
+    stable: Stable,
+    commands: &crate::crd::rollout::ManualCommands,
+) -> Stable {
+    match stable {
+        Stable::Missing(missing)
+            if commands.promote == Some(crate::crd::rollout::PromoteCommand::Full) =>
+        {
+            out.event(
+                true,
+                crate::crd::reason::PROMOTED_FULL,
+                format!(
+                    "stable revision {} ({}) has no ReplicaSet; full promotion makes the current template stable",
+                    missing.revision, missing.pod_template_hash
+                ),
+            );
+            Stable::First
+        }
+        other => other,
+    }
+}
+
 /// The revision record of a hash's ReplicaSet.
 pub(crate) fn revision_ref(ctx: &Ctx, hash: &str) -> RevisionRef {
     RevisionRef {

@@ -24,14 +24,25 @@ pub fn pod_template_hash(template: &PodTemplateSpec) -> String {
     }
     // Serializing k8s-openapi types cannot fail (string keys only); the Debug text is a deterministic
     // fallback that keeps this function total.
-    let canonical = match serde_json::to_value(&template) {
-        Ok(value) => {
-            let mut out = String::new();
-            write_canonical(&value, &mut out);
-            out
-        }
-        Err(_) => format!("{template:?}"),
-    };
+    let canonical = canonical_json(&template).unwrap_or_else(|| format!("{template:?}"));
+    short_digest(&canonical)
+}
+
+/// The hash of a canary's steps, kept in status: when it changes mid-rollout the steps start again, since a
+/// step index means nothing in another list of steps.
+pub fn steps_hash(steps: &[crate::crd::rollout::CanaryStep]) -> String {
+    let canonical = canonical_json(&steps).unwrap_or_else(|| format!("{steps:?}"));
+    short_digest(&canonical)
+}
+
+fn canonical_json(value: &impl serde::Serialize) -> Option<String> {
+    let value = serde_json::to_value(value).ok()?;
+    let mut out = String::new();
+    write_canonical(&value, &mut out);
+    Some(out)
+}
+
+fn short_digest(canonical: &str) -> String {
     let digest = Sha256::digest(canonical.as_bytes());
     digest
         .iter()

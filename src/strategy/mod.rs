@@ -103,6 +103,9 @@ pub fn plan(rollout: &Rollout, observed: &Observed, now: Timestamp) -> Plan {
 }
 
 /// Nothing in the cluster changes; the status says why, and a Warning event is recorded when the reason is new.
+/// The exceptions are the ways back to safety: an abort (asked for, or already under way) still moves all
+/// traffic to stable, and a retry after it is recorded, so a bad spec pushed mid-canary never strands users
+/// on the canary.
 fn invalid_plan(ctx: &Ctx, errors: Vec<SpecError>) -> Plan {
     let message = errors
         .iter()
@@ -110,8 +113,6 @@ fn invalid_plan(ctx: &Ctx, errors: Vec<SpecError>) -> Plan {
         .collect::<Vec<_>>()
         .join("; ");
     let mut out = Out::new(ctx.observed);
-    let mut status = ctx.prev.clone();
-    fill_counts(ctx, &mut status);
     let previous_message = ctx
         .prev
         .conditions
@@ -121,12 +122,123 @@ fn invalid_plan(ctx: &Ctx, errors: Vec<SpecError>) -> Plan {
     if previous_message.as_deref() != Some(message.as_str()) {
         out.event(true, reason::INVALID_SPEC, message.clone());
     }
+    let commands = ctx.prev.commands.clone().unwrap_or_default();
+    if let Some(canary) = &ctx.prev.canary_revision {
+        if commands.retry && ctx.prev.abort {
+            return retry_under_invalid_spec(ctx, out, &canary.pod_template_hash, &message);
+        }
+        if commands.abort || ctx.prev.abort {
+            if let Some(plan) = abort_under_invalid_spec(ctx, &mut out, canary, &message) {
+                return plan;
+            }
+        }
+    }
+    let mut status = ctx.prev.clone();
+    fill_counts(ctx, &mut status);
     let verdict = Verdict {
         phase: RolloutPhase::Degraded,
         message: format!("invalid spec: {message}"),
         progressing: ("False", reason::INVALID_SPEC.to_string(), message.clone()),
         degraded: Some((reason::INVALID_SPEC.to_string(), message.clone())),
         invalid: Some(message),
+    };
+    finish(ctx, &mut out, &mut status, verdict);
+    Plan {
+        actions: Vec::new(),
+        status,
+        events: out.events,
+        requeue_after: None,
+    }
+}
+
+/// An abort while the spec is invalid: the rollout is planned as the aborted canary it is, with the parts of
+/// the spec that cannot matter to an abort (steps, analysis) left out, so only the spec's Services, router and
+/// replica count are used. If even those are invalid, nothing happens (an abort needs to know where stable is).
+fn abort_under_invalid_spec(
+    ctx: &Ctx,
+    out: &mut Out,
+    canary: &crate::crd::rollout::RevisionRef,
+    message: &str,
+) -> Option<Plan> {
+    let mut rollout = ctx.rollout.clone();
+    if let Some(strategy) = rollout.spec.strategy.canary.as_mut() {
+        strategy.steps.clear();
+        strategy.analysis = None;
+    }
+    if let Some(strategy) = rollout.spec.strategy.blue_green.as_mut() {
+        strategy.pre_promotion_analysis = None;
+        strategy.post_promotion_analysis = None;
+    }
+    validate(&rollout, ctx.observed).ok()?;
+    let mut prev = ctx.prev.clone();
+    prev.steps_hash = Some(hash::steps_hash(&[]));
+    let sanitized = Ctx {
+        rollout: &rollout,
+        name: ctx.name.clone(),
+        observed: ctx.observed,
+        now: ctx.now,
+        now_s: ctx.now_s,
+        prev,
+        replicas: ctx.replicas,
+        hash: canary.pod_template_hash.clone(),
+    };
+    let mut status = sanitized.prev.clone();
+    let strategy = &rollout.spec.strategy;
+    let mut verdict = match (&strategy.canary, &strategy.blue_green) {
+        (Some(canary), None) => canary::plan_canary(&sanitized, canary, out, &mut status),
+        (None, Some(blue_green)) => {
+            blue_green::plan_blue_green(&sanitized, blue_green, out, &mut status)
+        }
+        _ => return None,
+    };
+    status.steps_hash = ctx.prev.steps_hash.clone();
+    verdict.message = format!("{}; invalid spec: {message}", verdict.message);
+    verdict.invalid = Some(message.to_string());
+    finish(&sanitized, out, &mut status, verdict);
+    status.current_pod_hash = Some(ctx.hash.clone());
+    Some(Plan {
+        actions: std::mem::take(&mut out.actions),
+        status,
+        events: std::mem::take(&mut out.events),
+        requeue_after: out.requeue_after(ctx.now_s),
+    })
+}
+
+/// A retry while the spec is invalid is taken (so it is not replayed later), but the canary only starts its
+/// steps again once the spec is valid.
+fn retry_under_invalid_spec(ctx: &Ctx, mut out: Out, canary_hash: &str, message: &str) -> Plan {
+    let mut status = ctx.prev.clone();
+    status.commands = ctx
+        .prev
+        .commands
+        .as_ref()
+        .and_then(|c| c.paused)
+        .map(|paused| crate::crd::rollout::ManualCommands {
+            paused: Some(paused),
+            ..Default::default()
+        });
+    status.abort = false;
+    status.aborted_at = None;
+    status.current_step_index = Some(0);
+    status.analysis = None;
+    status.step_started_at = Some(ctx.stamp());
+    context::remove_deadline(&mut status, canary_hash);
+    out.event(
+        false,
+        reason::RETRIED,
+        "rollout retried: its steps start again once the spec is valid",
+    );
+    fill_counts(ctx, &mut status);
+    let verdict = Verdict {
+        phase: RolloutPhase::Degraded,
+        message: format!("invalid spec: {message}"),
+        progressing: (
+            "False",
+            reason::INVALID_SPEC.to_string(),
+            message.to_string(),
+        ),
+        degraded: Some((reason::INVALID_SPEC.to_string(), message.to_string())),
+        invalid: Some(message.to_string()),
     };
     finish(ctx, &mut out, &mut status, verdict);
     Plan {

@@ -88,6 +88,31 @@ pub fn canary_pods_needed(total: i32, weight: i32) -> i32 {
     }
 }
 
+/// Canary pods to run beside a full stable of `total` pods (no router: traffic follows pods) so that the
+/// canary's share comes closest to `weight` without exceeding it by more than one pod's share: at least one
+/// pod for a non-zero weight, at most `cap` (the surge allowed). A weight of 100 gets `cap`: beside a full
+/// stable that is as close as pods come before the promotion.
+pub fn surge_pods_for_weight(total: i32, weight: i32, cap: i32) -> i32 {
+    let cap = cap.max(1);
+    if weight <= 0 || total <= 0 {
+        return 0;
+    }
+    if weight >= 100 {
+        return cap;
+    }
+    let (n, w) = (i64::from(total), i64::from(weight));
+    let below = w * n / (100 - w);
+    let above = below + 1;
+    // |share(c) - w| with share(c) = 100c/(n+c), compared without division.
+    let miss = |c: i64| (100 * c - w * (n + c)).abs();
+    let pods = if miss(below) * (n + above) <= miss(above) * (n + below) {
+        below
+    } else {
+        above
+    };
+    i32::try_from(pods.max(1)).unwrap_or(i32::MAX).min(cap)
+}
+
 /// The largest weight `available` canary pods can carry under [`canary_pods_needed`].
 pub fn max_weight_carried(total: i32, available: i32) -> i32 {
     if available <= 0 {
@@ -249,6 +274,32 @@ mod tests {
             }
         }
         assert_eq!(max_weight_carried(10, 3), 30);
+    }
+
+    #[test]
+    fn surge_pods_keep_the_share_within_one_pod_of_the_weight() {
+        // The cases a user meets first: one replica at 50% is one pod each; three at 20% is one canary pod.
+        assert_eq!(surge_pods_for_weight(1, 50, 1), 1);
+        assert_eq!(surge_pods_for_weight(3, 20, 1), 1);
+        assert_eq!(surge_pods_for_weight(4, 25, 4), 1);
+        assert_eq!(surge_pods_for_weight(4, 50, 4), 4);
+        assert_eq!(surge_pods_for_weight(10, 50, 3), 3);
+        assert_eq!(surge_pods_for_weight(4, 0, 4), 0);
+        assert_eq!(surge_pods_for_weight(0, 50, 4), 0);
+        assert_eq!(surge_pods_for_weight(4, 100, 2), 2);
+        for total in 1..40 {
+            for weight in 1..100 {
+                let pods = surge_pods_for_weight(total, weight, i32::MAX);
+                assert!(pods >= 1, "{total} {weight}");
+                let share = ratio_weight(pods, total);
+                let one_pod = 100.0 / f64::from(total + pods);
+                assert!(
+                    f64::from(share) <= f64::from(weight) + one_pod + 0.5,
+                    "{total} pods at {weight}%: {pods} canary pods carry {share}%"
+                );
+                assert!(share < 100, "{total} {weight}");
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 
 use super::context::{Ctx, Out};
-use crate::crd::rollout::PauseCondition;
+use crate::crd::rollout::{PauseCondition, RevisionRef};
 use crate::crd::{condition, reason, RolloutPhase, RolloutStatus};
 
 /// Condition reasons that are states rather than events.
@@ -429,5 +429,32 @@ mod tests {
             selector_string(&selector),
             "app=checkout,tier in (a,b),!legacy"
         );
+    }
+}
+
+/// Holds a rollout whose recorded stable version has no ReplicaSet: no action, commands kept for later (a
+/// ReplicaSet that was only late in the cache comes back and the rollout resumes where it was).
+pub(crate) fn stable_missing(
+    ctx: &Ctx,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    stable: &RevisionRef,
+) -> Verdict {
+    *status = ctx.prev.clone();
+    fill_counts(ctx, status);
+    let message = format!(
+        "stable revision {} ({}) has no ReplicaSet (deleted, unlabelled or not yet observed): holding; \
+         `kubectl serin promote --full` makes the current template stable",
+        stable.revision, stable.pod_template_hash
+    );
+    if previous_degraded(ctx).map(|(why, _)| why).as_deref() != Some(reason::STABLE_MISSING) {
+        out.event(true, reason::STABLE_MISSING, message.clone());
+    }
+    Verdict {
+        phase: RolloutPhase::Degraded,
+        message: message.clone(),
+        progressing: ("False", reason::STABLE_MISSING.to_string(), message.clone()),
+        degraded: Some((reason::STABLE_MISSING.to_string(), message)),
+        invalid: None,
     }
 }

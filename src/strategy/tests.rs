@@ -424,6 +424,8 @@ fn rule5_steady_state_is_an_empty_plan_with_identical_status() {
     }
 }
 
+/// Without a router the canary runs beside the full stable (safety rule 11): each step's share is the closest
+/// the pod count gives, the stable keeps all its pods until the promotion replaces it.
 #[test]
 fn canary_without_router_moves_through_steps_to_promotion() {
     let mut cluster = healthy(canary_rollout(
@@ -433,12 +435,12 @@ fn canary_without_router_moves_through_steps_to_promotion() {
     let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
     cluster.set_template("app:2");
     let plan = cluster.plan(10);
-    // Canary at its share (2 of 10, within maxSurge 3), stable untouched until canary pods are available.
+    // 3 canary pods beside 10 stable ones carry 23%, the closest share to 20% (2 would carry 17%).
     assert!(
         matches!(&plan.actions[..], [
         Action::SetServiceSelector { service: s1, pod_template_hash: None },
         Action::SetServiceSelector { service: s2, pod_template_hash: Some(c) },
-        Action::CreateReplicaSet { replicas: 2, revision: 2, .. },
+        Action::CreateReplicaSet { replicas: 3, revision: 2, .. },
     ] if s1 == "checkout" && s2 == "checkout-canary" && *c == h2),
         "{:?}",
         plan.actions
@@ -447,25 +449,27 @@ fn canary_without_router_moves_through_steps_to_promotion() {
     cluster.apply(&plan);
     cluster.pods_ready();
     let plan = cluster.plan(11);
-    assert_eq!(
-        plan.actions,
-        vec![Action::ScaleReplicaSet {
-            name: format!("checkout-{h1}"),
-            replicas: 8
-        }]
+    assert!(
+        !plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleReplicaSet { name, .. } if *name == format!("checkout-{h1}"))),
+        "the stable keeps its size through the steps: {:?}",
+        plan.actions
     );
-    cluster.apply(&plan);
-    cluster.pods_ready();
-    let plan = cluster.plan(12);
     assert_eq!(plan.status.current_step_index, Some(1));
     assert_eq!(plan.status.phase, Some(RolloutPhase::Paused));
-    assert_eq!(plan.status.current_weight, Some(20));
+    assert_eq!(plan.status.current_weight, Some(23));
     assert_eq!(plan.status.desired_weight, Some(20));
     assert_eq!(plan.status.pause_conditions[0].reason, reason::PAUSED_STEP);
     cluster.apply(&plan);
     // Indefinite pause: time alone does not end it.
     cluster.settle(5000);
     assert_eq!(cluster.status().current_step_index, Some(1));
+    assert_eq!(
+        (cluster.rs(&h1).spec_replicas, cluster.rs(&h2).spec_replicas),
+        (10, 3)
+    );
     cluster.command(ManualCommands {
         promote: Some(PromoteCommand::Step),
         ..Default::default()
@@ -474,9 +478,10 @@ fn canary_without_router_moves_through_steps_to_promotion() {
     let status = cluster.status();
     assert_eq!(status.current_step_index, Some(3));
     assert_eq!(status.commands, None);
+    assert_eq!(status.current_weight, Some(50));
     assert_eq!(
         (cluster.rs(&h1).spec_replicas, cluster.rs(&h2).spec_replicas),
-        (5, 5)
+        (10, 10)
     );
     let plan = cluster.plan(5010);
     assert!(plan.actions.is_empty());
@@ -500,11 +505,12 @@ fn canary_without_router_moves_through_steps_to_promotion() {
     assert_eq!(cluster.selector("checkout-canary"), Some(h2));
 }
 
-/// Safety rule 3: the stable ReplicaSet shrinks only by what the canary has available.
+/// Safety rules 3 and 11: without a router the stable keeps its full size through the steps, whatever the
+/// canary does; only the promotion shrinks it, and only by what the canary has available.
 #[test]
 fn rule3_stable_never_shrinks_below_what_canary_cannot_cover() {
     let mut cluster = healthy(canary_rollout(vec![weight(50)], false));
-    let h1 = hash_of("app:1");
+    let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
     cluster.set_template("app:2");
     for secs in 1..20 {
         let plan = cluster.plan(secs);
@@ -512,22 +518,35 @@ fn rule3_stable_never_shrinks_below_what_canary_cannot_cover() {
         // Canary pods never become available.
         assert_eq!(cluster.rs(&h1).spec_replicas, 10, "at {secs}");
     }
-    // Two canary pods available: stable may lose exactly two.
-    let h2 = hash_of("app:2");
-    let canary = cluster
-        .observed
-        .replica_sets
-        .iter_mut()
-        .find(|rs| rs.pod_template_hash == h2)
-        .unwrap();
-    canary.replicas = canary.spec_replicas;
-    canary.ready_replicas = 2;
-    canary.available_replicas = 2;
+    assert_eq!(cluster.rs(&h2).spec_replicas, 10);
+    let set_available = |cluster: &mut Cluster, pods: i32| {
+        let canary = cluster
+            .observed
+            .replica_sets
+            .iter_mut()
+            .find(|rs| rs.pod_template_hash == h2)
+            .unwrap();
+        canary.replicas = canary.spec_replicas;
+        canary.ready_replicas = pods;
+        canary.available_replicas = pods;
+    };
+    // Two canary pods available: the step is not reached, the stable stays whole.
+    set_available(&mut cluster, 2);
     let plan = cluster.plan(30);
+    assert!(
+        !plan.actions.iter().any(|a| matches!(a, Action::ScaleReplicaSet { name, .. } if *name == format!("checkout-{h1}"))),
+        "{:?}",
+        plan.actions
+    );
+    assert_eq!(plan.status.current_step_index, Some(0));
+    // All ten available: the step is done and the promotion replaces the stable by what the canary carries.
+    set_available(&mut cluster, 10);
+    let plan = cluster.plan(31);
+    assert_eq!(plan.status.current_step_index, Some(1));
     assert!(
         plan.actions.contains(&Action::ScaleReplicaSet {
             name: format!("checkout-{h1}"),
-            replicas: 8
+            replicas: 0
         }),
         "{:?}",
         plan.actions
@@ -661,11 +680,15 @@ fn rule2_abort_order_without_router_and_retry() {
     let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
     cluster.set_template("app:2");
     cluster.settle(1);
-    assert_eq!(cluster.rs(&h1).spec_replicas, 5);
+    assert_eq!(
+        (cluster.rs(&h1).spec_replicas, cluster.rs(&h2).spec_replicas),
+        (10, 10)
+    );
     cluster.command(ManualCommands {
         abort: true,
         ..Default::default()
     });
+    // Selectors back to stable first; the canary leaves only after the abort delay.
     let plan = cluster.plan(10);
     assert_eq!(
         plan.actions,
@@ -678,16 +701,13 @@ fn rule2_abort_order_without_router_and_retry() {
                 service: "checkout-canary".into(),
                 pod_template_hash: Some(h1.clone())
             },
-            Action::ScaleReplicaSet {
-                name: format!("checkout-{h1}"),
-                replicas: 10
-            },
         ]
     );
     cluster.apply(&plan);
     cluster.pods_ready();
     cluster.settle(40);
     assert_eq!(cluster.rs(&h2).spec_replicas, 0);
+    assert_eq!(cluster.rs(&h1).spec_replicas, 10);
     assert_eq!(cluster.status().current_weight, Some(0));
     cluster.command(ManualCommands {
         retry: true,
@@ -700,7 +720,7 @@ fn rule2_abort_order_without_router_and_retry() {
     cluster.apply(&plan);
     cluster.settle(51);
     assert_eq!(cluster.status().current_step_index, Some(1));
-    assert_eq!(cluster.rs(&h2).spec_replicas, 5);
+    assert_eq!(cluster.rs(&h2).spec_replicas, 10);
 }
 
 #[test]
@@ -956,10 +976,12 @@ fn rule7_invalid_specs_yield_no_actions_and_name_the_field() {
 }
 
 #[test]
-fn invalid_spec_mid_rollout_touches_nothing() {
+fn invalid_spec_mid_rollout_touches_nothing_but_abort_still_works() {
     let mut cluster = healthy(canary_rollout(vec![weight(20), pause(None)], true));
+    let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
     cluster.set_template("app:2");
     cluster.settle(1);
+    assert_eq!(cluster.weight(), 20);
     cluster
         .rollout
         .spec
@@ -969,16 +991,66 @@ fn invalid_spec_mid_rollout_touches_nothing() {
         .unwrap()
         .steps
         .push(weight(101));
+    let plan = cluster.plan(2);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(
+        condition_of(&plan.status, condition::INVALID_SPEC).0,
+        "True"
+    );
+    cluster.apply(&plan);
+    // An abort must not wait for a valid spec: traffic goes back to stable first, then the selectors.
     cluster.command(ManualCommands {
         abort: true,
         ..Default::default()
     });
-    let plan = cluster.plan(2);
-    assert!(plan.actions.is_empty());
-    assert_eq!(
-        plan.status.stable_revision,
-        cluster.status().stable_revision
+    let plan = cluster.plan(3);
+    assert!(
+        matches!(&plan.actions[..], [Action::SetTraffic(t), Action::SetServiceSelector { service, pod_template_hash: Some(h) }, ..]
+            if t.canary_weight == 0 && service == "checkout-canary" && *h == h1),
+        "{:?}",
+        plan.actions
     );
+    assert!(plan.status.abort);
+    assert_eq!(plan.status.phase, Some(RolloutPhase::Aborted));
+    assert_eq!(plan.status.commands, None);
+    assert_eq!(
+        condition_of(&plan.status, condition::INVALID_SPEC).0,
+        "True"
+    );
+    assert_eq!(
+        plan.status
+            .stable_revision
+            .as_ref()
+            .map(|r| r.pod_template_hash.clone()),
+        Some(h1.clone())
+    );
+    cluster.apply(&plan);
+    cluster.settle(100);
+    assert_eq!(cluster.rs(&h2).spec_replicas, 0);
+    assert_eq!(cluster.weight(), 0);
+    // A retry is taken while the spec is invalid, but nothing moves until it is valid again.
+    cluster.command(ManualCommands {
+        retry: true,
+        ..Default::default()
+    });
+    let plan = cluster.plan(101);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert!(!plan.status.abort);
+    assert_eq!(plan.status.commands, None);
+    assert!(plan.events.iter().any(|e| e.reason == reason::RETRIED));
+    cluster.apply(&plan);
+    cluster
+        .rollout
+        .spec
+        .strategy
+        .canary
+        .as_mut()
+        .unwrap()
+        .steps
+        .pop();
+    cluster.settle(102);
+    assert_eq!(cluster.status().current_step_index, Some(1));
+    assert_eq!(cluster.weight(), 20);
 }
 
 #[test]
@@ -1123,15 +1195,10 @@ fn template_back_to_stable_is_a_fast_rollback() {
             pod_template_hash: Some(h1.clone())
         }
     );
-    assert!(plan.actions.contains(&Action::ScaleReplicaSet {
-        name: format!("checkout-{h1}"),
-        replicas: 10
-    }));
-    // The old canary still serves until the stable is back at full strength.
-    assert!(!plan.actions.contains(&Action::ScaleReplicaSet {
-        name: format!("checkout-{h2}"),
-        replicas: 0
-    }));
+    // The stable kept its full size through the steps: nothing to scale back up.
+    assert!(!plan.actions.iter().any(
+        |a| matches!(a, Action::ScaleReplicaSet { name, .. } if *name == format!("checkout-{h1}"))
+    ));
     cluster.apply(&plan);
     cluster.pods_ready();
     cluster.settle(3);
@@ -1580,5 +1647,273 @@ fn serin_metric_provider() -> crate::crd::analysis::MetricProvider {
             query: Some("sum(rate(http_requests_total[1m]))".into()),
             ..Default::default()
         }),
+    }
+}
+
+// --- Faults: nothing observed missing and nothing changed underneath counts as progress (safety rule 9) ---
+
+fn paused_canary(router: bool, replicas: i32) -> Cluster {
+    let mut ro = canary_rollout(
+        vec![
+            weight(25),
+            pause(None),
+            weight(50),
+            pause(None),
+            weight(75),
+            pause(None),
+        ],
+        router,
+    );
+    ro.spec.replicas = Some(replicas);
+    let mut cluster = healthy(ro);
+    cluster.set_template("app:2");
+    cluster.settle(1);
+    assert_eq!(cluster.status().current_step_index, Some(1));
+    cluster
+}
+
+#[test]
+fn rule9_deleted_stable_replica_set_holds_instead_of_promoting() {
+    for router in [false, true] {
+        let mut cluster = paused_canary(router, 4);
+        let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
+        let stable = cluster.rs(&h1).clone();
+        cluster
+            .observed
+            .replica_sets
+            .retain(|rs| rs.pod_template_hash != h1);
+        for secs in 2..10 {
+            let plan = cluster.plan(secs);
+            assert!(
+                plan.actions.is_empty(),
+                "router {router}: {:?}",
+                plan.actions
+            );
+            assert_eq!(
+                plan.status
+                    .stable_revision
+                    .as_ref()
+                    .map(|r| r.pod_template_hash.clone()),
+                Some(h1.clone())
+            );
+            assert_eq!(plan.status.current_step_index, Some(1));
+            assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+            let (state, why) = condition_of(&plan.status, condition::PROGRESSING);
+            assert_eq!(
+                (state.as_str(), why.as_str()),
+                ("False", reason::STABLE_MISSING)
+            );
+            cluster.apply(&plan);
+        }
+        // A ReplicaSet that was only late in the cache: the rollout resumes where it was.
+        cluster.observed.replica_sets.push(stable.clone());
+        cluster.settle(20);
+        assert_eq!(cluster.status().current_step_index, Some(1));
+        assert_eq!(cluster.status().phase, Some(RolloutPhase::Paused));
+        // Gone for good: only a human's full promotion makes the canary stable.
+        cluster
+            .observed
+            .replica_sets
+            .retain(|rs| rs.pod_template_hash != h1);
+        cluster.settle(30);
+        assert_eq!(
+            cluster
+                .status()
+                .stable_revision
+                .map(|r| r.pod_template_hash),
+            Some(h1.clone())
+        );
+        cluster.command(ManualCommands {
+            promote: Some(PromoteCommand::Full),
+            ..Default::default()
+        });
+        cluster.settle(40);
+        let status = cluster.status();
+        assert_eq!(
+            status.stable_revision.map(|r| r.pod_template_hash),
+            Some(h2.clone())
+        );
+        assert_eq!(status.phase, Some(RolloutPhase::Healthy));
+    }
+}
+
+#[test]
+fn rule9_unlabelled_stable_replica_set_is_missing_too() {
+    let mut cluster = paused_canary(false, 4);
+    let h1 = hash_of("app:1");
+    cluster
+        .observed
+        .replica_sets
+        .iter_mut()
+        .filter(|rs| rs.pod_template_hash == h1)
+        .for_each(|rs| rs.pod_template_hash = String::new());
+    let plan = cluster.plan(5);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+    assert!(plan
+        .events
+        .iter()
+        .any(|e| e.reason == reason::STABLE_MISSING));
+}
+
+#[test]
+fn blue_green_with_missing_active_replica_set_holds() {
+    let mut cluster = healthy(blue_green_rollout(|bg| {
+        bg.auto_promotion_enabled = Some(false)
+    }));
+    let h1 = hash_of("app:1");
+    cluster.set_template("app:2");
+    cluster.settle(1);
+    cluster
+        .observed
+        .replica_sets
+        .retain(|rs| rs.pod_template_hash != h1);
+    let plan = cluster.plan(5);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(
+        plan.status.stable_revision.map(|r| r.pod_template_hash),
+        Some(h1)
+    );
+}
+
+#[test]
+fn rule9_changed_steps_start_again_from_the_first() {
+    for router in [false, true] {
+        let mut cluster = paused_canary(router, 4);
+        let h1 = hash_of("app:1");
+        // Re-applied from Git with fewer steps: index 1 would be past the end (a promotion).
+        cluster.rollout.spec.strategy.canary.as_mut().unwrap().steps = vec![weight(25)];
+        let plan = cluster.plan(5);
+        // Restarted from the first step, which the canary already satisfies, so it is done in this plan.
+        let reasons: Vec<&str> = plan.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![reason::STEPS_CHANGED, reason::STEP_REACHED],
+            "router {router}"
+        );
+        assert_eq!(plan.status.current_step_index, Some(1), "router {router}");
+        cluster.apply(&plan);
+        cluster.settle(6);
+        // One step of 25% and then the promotion: it happens, but only after the (new) steps ran.
+        let status = cluster.status();
+        assert_eq!(
+            status.phase,
+            Some(RolloutPhase::Healthy),
+            "router {router}: {status:?}"
+        );
+        cluster.settle(100);
+        assert_eq!(cluster.rs(&h1).spec_replicas, 0, "router {router}");
+    }
+    // An analysis step moved below the current index runs; it is not skipped.
+    let mut cluster = paused_canary(true, 4);
+    cluster.observed.analysis_templates.insert(
+        TemplateKey {
+            name: "http".into(),
+            cluster_scope: false,
+        },
+        Ok(AnalysisTemplateSpec {
+            metrics: vec![Metric {
+                name: "m".into(),
+                success_condition: Some("result > 0".into()),
+                provider: serin_metric_provider(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    );
+    cluster.rollout.spec.strategy.canary.as_mut().unwrap().steps =
+        vec![analysis_step("http"), weight(25), pause(None)];
+    cluster.settle(10);
+    let status = cluster.status();
+    assert_eq!(status.current_step_index, Some(0));
+    assert!(cluster
+        .observed
+        .analysis_runs
+        .iter()
+        .any(|r| r.purpose == AnalysisPurpose::Step(0)));
+    // Unrelated changes (an annotation, the same steps re-applied) restart nothing.
+    let mut cluster = paused_canary(true, 4);
+    let steps = cluster
+        .rollout
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .unwrap()
+        .steps
+        .clone();
+    cluster.rollout.spec.strategy.canary.as_mut().unwrap().steps = steps;
+    cluster
+        .rollout
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("argocd.argoproj.io/sync".into(), "now".into());
+    let plan = cluster.plan(10);
+    assert_eq!(plan.status.current_step_index, Some(1));
+    assert!(plan.events.is_empty(), "{:?}", plan.events);
+}
+
+/// Safety rule 11 without a router: the canary never carries more than the step asks plus one pod's share,
+/// and the stable keeps `spec.replicas` pods until the promotion.
+#[test]
+fn rule11_without_router_a_step_never_sends_everything_to_the_canary() {
+    for (replicas, step, stable, canary, carried) in [
+        (1, 50, 1, 1, 50),
+        (3, 20, 3, 1, 25),
+        (4, 25, 4, 1, 20),
+        (4, 50, 4, 4, 50),
+        (10, 20, 10, 3, 23),
+        (2, 90, 2, 2, 50),
+    ] {
+        let mut ro = canary_rollout(vec![weight(step), pause(None)], false);
+        ro.spec.replicas = Some(replicas);
+        let mut cluster = healthy(ro);
+        let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
+        cluster.set_template("app:2");
+        cluster.settle(1);
+        let status = cluster.status();
+        let case = format!("{replicas} replicas at {step}%");
+        assert_eq!(status.current_step_index, Some(1), "{case}");
+        assert_eq!(status.phase, Some(RolloutPhase::Paused), "{case}");
+        assert_eq!(
+            (cluster.rs(&h1).spec_replicas, cluster.rs(&h2).spec_replicas),
+            (stable, canary),
+            "{case}"
+        );
+        assert_eq!(status.current_weight, Some(carried), "{case}");
+    }
+    // maxSurge bounds the canary when set.
+    let mut ro = canary_rollout(vec![weight(50), pause(None)], false);
+    ro.spec.strategy.canary.as_mut().unwrap().max_surge =
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2));
+    let mut cluster = healthy(ro);
+    cluster.set_template("app:2");
+    cluster.settle(1);
+    assert_eq!(cluster.rs(&hash_of("app:2")).spec_replicas, 2);
+    assert_eq!(cluster.rs(&hash_of("app:1")).spec_replicas, 10);
+}
+
+/// `spec.replicas` changed mid-canary (an HPA through the scale subresource, `kubectl scale`, Git): the
+/// stable follows it at once, the canary is re-sized for the current step's weight, and the step waits.
+#[test]
+fn replica_count_changes_mid_canary_are_split_by_the_step_weight() {
+    for router in [false, true] {
+        let mut cluster = paused_canary(router, 4);
+        let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
+        for (replicas, stable, canary) in [(8, 8, if router { 2 } else { 3 }), (2, 2, 1)] {
+            cluster.rollout.spec.replicas = Some(replicas);
+            cluster.settle(10 + i64::from(replicas));
+            let status = cluster.status();
+            let case = format!("router {router}, {replicas} replicas");
+            assert_eq!(status.current_step_index, Some(1), "{case}");
+            assert_eq!(
+                (cluster.rs(&h1).spec_replicas, cluster.rs(&h2).spec_replicas),
+                (stable, canary),
+                "{case}"
+            );
+            assert_eq!(status.replicas, Some(stable + canary), "{case}");
+            assert_eq!(status.selector.as_deref(), Some("app=checkout"), "{case}");
+        }
     }
 }

@@ -73,7 +73,7 @@ pub enum SpecError {
     },
     #[error("{field}: needs spec.strategy.canary.trafficRouting")]
     NeedsTrafficRouting { field: String },
-    #[error("{field}: maxSurge and maxUnavailable cannot both be 0")]
+    #[error("{field}: without trafficRouting the canary runs beside the full stable, so maxSurge must allow at least one pod")]
     NoRoomToRoll { field: String },
 }
 
@@ -243,9 +243,12 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
                     }
                 });
             match (surge, unavailable) {
-                (Ok(0), Ok(0)) if !router && total > 0 => errors.push(SpecError::NoRoomToRoll {
-                    field: format!("{base}.maxUnavailable"),
-                }),
+                (Ok(0), unavailable) if !router && total > 0 => {
+                    errors.push(SpecError::NoRoomToRoll {
+                        field: format!("{base}.maxSurge"),
+                    });
+                    errors.extend(unavailable.err());
+                }
                 (surge, unavailable) => {
                     errors.extend(surge.err());
                     errors.extend(unavailable.err());
