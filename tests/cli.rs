@@ -42,7 +42,8 @@ async fn serin(world: &World, args: &[&str]) -> Output {
     run(Path::new(env!("CARGO_BIN_EXE_serin")), &full, None).await
 }
 
-/// A canary `web` paused at step 1 (weight 25) on its second revision; returns (v1, v2) hashes.
+/// A canary `web` paused at step 1 (setWeight 25: one canary pod beside the 4 stable ones, 20%) on its second
+/// revision; returns (v1, v2) hashes.
 async fn paused_canary(world: &World) -> (String, String) {
     world.given_services("web", &["web", "web-canary"]).await;
     let steps =
@@ -61,7 +62,7 @@ async fn paused_canary(world: &World) -> (String, String) {
     world.when_image_changes("web", "web:2").await;
     let paused = world
         .then_eventually("web", "paused at step 1", TIMEOUT, |s| {
-            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 25
+            s.is(RolloutPhase::Paused) && s.step() == Some(1) && s.weight() == 20
         })
         .await;
     (v1, paused.canary_hash().unwrap_or_default())
@@ -83,12 +84,12 @@ async fn status_shows_steps_revisions_weights_pods_and_events() {
         "Phase:      Paused",
         &format!("Stable:     revision 1 (hash {v1})\n"),
         &format!("Canary:     revision 2 (hash {v2})\n"),
-        "Weight:     current 25%, desired 25%\n",
+        "Weight:     current 20%, desired 25%\n",
         "  done      0  setWeight 25%\n",
         "  current   1  pause (until promoted)\n",
         "  next      2  setWeight 50%\n",
         "canary  pods 1/1 ready",
-        "stable  pods 3/3 ready",
+        "stable  pods 4/4 ready",
         "Events (last 5):",
         "StepReached",
     ] {
