@@ -7,9 +7,19 @@
 //! - With a router, a `setWeight` step is done once the router *reports* the weight (the controller should
 //!   watch the routing object; the plan also asks for a short requeue after a `SetTraffic`). The canary is
 //!   sized `max(ceil(N*w/100), setCanaryScale)`: setCanaryScale can grow it, never shrink it below what its
-//!   weight needs. Without a router, setCanaryScale sets the canary size and the stable gets the rest.
-//! - `setHeaderRoute`/`setMirrorRoute` need `trafficRouting`; `maxSurge` and `maxUnavailable` both 0
-//!   without a router cannot roll: both are InvalidSpec.
+//!   weight needs. Without a router the stable keeps all its pods through the steps and the canary runs
+//!   beside it: setCanaryScale sets its size, or else the pod count whose share is closest to the weight
+//!   (never more than one pod's share above it), at most `maxSurge` when set and at most the stable's size
+//!   otherwise. Only the promotion replaces the stable, within maxSurge/maxUnavailable.
+//! - `setHeaderRoute`/`setMirrorRoute` need `trafficRouting`; a `maxSurge` of 0 without a router leaves the
+//!   canary no room beside the full stable: InvalidSpec.
+//! - A recorded stable version whose ReplicaSet is not observed (deleted, unlabelled, not yet in the cache)
+//!   holds the rollout with `StableReplicaSetMissing`: its pod template is lost, so it cannot be recreated,
+//!   and the current template is never made stable in its place unless a human asks with `promote --full`.
+//! - Steps that change while a revision is in flight start again from the first (their hash is kept in
+//!   `status.stepsHash`): an index into another list of steps would skip pauses and analysis.
+//! - An invalid spec changes nothing, except that an abort (asked for, or under way) still takes traffic back
+//!   to stable and a retry after it is recorded: a bad spec never strands users on the canary.
 //! - When the router cannot be read (`observed.traffic` is `Err` or missing) no weight is written, no
 //!   canary or old version is scaled down, the canary Service is not re-pinned (it may still carry traffic),
 //!   and no step advances (condition Progressing False RouteMissing). All traffic moves to the canary only
