@@ -190,7 +190,13 @@ async fn steps_changed_by_a_git_reapply_mid_canary_start_again() {
     // The stable keeps all its pods through the steps (only the promotion replaces it), and nothing pauses
     // with the stable gone.
     let invariant = |s: &State| {
-        let steps = s.rollout.spec.strategy.canary.as_ref().map_or(0, |c| c.steps.len());
+        let steps = s
+            .rollout
+            .spec
+            .strategy
+            .canary
+            .as_ref()
+            .map_or(0, |c| c.steps.len());
         let in_steps = usize::try_from(s.step().unwrap_or(0)).unwrap_or(0) < steps;
         if s.stable_hash().as_deref() == Some(v1.as_str()) && in_steps {
             assert_eq!(

@@ -364,7 +364,7 @@ pub(crate) fn plan_blue_green(
 
     // Act: selectors first (a rollback switches back before anything shrinks), then replicas.
     let hold = first_rollout && !stable_healthy_now;
-    if !(replacing && !stable_healthy_now) {
+    if !replacing || stable_healthy_now {
         pin_unless_serving_elsewhere(ctx, out, active_svc, &stable_hash, hold);
         match (&new_hash, active_new) {
             (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),

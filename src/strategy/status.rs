@@ -403,6 +403,33 @@ pub(crate) fn previous_degraded(ctx: &Ctx) -> Option<(String, String)> {
         .map(|c| (c.reason.clone(), c.message.clone()))
 }
 
+/// Holds a rollout whose recorded stable version has no ReplicaSet: no action, commands kept for later (a
+/// ReplicaSet that was only late in the cache comes back and the rollout resumes where it was).
+pub(crate) fn stable_missing(
+    ctx: &Ctx,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    stable: &RevisionRef,
+) -> Verdict {
+    *status = ctx.prev.clone();
+    fill_counts(ctx, status);
+    let message = format!(
+        "stable revision {} ({}) has no ReplicaSet (deleted, unlabelled or not yet observed): holding; \
+         `kubectl serin promote --full` makes the current template stable",
+        stable.revision, stable.pod_template_hash
+    );
+    if previous_degraded(ctx).map(|(why, _)| why).as_deref() != Some(reason::STABLE_MISSING) {
+        out.event(true, reason::STABLE_MISSING, message.clone());
+    }
+    Verdict {
+        phase: RolloutPhase::Degraded,
+        message: message.clone(),
+        progressing: ("False", reason::STABLE_MISSING.to_string(), message.clone()),
+        degraded: Some((reason::STABLE_MISSING.to_string(), message)),
+        invalid: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,32 +456,5 @@ mod tests {
             selector_string(&selector),
             "app=checkout,tier in (a,b),!legacy"
         );
-    }
-}
-
-/// Holds a rollout whose recorded stable version has no ReplicaSet: no action, commands kept for later (a
-/// ReplicaSet that was only late in the cache comes back and the rollout resumes where it was).
-pub(crate) fn stable_missing(
-    ctx: &Ctx,
-    out: &mut Out,
-    status: &mut RolloutStatus,
-    stable: &RevisionRef,
-) -> Verdict {
-    *status = ctx.prev.clone();
-    fill_counts(ctx, status);
-    let message = format!(
-        "stable revision {} ({}) has no ReplicaSet (deleted, unlabelled or not yet observed): holding; \
-         `kubectl serin promote --full` makes the current template stable",
-        stable.revision, stable.pod_template_hash
-    );
-    if previous_degraded(ctx).map(|(why, _)| why).as_deref() != Some(reason::STABLE_MISSING) {
-        out.event(true, reason::STABLE_MISSING, message.clone());
-    }
-    Verdict {
-        phase: RolloutPhase::Degraded,
-        message: message.clone(),
-        progressing: ("False", reason::STABLE_MISSING.to_string(), message.clone()),
-        degraded: Some((reason::STABLE_MISSING.to_string(), message)),
-        invalid: None,
     }
 }
