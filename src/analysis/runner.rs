@@ -315,14 +315,25 @@ fn until(now: Timestamp, due: Timestamp) -> Duration {
     Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
+/// How long a metric without an interval waits before it retries a measurement that errored (Argo Rollouts'
+/// default). An error is not counted, so the metric needs another measurement; retrying at once would turn a
+/// short outage into `consecutiveErrorLimit` errors within a second.
+pub const ERROR_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
 /// When a metric is next due: its initial delay after the run started, then one interval after the last
-/// measurement finished.
+/// measurement finished (for a metric without an interval whose last measurement errored, the error retry
+/// interval).
 fn next_due(prepared: &PreparedMetric<'_>, result: &MetricResult, started: Timestamp) -> Timestamp {
     match result.measurements.last() {
         None => plus(started, prepared.initial_delay),
         Some(last) => {
             let finished = last.finished_at.as_ref().unwrap_or(&last.started_at);
-            plus(finished.0, prepared.interval)
+            let wait = if last.phase == AnalysisPhase::Error && prepared.interval.is_zero() {
+                ERROR_RETRY_INTERVAL
+            } else {
+                prepared.interval
+            };
+            plus(finished.0, wait)
         }
     }
 }
@@ -843,10 +854,13 @@ mod tests {
         run.spec.terminate = true;
         let outcome = advance(&run, at(0), &measurer()).await;
         assert_eq!(outcome.measured, 0);
-        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Successful));
+        // Terminated before anything was measured: no verdict, and certainly not a success.
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Inconclusive));
         assert_eq!(
             outcome.status.message.as_deref(),
-            Some("terminated: all 1 metrics successful")
+            Some(
+                r#"terminated: metric "m": terminated without a successful measurement (0 measurements: 0 failed, 0 inconclusive, 0 errors)"#
+            )
         );
         assert_eq!(outcome.requeue_after, None);
 
