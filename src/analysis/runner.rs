@@ -876,6 +876,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_error_is_not_a_measurement_and_is_retried_after_the_error_interval() {
+        // Measured once (no interval, no count), on a port where nothing listens.
+        let mut once = metric(10, None);
+        once.interval = None;
+        once.count = None;
+        let run = run_with(once);
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 1);
+        let result = &outcome.status.metric_results[0];
+        assert_eq!((result.count, result.error), (1, 1));
+        assert_eq!(result.phase, AnalysisPhase::Running, "{result:?}");
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Running));
+        let retry = outcome.requeue_after.unwrap_or_default();
+        assert!(
+            // The measurement's end is rounded up to the next second.
+            retry >= ERROR_RETRY_INTERVAL && retry <= ERROR_RETRY_INTERVAL + Duration::from_secs(1),
+            "{retry:?}"
+        );
+        let mut run = run;
+        run.status = Some(outcome.status);
+        assert_eq!(advance(&run, at(5), &measurer()).await.measured, 0);
+        let again = advance(&run, at(11), &measurer()).await;
+        assert_eq!(again.measured, 1);
+        assert_eq!(again.status.metric_results[0].consecutive_error, 2);
+    }
+
+    #[tokio::test]
     async fn a_broken_spec_ends_the_run_before_measuring() {
         let mut broken = metric(10, None);
         broken.failure_condition = Some("result >".into());
