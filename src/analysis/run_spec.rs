@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::args;
+use super::builtin::builtin_query;
 use super::condition::Conditions;
 use super::verdict::{MetricLimits, VerdictError};
 use crate::crd::analysis::{
@@ -15,7 +16,7 @@ use crate::crd::rollout::{
     AnalysisArgument, AnalysisTemplateRef, BackgroundAnalysis, PodTemplateHashValue,
     RolloutAnalysis,
 };
-use crate::crd::Rollout;
+use crate::crd::{ManifestDuration, Rollout};
 use crate::strategy::types::TemplateKey;
 
 /// Why no AnalysisRun can be built from the spec: each is an invalid spec.
@@ -375,6 +376,25 @@ fn validate_metric(
                 arg,
             });
         }
+    }
+    // The runner ends a run in Error before measuring when one of these does not parse.
+    for (field, duration) in [
+        ("interval", &metric.interval),
+        ("initialDelay", &metric.initial_delay),
+        ("provider.prometheus.timeout", &prometheus.timeout),
+    ] {
+        if let Some(Err(error)) = duration.as_ref().map(ManifestDuration::to_duration) {
+            return Err(invalid(format!("{field}: {error}")));
+        }
+    }
+    // A built-in check's window and metric names do not depend on argument values: building the query with
+    // stand-in values finds what would end every measurement in an error.
+    if let Some(check) = &prometheus.check {
+        let stand_ins: BTreeMap<String, String> = declared
+            .keys()
+            .map(|name| (name.clone(), "x".to_string()))
+            .collect();
+        builtin_query(check, &stand_ins).map_err(|error| invalid(error.to_string()))?;
     }
     Ok(())
 }
@@ -850,6 +870,45 @@ mod tests {
             args: vec![],
         };
         assert!(build_run_spec(&request, &map, &rollout(), "s", "c").is_ok());
+    }
+
+    #[test]
+    fn settings_the_runner_would_stop_on_are_invalid_specs() {
+        let run_spec_error = |metric: Metric| {
+            let templates = vec![(key("t"), template(vec![], vec![metric]))];
+            build_run_spec(&analysis(&["t"], vec![]), &templates, &rollout(), "s", "c")
+                .unwrap_err()
+                .to_string()
+        };
+        let mut bad_interval = metric("m", "up");
+        bad_interval.interval = Some(ManifestDuration::Text("soon".into()));
+        assert_eq!(
+            run_spec_error(bad_interval),
+            r#"metric "m": interval: duration "soon" is not a number of seconds or a string like 30s, 5m or 1h30m"#
+        );
+        let mut bad_delay = metric("m", "up");
+        bad_delay.initial_delay = Some(ManifestDuration::Seconds(-5));
+        assert!(run_spec_error(bad_delay).starts_with(r#"metric "m": initialDelay: "#));
+        let mut bad_timeout = metric("m", "up");
+        if let Some(p) = bad_timeout.provider.prometheus.as_mut() {
+            p.timeout = Some(ManifestDuration::Text("".into()));
+        }
+        assert!(
+            run_spec_error(bad_timeout).starts_with(r#"metric "m": provider.prometheus.timeout: "#)
+        );
+        let mut bad_window = metric("m", "unused");
+        if let Some(p) = bad_window.provider.prometheus.as_mut() {
+            p.query = None;
+            p.check = Some(BuiltinCheck {
+                service: "checkout".into(),
+                window: Some(ManifestDuration::Text("0s".into())),
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            run_spec_error(bad_window),
+            r#"metric "m": check window: must be longer than zero"#
+        );
     }
 
     #[test]

@@ -418,6 +418,11 @@ fn analyses_that_cannot_start_are_invalid_specs_naming_the_field() {
         ),
         (
             canary(),
+            broken_template(json!({"interval": "soon"})),
+            r#"spec.strategy.canary.steps[2].analysis.templates[0]: analysis cannot start: metric "error-rate": interval: duration "soon" is not"#,
+        ),
+        (
+            canary(),
             broken_template(json!({"provider": {"prometheus": {
                 "address": "http://prometheus:9090", "query": "up{job=\"{{args.job}}\"}"
             }}})),
