@@ -180,7 +180,17 @@ pub async fn run_until(
         });
         return handle.wait_for_exit().await;
     };
+    let mut lost_before = false;
     loop {
+        if lost_before {
+            // The Lease still names this replica until it expires, and a candidate may take a Lease that
+            // names itself: without this pause the replica whose renewals just failed would win it back
+            // before a healthy standby could take over.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(lease.lease_duration) => {}
+            }
+        }
         let leadership = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
@@ -204,6 +214,7 @@ pub async fn run_until(
                 handle.kill();
                 metrics.set_leader(false);
                 drop(leadership);
+                lost_before = true;
             }
             _ = shutdown.cancelled() => {
                 let stopped = handle.stop().await;
