@@ -311,11 +311,18 @@ async fn a_killed_leader_is_replaced_and_only_the_holder_of_the_lease_ever_write
         only_the_holder_writes(world, timing);
         serving_never_below(state, REPLICAS);
     };
-    let healthy = until(&world, "web", "v1 Healthy under serin-a", check, |s| {
-        s.is(RolloutPhase::Healthy)
-            && s.stable_hash()
-                .is_some_and(|h| s.ready_of(&h) == REPLICAS && s.current_hash() == Some(h))
-    })
+    let first_rollout = |world: &World, _: &State| only_the_holder_writes(world, timing);
+    let healthy = until(
+        &world,
+        "web",
+        "v1 Healthy under serin-a",
+        first_rollout,
+        |s| {
+            s.is(RolloutPhase::Healthy)
+                && s.stable_hash()
+                    .is_some_and(|h| s.ready_of(&h) == REPLICAS && s.current_hash() == Some(h))
+        },
+    )
     .await;
     let v1 = healthy.stable_hash().unwrap_or_default();
     world.when_image_changes("web", "web:2").await;

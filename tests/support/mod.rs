@@ -566,14 +566,20 @@ impl World {
             .await;
     }
 
-    /// Waits (bounded) until `user` has made no write for `quiet`.
+    /// Waits (bounded) until `user` has made no write, Lease renewals aside, for `quiet`.
     pub async fn wait_for_quiet_writer(&self, user: &str, quiet: Duration, timeout: Duration) {
+        let writes = || {
+            self.sim
+                .request_log()
+                .filter(|r| r.user == user && is_write(r) && r.resource != "leases")
+                .len()
+        };
         let deadline = Instant::now() + timeout;
-        let mut seen = self.sim.request_log().writes_by(user).len();
+        let mut seen = writes();
         let mut since = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = self.sim.request_log().writes_by(user).len();
+            let now = writes();
             if now != seen {
                 seen = now;
                 since = Instant::now();
@@ -707,8 +713,9 @@ pub fn accepted_lease_writes(records: &[RequestRecord]) -> Vec<RequestRecord> {
     let mut writes: Vec<RequestRecord> = records
         .iter()
         .filter(|r| {
+            // A create is sent to the collection, so it names no object; tests use one Lease.
             r.resource == "leases"
-                && r.name.as_deref() == Some(LEASE_NAME)
+                && (r.name.as_deref() == Some(LEASE_NAME) || r.verb == "create")
                 && is_write(r)
                 && r.status < 300
         })
