@@ -183,9 +183,10 @@ async fn a_restart_with_a_lagging_replica_set_cache_plans_nothing_until_the_cach
             Instant::now() < deadline && poll < MAX_POLLS,
             "never settled back at step 1"
         );
-        let listed = controller_listed_replica_sets(&world);
-        let ready = probe.ready().await;
+        // In this order: a /readyz that said ready must find the completed list already in the log.
         let reconciles = world.controller().metrics().total_reconciles();
+        let ready = probe.ready().await;
+        let listed = controller_listed_replica_sets(&world);
         let state = world.state_by_name("pay", &rs_names).await;
         safety.check(&state);
         serving_never_below(&state, REPLICAS);
