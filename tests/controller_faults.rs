@@ -443,6 +443,14 @@ async fn a_leader_whose_renewals_fail_stops_writing_before_the_standby_takes_ove
     fail_lease_renewals_of_serin_a(&world);
     let last_renewal = wait_past_renew_deadline(&world, timing).await;
     let fenced_from = last_renewal + timing.renew_deadline;
+    // The renewer's timer may fire late on a busy machine; give it a bounded while to stop the reconcilers
+    // (whether it did is asserted below, from what serin-a went on to do).
+    for _ in 0..80 {
+        if !a.metrics.is_leader() {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
     let a_reconciles = a.metrics.total_reconciles();
     world.sim.faults().clear();
 
