@@ -237,6 +237,23 @@ async fn a_restart_with_a_lagging_replica_set_cache_plans_nothing_until_the_cach
         .request_log()
         .filter(|r| r.verb == "create" && r.resource == "replicasets" && r.time >= restarted_at);
     assert!(creates.is_empty(), "ReplicaSets created: {creates:#?}");
+
+    // The restarted controller works once its caches are complete: a promote moves it one step on.
+    world.when_command("pay", ManualCommand::Promote).await;
+    safety.last_step = 3;
+    // setWeight 50 may resize the stable; what must hold then is the pods serving (safety rule 3).
+    safety.stable_floor = 0;
+    until(
+        &world,
+        "pay",
+        "promoted to the pause at step 3",
+        |_, state| {
+            safety.check(state);
+            serving_never_below(state, REPLICAS);
+        },
+        |s| s.is(RolloutPhase::Paused) && s.step() == Some(3) && s.weight() == 50,
+    )
+    .await;
     world.stop().await;
 }
 
