@@ -472,11 +472,13 @@ async fn wait_until(state: &ServerState, until: tokio::time::Instant) {
 /// resourceVersion.
 fn expired_watch(requested: u64, oldest: u64) -> Result<Response, ApiError> {
     let line = expired_line(requested, oldest);
+    // Streamed like every watch; a fixed-length body would contradict the chunked encoding.
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(line) });
     Response::builder()
         .status(200)
         .header("content-type", "application/json")
         .header("transfer-encoding", "chunked")
-        .body(Body::from(line))
+        .body(Body::from_stream(stream))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
