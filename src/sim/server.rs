@@ -309,10 +309,17 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
             .unwrap_or("")
             .to_string()
     };
-    let user = header("authorization")
-        .strip_prefix("Bearer ")
-        .map(str::to_string)
-        .unwrap_or_else(|| "system:anonymous".into());
+    // client-go (kubectl) sends no bearer token over plain http but does send impersonation, which a
+    // real server also logs and authorizes as the impersonated user.
+    let impersonated = header("impersonate-user");
+    let user = if impersonated.is_empty() {
+        header("authorization")
+            .strip_prefix("Bearer ")
+            .map(str::to_string)
+            .unwrap_or_else(|| "system:anonymous".into())
+    } else {
+        impersonated
+    };
     let content_type = header("content-type");
 
     let mut record = RequestRecord {
