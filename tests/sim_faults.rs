@@ -498,7 +498,7 @@ async fn holds_are_scoped_by_namespace_and_user_and_lists_wait_for_them() -> Tes
         sim.faults().clear();
 
         // A hold for one user lags only that user's cache.
-        let hold = Duration::from_millis(1500);
+        let hold = Duration::from_secs(3);
         let started = Instant::now();
         sim.faults()
             .hold_watch_events(WatchScope::new("", "configmaps").user("controller"), hold);
@@ -552,7 +552,7 @@ async fn dropped_events_are_never_delivered_then_the_watch_closes_and_clients_re
         let mut raw = api.watch(&WatchParams::default(), &version).await?.boxed();
         let lists_before = sim.request_log().matching("list", "configmaps").len();
 
-        let window = Duration::from_secs(1);
+        let window = Duration::from_secs(2);
         let started = Instant::now();
         sim.faults()
             .drop_watch_events(WatchScope::new("", "configmaps"), window);
@@ -603,6 +603,61 @@ async fn dropped_events_are_never_delivered_then_the_watch_closes_and_clients_re
         .await?;
         assert!(sim.request_log().matching("list", "configmaps").len() > lists_before);
         driver.abort();
+        sim.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_watch_that_dropped_an_event_delivers_nothing_after_it() -> TestResult {
+    with_timeout(async {
+        let sim = SimCluster::start(SimConfig::api_only()).await?;
+        let client = sim.client().await?;
+        let other: Namespace = serde_json::from_value(json!({"metadata": {"name": "other"}}))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &other)
+            .await?;
+        let everywhere = Api::<ConfigMap>::all(client.clone());
+        let version = everywhere
+            .list(&ListParams::default())
+            .await?
+            .metadata
+            .resource_version
+            .unwrap_or_default();
+        let mut raw = everywhere
+            .watch(&WatchParams::default(), &version)
+            .await?
+            .boxed();
+        let window = Duration::from_secs(1);
+        let started = Instant::now();
+        sim.faults()
+            .drop_watch_events(WatchScope::new("", "configmaps").namespace(NS), window);
+        Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &config_map("lost", "1"))
+            .await?;
+        Api::<ConfigMap>::namespaced(client.clone(), "other")
+            .create(&PostParams::default(), &config_map("after-the-break", "1"))
+            .await?;
+        let rest: Vec<_> = tokio::time::timeout(SETTLE, raw.by_ref().collect::<Vec<_>>()).await?;
+        assert!(started.elapsed() >= window);
+        let delivered: Vec<_> = rest
+            .iter()
+            .filter(|e| !matches!(e, Ok(WatchEvent::Bookmark(_))))
+            .collect();
+        assert!(
+            delivered.is_empty(),
+            "a later event of another namespace passed the broken watch: {delivered:?}"
+        );
+        // A watch of the other namespace alone was never in the scope and got its event.
+        let mut other_watch = Api::<ConfigMap>::namespaced(client.clone(), "other")
+            .watch(&WatchParams::default(), &version)
+            .await?
+            .boxed();
+        match tokio::time::timeout(SETTLE, other_watch.try_next()).await?? {
+            Some(WatchEvent::Added(map)) => assert_eq!(map.name_any(), "after-the-break"),
+            other => panic!("expected the other namespace's event, got {other:?}"),
+        }
         sim.shutdown().await;
         Ok(())
     })

@@ -872,6 +872,10 @@ fn start_watch(
         let key = target.info.key();
         // The end of the latest drop window this watch was open in: it is closed then.
         let mut close_at: Option<tokio::time::Instant> = None;
+        // Once an event was dropped the watch delivers nothing more, bookmarks included, as if the
+        // connection broke there: a client that learnt a later resourceVersion would resume past the
+        // dropped events and never relist.
+        let mut broken = false;
         loop {
             let now = tokio::time::Instant::now();
             if close_at.is_some_and(|at| now >= at) {
@@ -893,8 +897,9 @@ fn start_watch(
                     let had_events = !events.is_empty();
                     for event in events {
                         match gate.fate(&event.namespace, event.resource_version) {
-                            EventFate::Deliver => {}
-                            EventFate::Drop => {
+                            EventFate::Deliver if !broken => {}
+                            EventFate::Deliver | EventFate::Drop => {
+                                broken = true;
                                 cursor = event.resource_version;
                                 continue;
                             }
@@ -944,7 +949,7 @@ fn start_watch(
                 }
                 _ = tokio::time::sleep_until(held_until.unwrap_or(deadline)), if held_until.is_some() => {}
                 _ = tokio::time::sleep_until(close_at.unwrap_or(deadline)), if close_at.is_some() => return,
-                _ = bookmark_timer.tick(), if bookmarks => {
+                _ = bookmark_timer.tick(), if bookmarks && !broken => {
                     if sender.send(bookmark_line(&target, cursor, false)).await.is_err() {
                         return;
                     }
