@@ -1,6 +1,9 @@
 //! The simulated API server through kube-rs: CRUD, selectors, paging, subresources, deletion, patches,
 //! watches, faults, bad input and the upstream Gateway API / Istio CRDs.
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -1221,19 +1224,7 @@ async fn discovery_lists_builtins_and_crds() {
 
 /// `$CARGO_MANIFEST_DIR/../shared/fixtures/upstream-crds`, or the same under a further ancestor (git worktrees).
 fn upstream_dir() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let expected = manifest.join("../shared/fixtures/upstream-crds");
-    manifest
-        .ancestors()
-        .skip(1)
-        .map(|ancestor| ancestor.join("shared/fixtures/upstream-crds"))
-        .find(|candidate| candidate.is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "upstream CRD fixtures missing: expected them at {}",
-                expected.display()
-            )
-        })
+    fixtures::upstream_crds().unwrap_or_else(|why| panic!("{why}"))
 }
 
 async fn apply_upstream_crds(client: &Client) {
@@ -1266,6 +1257,11 @@ async fn apply_upstream_crds(client: &Client) {
 
 #[tokio::test]
 async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
+    let Some(_fixtures) =
+        fixtures::upstream_crds_or_skip("upstream_gateway_and_istio_crds_apply_and_serve_objects")
+    else {
+        return;
+    };
     let (sim, client) = start().await;
     apply_upstream_crds(&client).await;
     let routes: Api<DynamicObject> = Api::namespaced_with(
@@ -1326,6 +1322,11 @@ async fn upstream_gateway_and_istio_crds_apply_and_serve_objects() {
 
 #[tokio::test]
 async fn upstream_crd_objects_are_pruned_and_validated() {
+    let Some(_fixtures) =
+        fixtures::upstream_crds_or_skip("upstream_crd_objects_are_pruned_and_validated")
+    else {
+        return;
+    };
     let (sim, client) = start().await;
     apply_upstream_crds(&client).await;
     let routes: Api<DynamicObject> = Api::namespaced_with(
