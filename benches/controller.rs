@@ -2,7 +2,11 @@
 //! docs/benchmarks/controller.md):
 //! 1. time from a Rollout change to the controller's first write (p50, p99),
 //! 2. API requests and writes per canary step,
-//! 3. reconciles per second over many Rollouts (`SERIN_BENCH_ROLLOUTS`, default 1000).
+//! 3. the cost of a reconcile over many settled Rollouts (`SERIN_BENCH_ROLLOUTS`, default 1000): a fresh
+//!    controller's first pass, then a resync pass (mean duration and CPU time per reconcile).
+//!
+//! `SERIN_BENCH_PARTS` (latency, writes, reconciles; comma-separated) runs only some parts;
+//! `SERIN_BENCH_VERBOSE` lists every write of the canary measured in part 2.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -124,7 +128,7 @@ async fn cluster() -> Cluster {
     Cluster { sim, admin }
 }
 
-async fn controller(cluster: &Cluster, concurrency: u16) -> ControllerHandle {
+async fn controller(cluster: &Cluster, concurrency: u16, resync: Duration) -> ControllerHandle {
     let client = cluster
         .sim
         .client_as(CONTROLLER)
@@ -134,6 +138,7 @@ async fn controller(cluster: &Cluster, concurrency: u16) -> ControllerHandle {
         client,
         ControllerConfig {
             concurrency,
+            resync,
             ..ControllerConfig::default()
         },
     )
@@ -149,7 +154,7 @@ async fn controller(cluster: &Cluster, concurrency: u16) -> ControllerHandle {
 /// Time from a template change to the controller's first write, over `samples` changes.
 async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
     let cluster = cluster().await;
-    let handle = controller(&cluster, 4).await;
+    let handle = controller(&cluster, 4, Duration::from_secs(300)).await;
     create_rollout(&cluster.admin, "lat", 1, json!([])).await;
     assert!(wait_all_healthy(&cluster.admin, 1, Duration::from_secs(30)).await);
     let rollouts: Api<Rollout> = Api::namespaced(cluster.admin.clone(), NS);
@@ -221,7 +226,7 @@ async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
 /// Requests and writes per step over a 4-step canary, by kind of request.
 async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
     let cluster = cluster().await;
-    let handle = controller(&cluster, 4).await;
+    let handle = controller(&cluster, 4, Duration::from_secs(300)).await;
     let steps =
         json!([{"setWeight": 25}, {"setWeight": 50}, {"setWeight": 75}, {"setWeight": 100}]);
     create_rollout(&cluster.admin, "steps", 4, steps).await;
@@ -251,6 +256,24 @@ async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
                 && r.resource != "events"
         })
         .collect();
+    if std::env::var_os("SERIN_BENCH_VERBOSE").is_some() {
+        for r in &writes {
+            println!(
+                "    {:?} {} {} {}{} {}",
+                r.time
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default(),
+                r.status,
+                r.verb,
+                r.resource,
+                r.subresource
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+                r.name.as_deref().unwrap_or("")
+            );
+        }
+    }
     let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     for r in &requests {
         let sub = r
@@ -272,10 +295,22 @@ async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
     )
 }
 
-/// Reconciles per second when a fresh controller starts over `count` settled Rollouts.
-async fn reconciles_per_second(count: usize) -> (f64, Duration) {
+/// What a pass of reconciles over many settled Rollouts costs.
+struct Pass {
+    /// Reconciles per second over a fresh controller's first pass, from its start (cache lists included).
+    first_rate: f64,
+    first_took: Duration,
+    /// Mean duration of one reconcile in a resync pass (caches full, nothing to write), from the histogram.
+    mean: Duration,
+    /// Process CPU time per reconcile over that resync pass (the in-process sim is idle meanwhile: no reads
+    /// reach it and nothing is written).
+    cpu: Duration,
+}
+
+/// A fresh controller over `count` settled Rollouts: its first pass, then one resync pass over all of them.
+async fn reconcile_passes(count: usize) -> Pass {
     let cluster = cluster().await;
-    let first = controller(&cluster, 8).await;
+    let first = controller(&cluster, 8, Duration::from_secs(300)).await;
     for index in 0..count {
         create_rollout(&cluster.admin, &format!("r{index}"), 0, json!([])).await;
     }
@@ -284,17 +319,72 @@ async fn reconciles_per_second(count: usize) -> (f64, Duration) {
         "all Rollouts became Healthy"
     );
     let _ = first.stop().await;
+    // Nothing changes from here on: the workload simulator would only add its own CPU to the measure.
+    cluster.sim.stop_workload().await.expect("workload stopped");
+    let resync = Duration::from_secs(5);
     let started = Instant::now();
-    let second = controller(&cluster, 8).await;
+    let second = controller(&cluster, 8, resync).await;
+    let target = count as u64;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while second.metrics().total_reconciles() < count as u64 && Instant::now() < deadline {
+    while second.metrics().total_reconciles() < target && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let took = started.elapsed();
-    let done = second.metrics().total_reconciles();
+    let first_took = started.elapsed();
+    let first_done = second.metrics().total_reconciles();
+    // The resync pass starts when the first Rollout comes round again; measuring from then keeps the idle
+    // wait before it out of the CPU figure.
+    while second.metrics().total_reconciles() <= target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (sum_before, count_before) = reconcile_histogram(&second.metrics().encode());
+    let cpu_before = process_cpu();
+    while second.metrics().total_reconciles() < 2 * target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    let (sum_after, count_after) = reconcile_histogram(&second.metrics().encode());
     let _ = second.stop().await;
     cluster.sim.shutdown().await;
-    (done as f64 / took.as_secs_f64(), took)
+    let reconciles = (count_after - count_before).max(1.0);
+    Pass {
+        first_rate: first_done as f64 / first_took.as_secs_f64(),
+        first_took,
+        mean: Duration::from_secs_f64((sum_after - sum_before) / reconciles),
+        cpu: cpu.div_f64(reconciles),
+    }
+}
+
+/// User plus system CPU time of this process so far (from /proc, in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the state field.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Sum and count of the `serin_reconcile_duration_seconds` histogram.
+fn reconcile_histogram(metrics: &str) -> (f64, f64) {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("serin_reconcile_duration_seconds_sum"),
+        value("serin_reconcile_duration_seconds_count"),
+    )
 }
 
 fn main() {
@@ -308,15 +398,27 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    // `SERIN_BENCH_PARTS` (comma-separated: latency, writes, reconciles) runs only those parts.
+    let parts = std::env::var("SERIN_BENCH_PARTS").unwrap_or_default();
+    let wanted = |part: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == part);
     runtime.block_on(async {
-        let (p50, p99, max) = reaction_latency(100).await;
-        println!("change -> first write: p50 {p50:?}, p99 {p99:?}, max {max:?} (100 samples)");
-        let (requests, writes, kinds) = requests_per_step().await;
-        println!("per step: {requests:.1} API requests, {writes:.1} object writes (4-step canary, 4 pods)");
-        for (kind, n) in kinds {
-            println!("  {n:>4}  {kind}");
+        if wanted("latency") {
+            let (p50, p99, max) = reaction_latency(100).await;
+            println!("change -> first write: p50 {p50:?}, p99 {p99:?}, max {max:?} (100 samples)");
         }
-        let (rate, took) = reconciles_per_second(count).await;
-        println!("{count} Rollouts: {rate:.0} reconciles/s ({took:?} for the initial pass of a fresh controller)");
+        if wanted("writes") {
+            let (requests, writes, kinds) = requests_per_step().await;
+            println!("per step: {requests:.1} API requests, {writes:.1} object writes (4-step canary, 4 pods)");
+            for (kind, n) in kinds {
+                println!("  {n:>4}  {kind}");
+            }
+        }
+        if wanted("reconciles") {
+            let pass = reconcile_passes(count).await;
+            println!(
+                "{count} Rollouts: fresh controller {:.0} reconciles/s ({:?} for its first pass); resync pass: {:?} per reconcile, {:?} CPU per reconcile",
+                pass.first_rate, pass.first_took, pass.mean, pass.cpu
+            );
+        }
     });
 }

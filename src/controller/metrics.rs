@@ -86,6 +86,18 @@ impl Metrics {
             reconcile_seconds.clone(),
         );
         registry.register("rollouts", "Rollouts by phase", rollouts_by_phase.clone());
+        for phase in [
+            "Progressing",
+            "Paused",
+            "Healthy",
+            "Degraded",
+            "Aborted",
+            "Unknown",
+        ] {
+            rollouts_by_phase
+                .get_or_create(&PhaseLabels { phase })
+                .set(0);
+        }
         registry.register(
             "canary_weight_percent",
             "Traffic weight the canary receives, per Rollout",
@@ -181,25 +193,20 @@ impl Metrics {
             return;
         };
         let phase = phase.map(|p| p.as_str()).unwrap_or("Unknown");
-        if phases.insert((namespace.to_string(), name.to_string()), phase) == Some(phase) {
+        let before = phases.insert((namespace.to_string(), name.to_string()), phase);
+        // Only the two phases involved move: recounting every Rollout here would make each reconcile cost
+        // as much as the number of Rollouts.
+        if before == Some(phase) {
             return;
         }
-        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
-        for phase in phases.values() {
-            *counts.entry(phase).or_default() += 1;
-        }
-        for phase in [
-            "Progressing",
-            "Paused",
-            "Healthy",
-            "Degraded",
-            "Aborted",
-            "Unknown",
-        ] {
+        if let Some(before) = before {
             self.rollouts_by_phase
-                .get_or_create(&PhaseLabels { phase })
-                .set(counts.get(phase).copied().unwrap_or(0));
+                .get_or_create(&PhaseLabels { phase: before })
+                .dec();
         }
+        self.rollouts_by_phase
+            .get_or_create(&PhaseLabels { phase })
+            .inc();
     }
 
     /// Reconciles finished since start.
@@ -333,6 +340,10 @@ mod tests {
         );
         assert!(
             text.contains("serin_rollouts{phase=\"Healthy\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_rollouts{phase=\"Paused\"} 0"),
             "{text}"
         );
         assert!(

@@ -1,6 +1,7 @@
 //! The reconciler: observe the cluster, call the pure planner, apply its actions in safe order, write status.
 
 pub mod act;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -20,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::task::JoinHandle;
@@ -29,12 +30,14 @@ use tokio_util::sync::CancellationToken;
 pub use act::{act, act_fenced, ActError};
 pub use leader::{Fence, Fenced};
 pub use metrics::Metrics;
-pub use observe::{observe, ObserveError, Sources};
+pub use observe::{observe, Caches, ObserveError, Sources};
 pub use sync::{Cache, CacheGate, CacheState, GateVerdict};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::{labels, Rollout, RolloutStatus};
 use crate::strategy::Plan;
+use crate::traffic::{ObjectKey, RoutingKind};
+use index::ReferenceIndex;
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -515,42 +518,37 @@ fn spawn_scope(
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
     let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
-    let (rs_reader, rs_writer) = reflector::store::<ReplicaSet>();
-    let (svc_reader, svc_writer) = reflector::store::<Service>();
-    let (run_reader, run_writer) = reflector::store::<AnalysisRun>();
+    let caches = Caches::default();
+    let references = Arc::new(ReferenceIndex::new());
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
     let rollout_stream = watcher(rollouts, watcher::Config::default())
         .default_backoff()
         .reflect(rollout_writer)
+        .inspect_ok(references.feeder())
         .inspect_ok(gate.tracker(Cache::Rollouts))
         .applied_objects()
         .predicate_filter(rollout_trigger_hash, Default::default());
     let rs_stream = watcher(replica_sets, owned.clone())
         .default_backoff()
-        .reflect(rs_writer)
+        .inspect_ok(caches.replica_sets.feeder())
         .inspect_ok(gate.tracker(Cache::ReplicaSets))
         .touched_objects();
     let run_stream = watcher(runs, owned)
         .default_backoff()
-        .reflect(run_writer)
+        .inspect_ok(caches.analysis_runs.feeder())
         .inspect_ok(gate.tracker(Cache::AnalysisRuns))
         .touched_objects();
     let svc_stream = watcher(services, watcher::Config::default())
         .default_backoff()
-        .reflect(svc_writer)
+        .inspect_ok(caches.services.feeder())
         .inspect_ok(gate.tracker(Cache::Services))
         .touched_objects();
 
     let context = Arc::new(ScopeContext {
         written: Default::default(),
         client: client.clone(),
-        sources: Sources {
-            client,
-            replica_sets: Some(rs_reader),
-            services: Some(svc_reader),
-            analysis_runs: Some(run_reader),
-        },
+        sources: Sources::cached(client, caches),
         recorder,
         metrics,
         error_backoff: config.error_backoff,
@@ -559,12 +557,15 @@ fn spawn_scope(
         fence,
     });
 
-    let mapper_reader = rollout_reader.clone();
     let controller = Controller::for_stream(rollout_stream, rollout_reader)
         .owns_stream(rs_stream)
         .owns_stream(run_stream)
         .watches_stream(svc_stream, move |service: Service| {
-            rollouts_naming(&mapper_reader, &service)
+            references.rollouts_naming(&ObjectKey::new(
+                RoutingKind::Service,
+                &service.namespace().unwrap_or_default(),
+                &service.name_any(),
+            ))
         })
         .with_config(RuntimeConfig::default().concurrency(config.concurrency))
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
@@ -575,18 +576,6 @@ fn spawn_scope(
             }
         });
     tokio::spawn(controller)
-}
-
-fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRef<Rollout>> {
-    let namespace = service.namespace();
-    let name = service.name_any();
-    rollouts
-        .state()
-        .iter()
-        .filter(|rollout| rollout.namespace() == namespace)
-        .filter(|rollout| observe::service_names(&rollout.spec.strategy).contains(&name))
-        .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
-        .collect()
 }
 
 /// How long a reconcile waits for the caches before it gives its slot back and comes again.

@@ -1,12 +1,14 @@
 //! Reads what a Rollout owns and names (ReplicaSets, Services, AnalysisRuns, templates) into one `Observed`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::ListParams;
-use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
+
+use super::index::IndexedCache;
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::rollout::{AnalysisTemplateRef, RolloutStrategy};
@@ -62,13 +64,19 @@ impl ObserveError {
     }
 }
 
-/// Where observations come from: reflector stores when the controller runs them, the API otherwise.
+/// The controller's watch caches, indexed for the lookups a reconcile makes.
+#[derive(Clone, Default)]
+pub struct Caches {
+    pub replica_sets: Arc<IndexedCache<ReplicaSet>>,
+    pub services: Arc<IndexedCache<Service>>,
+    pub analysis_runs: Arc<IndexedCache<AnalysisRun>>,
+}
+
+/// Where observations come from: the controller's watch caches when it runs them, the API otherwise.
 #[derive(Clone)]
 pub struct Sources {
     pub client: Client,
-    pub replica_sets: Option<Store<ReplicaSet>>,
-    pub services: Option<Store<Service>>,
-    pub analysis_runs: Option<Store<AnalysisRun>>,
+    pub caches: Option<Caches>,
 }
 
 impl Sources {
@@ -76,9 +84,15 @@ impl Sources {
     pub fn direct(client: Client) -> Sources {
         Sources {
             client,
-            replica_sets: None,
-            services: None,
-            analysis_runs: None,
+            caches: None,
+        }
+    }
+
+    /// Observations read from `caches`.
+    pub fn cached(client: Client, caches: Caches) -> Sources {
+        Sources {
+            client,
+            caches: Some(caches),
         }
     }
 }
@@ -92,13 +106,12 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     let uid = rollout.uid().unwrap_or_default();
     let selector = format!("{}={}", labels::ROLLOUT_NAME, name);
 
-    let replica_sets: Vec<ReplicaSet> = match &sources.replica_sets {
-        Some(store) => store
-            .state_filter(|rs| {
-                rs.namespace().as_deref() == Some(namespace.as_str()) && is_controlled_by(rs, &uid)
-            })
+    let replica_sets: Vec<ObservedReplicaSet> = match &sources.caches {
+        Some(caches) => caches
+            .replica_sets
+            .controlled_by(&namespace, &uid)
             .iter()
-            .map(|rs| (**rs).clone())
+            .map(|rs| observed_replica_set(rs))
             .collect(),
         None => {
             let api: Api<ReplicaSet> = Api::namespaced(sources.client.clone(), &namespace);
@@ -106,21 +119,20 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
                 .await
                 .map_err(ObserveError::ListReplicaSets)?
                 .items
-                .into_iter()
-                .filter(|rs| is_controlled_by(rs, &uid))
+                .iter()
+                .filter(|rs| is_controlled_by(*rs, &uid))
+                .map(observed_replica_set)
                 .collect()
         }
     };
 
     let mut services = BTreeMap::new();
     for service_name in service_names(&rollout.spec.strategy) {
-        let found = match &sources.services {
-            Some(store) => store
-                .find(|svc| {
-                    svc.namespace().as_deref() == Some(namespace.as_str())
-                        && svc.name_any() == service_name
-                })
-                .map(|svc| (*svc).clone()),
+        let found = match &sources.caches {
+            Some(caches) => caches
+                .services
+                .get(&namespace, &service_name)
+                .map(|svc| observed_service(&svc)),
             None => {
                 let api: Api<Service> = Api::namespaced(sources.client.clone(), &namespace);
                 api.get_opt(&service_name)
@@ -129,21 +141,20 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
                         name: service_name.clone(),
                         source,
                     })?
+                    .map(|svc| observed_service(&svc))
             }
         };
         if let Some(service) = found {
-            services.insert(service_name.clone(), observed_service(&service));
+            services.insert(service_name.clone(), service);
         }
     }
 
-    let analysis_runs: Vec<AnalysisRun> = match &sources.analysis_runs {
-        Some(store) => store
-            .state_filter(|run| {
-                run.namespace().as_deref() == Some(namespace.as_str())
-                    && is_controlled_by(run, &uid)
-            })
+    let analysis_runs: Vec<ObservedAnalysisRun> = match &sources.caches {
+        Some(caches) => caches
+            .analysis_runs
+            .controlled_by(&namespace, &uid)
             .iter()
-            .map(|run| (**run).clone())
+            .filter_map(|run| observed_analysis_run(run))
             .collect(),
         None => {
             let api: Api<AnalysisRun> = Api::namespaced(sources.client.clone(), &namespace);
@@ -151,8 +162,9 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
                 .await
                 .map_err(ObserveError::ListAnalysisRuns)?
                 .items
-                .into_iter()
-                .filter(|run| is_controlled_by(run, &uid))
+                .iter()
+                .filter(|run| is_controlled_by(*run, &uid))
+                .filter_map(observed_analysis_run)
                 .collect()
         }
     };
@@ -171,14 +183,11 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     }
 
     Ok(Observed {
-        replica_sets: replica_sets.iter().map(observed_replica_set).collect(),
+        replica_sets,
         services,
         // Without a router (None) the planner routes by replica counts behind the Services.
         traffic: crate::traffic::observe(&sources.client, rollout).await,
-        analysis_runs: analysis_runs
-            .iter()
-            .filter_map(observed_analysis_run)
-            .collect(),
+        analysis_runs,
         analysis_templates,
     })
 }
