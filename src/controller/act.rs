@@ -14,6 +14,7 @@ use super::observe::purpose_labels;
 use crate::crd::analysis::{AnalysisRun, AnalysisRunSpec};
 use crate::crd::{labels, Rollout};
 use crate::strategy::{Action, AnalysisPurpose};
+use crate::traffic::DesiredTraffic;
 
 /// Why an action could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,25 @@ impl ActError {
     }
 }
 
+/// A write that succeeded, as the server answered it (for the expectations laid over lagging caches).
+#[derive(Clone, Debug)]
+pub enum Written {
+    /// A ReplicaSet created (or found already created with the same hash), scaled or annotated.
+    ReplicaSet {
+        object: Box<ReplicaSet>,
+        created: bool,
+    },
+    /// A ReplicaSet deleted (the uid when the server returned the object).
+    ReplicaSetDeleted { name: String, uid: Option<String> },
+    /// A Service's selector pinned to a hash, or unpinned.
+    Selector {
+        service: String,
+        pod_template_hash: Option<String>,
+    },
+    /// The router made to carry this traffic.
+    Traffic(DesiredTraffic),
+}
+
 /// Applies `actions` in order; the first failure stops the rest, so a later action never runs without the
 /// earlier ones it depends on (weight before selectors before scale-down).
 pub async fn act(
@@ -117,6 +137,17 @@ pub async fn act_fenced(
     fence: &Fence,
     rollout: &Rollout,
     actions: &[Action],
+) -> Result<usize, ActError> {
+    act_recorded(client, fence, rollout, actions, &mut Vec::new()).await
+}
+
+/// Like [`act_fenced`], adding each write that succeeded to `written`, also when a later one fails.
+pub async fn act_recorded(
+    client: &Client,
+    fence: &Fence,
+    rollout: &Rollout,
+    actions: &[Action],
+    written: &mut Vec<Written>,
 ) -> Result<usize, ActError> {
     let namespace = rollout
         .namespace()
@@ -155,7 +186,10 @@ pub async fn act_fenced(
                     template,
                 );
                 match replica_sets.create(&post_params, &rs).await {
-                    Ok(_) => {}
+                    Ok(created) => written.push(Written::ReplicaSet {
+                        object: Box::new(created),
+                        created: true,
+                    }),
                     Err(kube::Error::Api(status)) if status.is_already_exists() => {
                         // After a restart the ReplicaSet may already be there: the same hash means the same
                         // pods, so the create already happened.
@@ -166,12 +200,19 @@ pub async fn act_fenced(
                             }
                         })?;
                         let found = existing
+                            .as_ref()
                             .and_then(|rs| rs.labels().get(labels::POD_TEMPLATE_HASH).cloned());
                         if found.as_deref() != Some(pod_template_hash.as_str()) {
                             return Err(ActError::ReplicaSetNameTaken {
                                 name: name.clone(),
                                 expected: pod_template_hash.clone(),
                                 found,
+                            });
+                        }
+                        if let Some(existing) = existing {
+                            written.push(Written::ReplicaSet {
+                                object: Box::new(existing),
+                                created: true,
                             });
                         }
                     }
@@ -184,7 +225,7 @@ pub async fn act_fenced(
                 }
             }
             Action::ScaleReplicaSet { name, replicas } => {
-                replica_sets
+                let scaled = replica_sets
                     .patch(
                         name,
                         &patch_params,
@@ -195,17 +236,25 @@ pub async fn act_fenced(
                         name: name.clone(),
                         source,
                     })?;
+                written.push(Written::ReplicaSet {
+                    object: Box::new(scaled),
+                    created: false,
+                });
             }
             Action::SetRevision { name, revision } => {
                 let patch =
                     json!({"metadata": {"annotations": {labels::REVISION: revision.to_string()}}});
-                replica_sets
+                let annotated = replica_sets
                     .patch(name, &patch_params, &Patch::Merge(patch))
                     .await
                     .map_err(|source| ActError::SetRevision {
                         name: name.clone(),
                         source,
                     })?;
+                written.push(Written::ReplicaSet {
+                    object: Box::new(annotated),
+                    created: false,
+                });
             }
             Action::DeleteReplicaSet { name } => {
                 let params = DeleteParams {
@@ -213,7 +262,10 @@ pub async fn act_fenced(
                     ..Default::default()
                 };
                 match replica_sets.delete(name, &params).await {
-                    Ok(_) => {}
+                    Ok(deleted) => written.push(Written::ReplicaSetDeleted {
+                        name: name.clone(),
+                        uid: deleted.left().and_then(|rs| rs.uid()),
+                    }),
                     Err(kube::Error::Api(status)) if status.is_not_found() => {}
                     Err(source) => {
                         return Err(ActError::DeleteReplicaSet {
@@ -238,6 +290,10 @@ pub async fn act_fenced(
                         name: service.clone(),
                         source,
                     })?;
+                written.push(Written::Selector {
+                    service: service.clone(),
+                    pod_template_hash: pod_template_hash.clone(),
+                });
             }
             Action::SetTraffic(desired) => {
                 // Without a traffic router the Service selectors and replica counts carry the weight, and the
@@ -246,6 +302,7 @@ pub async fn act_fenced(
                     crate::traffic::apply(client, rollout, desired)
                         .await
                         .map_err(ActError::SetTraffic)?;
+                    written.push(Written::Traffic(desired.clone()));
                 }
             }
             Action::CreateAnalysisRun {

@@ -1,10 +1,12 @@
 //! The reconciler: observe the cluster, call the pure planner, apply its actions in safe order, write status.
 
 pub mod act;
+pub mod expectations;
 pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod status_write;
 pub mod sync;
 
 use std::collections::hash_map::DefaultHasher;
@@ -27,10 +29,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use act::{act, act_fenced, ActError};
+pub use act::{act, act_fenced, act_recorded, ActError, Written};
 pub use leader::{Fence, Fenced};
 pub use metrics::Metrics;
 pub use observe::{observe, Caches, ObserveError, Sources};
+pub use status_write::{progress_write_interval, status_differs, status_write, StatusWrite};
 pub use sync::{Cache, CacheGate, CacheState, GateVerdict};
 
 use crate::crd::analysis::AnalysisRun;
@@ -627,17 +630,44 @@ async fn reconcile_rollout(
     for _attempt in 0..3 {
         let observed = observe(&context.sources, &current).await?;
         let plan = crate::strategy::plan(&current, &observed, Timestamp::now());
-        let applied =
-            match act_fenced(&context.client, &context.fence, &current, &plan.actions).await {
-                Ok(applied) => applied,
-                Err(error) => {
-                    let reason = failure_reason(error.category());
-                    publish(context, &current, true, &reason, &error.to_string()).await;
-                    return Err(error.into());
-                }
-            };
+        let mut written = Vec::new();
+        let acted = act_recorded(
+            &context.client,
+            &context.fence,
+            &current,
+            &plan.actions,
+            &mut written,
+        )
+        .await;
+        // Also the writes made before a failure: the next plan must not send them again.
+        if let Some(caches) = &context.sources.caches {
+            caches.record(&current, &written, Instant::now());
+        }
+        let applied = match acted {
+            Ok(applied) => applied,
+            Err(error) => {
+                let reason = failure_reason(error.category());
+                publish(context, &current, true, &reason, &error.to_string()).await;
+                return Err(error.into());
+            }
+        };
         context.metrics.wrote(applied as u64);
-        match write_status(&api, &context.fence, &current, &plan.status).await {
+        let when = status_write(
+            current.status.as_ref(),
+            &plan.status,
+            !plan.events.is_empty(),
+            Timestamp::now(),
+            progress_write_interval(&current),
+        );
+        let resync = match when {
+            StatusWrite::Later(wait) => resync_for(&current, context.resync).min(wait),
+            StatusWrite::Now | StatusWrite::Unchanged => resync_for(&current, context.resync),
+        };
+        let write = match when {
+            StatusWrite::Now => write_status(&api, &context.fence, &current, &plan.status).await,
+            StatusWrite::Later(_) | StatusWrite::Unchanged => Ok(None),
+        };
+        match write {
             Ok(written) => {
                 context.metrics.wrote(u64::from(written.is_some()));
                 if let Some(written) = written {
@@ -660,7 +690,7 @@ async fn reconcile_rollout(
                     plan.status.phase,
                     plan.status.current_weight,
                 );
-                return Ok(requeue_for(&plan, resync_for(&current, context.resync)));
+                return Ok(requeue_for(&plan, resync));
             }
             Err(StatusWriteError::Conflict) => {
                 current = api
@@ -721,17 +751,14 @@ enum StatusWriteError {
     Other(kube::Error),
 }
 
-/// Writes the planned status when it differs from the current one; the write carries the Rollout's
-/// resourceVersion, so it fails with a conflict instead of erasing a command written meanwhile.
+/// Writes the planned status; the write carries the Rollout's resourceVersion, so it fails with a conflict
+/// instead of erasing a command written meanwhile.
 async fn write_status(
     api: &Api<Rollout>,
     fence: &Fence,
     rollout: &Rollout,
     status: &RolloutStatus,
 ) -> Result<Option<Rollout>, StatusWriteError> {
-    if !status_differs(rollout.status.as_ref(), status) {
-        return Ok(None);
-    }
     fence.check().map_err(StatusWriteError::Fenced)?;
     let mut updated = rollout.clone();
     updated.status = Some(status.clone());
@@ -747,14 +774,6 @@ async fn write_status(
         Ok(written) => Ok(Some(written)),
         Err(kube::Error::Api(status)) if status.is_conflict() => Err(StatusWriteError::Conflict),
         Err(error) => Err(StatusWriteError::Other(error)),
-    }
-}
-
-/// Whether a status write is needed.
-pub fn status_differs(current: Option<&RolloutStatus>, planned: &RolloutStatus) -> bool {
-    match current {
-        Some(current) => current != planned,
-        None => planned != &RolloutStatus::default(),
     }
 }
 
@@ -870,20 +889,6 @@ mod tests {
     fn failure_reasons_are_the_category_in_pascal_case() {
         assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
         assert_eq!(failure_reason("set_traffic"), "SetTrafficFailed");
-    }
-
-    #[test]
-    fn an_unchanged_status_is_not_written() {
-        let status = RolloutStatus {
-            phase: Some(RolloutPhase::Healthy),
-            ..Default::default()
-        };
-        assert!(!status_differs(Some(&status), &status));
-        assert!(!status_differs(None, &RolloutStatus::default()));
-        assert!(status_differs(None, &status));
-        let mut moved = status.clone();
-        moved.current_weight = Some(20);
-        assert!(status_differs(Some(&status), &moved));
     }
 
     #[test]

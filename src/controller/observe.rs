@@ -2,12 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 
+use super::act::Written;
+use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::IndexedCache;
 
 use crate::crd::analysis::AnalysisRun;
@@ -19,6 +22,7 @@ use crate::strategy::{
     AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
     TemplateKey,
 };
+use crate::traffic::{ObjectKey, RoutingKind};
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
 pub mod analysis_kind {
@@ -64,12 +68,66 @@ impl ObserveError {
     }
 }
 
-/// The controller's watch caches, indexed for the lookups a reconcile makes.
+/// The controller's watch caches, indexed for the lookups a reconcile makes, and its own writes that they
+/// may not show yet.
 #[derive(Clone, Default)]
 pub struct Caches {
     pub replica_sets: Arc<IndexedCache<ReplicaSet>>,
     pub services: Arc<IndexedCache<Service>>,
     pub analysis_runs: Arc<IndexedCache<AnalysisRun>>,
+    pub expectations: Arc<Expectations>,
+}
+
+impl Caches {
+    /// The resourceVersion the Service cache holds for `name`, keyed as the expectations keep it.
+    fn service_version(&self, namespace: &str, name: &str) -> BTreeMap<ObjectKey, Option<String>> {
+        let version = self
+            .services
+            .get(namespace, name)
+            .and_then(|service| service.resource_version());
+        BTreeMap::from([(
+            ObjectKey::new(RoutingKind::Service, namespace, name),
+            version,
+        )])
+    }
+
+    /// Remembers what a reconcile of `rollout` wrote, until the caches show it.
+    pub fn record(&self, rollout: &Rollout, written: &[Written], now: Instant) {
+        let (Some(uid), Some(namespace)) = (rollout.uid(), rollout.namespace()) else {
+            return;
+        };
+        for write in written {
+            match write {
+                Written::ReplicaSet { object, created } => self.expectations.replica_set(
+                    &uid,
+                    &object.name_any(),
+                    ReplicaSetWrite::written(object, *created, now),
+                ),
+                Written::ReplicaSetDeleted { name, uid: deleted } => self.expectations.replica_set(
+                    &uid,
+                    name,
+                    ReplicaSetWrite::Deleted {
+                        uid: deleted.clone(),
+                        at: now,
+                    },
+                ),
+                Written::Selector {
+                    service,
+                    pod_template_hash,
+                } => self.expectations.selector(
+                    &uid,
+                    service,
+                    NamedWrite {
+                        versions: self.service_version(&namespace, service),
+                        value: pod_template_hash.clone(),
+                        at: now,
+                    },
+                ),
+                // Routing objects are read from the API server, which already shows the write.
+                Written::Traffic(_) => {}
+            }
+        }
+    }
 }
 
 /// Where observations come from: the controller's watch caches when it runs them, the API otherwise.
@@ -106,13 +164,13 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     let uid = rollout.uid().unwrap_or_default();
     let selector = format!("{}={}", labels::ROLLOUT_NAME, name);
 
+    let now = Instant::now();
     let replica_sets: Vec<ObservedReplicaSet> = match &sources.caches {
-        Some(caches) => caches
-            .replica_sets
-            .controlled_by(&namespace, &uid)
-            .iter()
-            .map(|rs| observed_replica_set(rs))
-            .collect(),
+        Some(caches) => caches.expectations.overlay_replica_sets(
+            &uid,
+            &caches.replica_sets.controlled_by(&namespace, &uid),
+            now,
+        ),
         None => {
             let api: Api<ReplicaSet> = Api::namespaced(sources.client.clone(), &namespace);
             api.list(&ListParams::default().labels(&selector))
@@ -129,10 +187,18 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     let mut services = BTreeMap::new();
     for service_name in service_names(&rollout.spec.strategy) {
         let found = match &sources.caches {
-            Some(caches) => caches
-                .services
-                .get(&namespace, &service_name)
-                .map(|svc| observed_service(&svc)),
+            Some(caches) => caches.services.get(&namespace, &service_name).map(|svc| {
+                let mut observed = observed_service(&svc);
+                let current = caches.service_version(&namespace, &service_name);
+                if let Some(written) =
+                    caches
+                        .expectations
+                        .selector_written(&uid, &service_name, &current, now)
+                {
+                    pin_hash(&mut observed, written);
+                }
+                observed
+            }),
             None => {
                 let api: Api<Service> = Api::namespaced(sources.client.clone(), &namespace);
                 api.get_opt(&service_name)
@@ -317,6 +383,20 @@ pub fn observed_service(service: &Service) -> ObservedService {
             .as_ref()
             .and_then(|spec| spec.selector.clone())
             .unwrap_or_default(),
+    }
+}
+
+/// A Service as it selects after Serin pinned its pod-template hash (`Some`) or unpinned it (`None`).
+fn pin_hash(service: &mut ObservedService, hash: Option<String>) {
+    match hash {
+        Some(hash) => {
+            service
+                .selector
+                .insert(labels::POD_TEMPLATE_HASH.to_string(), hash);
+        }
+        None => {
+            service.selector.remove(labels::POD_TEMPLATE_HASH);
+        }
     }
 }
 
