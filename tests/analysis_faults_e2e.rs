@@ -334,6 +334,17 @@ impl Seen {
                 == Some(("True".to_string(), reason::PAUSED_INCONCLUSIVE.to_string()))
     }
 
+    /// The Rollout waits for a human because an analysis was inconclusive; until then it must not have
+    /// promoted anything past `stable` by itself (fails the test at once rather than at the timeout).
+    fn paused_inconclusive_on(&self, stable: &str) -> bool {
+        assert_eq!(
+            self.state.stable_hash().as_deref(),
+            Some(stable),
+            "promoted on its own instead of pausing for a human:\n{self}"
+        );
+        self.paused_inconclusive()
+    }
+
     /// The Rollout waits at a pause step.
     fn paused_at_step(&self, step: i32) -> bool {
         self.state.is(RolloutPhase::Paused)
@@ -709,7 +720,8 @@ fn counted(metric: &MetricResult) -> i32 {
 
 /// 1. Prometheus killed during a step analysis and started again (same port, same data) while the errors are
 /// still within consecutiveErrorLimit: the errors are retried and never counted, the run goes on to its count
-/// of answers once Prometheus is back, and the healthy canary is promoted.
+/// of answers once Prometheus is back, and the healthy canary is promoted. The outage lasts six errors, as
+/// many as the count: were errors counted, the run would end Successful, and promote, during the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_and_promotes() {
     bounded(Duration::from_secs(150), async {
@@ -742,11 +754,11 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
         let outage = guard
             .until(
                 &bed,
-                "three errors while Prometheus is down",
+                "six errors in a row while Prometheus is down (as many as the count)",
                 Duration::from_secs(30),
                 |s| {
                     s.metric(&v2, "step1")
-                        .is_some_and(|m| m.consecutive_error >= 3)
+                        .is_some_and(|m| m.consecutive_error >= 6)
                 },
             )
             .await;
@@ -787,7 +799,7 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
             "six answers, whatever the errors: {metric:#?}"
         );
         assert!(
-            metric.error >= 3 && metric.consecutive_error == 0,
+            metric.error >= 6 && metric.consecutive_error == 0,
             "the outage's errors are recorded, and answers followed them: {metric:#?}"
         );
         assert!(
@@ -950,7 +962,7 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
                 &bed,
                 "v2 paused by its inconclusive analysis",
                 Duration::from_secs(60),
-                |s| s.paused_inconclusive(),
+                |s| s.paused_inconclusive_on(&v1),
             )
             .await;
         let v2 = paused.state.current_hash().expect("v2 hash");
@@ -1003,7 +1015,13 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
                 &bed,
                 "the promote moved past the analysis to the pause step",
                 Duration::from_secs(20),
-                |s| s.paused_at_step(2),
+                |s| {
+                    assert!(
+                        !s.healthy_on(&v2),
+                        "one promote ended two gates (the analysis and the pause step):\n{s}"
+                    );
+                    s.paused_at_step(2)
+                },
             )
             .await;
         assert_eq!(next.state.stable_hash().as_deref(), Some(v1.as_str()));
@@ -1067,7 +1085,7 @@ async fn empty_answers_pause_the_rollout_until_abort_puts_traffic_back_on_stable
         bed.world.when_image_changes(APP, "checkout:v2").await;
         let paused = guard
             .until(&bed, "v2 paused by its inconclusive analysis", Duration::from_secs(60), |s| {
-                s.paused_inconclusive()
+                s.paused_inconclusive_on(&v1)
             })
             .await;
         let v2 = paused.state.current_hash().expect("v2 hash");
@@ -1137,7 +1155,7 @@ async fn several_series_pause_at_the_first_answer_without_a_limit_and_again_afte
                 &bed,
                 "v2 paused by its inconclusive analysis",
                 Duration::from_secs(60),
-                |s| s.paused_inconclusive(),
+                |s| s.paused_inconclusive_on(&v1),
             )
             .await;
         let v2 = paused.state.current_hash().expect("v2 hash");
@@ -1195,7 +1213,7 @@ async fn several_series_pause_at_the_first_answer_without_a_limit_and_again_afte
                 "the retried v2 paused by a new inconclusive run",
                 Duration::from_secs(60),
                 |s| {
-                    s.paused_inconclusive()
+                    s.paused_inconclusive_on(&v1)
                         && s.run(&v2, "step1")
                             .is_some_and(|run| run.name_any() != first_run)
                 },
