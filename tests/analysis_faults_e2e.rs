@@ -718,7 +718,7 @@ fn counted(metric: &MetricResult) -> i32 {
     metric.successful + metric.failed + metric.inconclusive
 }
 
-/// 1. Prometheus killed during a step analysis and started again (same port, same data) while the errors are
+/// Prometheus killed during a step analysis and started again (same port, same data) while the errors are
 /// still within consecutiveErrorLimit: the errors are retried and never counted, the run goes on to its count
 /// of answers once Prometheus is back, and the healthy canary is promoted. The outage lasts six errors, as
 /// many as the count: were errors counted, the run would end Successful, and promote, during the outage.
@@ -826,7 +826,7 @@ async fn prometheus_restarted_within_the_error_limit_resumes_the_step_analysis_a
     .await;
 }
 
-/// 1'. Prometheus killed during a step analysis and down for longer than consecutiveErrorLimit allows: the
+/// Prometheus killed during a step analysis and down for longer than consecutiveErrorLimit allows: the
 /// run ends in Error, which counts as a failure, and the Rollout aborts with all traffic on the stable
 /// version. Prometheus coming back (fresh data) afterwards changes nothing: the run is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -935,7 +935,7 @@ async fn prometheus_down_past_the_error_limit_aborts_the_step_analysis_and_traff
     .await;
 }
 
-/// 2. A query answering NaN (`0 / 0`), with `inconclusiveLimit: 3` and `count: 2`: the count is reached
+/// A query answering NaN (`0 / 0`), with `inconclusiveLimit: 3` and `count: 2`: the count is reached
 /// without one success, so the metric is Inconclusive (docs/analysis.md, rule 4) and the Rollout pauses with
 /// InconclusiveAnalysis, however long it waits. `serin promote` ends that pause and only it: the next pause
 /// step still waits, and a second promote completes the rollout.
@@ -1062,7 +1062,7 @@ async fn nan_answers_pause_the_rollout_until_promote_moves_past_the_analysis_onc
     .await;
 }
 
-/// 2'. A selector that matches nothing (an empty vector), with `inconclusiveLimit: 1`: the second empty
+/// A selector that matches nothing (an empty vector), with `inconclusiveLimit: 1`: the second empty
 /// answer passes the limit, the metric is Inconclusive and the Rollout pauses; `serin abort` puts every
 /// request back on the stable version, and the rollout stays aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1129,7 +1129,7 @@ async fn empty_answers_pause_the_rollout_until_abort_puts_traffic_back_on_stable
     .await;
 }
 
-/// 2''. A query without `sum` (a histogram's buckets: several series) and no inconclusiveLimit (default 0):
+/// A query without `sum` (a histogram's buckets: several series) and no inconclusiveLimit (default 0):
 /// the first answer makes the metric Inconclusive and the Rollout pauses. Abort puts traffic back; retry
 /// starts the steps again with a new run, which pauses again the same way: never a promotion on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1254,7 +1254,7 @@ async fn several_series_pause_at_the_first_answer_without_a_limit_and_again_afte
     .await;
 }
 
-/// 3. Background analysis on a canary routed by an HTTPRoute: Prometheus is killed while the rollout waits at
+/// Background analysis on a canary routed by an HTTPRoute: Prometheus is killed while the rollout waits at
 /// a pause, and started again with an empty data directory. The errors are within the limit, so the run goes
 /// on (never aborted, never promoted while Prometheus is down, route weight unchanged); once Prometheus
 /// answers again the promote completes the rollout and the background run ends Successful.
@@ -1373,7 +1373,7 @@ async fn routed_background_analysis_rides_out_a_prometheus_restart_and_promotes(
     .await;
 }
 
-/// 3'. Background analysis on a canary without a router: Prometheus is killed and stays down past
+/// Background analysis on a canary without a router: Prometheus is killed and stays down past
 /// consecutiveErrorLimit, the background run ends in Error and the Rollout aborts; Prometheus coming back
 /// (fresh data) afterwards changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1471,7 +1471,7 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
     .await;
 }
 
-/// 3''. Background analysis without a router, and the steps run out while Prometheus is down (a timed pause
+/// Background analysis without a router, and the steps run out while Prometheus is down (a timed pause
 /// ends during the outage, the error streak still within its limit): nothing can say the canary is healthy,
 /// so it must not be promoted until Prometheus answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
