@@ -1475,10 +1475,6 @@ async fn unrouted_background_analysis_aborts_when_prometheus_stays_down_past_the
 /// ends during the outage, the error streak still within its limit): nothing can say the canary is healthy,
 /// so it must not be promoted until Prometheus answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: when the steps run out the planner promotes while the background run is still Running, \
-            whatever its last measurements were (here errors, Prometheus down), and the terminate that follows \
-            marks the run Successful from one earlier success (src/strategy/canary.rs can_promote; \
-            src/analysis/verdict.rs effective)"]
 async fn background_analysis_never_promotes_while_prometheus_is_down_when_the_steps_run_out() {
     bounded(Duration::from_secs(150), async {
         let mut bed = start(Routing::Replicas).await;
