@@ -1999,3 +1999,35 @@ fn background_analysis_must_vouch_for_the_canary_at_promotion() {
         );
     }
 }
+
+/// Safety rule 1 for blue-green: the active Service switches only once the new version has every pod available,
+/// even when the preview ran with fewer pods (previewReplicaCount).
+#[test]
+fn blue_green_switch_waits_for_the_new_version_at_full_size() {
+    let mut cluster = healthy(blue_green_rollout(|bg| {
+        bg.preview_replica_count = Some(3);
+        bg.auto_promotion_seconds = Some(0);
+    }));
+    let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
+    cluster.set_template("app:2");
+    let plan = cluster.plan(1);
+    cluster.apply(&plan);
+    cluster.pods_ready();
+    assert_eq!(cluster.rs(&h2).spec_replicas, 3);
+    // Promotion decided: the new version grows to 10, but only 3 of them are available.
+    for secs in 2..6 {
+        let plan = cluster.plan(secs);
+        cluster.apply(&plan);
+        assert_eq!(cluster.rs(&h2).spec_replicas, 10, "at {secs}");
+        assert_eq!(
+            cluster.selector("checkout"),
+            Some(h1.clone()),
+            "active switched to a version with 3 of 10 pods available"
+        );
+    }
+    cluster.pods_ready();
+    let plan = cluster.plan(10);
+    cluster.apply(&plan);
+    assert_eq!(cluster.selector("checkout"), Some(h2.clone()));
+    assert_eq!(cluster.status().phase, Some(RolloutPhase::Healthy));
+}
