@@ -5,6 +5,7 @@
 pub mod args;
 pub mod builtin;
 pub mod condition;
+pub mod outbound;
 pub mod prometheus;
 pub mod run_spec;
 pub mod runner;
