@@ -9,6 +9,7 @@ pub mod outbound;
 pub mod prometheus;
 pub mod run_spec;
 pub mod runner;
+pub mod secret_access;
 pub mod verdict;
 
 pub use run_spec::{build_run_spec, AnalysisRequest, RunSpecError, TemplateSource};
