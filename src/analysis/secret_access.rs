@@ -291,6 +291,29 @@ pub fn authorize(run: &AnalysisRun, owner: Option<&RunOwner>) -> Result<(), Secr
     Ok(())
 }
 
+/// What stands in for a Secret's value in anything Serin writes.
+pub const REDACTED: &str = "<redacted>";
+
+/// `text` with every Secret value (as written, and as escaped into a PromQL string) replaced by
+/// [`REDACTED`]. A very short value takes every occurrence of its letters with it: unreadable beats leaked.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut forms: Vec<String> = secrets
+        .iter()
+        .filter(|secret| !secret.is_empty())
+        .flat_map(|secret| [secret.clone(), args::escape_double_quoted(secret)])
+        .collect();
+    // Longest first, so a value containing another is replaced whole.
+    forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
+    forms.dedup();
+    let mut out = text.to_string();
+    for form in forms {
+        if out.contains(&form) {
+            out = out.replace(&form, REDACTED);
+        }
+    }
+    out
+}
+
 /// Whether a metric reads a Secret: credentials, a CA, or a Secret-valued argument in its query or check.
 pub fn uses_secret(metric: &Metric, secret_args: &BTreeSet<&str>) -> bool {
     let Some(prometheus) = &metric.provider.prometheus else {
@@ -539,6 +562,17 @@ mod tests {
             Some("uid-1"),
         );
         assert_eq!(authorize(&free, Some(&owner())), Ok(()));
+    }
+
+    #[test]
+    fn secret_values_are_redacted_raw_and_escaped() {
+        let secrets = vec!["s3cr\"et".to_string(), "tok".to_string(), String::new()];
+        let text = r#"parse error near "s3cr\"et" and s3cr"et and token"#;
+        assert_eq!(
+            redact(text, &secrets),
+            r#"parse error near "<redacted>" and <redacted> and <redacted>en"#
+        );
+        assert_eq!(redact("nothing here", &secrets), "nothing here");
     }
 
     #[test]
