@@ -1147,10 +1147,195 @@ mod tests {
     }
 
     fn measurer() -> Measurer {
+        let outbound = OutboundConfig::allowing(["127.0.0.1"]).unwrap_or_default();
         Measurer::new(
+            PrometheusProvider::with_outbound(outbound),
+            Arc::new(StaticSecrets::default()),
+        )
+    }
+
+    /// Counts every Secret read and owner lookup.
+    #[derive(Default)]
+    struct CountingSecrets {
+        inner: StaticSecrets,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SecretStore for CountingSecrets {
+        fn read<'a>(
+            &'a self,
+            namespace: &'a str,
+            secret: &'a SecretKeyRef,
+        ) -> BoxFuture<'a, Result<String, SecretError>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.read(namespace, secret)
+        }
+
+        fn run_owner<'a>(
+            &'a self,
+            namespace: &'a str,
+            name: &'a str,
+        ) -> BoxFuture<'a, Result<Option<RunOwner>, SecretError>> {
+            self.inner.run_owner(namespace, name)
+        }
+    }
+
+    fn bearer(mut metric: Metric) -> Metric {
+        if let Some(p) = metric.provider.prometheus.as_mut() {
+            p.authentication = Some(crate::crd::analysis::PrometheusAuthentication {
+                bearer_token: Some(SecretKeyRef {
+                    name: "prom".into(),
+                    key: "token".into(),
+                }),
+                basic_auth: None,
+            });
+        }
+        metric
+    }
+
+    #[tokio::test]
+    async fn a_refused_destination_ends_the_run_before_any_secret_is_read() {
+        let secrets = Arc::new(CountingSecrets {
+            inner: StaticSecrets::default().with("shop", "prom", "token", "t0ken"),
+            ..Default::default()
+        });
+        let provider = PrometheusProvider::new();
+        let deny_all = Measurer::new(provider.clone(), secrets.clone());
+        let mut metric = bearer(metric(10, None));
+        if let Some(p) = metric.provider.prometheus.as_mut() {
+            p.address = "http://169.254.169.254/latest".into();
+        }
+        let outcome = advance(&run_with(metric), at(0), &deny_all).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(
+            message
+                .starts_with(r#"metric "m": address "http://169.254.169.254/latest" is refused"#),
+            "{message}"
+        );
+        assert!(
+            message.contains("link-local") && message.contains("--allowed-destinations"),
+            "{message}"
+        );
+        let result = &outcome.status.metric_results[0];
+        assert_eq!(
+            (result.count, result.error, result.phase),
+            (1, 1, AnalysisPhase::Error)
+        );
+        assert_eq!(
+            result.measurements[0].message.as_deref(),
+            Some(message.as_str())
+        );
+        assert_eq!(
+            outcome.events,
+            vec![RunEvent {
+                reason: DESTINATION_REFUSED,
+                message: message.clone()
+            }]
+        );
+        assert_eq!(outcome.requeue_after, None);
+        assert_eq!(secrets.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(provider.queries_sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_no_rollout_controls_reads_no_secret() {
+        let secrets = Arc::new(CountingSecrets {
+            inner: StaticSecrets::default().with("shop", "prom", "token", "t0ken"),
+            ..Default::default()
+        });
+        let measurer = Measurer::new(measurer().provider, secrets.clone());
+        let outcome = advance(&run_with(bearer(metric(10, None))), at(0), &measurer).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(message.contains("no Rollout controls it"), "{message}");
+        assert_eq!(outcome.events.len(), 1);
+        assert_eq!(outcome.events[0].reason, SECRET_ACCESS_REFUSED);
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(secrets.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(measurer.provider.queries_sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_metric_without_address_uses_the_default_or_says_how_to_set_one() {
+        let mut no_address = metric(10, None);
+        if let Some(p) = no_address.provider.prometheus.as_mut() {
+            p.address = String::new();
+        }
+        let run = run_with(no_address);
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.unwrap_or_default();
+        assert!(
+            message.contains("address is not set")
+                && message.contains("--default-prometheus-address"),
+            "{message}"
+        );
+        // With a default the policy did not list, the default is still allowed: the operator chose it.
+        let with_default = Measurer::new(
             PrometheusProvider::new(),
             Arc::new(StaticSecrets::default()),
         )
+        .with_default_prometheus_address(Some("http://127.0.0.1:1".into()));
+        let outcome = advance(&run, at(0), &with_default).await;
+        assert_eq!(outcome.measured, 1);
+        let result = &outcome.status.metric_results[0];
+        let message = result.measurements[0].message.clone().unwrap_or_default();
+        assert!(message.contains("127.0.0.1:1 is unreachable"), "{message}");
+        assert_eq!(with_default.provider.queries_sent(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_secret_value_never_reaches_status_through_an_error_message() {
+        let rollout: crate::crd::Rollout = serde_json::from_value(serde_json::json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "uid-1"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}},
+                "strategy": {"canary": {"analysis": {"templates": [{"templateName": "t"}]}}}
+            }
+        }))
+        .expect("a valid Rollout");
+        let mut bare = metric(10, None);
+        if let Some(p) = bare.provider.prometheus.as_mut() {
+            p.query = Some("vector({{args.n}})".into());
+        }
+        let secret_arg = crate::crd::analysis::TemplateArgument {
+            name: "n".into(),
+            value: None,
+            value_from: Some(crate::crd::analysis::TemplateArgumentValueFrom {
+                secret_key_ref: SecretKeyRef {
+                    name: "prom".into(),
+                    key: "n".into(),
+                },
+            }),
+        };
+        let template = crate::crd::analysis::AnalysisTemplateSpec {
+            args: vec![secret_arg.clone()],
+            metrics: vec![bare.clone()],
+            dry_run: vec![],
+        };
+        let secrets = StaticSecrets::default()
+            .with("shop", "prom", "n", "not a token s3cret")
+            .with_owner(RunOwner {
+                rollout: rollout.clone(),
+                templates: vec![template],
+            });
+        let measurer = Measurer::new(measurer().provider, Arc::new(secrets));
+        let mut run = run_with(bare);
+        run.spec.args = vec![secret_arg];
+        run.metadata.owner_references =
+            crate::controller::act::owner_reference(&rollout).map(|o| vec![o]);
+        let outcome = advance(&run, at(0), &measurer).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("single token") && message.contains(secret_access::REDACTED),
+            "{message}"
+        );
+        let written = serde_json::to_string(&outcome.status).unwrap_or_default();
+        assert!(!written.contains("s3cret"), "{written}");
     }
 
     fn at(seconds: i64) -> Timestamp {
