@@ -1336,6 +1336,34 @@ mod tests {
         );
         let written = serde_json::to_string(&outcome.status).unwrap_or_default();
         assert!(!written.contains("s3cret"), "{written}");
+
+        // Inside a string the value is escaped into the query, which travels in the request URL: a
+        // connection error must not carry the URL (and the value, encoded) into status.
+        let mut quoted = run.clone();
+        if let Some(p) = quoted.spec.metrics[0].provider.prometheus.as_mut() {
+            p.query = Some(r#"up{job="{{args.n}}"}"#.into());
+        }
+        let template = crate::crd::analysis::AnalysisTemplateSpec {
+            args: quoted.spec.args.clone(),
+            metrics: quoted.spec.metrics.clone(),
+            dry_run: vec![],
+        };
+        let secrets = StaticSecrets::default()
+            .with("shop", "prom", "n", "not a token s3cret")
+            .with_owner(RunOwner {
+                rollout,
+                templates: vec![template],
+            });
+        let measurer = Measurer::new(measurer.provider.clone(), Arc::new(secrets));
+        let outcome = advance(&quoted, at(0), &measurer).await;
+        assert_eq!(outcome.measured, 1);
+        let message = outcome.status.metric_results[0].measurements[0]
+            .message
+            .clone()
+            .unwrap_or_default();
+        assert!(message.contains("is unreachable"), "{message}");
+        let written = serde_json::to_string(&outcome.status).unwrap_or_default();
+        assert!(!written.contains("s3cret"), "{written}");
     }
 
     fn at(seconds: i64) -> Timestamp {
