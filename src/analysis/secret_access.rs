@@ -49,14 +49,13 @@ pub enum SecretAccessRefused {
     },
     #[error(
         "AnalysisRun {run} names Secret {secret} in {field}, but the Rollout {rollout} that controls it \
-         does not exist in namespace {namespace} with uid {uid}; nothing was read or sent"
+         does not exist in the run's namespace with uid {uid}; nothing was read or sent"
     )]
     OwnerMissing {
         run: String,
         field: String,
         secret: String,
         rollout: String,
-        namespace: String,
         uid: String,
     },
     #[error(
@@ -228,7 +227,6 @@ pub fn authorize(run: &AnalysisRun, owner: Option<&RunOwner>) -> Result<(), Secr
             field: first.field.clone(),
             secret: first.describe(),
             rollout: reference.name.clone(),
-            namespace: run.namespace().unwrap_or_default(),
             uid: reference.uid.clone(),
         });
     };

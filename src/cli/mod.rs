@@ -57,7 +57,8 @@ pub struct ClusterArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller.
-    Controller(ControllerArgs),
+    // Boxed: the controller's settings outweigh every other command's arguments.
+    Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Show where a rollout stands: steps, weights, revisions, pods, conditions, events.
