@@ -1,6 +1,6 @@
 //! Analysis: templates to runs (`run_spec`), safe arguments (`args`), CEL conditions (`condition`), the pure
-//! verdict rules (`verdict`), Prometheus measurements (`prometheus`, `builtin`) and the AnalysisRun
-//! controller (`runner`).
+//! verdict rules (`verdict`), Prometheus measurements (`prometheus`, `builtin`), where Serin may send them
+//! (`outbound`), which runs may read Secrets (`secret_access`) and the AnalysisRun controller (`runner`).
 
 pub mod args;
 pub mod builtin;
