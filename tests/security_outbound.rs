@@ -367,7 +367,11 @@ async fn a_tenant_run_sending_a_secret_token_to_a_loopback_listener_is_refused_w
 async fn a_rollouts_template_aimed_at_a_disallowed_address_is_refused_and_the_canary_aborted() {
     const APP: &str = "checkout";
     // The controller runs with the default policy, which allows no destination.
-    let world = World::start().await;
+    // The controller's own default policy: loopback (the listener) is not allowed.
+    let mut world = World::without_controller().await;
+    world
+        .start_controller_with(serin::controller::ControllerConfig::default().outbound)
+        .await;
     create_token_secret(&world.admin).await;
     let listener = Listener::start().await;
     let address = listener.url("/latest/meta-data");

@@ -91,6 +91,14 @@ impl World {
 
     /// Starts one more controller (as the controller user) and waits for its caches.
     pub async fn start_controller(&mut self) {
+        self.start_controller_with(loopback_prometheus()).await;
+    }
+
+    /// Starts a controller whose outbound policy is `outbound` (the default one allows nothing).
+    pub async fn start_controller_with(
+        &mut self,
+        outbound: serin::analysis::outbound::OutboundConfig,
+    ) {
         let client = self
             .sim
             .client_as(CONTROLLER_USER)
@@ -98,7 +106,7 @@ impl World {
             .expect("controller client");
         let config = ControllerConfig {
             error_backoff: Duration::from_millis(200),
-            outbound: loopback_prometheus(),
+            outbound,
             ..ControllerConfig::default()
         };
         let handle = ControllerHandle::start(client, config)
