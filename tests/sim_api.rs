@@ -1384,6 +1384,7 @@ async fn upstream_crd_objects_are_pruned_and_validated() {
 async fn watch_options_selectors_bookmarks_timeout_and_streaming_lists() {
     let (sim, client) = start_with(SimConfig {
         bookmark_interval: Duration::from_millis(100),
+        admin: true,
         ..SimConfig::api_only()
     })
     .await;

@@ -86,6 +86,11 @@ pub struct SimArgs {
     /// Port to listen on; 0 picks any free port.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Serve the admin endpoint under /sim/ on the same port: inject API errors and timeouts, hold or
+    /// drop watch events, force pods unready, stop and start the workload simulator (docs/sim.md).
+    /// Anyone who can reach the port can then break the simulated cluster.
+    #[arg(long, env = "SERIN_SIM_ADMIN")]
+    pub admin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -315,15 +320,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let config = crate::sim::SimConfig {
                 port: args.port,
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
+                admin: args.admin,
                 ..crate::sim::SimConfig::default()
             };
             let cluster = crate::sim::SimCluster::start(config).await?;
-            tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), "serin sim ready; Ctrl-C to stop");
+            tracing::info!(url = %cluster.base_url(), kubeconfig = %cluster.kubeconfig_path().display(), admin = args.admin, "serin sim ready; Ctrl-C to stop");
             println!(
                 "serin sim listening on {}; kubeconfig: {}",
                 cluster.base_url(),
                 cluster.kubeconfig_path().display()
             );
+            if args.admin {
+                println!("admin endpoint: {} (see docs/sim.md)", cluster.admin_url());
+            }
             let _ = tokio::signal::ctrl_c().await;
             cluster.shutdown().await;
             Ok(())

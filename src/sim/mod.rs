@@ -1,6 +1,8 @@
 //! The simulated Kubernetes cluster: API server, workload and traffic simulators, fault injection.
 
+pub mod admin;
 pub mod api;
+pub mod control;
 pub mod faults;
 pub mod patch;
 pub mod prometheus;
@@ -21,7 +23,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use faults::{FaultAction, FaultRule, Faults, RequestLog, RequestRecord};
+pub use control::ControlError;
+pub use faults::{
+    FaultAction, FaultError, FaultRule, Faults, RequestLog, RequestRecord, WatchFaultKind,
+    WatchScope,
+};
 
 /// How to start the simulated cluster.
 #[derive(Clone, Debug)]
@@ -40,6 +46,9 @@ pub struct SimConfig {
     pub workload: Option<workload::WorkloadConfig>,
     /// The request stream and its metrics on `/metrics`; None serves no traffic.
     pub traffic: Option<traffic::TrafficConfig>,
+    /// Serve the admin endpoint under `/sim/` (faults, request log, pod readiness, workload switch).
+    /// Off by default: anyone who can reach the port could break the cluster with it.
+    pub admin: bool,
 }
 
 /// The user the simulators write as (so request-log assertions can leave their writes out).
@@ -55,6 +64,7 @@ impl Default for SimConfig {
             bookmark_interval: Duration::from_secs(1),
             workload: Some(workload::WorkloadConfig::default()),
             traffic: Some(traffic::TrafficConfig::default()),
+            admin: false,
         }
     }
 }
@@ -109,8 +119,15 @@ impl Drop for KubeconfigFile {
 
 /// The kubeconfig text for a sim at `base_url`: one context whose user's token is `admin`.
 pub fn kubeconfig_yaml(base_url: &str) -> String {
+    kubeconfig_yaml_as(base_url, "admin")
+}
+
+/// The kubeconfig text for a sim at `base_url` whose token (and so request-log user) is `user`.
+pub fn kubeconfig_yaml_as(base_url: &str, user: &str) -> String {
+    // Quoted as a JSON string (valid YAML), so any user name survives.
+    let quoted = serde_json::Value::String(user.to_string()).to_string();
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: serin-sim\n  cluster:\n    server: {base_url}\ncontexts:\n- name: serin-sim\n  context:\n    cluster: serin-sim\n    user: admin\n    namespace: default\ncurrent-context: serin-sim\npreferences: {{}}\nusers:\n- name: admin\n  user:\n    token: admin\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: serin-sim\n  cluster:\n    server: {base_url}\ncontexts:\n- name: serin-sim\n  context:\n    cluster: serin-sim\n    user: {quoted}\n    namespace: default\ncurrent-context: serin-sim\npreferences: {{}}\nusers:\n- name: {quoted}\n  user:\n    token: {quoted}\n"
     )
 }
 
@@ -140,7 +157,6 @@ pub struct SimCluster {
     kubeconfig: KubeconfigFile,
     state: Arc<server::ServerState>,
     server_task: tokio::task::JoinHandle<()>,
-    workload: Option<workload::WorkloadSimulator>,
 }
 
 impl SimCluster {
@@ -172,14 +188,19 @@ impl SimCluster {
         };
         write_atomically(&kubeconfig.path, &kubeconfig_yaml(&base_url))?;
         let shutdown = CancellationToken::new();
+        let api = api::ApiState::new(config.event_window);
+        let faults = Arc::new(Faults::tracking(api.store.subscribe()));
         let state = Arc::new(server::ServerState {
-            api: api::ApiState::new(config.event_window),
-            faults: Arc::new(Faults::default()),
+            api,
+            faults,
             log: Arc::new(RequestLog::new(config.request_log_capacity)),
             shutdown: shutdown.clone(),
             port: address.port(),
             bookmark_interval: config.bookmark_interval,
             traffic_metrics: std::sync::OnceLock::new(),
+            admin: config.admin,
+            workload: std::sync::OnceLock::new(),
+            workload_fence: Arc::default(),
         });
         let app = server::router(state.clone());
         let server_task = tokio::spawn(async move {
@@ -191,25 +212,28 @@ impl SimCluster {
             }
         });
         tracing::info!(%base_url, kubeconfig = %kubeconfig.path.display(), "simulated cluster started");
-        let mut cluster = SimCluster {
+        let cluster = SimCluster {
             address,
             kubeconfig,
             state,
             server_task,
-            workload: None,
         };
-        if config.workload.is_some() || config.traffic.is_some() {
+        if let Some(workload_config) = config.workload {
+            let control = Arc::new(workload::WorkloadControl::new(
+                cluster.client_config(SIMULATOR_USER)?,
+                workload_config,
+                cluster.state.workload_fence.clone(),
+            ));
+            control
+                .start()
+                .await
+                .map_err(|e| SimError::Client(e.to_string()))?;
+            let _ = cluster.state.workload.set(control);
+        }
+        if let Some(traffic_config) = config.traffic {
             let simulator_client = cluster.client_as(SIMULATOR_USER).await?;
-            if let Some(workload_config) = config.workload {
-                cluster.workload = Some(workload::WorkloadSimulator::spawn(
-                    simulator_client.clone(),
-                    workload_config,
-                ));
-            }
-            if let Some(traffic_config) = config.traffic {
-                let traffic = traffic::TrafficSimulator::spawn(simulator_client, traffic_config);
-                let _ = cluster.state.traffic_metrics.set(traffic);
-            }
+            let traffic = traffic::TrafficSimulator::spawn(simulator_client, traffic_config);
+            let _ = cluster.state.traffic_metrics.set(traffic);
         }
         Ok(cluster)
     }
@@ -243,6 +267,11 @@ impl SimCluster {
 
     /// A client whose bearer token (and so the user in the request log) is `user`.
     pub async fn client_as(&self, user: &str) -> Result<kube::Client, SimError> {
+        kube::Client::try_from(self.client_config(user)?)
+            .map_err(|e| SimError::Client(e.to_string()))
+    }
+
+    fn client_config(&self, user: &str) -> Result<kube::Config, SimError> {
         install_crypto_provider();
         let url = self
             .base_url()
@@ -251,11 +280,70 @@ impl SimCluster {
         let mut config = kube::Config::new(url);
         config.default_namespace = "default".into();
         config.auth_info.token = Some(user.to_string().into());
-        kube::Client::try_from(config).map_err(|e| SimError::Client(e.to_string()))
+        Ok(config)
+    }
+
+    /// Writes a kubeconfig whose token is `user`'s, for kubectl runs that fault rules can tell apart.
+    pub fn write_kubeconfig_as(&self, user: &str, path: &Path) -> Result<(), SimError> {
+        write_atomically(path, &kubeconfig_yaml_as(&self.base_url(), user))
+    }
+
+    /// URL of the admin endpoint (served only when `SimConfig::admin` is on).
+    pub fn admin_url(&self) -> String {
+        format!("{}/sim", self.base_url())
     }
 
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// Forces a pod unready, like a failing readiness probe: its Ready condition turns False, its
+    /// ReplicaSet's readyReplicas/availableReplicas follow, and traffic stops reaching it. Returns once
+    /// the pod's status shows it (while the workload simulator runs).
+    pub async fn make_pod_unready(&self, namespace: &str, pod: &str) -> Result<(), ControlError> {
+        control::set_pod_ready(&self.state, namespace, pod, false).await
+    }
+
+    /// Gives a pod forced unready its own readiness back (Ready again if its template says so, with a
+    /// new transition time). Returns once it is Ready again, if it was Ready when forced.
+    pub async fn make_pod_ready(&self, namespace: &str, pod: &str) -> Result<(), ControlError> {
+        control::set_pod_ready(&self.state, namespace, pod, true).await
+    }
+
+    /// Forces `count` Ready pods of a ReplicaSet unready (by name order, skipping pods already forced);
+    /// returns their names.
+    pub async fn make_pods_unready(
+        &self,
+        namespace: &str,
+        replicaset: &str,
+        count: usize,
+    ) -> Result<Vec<String>, ControlError> {
+        control::make_replicaset_pods_unready(&self.state, namespace, replicaset, count).await
+    }
+
+    /// Gives every forced-unready pod of a ReplicaSet its readiness back; returns their names.
+    pub async fn make_pods_ready(
+        &self,
+        namespace: &str,
+        replicaset: &str,
+    ) -> Result<Vec<String>, ControlError> {
+        control::make_replicaset_pods_ready(&self.state, namespace, replicaset).await
+    }
+
+    /// Stops the workload simulator (no pods created or deleted, no status written) until
+    /// [`start_workload`](Self::start_workload); false when it was already stopped.
+    pub async fn stop_workload(&self) -> Result<bool, ControlError> {
+        control::stop_workload(&self.state).await
+    }
+
+    /// Starts the workload simulator again; it relists and catches up. False when it was running.
+    pub async fn start_workload(&self) -> Result<bool, ControlError> {
+        control::start_workload(&self.state).await
+    }
+
+    /// Whether the workload simulator runs (false when stopped or when the sim has none).
+    pub fn workload_running(&self) -> bool {
+        control::workload_running(&self.state).unwrap_or(false)
     }
 
     pub fn request_log(&self) -> &RequestLog {
@@ -276,8 +364,8 @@ impl SimCluster {
         if let Some(traffic) = self.state.traffic_metrics.get() {
             traffic.clone().shutdown().await;
         }
-        if let Some(workload) = self.workload {
-            workload.shutdown().await;
+        if let Some(workload) = self.state.workload.get() {
+            workload.stop().await;
         }
         self.state.shutdown.cancel();
         let mut task = self.server_task;

@@ -13,11 +13,14 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::api::{ApiResponse, ApiState, RequestInput, Target, MAX_BODY_BYTES};
-use super::faults::{FaultAction, FaultRule, Faults, RequestLog, RequestRecord};
+use super::faults::{
+    EventFate, FaultAction, Faults, RequestFacts, RequestLog, RequestRecord, WatchFacts,
+};
 use super::selector::{FieldSelector, LabelSelector};
-use super::status::ApiError;
+use super::status::{ApiError, InjectedRequest};
 use super::store::{EventType, EventsSince};
 use super::table::{table, IncludeObject};
+use super::workload::{RunFence, WorkloadControl, RUN_HEADER};
 
 /// Everything the request handlers share.
 pub struct ServerState {
@@ -29,6 +32,12 @@ pub struct ServerState {
     pub bookmark_interval: Duration,
     /// The traffic simulator whose request metrics `/metrics` serves (set once it runs).
     pub traffic_metrics: std::sync::OnceLock<super::traffic::TrafficSimulator>,
+    /// Whether `/sim/...` (the admin endpoint: faults, request log, workload control) is served.
+    pub admin: bool,
+    /// The workload simulator's start/stop switch (set once it runs).
+    pub workload: std::sync::OnceLock<Arc<WorkloadControl>>,
+    /// Requests of a stopped workload-simulator run are refused (see [`RunFence`]).
+    pub workload_fence: Arc<RunFence>,
 }
 
 pub fn router(state: Arc<ServerState>) -> axum::Router {
@@ -65,7 +74,7 @@ fn json_response(code: u16, body: Bytes, warnings: &[String]) -> Response {
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-fn error_response(error: &ApiError) -> Response {
+pub(crate) fn error_response(error: &ApiError) -> Response {
     let body = serde_json::to_vec(&error.body()).unwrap_or_default();
     let mut builder = Response::builder()
         .status(error.code)
@@ -78,7 +87,7 @@ fn error_response(error: &ApiError) -> Response {
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-fn value_response(value: &Value) -> Response {
+pub(crate) fn value_response(value: &Value) -> Response {
     json_response(
         200,
         Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
@@ -326,6 +335,21 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let run = header(RUN_HEADER);
+    if !run.is_empty()
+        && !run
+            .parse()
+            .is_ok_and(|run| state.workload_fence.admits(run))
+    {
+        let refused = error_response(&ApiError::new(
+            503,
+            "ServiceUnavailable",
+            format!("workload simulator run {run} was stopped"),
+        ));
+        record.status = refused.status().as_u16();
+        state.log.record(record);
+        return refused;
+    }
 
     let resolved = match route(&path) {
         Route::Version => Ok(value_response(&json!({
@@ -365,7 +389,10 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
             .openapi_v3_document(&group, &version)
             .map(|d| value_response(&d))
             .ok_or_else(ApiError::unknown_resource),
-        Route::Sim(rest) => Ok(sim_control(&state, &method, &rest, body).await),
+        Route::Sim(rest) if state.admin => {
+            Ok(super::admin::serve(&state, &method, &rest, body).await)
+        }
+        Route::Sim(_) => Err(ApiError::unknown_resource()),
         Route::NotFound => Err(ApiError::unknown_resource()),
         Route::Resource {
             group,
@@ -387,7 +414,8 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
                     record.subresource = resolved.target.subresource.clone();
                     record.namespace = resolved.target.namespace.clone();
                     record.name = resolved.target.name.clone();
-                    serve_resource(&state, resolved, &query, &parts.headers, body).await
+                    serve_resource(&state, resolved, &query, &parts.headers, &record.user, body)
+                        .await
                 }
             }
         }
@@ -421,11 +449,45 @@ async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, ApiEr
         .map_err(|_| ApiError::too_large())
 }
 
+/// The object name a `metadata.name=` (or `==`) term of a field selector pins, for list and watch.
+fn pinned_name(query: &HashMap<String, String>) -> Option<&str> {
+    query.get("fieldSelector")?.split(',').find_map(|term| {
+        let value = term.trim().strip_prefix("metadata.name")?;
+        value
+            .strip_prefix("==")
+            .or_else(|| value.strip_prefix('='))
+            .map(str::trim)
+    })
+}
+
+/// Waits until `until` (or shutdown).
+async fn wait_until(state: &ServerState, until: tokio::time::Instant) {
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
+}
+
+/// A watch that answers with one 410 `ERROR` event and ends, like kube-apiserver for an expired
+/// resourceVersion.
+fn expired_watch(requested: u64, oldest: u64) -> Result<Response, ApiError> {
+    let line = expired_line(requested, oldest);
+    // Streamed like every watch; a fixed-length body would contradict the chunked encoding.
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(line) });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("transfer-encoding", "chunked")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 async fn serve_resource(
     state: &Arc<ServerState>,
     resolved: Resolved,
     query: &HashMap<String, String>,
     headers: &http::HeaderMap,
+    user: &str,
     body: Body,
 ) -> Result<Response, ApiError> {
     let header = |name: &str| {
@@ -434,39 +496,136 @@ async fn serve_resource(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     };
-    let (content_type, accept, user_agent) = (
-        header("content-type"),
-        header("accept"),
-        header("user-agent"),
-    );
+    let accept = header("accept");
     let Resolved { target, verb } = resolved;
     // kubectl asks for server-side printing; clients that do not are answered with plain objects.
     let as_table = (accept.contains("as=Table") && target.subresource.is_none())
         .then(|| IncludeObject::parse(query.get("includeObject").map(String::as_str)));
-    if let Some(action) =
-        state
-            .faults
-            .take_matching(verb, &target.info.plural, target.subresource.as_deref())
-    {
+    let body = if verb == "watch" {
+        Bytes::new()
+    } else {
+        read_body(headers, body).await?
+    };
+    let name = target
+        .name
+        .as_deref()
+        .or_else(|| pinned_name(query))
+        .map(str::to_string)
+        .or_else(|| {
+            // A create names its object in the body.
+            (verb == "create")
+                .then(|| serde_json::from_slice::<Value>(&body).ok())
+                .flatten()
+                .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_string))
+        });
+    let facts = RequestFacts {
+        verb,
+        group: &target.info.group,
+        resource: &target.info.plural,
+        subresource: target.subresource.as_deref(),
+        namespace: target.namespace.as_deref(),
+        name: name.as_deref(),
+        user,
+    };
+    let mut late_timeout = None;
+    if let Some(action) = state.faults.take_matching_request(&facts) {
         match action {
-            FaultAction::Fail(code) => return Err(ApiError::for_code(code)),
+            FaultAction::Fail(410) if verb == "watch" => {
+                let current = state.api.store.lock().resource_version;
+                let requested = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(current);
+                return expired_watch(requested, current);
+            }
+            FaultAction::Fail(code) => {
+                return Err(ApiError::injected(
+                    code,
+                    &InjectedRequest {
+                        verb,
+                        group: facts.group,
+                        resource: facts.resource,
+                        subresource: facts.subresource,
+                        namespace: facts.namespace,
+                        name: facts.name,
+                        user,
+                    },
+                ))
+            }
             FaultAction::Timeout(hold) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(hold) => {}
-                    _ = state.shutdown.cancelled() => {}
-                }
+                wait_until(state, tokio::time::Instant::now() + hold).await;
                 return Err(ApiError::timeout());
+            }
+            FaultAction::TimeoutAfterApply(hold) => late_timeout = Some(hold),
+        }
+    }
+    let answer = serve_target(state, target, verb, query, headers, user, as_table, &body).await;
+    match late_timeout {
+        Some(hold) => {
+            wait_until(state, tokio::time::Instant::now() + hold).await;
+            Err(ApiError::timeout())
+        }
+        None => answer,
+    }
+}
+
+/// Serves a request no fault stopped.
+#[allow(clippy::too_many_arguments)]
+async fn serve_target(
+    state: &Arc<ServerState>,
+    target: Target,
+    verb: &'static str,
+    query: &HashMap<String, String>,
+    headers: &http::HeaderMap,
+    user: &str,
+    as_table: Option<IncludeObject>,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let (content_type, user_agent) = (header("content-type"), header("user-agent"));
+    let watch_facts = WatchFacts {
+        group: &target.info.group,
+        resource: &target.info.plural,
+        namespace: target.namespace.as_deref(),
+        user,
+    };
+    if verb == "list" || verb == "watch" {
+        // A lagging watch cache answers lists (and the initial objects of a watch) only once it caught up.
+        let resumes = verb == "watch"
+            && !matches!(
+                query.get("resourceVersion").map(String::as_str),
+                None | Some("" | "0")
+            )
+            && query.get("sendInitialEvents").is_none_or(|v| v != "true");
+        if !resumes {
+            if let Some(until) = state
+                .faults
+                .hold_until(&watch_facts, tokio::time::Instant::now())
+            {
+                wait_until(state, until).await;
             }
         }
     }
     if verb == "watch" {
-        return start_watch(state.clone(), target, query, as_table);
+        if state.faults.take_expiry(&watch_facts) {
+            let current = state.api.store.lock().resource_version;
+            let requested = query
+                .get("resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(current);
+            return expired_watch(requested, current);
+        }
+        return start_watch(state.clone(), target, query, as_table, user);
     }
-    let body = read_body(headers, body).await?;
     let input = RequestInput {
         query,
         content_type,
-        body: &body,
+        body,
         user_agent,
     };
     let api = &state.api;
@@ -593,6 +752,7 @@ fn start_watch(
     target: Target,
     query: &HashMap<String, String>,
     as_table: Option<IncludeObject>,
+    user: &str,
 ) -> Result<Response, ApiError> {
     let filter = WatchFilter {
         namespace: target.namespace.clone(),
@@ -630,6 +790,26 @@ fn start_watch(
             )
         })?
     };
+    let user = user.to_string();
+    let facts = || WatchFacts {
+        group: &target.info.group,
+        resource: &target.info.plural,
+        namespace: target.namespace.as_deref(),
+        user: &user,
+    };
+    if !from_now && !send_initial {
+        // After a drop window, resuming from before its end must relist, like after a compaction.
+        let current = state.api.store.lock().resource_version;
+        if let Some(floor) =
+            state
+                .faults
+                .resume_floor(&facts(), current, tokio::time::Instant::now())
+        {
+            if requested_version < floor {
+                return expired_watch(requested_version, floor);
+            }
+        }
+    }
 
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
     let mut initial = Vec::new();
@@ -654,11 +834,17 @@ fn start_watch(
         }
     }
     let mut latest = state.api.store.subscribe();
-    let mut closer = state.faults.watch_closer();
-    closer.mark_unchanged();
+    let mut signal = state.faults.watch_closer();
+    let mut seen_signal = *signal.borrow_and_update();
     let task_state = state.clone();
     tokio::spawn(async move {
         let state = task_state;
+        let facts = WatchFacts {
+            group: &target.info.group,
+            resource: &target.info.plural,
+            namespace: target.namespace.as_deref(),
+            user: &user,
+        };
         for line in initial {
             if sender.send(line).await.is_err() {
                 return;
@@ -677,7 +863,18 @@ fn start_watch(
         let mut bookmark_timer = tokio::time::interval(state.bookmark_interval);
         bookmark_timer.tick().await;
         let key = target.info.key();
+        // The end of the latest drop window this watch was open in: it is closed then.
+        let mut close_at: Option<tokio::time::Instant> = None;
         loop {
+            let now = tokio::time::Instant::now();
+            if close_at.is_some_and(|at| now >= at) {
+                return;
+            }
+            let gate = state.faults.watch_gate(&facts, now);
+            if let Some(ends) = gate.drop_ends() {
+                close_at = Some(close_at.map_or(ends, |at| at.max(ends)));
+            }
+            let mut held_until = None;
             latest.mark_unchanged();
             let batch = state.api.store.lock().events_since(&key, cursor, 512);
             match batch {
@@ -688,6 +885,19 @@ fn start_watch(
                 EventsSince::Events(events, scanned_through) => {
                     let had_events = !events.is_empty();
                     for event in events {
+                        match gate.fate(&event.namespace, event.resource_version) {
+                            EventFate::Deliver => {}
+                            EventFate::Drop => {
+                                cursor = event.resource_version;
+                                continue;
+                            }
+                            EventFate::HoldUntil(until) => {
+                                // This and every later event wait, so they still arrive in order.
+                                held_until = Some(until);
+                                cursor = event.resource_version - 1;
+                                break;
+                            }
+                        }
                         let now_matches =
                             filter.matches(&event.namespace, &event.name, &event.labels);
                         let event_type = match event.event_type {
@@ -711,24 +921,36 @@ fn start_watch(
                                 return;
                             }
                         }
+                        cursor = event.resource_version;
                     }
-                    cursor = cursor.max(scanned_through);
-                    if had_events {
-                        continue;
+                    if held_until.is_none() {
+                        cursor = cursor.max(scanned_through);
+                        if had_events {
+                            continue;
+                        }
                     }
                 }
             }
             tokio::select! {
-                changed = latest.changed() => {
+                changed = latest.changed(), if held_until.is_none() => {
                     if changed.is_err() { return; }
                 }
+                _ = tokio::time::sleep_until(held_until.unwrap_or(deadline)), if held_until.is_some() => {}
+                _ = tokio::time::sleep_until(close_at.unwrap_or(deadline)), if close_at.is_some() => return,
                 _ = bookmark_timer.tick(), if bookmarks => {
                     if sender.send(bookmark_line(&target, cursor, false)).await.is_err() {
                         return;
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => return,
-                _ = closer.changed() => return,
+                changed = signal.changed() => {
+                    if changed.is_err() { return; }
+                    let now_signal = *signal.borrow_and_update();
+                    if state.faults.closed_since(seen_signal, now_signal, &facts) {
+                        return;
+                    }
+                    seen_signal = now_signal;
+                }
                 _ = sender.closed() => return,
                 _ = state.shutdown.cancelled() => return,
             }
@@ -746,81 +968,6 @@ fn start_watch(
         .header("transfer-encoding", "chunked")
         .body(Body::from_stream(stream))
         .map_err(|e| ApiError::internal(e.to_string()))
-}
-
-/// `/sim/...`: fault injection and the request log over HTTP, for tools outside the test process.
-async fn sim_control(state: &ServerState, method: &str, rest: &[String], body: Body) -> Response {
-    let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
-    let body = axum::body::to_bytes(body, 1024 * 1024)
-        .await
-        .unwrap_or_default();
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
-    match (method, parts.as_slice()) {
-        ("POST", ["faults"]) => {
-            let text = |key: &str| {
-                parsed
-                    .get(key)
-                    .and_then(Value::as_str)
-                    .unwrap_or("*")
-                    .to_string()
-            };
-            let action = match parsed.get("timeoutMillis").and_then(Value::as_u64) {
-                Some(millis) => FaultAction::Timeout(Duration::from_millis(millis)),
-                None => FaultAction::Fail(
-                    parsed
-                        .get("code")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(500)
-                        .min(599) as u16,
-                ),
-            };
-            state.faults.inject(FaultRule {
-                verb: text("verb"),
-                resource: text("resource"),
-                subresource: parsed
-                    .get("subresource")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                remaining: parsed.get("count").and_then(Value::as_u64).unwrap_or(1) as usize,
-                action,
-            });
-            value_response(&json!({"status": "Success"}))
-        }
-        ("DELETE", ["faults"]) => {
-            state.faults.clear();
-            value_response(&json!({"status": "Success"}))
-        }
-        ("POST", ["close-watches"]) => {
-            state.faults.close_watches();
-            value_response(&json!({"status": "Success"}))
-        }
-        ("POST", ["latency"]) => {
-            let millis = parsed.get("millis").and_then(Value::as_u64).unwrap_or(0);
-            state.faults.set_latency(Duration::from_millis(millis));
-            value_response(&json!({"status": "Success"}))
-        }
-        ("GET", ["requests"]) => {
-            let entries: Vec<Value> = state
-                .log
-                .snapshot()
-                .iter()
-                .map(|r| {
-                    json!({
-                        "time": r.time.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                        "user": r.user, "verb": r.verb, "path": r.path, "group": r.group, "version": r.version,
-                        "resource": r.resource, "subresource": r.subresource, "namespace": r.namespace,
-                        "name": r.name, "patchContentType": r.patch_content_type, "status": r.status,
-                    })
-                })
-                .collect();
-            value_response(&json!({"items": entries}))
-        }
-        ("DELETE", ["requests"]) => {
-            state.log.clear();
-            value_response(&json!({"status": "Success"}))
-        }
-        _ => error_response(&ApiError::unknown_resource()),
-    }
 }
 
 #[cfg(test)]

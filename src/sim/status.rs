@@ -13,6 +13,18 @@ pub struct ApiError {
     pub retry_after_seconds: Option<u64>,
 }
 
+/// The request an injected error answers, for wording the error as a real server would.
+#[derive(Clone, Copy, Debug)]
+pub struct InjectedRequest<'a> {
+    pub verb: &'a str,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub subresource: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub user: &'a str,
+}
+
 /// How a resource is named in error messages: `configmaps` or `httproutes.gateway.networking.k8s.io`.
 #[derive(Clone, Debug)]
 pub struct ResourceName<'a> {
@@ -193,11 +205,70 @@ impl ApiError {
     }
 
     pub fn timeout() -> ApiError {
-        ApiError::new(
-            504,
-            "Timeout",
-            "Timeout: request did not complete within the allowed duration",
-        )
+        ApiError {
+            details: Some(json!({})),
+            ..ApiError::new(
+                504,
+                "Timeout",
+                "Timeout: request did not complete within requested timeout - context deadline exceeded",
+            )
+        }
+    }
+
+    /// The error a fault rule asks for, worded as kube-apiserver words it for this request.
+    pub fn injected(code: u16, request: &InjectedRequest<'_>) -> ApiError {
+        let resource = ResourceName {
+            group: request.group,
+            plural: request.resource,
+        };
+        let name = request.name.unwrap_or("");
+        match code {
+            401 => ApiError {
+                details: None,
+                ..ApiError::new(401, "Unauthorized", "Unauthorized")
+            },
+            403 => {
+                let scope = match request.namespace {
+                    Some(namespace) => format!(" in the namespace \"{namespace}\""),
+                    None => " at the cluster scope".to_string(),
+                };
+                let object = if name.is_empty() {
+                    resource.qualified()
+                } else {
+                    format!("{} \"{}\"", resource.qualified(), name)
+                };
+                let subresource = request
+                    .subresource
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default();
+                ApiError {
+                    details: Some(resource.details(name)),
+                    ..ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{object} is forbidden: User \"{}\" cannot {} resource \"{}{subresource}\" in API group \"{}\"{scope}",
+                            request.user, request.verb, request.resource, request.group
+                        ),
+                    )
+                }
+            }
+            404 if !name.is_empty() => ApiError::not_found(&resource, name),
+            409 if request.verb == "create" && !name.is_empty() => {
+                ApiError::already_exists(&resource, name)
+            }
+            409 if !name.is_empty() => ApiError::stale_update(&resource, name),
+            500 => ApiError {
+                details: Some(json!({"causes": [{"message": "injected fault"}]})),
+                ..ApiError::new(
+                    500,
+                    "InternalError",
+                    "Internal error occurred: injected fault",
+                )
+            },
+            504 => ApiError::timeout(),
+            other => ApiError::for_code(other),
+        }
     }
 
     /// The error a fault rule asks for, with the reason a real server pairs with that code.
@@ -232,5 +303,56 @@ impl ApiError {
             map.insert("details".into(), details.clone());
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<'a>(verb: &'a str, name: Option<&'a str>) -> InjectedRequest<'a> {
+        InjectedRequest {
+            verb,
+            group: "apps",
+            resource: "replicasets",
+            subresource: None,
+            namespace: Some("shop"),
+            name,
+            user: "alice",
+        }
+    }
+
+    #[test]
+    fn injected_errors_read_like_kube_apiserver() {
+        let conflict = ApiError::injected(409, &request("update", Some("web")));
+        assert_eq!(conflict.reason, "Conflict");
+        assert_eq!(
+            conflict.message,
+            "Operation cannot be fulfilled on replicasets.apps \"web\": the object has been modified; please apply your changes to the latest version and try again"
+        );
+        assert_eq!(conflict.body()["details"]["name"], "web");
+        let exists = ApiError::injected(409, &request("create", Some("web")));
+        assert_eq!(exists.reason, "AlreadyExists");
+        let throttled = ApiError::injected(429, &request("get", Some("web")));
+        assert_eq!(
+            (throttled.reason, throttled.retry_after_seconds),
+            ("TooManyRequests", Some(1))
+        );
+        assert_eq!(throttled.body()["details"]["retryAfterSeconds"], 1);
+        let internal = ApiError::injected(500, &request("patch", Some("web")));
+        assert_eq!(internal.message, "Internal error occurred: injected fault");
+        assert_eq!(
+            internal.body()["details"]["causes"][0]["message"],
+            "injected fault"
+        );
+        let timeout = ApiError::injected(504, &request("patch", Some("web")));
+        assert_eq!((timeout.code, timeout.reason), (504, "Timeout"));
+        let forbidden = ApiError::injected(403, &request("patch", Some("web")));
+        assert_eq!(
+            forbidden.message,
+            "replicasets.apps \"web\" is forbidden: User \"alice\" cannot patch resource \"replicasets\" in API group \"apps\" in the namespace \"shop\""
+        );
+        let other = ApiError::injected(418, &request("get", None));
+        assert_eq!(other.code, 418);
     }
 }

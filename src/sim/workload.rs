@@ -95,6 +95,8 @@ pub enum WorkloadError {
     ReconcilePanicked,
     #[error("encoding {0}: {1}")]
     Encode(&'static str, serde_json::Error),
+    #[error("building the simulator's client: {0}")]
+    Client(String),
 }
 
 impl WorkloadError {
@@ -110,6 +112,7 @@ impl WorkloadError {
             WorkloadError::WriteDeploymentStatus { .. } => "write_deployment_status",
             WorkloadError::ReconcilePanicked => "reconcile_panicked",
             WorkloadError::Encode(..) => "encode",
+            WorkloadError::Client(_) => "client",
         }
     }
 }
@@ -319,6 +322,90 @@ pub fn pod_status_matches(current: Option<&PodStatus>, desired: &PodStatus) -> b
         && current.start_time == desired.start_time
         && current.conditions == desired.conditions
         && current.container_statuses == desired.container_statuses
+}
+
+/// A readiness forced on a pod over what its template says (a failing, then passing readiness probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadinessOverride {
+    /// Not ready since this time, whatever the template says; `was_ready`: whether it was Ready when
+    /// forced (so giving its readiness back should make it Ready again).
+    Unready { since: Timestamp, was_ready: bool },
+    /// Back to what the template says since this time: if Ready, then Ready since no earlier than this.
+    Restored { since: Timestamp },
+}
+
+/// Forced readiness per pod uid; shared by every run of the workload simulator.
+#[derive(Debug, Default)]
+pub struct ReadinessOverrides {
+    by_uid: Mutex<HashMap<String, ReadinessOverride>>,
+}
+
+impl ReadinessOverrides {
+    pub fn get(&self, uid: &str) -> Option<ReadinessOverride> {
+        lock(&self.by_uid).get(uid).copied()
+    }
+
+    pub fn set(&self, uid: &str, forced: ReadinessOverride) {
+        lock(&self.by_uid).insert(uid.to_string(), forced);
+    }
+
+    pub fn is_forced_unready(&self, uid: &str) -> bool {
+        matches!(self.get(uid), Some(ReadinessOverride::Unready { .. }))
+    }
+
+    /// Forgets pods that no longer exist.
+    fn retain(&self, live: &HashSet<String>) {
+        lock(&self.by_uid).retain(|uid, _| live.contains(uid));
+    }
+}
+
+/// Applies a forced readiness to the status the template asks for; returns when the status changes
+/// by itself next. A forced-unready pod never turns ready by itself.
+pub fn apply_readiness_override(
+    status: &mut PodStatus,
+    next_change: Option<Duration>,
+    forced: Option<ReadinessOverride>,
+) -> Option<Duration> {
+    let Some(forced) = forced else {
+        return next_change;
+    };
+    let naturally_ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let retime = |status: &mut PodStatus, ready: bool, since: Timestamp| {
+        for condition in status.conditions.iter_mut().flatten() {
+            if condition.type_ == "Ready" || condition.type_ == "ContainersReady" {
+                condition.status = if ready { "True" } else { "False" }.to_string();
+                condition.last_transition_time = Some(to_api_time(since));
+            }
+        }
+        for container in status.container_statuses.iter_mut().flatten() {
+            container.ready = ready;
+        }
+    };
+    match forced {
+        ReadinessOverride::Unready { since, .. } => {
+            if naturally_ready {
+                retime(status, false, since);
+            }
+            None
+        }
+        ReadinessOverride::Restored { since } => {
+            let ready_since = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready")
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0);
+            if naturally_ready && ready_since.is_some_and(|t| t < to_api_time(since).0) {
+                retime(status, true, since);
+            }
+            next_change
+        }
+    }
 }
 
 /// The Ready condition's transition time when the pod is Ready, else None.
@@ -570,6 +657,7 @@ struct Context {
     deployments: Store<Deployment>,
     expectations: Mutex<HashMap<String, Expectations>>,
     runtimes: Mutex<HashMap<String, PodRuntime>>,
+    readiness: Arc<ReadinessOverrides>,
     next_ip: AtomicU32,
     kubelet_reconciles: AtomicU64,
 }
@@ -602,6 +690,7 @@ async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Requeue, Work
         return Ok(None);
     }
     let now = Timestamp::now();
+    let forced = ctx.readiness.get(&uid);
     let runtime = {
         let mut runtimes = lock(&ctx.runtimes);
         runtimes
@@ -622,8 +711,9 @@ async fn reconcile_pod(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Requeue, Work
     };
     let behaviour =
         PodBehaviour::from_annotations(pod.annotations(), ctx.config.default_ready_delay);
-    let (status, next_change) =
+    let (mut status, next_change) =
         desired_pod_status(&pod, &behaviour, runtime.started_at, now, &runtime.ip);
+    let next_change = apply_readiness_override(&mut status, next_change, forced);
     if !pod_status_matches(pod.status.as_ref(), &status) {
         let body = json!({ "status": status });
         Api::<Pod>::namespaced(ctx.client.clone(), &ns)
@@ -645,13 +735,14 @@ fn forget_departed_pods(ctx: &Context) {
     {
         return;
     }
-    let live: std::collections::HashSet<String> = ctx
+    let live: HashSet<String> = ctx
         .pods
         .state()
         .iter()
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
     lock(&ctx.runtimes).retain(|uid, _| live.contains(uid));
+    ctx.readiness.retain(&live);
     let live_rs: std::collections::HashSet<String> = ctx
         .replicasets
         .state()
@@ -1087,10 +1178,20 @@ where
 /// The simulated ReplicaSet and Deployment controllers plus kubelet, running until [`shutdown`](Self::shutdown).
 pub struct WorkloadSimulator {
     tasks: Vec<JoinHandle<()>>,
+    kubelet: mpsc::UnboundedSender<Key>,
 }
 
 impl WorkloadSimulator {
     pub fn spawn(client: Client, config: WorkloadConfig) -> WorkloadSimulator {
+        WorkloadSimulator::spawn_with(client, config, Arc::default())
+    }
+
+    /// Like [`spawn`](Self::spawn), with pod readiness forced from outside through `readiness`.
+    pub fn spawn_with(
+        client: Client,
+        config: WorkloadConfig,
+        readiness: Arc<ReadinessOverrides>,
+    ) -> WorkloadSimulator {
         let (pods, pod_writer) = reflector::store::<Pod>();
         let (replicasets, rs_writer) = reflector::store::<ReplicaSet>();
         let (deployments, deployment_writer) = reflector::store::<Deployment>();
@@ -1105,10 +1206,12 @@ impl WorkloadSimulator {
             deployments,
             expectations: Mutex::default(),
             runtimes: Mutex::default(),
+            readiness,
             next_ip: AtomicU32::new(0),
             kubelet_reconciles: AtomicU64::new(1),
         });
         let to_rs = rs_keys.clone();
+        let kubelet = pod_keys.clone();
         let pod_feed = feed(
             Api::<Pod>::all(client.clone()),
             pod_writer,
@@ -1176,7 +1279,12 @@ impl WorkloadSimulator {
                 }
             })),
         ];
-        WorkloadSimulator { tasks }
+        WorkloadSimulator { tasks, kubelet }
+    }
+
+    /// Makes the kubelet look at a pod now (its forced readiness changed).
+    pub fn poke_pod(&self, namespace: &str, name: &str) {
+        let _ = self.kubelet.send((namespace.to_string(), name.to_string()));
     }
 
     pub async fn shutdown(mut self) {
@@ -1193,6 +1301,115 @@ impl Drop for WorkloadSimulator {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
+        }
+    }
+}
+
+/// Header carrying the workload-simulator run a request comes from (see [`RunFence`]).
+pub const RUN_HEADER: &str = "x-serin-sim-run";
+
+/// Which run of the workload simulator the API server accepts requests from. Stopping a run aborts
+/// its tasks, but a request already on the wire would still land; the server refuses requests of any
+/// run but the current one, so nothing a stopped simulator sent can change the cluster.
+#[derive(Debug, Default)]
+pub struct RunFence {
+    current: AtomicU64,
+}
+
+impl RunFence {
+    /// True when requests of `run` may change the cluster.
+    pub fn admits(&self, run: u64) -> bool {
+        run != 0 && self.current.load(Ordering::SeqCst) == run
+    }
+
+    /// The running run, 0 when the simulator is stopped.
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, run: u64) {
+        self.current.store(run, Ordering::SeqCst);
+    }
+}
+
+/// Starts and stops the workload simulator of a running sim; forced pod readiness survives restarts.
+pub struct WorkloadControl {
+    client_config: kube::Config,
+    config: WorkloadConfig,
+    readiness: Arc<ReadinessOverrides>,
+    fence: Arc<RunFence>,
+    running: tokio::sync::Mutex<Option<WorkloadSimulator>>,
+    kubelet: Mutex<Option<mpsc::UnboundedSender<Key>>>,
+    runs: AtomicU64,
+}
+
+impl WorkloadControl {
+    /// `client_config`: how the simulator reaches the API server (each run adds its [`RUN_HEADER`]).
+    pub fn new(
+        client_config: kube::Config,
+        config: WorkloadConfig,
+        fence: Arc<RunFence>,
+    ) -> WorkloadControl {
+        WorkloadControl {
+            client_config,
+            config,
+            readiness: Arc::default(),
+            fence,
+            running: tokio::sync::Mutex::new(None),
+            kubelet: Mutex::new(None),
+            runs: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts a new run; false when one is already running.
+    pub async fn start(&self) -> Result<bool, WorkloadError> {
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            return Ok(false);
+        }
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut client_config = self.client_config.clone();
+        client_config.headers.push((
+            http::HeaderName::from_static(RUN_HEADER),
+            http::HeaderValue::from(run),
+        ));
+        let client =
+            Client::try_from(client_config).map_err(|e| WorkloadError::Client(e.to_string()))?;
+        self.fence.set(run);
+        let simulator =
+            WorkloadSimulator::spawn_with(client, self.config.clone(), self.readiness.clone());
+        *lock(&self.kubelet) = Some(simulator.kubelet.clone());
+        *running = Some(simulator);
+        tracing::info!(run, "workload simulator started");
+        Ok(true)
+    }
+
+    /// Stops the running run: when this returns, nothing it sent can change the cluster any more.
+    /// False when it was not running.
+    pub async fn stop(&self) -> bool {
+        let mut running = self.running.lock().await;
+        let Some(simulator) = running.take() else {
+            return false;
+        };
+        self.fence.set(0);
+        *lock(&self.kubelet) = None;
+        simulator.shutdown().await;
+        tracing::info!("workload simulator stopped");
+        true
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.fence.current() != 0
+    }
+
+    pub fn readiness(&self) -> &ReadinessOverrides {
+        &self.readiness
+    }
+
+    /// Makes the running kubelet look at a pod now; nothing when stopped (it looks at every pod on start).
+    pub fn poke_pod(&self, namespace: &str, name: &str) {
+        if let Some(kubelet) = lock(&self.kubelet).as_ref() {
+            let _ = kubelet.send((namespace.to_string(), name.to_string()));
         }
     }
 }
@@ -1352,6 +1569,79 @@ mod tests {
             .and_then(|s| s.waiting.as_ref())
             .and_then(|w| w.reason.as_deref());
         assert_eq!(reason, Some("CrashLoopBackOff"));
+    }
+
+    #[test]
+    fn forced_unready_wins_and_restored_pods_are_ready_from_the_restore() {
+        let p = pod_from_replicaset(&replicaset(1, 0), "p".into());
+        let b = PodBehaviour::from_annotations(p.annotations(), Duration::from_millis(300));
+        let (natural, _) = desired_pod_status(&p, &b, ts(100), ts(200), "10.0.0.2");
+        assert!(is_ready_status(&natural));
+
+        let mut forced = natural.clone();
+        let unready = ReadinessOverride::Unready {
+            since: ts(150),
+            was_ready: true,
+        };
+        assert_eq!(
+            apply_readiness_override(&mut forced, None, Some(unready)),
+            None
+        );
+        assert!(!is_ready_status(&forced));
+        let ready = forced
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready");
+        assert_eq!(
+            ready
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0),
+            Some(ts(150))
+        );
+        assert!(forced.container_statuses.iter().flatten().all(|c| !c.ready));
+
+        // A pod still starting stays unready past its delay while forced.
+        let (starting, next) = desired_pod_status(&p, &b, ts(100), ts(101), "10.0.0.2");
+        let mut starting_forced = starting.clone();
+        assert_eq!(
+            apply_readiness_override(&mut starting_forced, next, Some(unready)),
+            None
+        );
+        assert_eq!(starting_forced, starting);
+
+        let mut restored = natural.clone();
+        let back = ReadinessOverride::Restored { since: ts(180) };
+        apply_readiness_override(&mut restored, None, Some(back));
+        assert!(is_ready_status(&restored));
+        let ready = restored
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready");
+        assert_eq!(
+            ready
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0),
+            Some(ts(180)),
+            "minReadySeconds counts from the restore"
+        );
+        let mut untouched = natural.clone();
+        assert_eq!(
+            apply_readiness_override(&mut untouched, Some(Duration::from_secs(1)), None),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(untouched, natural);
+    }
+
+    #[test]
+    fn run_fence_admits_only_the_current_run() {
+        let fence = RunFence::default();
+        assert!(!fence.admits(0) && !fence.admits(1));
+        fence.set(2);
+        assert!(fence.admits(2) && !fence.admits(1));
+        fence.set(0);
+        assert!(!fence.admits(2) && fence.current() == 0);
     }
 
     #[test]
