@@ -9,6 +9,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy}
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
+use super::leader::{Fence, Fenced};
 use super::observe::purpose_labels;
 use crate::crd::analysis::{AnalysisRun, AnalysisRunSpec};
 use crate::crd::{labels, Rollout};
@@ -19,6 +20,8 @@ use crate::strategy::{Action, AnalysisPurpose};
 pub enum ActError {
     #[error("the Rollout has no namespace or uid")]
     RolloutWithoutIdentity,
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
     #[error("creating ReplicaSet {name} failed: {source}")]
     CreateReplicaSet {
         name: String,
@@ -82,6 +85,7 @@ impl ActError {
     pub fn category(&self) -> &'static str {
         match self {
             ActError::RolloutWithoutIdentity => "rollout_without_identity",
+            ActError::Fenced(fenced) => fenced.category(),
             ActError::CreateReplicaSet { .. } => "create_replicaset",
             ActError::ReplicaSetNameTaken { .. } => "replicaset_name_taken",
             ActError::ScaleReplicaSet { .. } => "scale_replicaset",
@@ -103,6 +107,17 @@ pub async fn act(
     rollout: &Rollout,
     actions: &[Action],
 ) -> Result<usize, ActError> {
+    act_fenced(client, &Fence::open(), rollout, actions).await
+}
+
+/// Like [`act`], asking `fence` before each action: once this replica can no longer prove it holds the
+/// leader Lease, the action about to be sent and every one after it are refused (safety rule 8).
+pub async fn act_fenced(
+    client: &Client,
+    fence: &Fence,
+    rollout: &Rollout,
+    actions: &[Action],
+) -> Result<usize, ActError> {
     let namespace = rollout
         .namespace()
         .ok_or(ActError::RolloutWithoutIdentity)?;
@@ -121,6 +136,7 @@ pub async fn act(
     };
 
     for action in actions {
+        fence.check()?;
         match action {
             Action::CreateReplicaSet {
                 name,

@@ -432,6 +432,10 @@ impl Shared {
         }
     }
 
+    fn holds(&self, now: SystemTime) -> bool {
+        !self.lost.is_cancelled() && now < self.valid_until()
+    }
+
     fn lose(&self, reason: &str) {
         if !self.lost.is_cancelled() {
             tracing::warn!(%reason, "lost leadership");
@@ -447,6 +451,54 @@ impl Shared {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         Instant::now() + remaining
+    }
+}
+
+/// Whether this replica may still write: cloned into everything that writes on behalf of a [`Leadership`].
+///
+/// The renewer stops the reconcilers when the renew deadline passes, but a timer can fire late on a busy
+/// machine and a reconcile already running reaches its next write before it is stopped; the fence compares
+/// the clock with the Lease's stored validity at the moment of each write, so no write leaves this replica
+/// after it stopped being able to prove it holds the Lease.
+#[derive(Clone)]
+pub struct Fence {
+    /// `None`: no leader election, every write is allowed.
+    shared: Option<Arc<Shared>>,
+}
+
+/// A write was refused because this replica no longer holds the Lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this replica no longer holds the leader Lease (lost, or not renewed before the renew deadline): write refused")]
+pub struct Fenced;
+
+impl Fenced {
+    pub fn category(&self) -> &'static str {
+        "fenced"
+    }
+}
+
+impl Fence {
+    /// The fence of a controller that runs without leader election: it never closes.
+    pub fn open() -> Fence {
+        Fence { shared: None }
+    }
+
+    /// `Ok` while the Lease, as last stored by the API server, says we hold it within the renew deadline.
+    pub fn check(&self) -> Result<(), Fenced> {
+        match &self.shared {
+            None => Ok(()),
+            Some(shared) if shared.holds(SystemTime::now()) => Ok(()),
+            Some(_) => Err(Fenced),
+        }
+    }
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.shared {
+            None => f.write_str("Fence(open)"),
+            Some(shared) => write!(f, "Fence(valid until {:?})", shared.valid_until()),
+        }
     }
 }
 
@@ -551,9 +603,9 @@ async fn keep_renewing(
     }
 }
 
-/// Proof of holding the Lease. The controller runs its reconcilers only while it has one, hands
-/// `lost()` to every write so in-flight writes are cancelled the moment the Lease is gone, and exits when
-/// `lost()` fires so it restarts clean as a candidate.
+/// Proof of holding the Lease. The controller runs its reconcilers only while it has one, checks its
+/// [`Fence`] before every write, and stops the reconcilers when `lost()` fires so it stands again as a
+/// candidate.
 ///
 /// Dropping it stops renewing without giving the Lease up (as a crash would);
 /// `release` gives it up so another replica takes over at once.
@@ -572,11 +624,18 @@ impl Leadership {
 
     /// True while the Lease as last stored by the API server says we hold it, within the renew deadline.
     pub fn is_leader(&self) -> bool {
-        !self.shared.lost.is_cancelled() && SystemTime::now() < self.shared.valid_until()
+        self.shared.holds(SystemTime::now())
     }
 
     pub fn config(&self) -> &LeaseConfig {
         &self.config
+    }
+
+    /// The fence every write made on behalf of this leadership checks first.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            shared: Some(self.shared.clone()),
+        }
     }
 
     /// Stops renewing and clears `holderIdentity`, unless someone else already holds the Lease.
@@ -879,6 +938,29 @@ mod tests {
             now + Duration::from_secs(32),
         );
         assert_eq!(after_release.lease_transitions, Some(1));
+    }
+
+    #[test]
+    fn the_fence_closes_at_the_renew_deadline_even_before_lost_fires() {
+        assert_eq!(Fence::open().check(), Ok(()));
+        let shared = Arc::new(Shared {
+            lost: CancellationToken::new(),
+            valid_until: Mutex::new(SystemTime::now() + Duration::from_secs(60)),
+        });
+        let fence = Fence {
+            shared: Some(shared.clone()),
+        };
+        assert_eq!(fence.check(), Ok(()));
+        // The renewer's timer has not fired (a busy machine): the clock alone closes the fence.
+        shared.set_valid_until(SystemTime::now() - Duration::from_millis(1));
+        assert!(!shared.lost.is_cancelled());
+        assert_eq!(fence.check(), Err(Fenced));
+        assert_eq!(Fenced.category(), "fenced");
+
+        shared.set_valid_until(SystemTime::now() + Duration::from_secs(60));
+        assert_eq!(fence.check(), Ok(()));
+        shared.lost.cancel();
+        assert_eq!(fence.check(), Err(Fenced));
     }
 
     #[test]

@@ -153,6 +153,11 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
+    /// Whether this replica leads (or runs without leader election), as last recorded.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
+    }
+
     /// Records the writes one reconcile made.
     pub fn wrote(&self, writes: u64) {
         self.total_writes.fetch_add(writes, Ordering::Relaxed);

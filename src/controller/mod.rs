@@ -4,6 +4,7 @@ pub mod act;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod sync;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -25,9 +26,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use act::{act, ActError};
+pub use act::{act, act_fenced, ActError};
+pub use leader::{Fence, Fenced};
 pub use metrics::Metrics;
 pub use observe::{observe, ObserveError, Sources};
+pub use sync::{Cache, CacheGate, CacheState, GateVerdict};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::{labels, Rollout, RolloutStatus};
@@ -108,6 +111,8 @@ pub enum ReconcileError {
     StatusConflict,
     #[error("re-reading the Rollout failed: {0}")]
     ReadRollout(#[source] kube::Error),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
 }
 
 impl ReconcileError {
@@ -119,6 +124,7 @@ impl ReconcileError {
             ReconcileError::WriteStatus(_) => "write_status",
             ReconcileError::StatusConflict => "status_conflict",
             ReconcileError::ReadRollout(_) => "read_rollout",
+            ReconcileError::Fenced(fenced) => fenced.category(),
         }
     }
 }
@@ -132,16 +138,33 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         tracing::info!("interrupted, stopping");
         on_signal.cancel();
     });
+    run_until(client, config, Arc::new(Metrics::new()), interrupted).await
+}
+
+/// Runs the controller until `shutdown` is cancelled, counting into `metrics`; with `config.leader`, it
+/// reconciles only while it holds the Lease and stands again as candidate whenever it loses it.
+///
+/// Dropping the returned future (aborting its task) stops everything at once, like a killed process: the
+/// Lease is neither renewed nor released, so another replica takes over when it expires.
+pub async fn run_until(
+    client: Client,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
     // One metrics endpoint for the life of the process, so a standby replica still answers /healthz.
-    let metrics = Arc::new(Metrics::new());
     if config.leader.is_some() {
         metrics.set_ready_as_standby();
     }
-    if let Some(addr) = config.metrics_addr {
-        metrics::serve(addr, metrics.clone(), interrupted.clone())
-            .await
-            .map_err(|source| ControllerError::BindMetrics { addr, source })?;
-    }
+    let _metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let (_, task) = metrics::serve(addr, metrics.clone(), shutdown.clone())
+                .await
+                .map_err(|source| ControllerError::BindMetrics { addr, source })?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let reconciler_config = ControllerConfig {
         metrics_addr: None,
         ..config.clone()
@@ -152,40 +175,62 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
             ControllerHandle::start_with_metrics(client, reconciler_config, metrics).await?;
         let cancel = handle.cancel.clone();
         tokio::spawn(async move {
-            interrupted.cancelled().await;
+            shutdown.cancelled().await;
             cancel.cancel();
         });
         return handle.wait_for_exit().await;
     };
+    let mut lost_before = false;
     loop {
+        if lost_before {
+            // The Lease still names this replica until it expires, and a candidate may take a Lease that
+            // names itself: without this pause the replica whose renewals just failed would win it back
+            // before a healthy standby could take over.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(lease.lease_duration) => {}
+            }
+        }
         let leadership = tokio::select! {
-            _ = interrupted.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
             acquired = leader::acquire(client.clone(), lease.clone()) => acquired?,
         };
         tracing::info!(identity = %lease.identity, "leading: starting the reconcilers");
         metrics.set_leader(true);
-        let handle = ControllerHandle::start_with_metrics(
+        let handle = ControllerHandle::start_fenced(
             client.clone(),
             reconciler_config.clone(),
             metrics.clone(),
+            leadership.fence(),
         )
         .await?;
         let lost = leadership.lost();
         tokio::select! {
             _ = lost.cancelled() => {
                 // Safety rule 8: a controller that can no longer prove it holds the Lease stops writing at
-                // once; in-flight reconciles are dropped wherever they are, and it stands again as candidate.
+                // once (every write also checks the fence); in-flight reconciles are dropped wherever they
+                // are, and it stands again as candidate.
                 tracing::warn!("lost the lease: stopping every write");
                 handle.kill();
                 metrics.set_leader(false);
                 drop(leadership);
+                lost_before = true;
             }
-            _ = interrupted.cancelled() => {
+            _ = shutdown.cancelled() => {
                 let stopped = handle.stop().await;
                 leadership.release().await;
                 return stopped;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped, so a dropped [`run_until`] leaves nothing running.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -205,7 +250,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// A controller running in this process: stop it, kill it, read its counters.
+/// A controller running in this process: stop it, kill it, read its counters. Dropping it kills it.
 pub struct ControllerHandle {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -227,6 +272,16 @@ impl ControllerHandle {
         client: Client,
         config: ControllerConfig,
         metrics: Arc<Metrics>,
+    ) -> Result<ControllerHandle, ControllerError> {
+        ControllerHandle::start_fenced(client, config, metrics, Fence::open()).await
+    }
+
+    /// Starts the controller writing only while `fence` allows it (see [`leader::Leadership::fence`]).
+    pub async fn start_fenced(
+        client: Client,
+        config: ControllerConfig,
+        metrics: Arc<Metrics>,
+        fence: Fence,
     ) -> Result<ControllerHandle, ControllerError> {
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -250,10 +305,7 @@ impl ControllerHandle {
         } else {
             config.namespaces.iter().cloned().map(Some).collect()
         };
-        let sync = Arc::new(CacheSync {
-            pending: AtomicUsize::new(scopes.len() * CACHES_PER_SCOPE),
-            metrics: metrics.clone(),
-        });
+        let unsynced_scopes = Arc::new(AtomicUsize::new(scopes.len()));
         for scope in scopes {
             if config.measure_analysis {
                 tasks.push(spawn_analysis_runner(
@@ -263,15 +315,22 @@ impl ControllerHandle {
                     metrics.clone(),
                 ));
             }
-            tasks.push(spawn_scope(
-                client.clone(),
-                scope,
-                &config,
-                recorder.clone(),
-                metrics.clone(),
-                &cancel,
-                &sync,
-            ));
+            let ready = {
+                let (metrics, unsynced) = (metrics.clone(), unsynced_scopes.clone());
+                move || {
+                    if unsynced.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        tracing::info!("every watch cache synced: ready");
+                        metrics.set_ready();
+                    }
+                }
+            };
+            let wiring = ScopeWiring {
+                recorder: recorder.clone(),
+                metrics: metrics.clone(),
+                gate: Arc::new(CacheGate::new(ready)),
+                fence: fence.clone(),
+            };
+            tasks.push(spawn_scope(client.clone(), scope, &config, wiring, &cancel));
         }
         Ok(ControllerHandle {
             cancel,
@@ -311,14 +370,11 @@ impl ControllerHandle {
 
     /// Stops at once, like a killed process: reconciles in flight are dropped wherever they are.
     pub fn kill(self) {
-        self.cancel.cancel();
-        for task in &self.tasks {
-            task.abort();
-        }
+        drop(self);
     }
 
-    async fn wait_for_exit(self) -> Result<(), ControllerError> {
-        for task in self.tasks {
+    async fn wait_for_exit(mut self) -> Result<(), ControllerError> {
+        for task in std::mem::take(&mut self.tasks) {
             match task.await {
                 Ok(()) => {}
                 Err(error) if error.is_cancelled() => {}
@@ -326,6 +382,15 @@ impl ControllerHandle {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for ControllerHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -352,37 +417,6 @@ fn spawn_analysis_runner(
     })
 }
 
-/// Watch caches per namespace scope: Rollouts, ReplicaSets, Services, AnalysisRuns.
-const CACHES_PER_SCOPE: usize = 4;
-
-/// Counts the caches whose first list has not completed; the controller is ready when none is left.
-/// (Readiness is taken from the watch streams themselves: a reflector store's `wait_until_ready` wakes only
-/// its most recent waiter, and the runtime's own runner already waits on the Rollout store.)
-struct CacheSync {
-    pending: AtomicUsize,
-    metrics: Arc<Metrics>,
-}
-
-impl CacheSync {
-    fn tracker<K>(self: &Arc<Self>, cache: &'static str) -> impl FnMut(&watcher::Event<K>) {
-        let sync = self.clone();
-        let mut counted = false;
-        move |event| {
-            if !counted && matches!(event, watcher::Event::InitDone) {
-                counted = true;
-                tracing::debug!(
-                    cache,
-                    left = sync.pending.load(Ordering::Acquire),
-                    "a cache synced"
-                );
-                if sync.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    sync.metrics.set_ready();
-                }
-            }
-        }
-    }
-}
-
 struct ScopeContext {
     /// Our own last status write per Rollout, with the resourceVersion it replaced: until the watch cache
     /// shows it, a reconcile plans from it instead of the stale cached copy (which would only earn a 409 or,
@@ -394,6 +428,10 @@ struct ScopeContext {
     metrics: Arc<Metrics>,
     error_backoff: Duration,
     resync: Duration,
+    /// Whether the caches `sources` reads are complete and current.
+    gate: Arc<CacheGate>,
+    /// Asked before every write.
+    fence: Fence,
 }
 
 impl ScopeContext {
@@ -450,15 +488,27 @@ pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
     Some(hasher.finish())
 }
 
+/// What one namespace scope's reconciler shares with the rest of the controller.
+struct ScopeWiring {
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    gate: Arc<CacheGate>,
+    fence: Fence,
+}
+
 fn spawn_scope(
     client: Client,
     scope: Option<String>,
     config: &ControllerConfig,
-    recorder: Recorder,
-    metrics: Arc<Metrics>,
+    wiring: ScopeWiring,
     cancel: &CancellationToken,
-    sync: &Arc<CacheSync>,
 ) -> JoinHandle<()> {
+    let ScopeWiring {
+        recorder,
+        metrics,
+        gate,
+        fence,
+    } = wiring;
     let rollouts: Api<Rollout> = scoped_api(&client, &scope);
     let replica_sets: Api<ReplicaSet> = scoped_api(&client, &scope);
     let services: Api<Service> = scoped_api(&client, &scope);
@@ -473,23 +523,23 @@ fn spawn_scope(
     let rollout_stream = watcher(rollouts, watcher::Config::default())
         .default_backoff()
         .reflect(rollout_writer)
-        .inspect_ok(sync.tracker("rollouts"))
+        .inspect_ok(gate.tracker(Cache::Rollouts))
         .applied_objects()
         .predicate_filter(rollout_trigger_hash, Default::default());
     let rs_stream = watcher(replica_sets, owned.clone())
         .default_backoff()
         .reflect(rs_writer)
-        .inspect_ok(sync.tracker("replicasets"))
+        .inspect_ok(gate.tracker(Cache::ReplicaSets))
         .touched_objects();
     let run_stream = watcher(runs, owned)
         .default_backoff()
         .reflect(run_writer)
-        .inspect_ok(sync.tracker("analysisruns"))
+        .inspect_ok(gate.tracker(Cache::AnalysisRuns))
         .touched_objects();
     let svc_stream = watcher(services, watcher::Config::default())
         .default_backoff()
         .reflect(svc_writer)
-        .inspect_ok(sync.tracker("services"))
+        .inspect_ok(gate.tracker(Cache::Services))
         .touched_objects();
 
     let context = Arc::new(ScopeContext {
@@ -505,6 +555,8 @@ fn spawn_scope(
         metrics,
         error_backoff: config.error_backoff,
         resync: config.resync,
+        gate,
+        fence,
     });
 
     let mapper_reader = rollout_reader.clone();
@@ -537,11 +589,27 @@ fn rollouts_naming(rollouts: &Store<Rollout>, service: &Service) -> Vec<ObjectRe
         .collect()
 }
 
+/// How long a reconcile waits for the caches before it gives its slot back and comes again.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
+
 async fn reconcile(
     rollout: Arc<Rollout>,
     context: Arc<ScopeContext>,
 ) -> Result<Requeue, ReconcileError> {
     let started = Instant::now();
+    if let GateVerdict::Closed { waiting } = context.gate.wait_open(CACHE_WAIT).await {
+        // An incomplete cache reads as "these objects do not exist", which the planner would answer by
+        // creating or promoting: nothing is planned until every cache holds a complete list.
+        tracing::debug!(
+            rollout = %rollout.name_any(),
+            waiting = ?waiting,
+            "watch caches not synced: not planning yet"
+        );
+        context
+            .metrics
+            .reconciled("caches_not_synced", started.elapsed());
+        return Ok(Requeue::requeue(CACHE_WAIT));
+    }
     let result = reconcile_rollout(&context, &rollout).await;
     let outcome = match &result {
         Ok(_) => "ok",
@@ -570,16 +638,17 @@ async fn reconcile_rollout(
     for _attempt in 0..3 {
         let observed = observe(&context.sources, &current).await?;
         let plan = crate::strategy::plan(&current, &observed, Timestamp::now());
-        let applied = match act(&context.client, &current, &plan.actions).await {
-            Ok(applied) => applied,
-            Err(error) => {
-                let reason = failure_reason(error.category());
-                publish(context, &current, true, &reason, &error.to_string()).await;
-                return Err(error.into());
-            }
-        };
+        let applied =
+            match act_fenced(&context.client, &context.fence, &current, &plan.actions).await {
+                Ok(applied) => applied,
+                Err(error) => {
+                    let reason = failure_reason(error.category());
+                    publish(context, &current, true, &reason, &error.to_string()).await;
+                    return Err(error.into());
+                }
+            };
         context.metrics.wrote(applied as u64);
-        match write_status(&api, &current, &plan.status).await {
+        match write_status(&api, &context.fence, &current, &plan.status).await {
             Ok(written) => {
                 context.metrics.wrote(u64::from(written.is_some()));
                 if let Some(written) = written {
@@ -611,6 +680,7 @@ async fn reconcile_rollout(
                     .map_err(ReconcileError::ReadRollout)?;
             }
             Err(StatusWriteError::Other(error)) => return Err(ReconcileError::WriteStatus(error)),
+            Err(StatusWriteError::Fenced(fenced)) => return Err(fenced.into()),
         }
     }
     Err(ReconcileError::StatusConflict)
@@ -658,6 +728,7 @@ fn error_policy(
 
 enum StatusWriteError {
     Conflict,
+    Fenced(Fenced),
     Other(kube::Error),
 }
 
@@ -665,12 +736,14 @@ enum StatusWriteError {
 /// resourceVersion, so it fails with a conflict instead of erasing a command written meanwhile.
 async fn write_status(
     api: &Api<Rollout>,
+    fence: &Fence,
     rollout: &Rollout,
     status: &RolloutStatus,
 ) -> Result<Option<Rollout>, StatusWriteError> {
     if !status_differs(rollout.status.as_ref(), status) {
         return Ok(None);
     }
+    fence.check().map_err(StatusWriteError::Fenced)?;
     let mut updated = rollout.clone();
     updated.status = Some(status.clone());
     updated.metadata.managed_fields = None;
@@ -721,6 +794,10 @@ async fn publish(
     reason: &str,
     message: &str,
 ) {
+    if context.fence.check().is_err() {
+        tracing::debug!(reason, "not leading any more: event not recorded");
+        return;
+    }
     let recorded = Event {
         type_: if warning {
             EventType::Warning

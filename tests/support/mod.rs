@@ -484,3 +484,296 @@ pub fn blue_green_rollout(name: &str, replicas: i32, image: &str, blue_green: Va
         }
     })
 }
+
+// Controller fault tests: restarts with lagging caches, replicas under leader election, who wrote when.
+
+/// Where a controller started by [`World::start_controller_unsynced`] serves `/readyz`.
+pub struct Probe {
+    pub addr: std::net::SocketAddr,
+}
+
+impl Probe {
+    /// Whether `/readyz` answers 200 right now.
+    pub async fn ready(&self) -> bool {
+        let url = format!("http://{}/readyz", self.addr);
+        match reqwest::get(&url).await {
+            Ok(response) => response.status().is_success(),
+            Err(error) => panic!("/readyz at {url} did not answer: {error}"),
+        }
+    }
+}
+
+impl World {
+    /// Starts one more controller (as the controller user) without waiting for its caches; it serves
+    /// `/readyz` on a free port.
+    pub async fn start_controller_unsynced(&mut self) -> Probe {
+        let client = self
+            .sim
+            .client_as(CONTROLLER_USER)
+            .await
+            .expect("controller client");
+        let config = ControllerConfig {
+            error_backoff: Duration::from_millis(200),
+            metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..ControllerConfig::default()
+        };
+        let handle = ControllerHandle::start(client, config)
+            .await
+            .expect("controller starts");
+        let addr = handle.metrics_addr().expect("metrics served");
+        self.controllers.push(handle);
+        Probe { addr }
+    }
+
+    /// Like [`World::state`], reading the named ReplicaSets with `get` instead of listing them (for tests
+    /// that fault `list replicasets`); a ReplicaSet that does not exist is left out.
+    pub async fn state_by_name(&self, name: &str, replica_sets: &[String]) -> State {
+        let rollouts: Api<Rollout> = Api::namespaced(self.admin.clone(), NS);
+        let rollout = rollouts.get(name).await.expect("rollout exists");
+        let api: Api<ReplicaSet> = Api::namespaced(self.admin.clone(), NS);
+        let mut sets = Vec::new();
+        for rs_name in replica_sets {
+            if let Some(rs) = api.get_opt(rs_name).await.expect("get replicaset") {
+                sets.push(observed_replica_set(&rs));
+            }
+        }
+        let services: Api<Service> = Api::namespaced(self.admin.clone(), NS);
+        let selectors = services
+            .list(&ListParams::default())
+            .await
+            .expect("list services")
+            .items
+            .into_iter()
+            .map(|svc| {
+                let selector = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.clone())
+                    .unwrap_or_default();
+                (svc.name_any(), selector)
+            })
+            .collect();
+        State {
+            rollout,
+            replica_sets: sets,
+            selectors,
+        }
+    }
+
+    /// Waits (bounded) until the controller user has made no write for `quiet`.
+    pub async fn wait_for_quiet_controller(&self, quiet: Duration, timeout: Duration) {
+        self.wait_for_quiet_writer(CONTROLLER_USER, quiet, timeout)
+            .await;
+    }
+
+    /// Waits (bounded) until `user` has made no write, Lease renewals aside, for `quiet`.
+    pub async fn wait_for_quiet_writer(&self, user: &str, quiet: Duration, timeout: Duration) {
+        let writes = || {
+            self.sim
+                .request_log()
+                .filter(|r| r.user == user && is_write(r) && r.resource != "leases")
+                .len()
+        };
+        let deadline = Instant::now() + timeout;
+        let mut seen = writes();
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = writes();
+            if now != seen {
+                seen = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} kept writing for {timeout:?}"
+            );
+        }
+    }
+}
+
+/// Name of the Lease replicas started by [`Replica::start`] compete for.
+pub const LEASE_NAME: &str = "serin-controller";
+
+/// Leader-election timing for replicas in tests: short, so takeovers happen within a test's patience.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseTiming {
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            lease_duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            retry_period: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The Lease config of replica `identity`.
+pub fn lease_config(identity: &str, timing: LeaseTiming) -> serin::controller::leader::LeaseConfig {
+    serin::controller::leader::LeaseConfig {
+        lease_name: LEASE_NAME.into(),
+        lease_namespace: NS.into(),
+        identity: identity.into(),
+        lease_duration: timing.lease_duration,
+        renew_deadline: timing.renew_deadline,
+        retry_period: timing.retry_period,
+    }
+}
+
+/// One controller replica with leader election, run in-process as `serin controller --leader-elect` runs
+/// it, authenticated as its own user (its identity), so the request log tells its requests apart.
+pub struct Replica {
+    pub identity: String,
+    pub metrics: std::sync::Arc<serin::controller::Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), serin::controller::ControllerError>>>,
+}
+
+impl Replica {
+    /// Starts the replica; it becomes a candidate for the Lease at once.
+    pub async fn start(world: &World, identity: &str, timing: LeaseTiming) -> Replica {
+        let client = world.sim.client_as(identity).await.expect("replica client");
+        let config = ControllerConfig {
+            error_backoff: Duration::from_millis(200),
+            instance: Some(identity.to_string()),
+            leader: Some(lease_config(identity, timing)),
+            ..ControllerConfig::default()
+        };
+        let metrics = std::sync::Arc::new(serin::controller::Metrics::new());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(serin::controller::run_until(
+            client,
+            config,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        Replica {
+            identity: identity.to_string(),
+            metrics,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Kills the replica like `kill -9`: nothing is released, in-flight requests are dropped.
+    pub fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Stops the replica gracefully (it releases the Lease when it holds it).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("replica stops in time")
+                .expect("replica task");
+            stopped.expect("replica ran without error");
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Who holds the Lease as stored now, read as the admin.
+pub async fn lease_holder(world: &World) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(world.admin.clone(), NS);
+    leases
+        .get_opt(LEASE_NAME)
+        .await
+        .expect("get lease")
+        .and_then(|lease| lease.spec)
+        .and_then(|spec| spec.holder_identity)
+}
+
+/// Whether a request record is a write (create, update, patch, delete).
+pub fn is_write(record: &RequestRecord) -> bool {
+    matches!(
+        record.verb.as_str(),
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// Lease writes the API server accepted, oldest first: every renewal and every takeover.
+pub fn accepted_lease_writes(records: &[RequestRecord]) -> Vec<RequestRecord> {
+    let mut writes: Vec<RequestRecord> = records
+        .iter()
+        .filter(|r| {
+            // A create is sent to the collection, so it names no object; tests use one Lease.
+            r.resource == "leases"
+                && (r.name.as_deref() == Some(LEASE_NAME) || r.verb == "create")
+                && is_write(r)
+                && r.status < 300
+        })
+        .cloned()
+        .collect();
+    writes.sort_by_key(|r| r.time);
+    writes
+}
+
+/// One holder's uninterrupted run of accepted Lease writes, from the request log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTerm {
+    pub holder: String,
+    /// When its first accepted Lease write (the takeover) was received.
+    pub acquired: std::time::SystemTime,
+    /// When its last accepted Lease write (a renewal) was received.
+    pub last_renewal: std::time::SystemTime,
+}
+
+/// The holders of the Lease in order, each with when it took the Lease and last renewed it.
+pub fn lease_terms(records: &[RequestRecord]) -> Vec<LeaseTerm> {
+    let mut terms: Vec<LeaseTerm> = Vec::new();
+    for write in accepted_lease_writes(records) {
+        match terms.last_mut() {
+            Some(term) if term.holder == write.user => term.last_renewal = write.time,
+            _ => terms.push(LeaseTerm {
+                holder: write.user.clone(),
+                acquired: write.time,
+                last_renewal: write.time,
+            }),
+        }
+    }
+    terms
+}
+
+/// Writes by `users` to anything but the Lease that their writer made while it did not hold the Lease: the
+/// holder at a time is the writer of the latest accepted Lease write received before it, and holds it for
+/// `lease_duration` after that write. (A graceful release is a Lease write by the holder too, so check
+/// before stopping replicas gracefully.)
+pub fn writes_without_the_lease(
+    records: &[RequestRecord],
+    users: &[&str],
+    lease_duration: Duration,
+) -> Vec<RequestRecord> {
+    let lease_writes = accepted_lease_writes(records);
+    records
+        .iter()
+        .filter(|r| is_write(r) && r.resource != "leases" && users.contains(&r.user.as_str()))
+        .filter(|write| {
+            let holder = lease_writes.iter().rev().find(|l| l.time <= write.time);
+            !holder.is_some_and(|holder| {
+                holder.user == write.user
+                    && write
+                        .time
+                        .duration_since(holder.time)
+                        .is_ok_and(|since| since < lease_duration)
+            })
+        })
+        .cloned()
+        .collect()
+}
