@@ -1,7 +1,8 @@
 //! Rollout-level analysis end to end: the real controller (with its AnalysisRun runner) on the simulated
 //! cluster, whose traffic a real `prometheus` process scrapes every second; a healthy canary is promoted, one
 //! answering 20% errors or with a slow p99 is aborted and all simulated traffic goes back to the stable
-//! version; a blue-green rollout whose pre-promotion analysis fails never switches its active Service.
+//! version; a blue-green rollout whose pre-promotion analysis fails never switches its active Service; a
+//! canary whose Prometheus stops answering mid-analysis is aborted, never promoted.
 
 #[path = "analysis_support/prometheus.rs"]
 mod prometheus;
@@ -540,6 +541,184 @@ async fn blue_green_with_failing_pre_promotion_analysis_never_switches_active() 
             runs[0].status.as_ref().and_then(|s| s.phase),
             Some(AnalysisPhase::Failed),
             "{runs:#?}"
+        );
+        bed.stop().await;
+    })
+    .await;
+    assert!(outcome.is_ok(), "test timed out");
+}
+
+/// A template whose one metric is measured five times, two seconds apart, with the default
+/// consecutiveErrorLimit (4): enough measurements left after the first success for an outage to matter.
+fn outage_template(address: &str) -> Value {
+    json!({
+        "apiVersion": "serin.dev/v1alpha1", "kind": "AnalysisTemplate",
+        "metadata": {"name": "error-rate", "namespace": NS},
+        "spec": {
+            "args": [{"name": "service"}, {"name": "canary-hash"}],
+            "metrics": [{
+                "name": "error-rate",
+                "initialDelay": "5s",
+                "interval": "2s",
+                "count": 5,
+                "inconclusiveLimit": 2,
+                "successCondition": "result < 0.05",
+                "provider": {"prometheus": {
+                    "address": address,
+                    "timeout": "5s",
+                    "check": {
+                        "kind": "ErrorRate",
+                        "service": "{{args.service}}",
+                        "podTemplateHash": "{{args.canary-hash}}",
+                        "window": "10s"
+                    }
+                }}
+            }]
+        }
+    })
+}
+
+/// Prometheus answers the canary's analysis once, then stops. Before errors stopped counting toward `count`,
+/// the first success and four errors made five measurements and a Successful run, and the canary was
+/// promoted while nobody could see it. Now the errors go on until consecutiveErrorLimit, the run ends in
+/// Error and the Rollout aborts: at every poll the stable revision is still v1 and the stable Service never
+/// selects v2; in the end traffic and both Services are back on v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_stopped_mid_analysis_aborts_the_canary_and_never_promotes_it() {
+    let outcome = tokio::time::timeout(Duration::from_secs(240), async {
+        let mut bed = start().await;
+        let address = bed.prometheus.url.clone();
+        bed.apply_template(outage_template(&address)).await;
+        bed.world
+            .given_services(APP, &[APP, &format!("{APP}-canary")])
+            .await;
+        let analysis = json!({
+            "templates": [{"templateName": "error-rate"}],
+            "args": [
+                {"name": "service", "value": APP},
+                {"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}}
+            ]
+        });
+        bed.world
+            .given_rollout(canary_rollout(
+                APP,
+                5,
+                "checkout:v1",
+                json!({
+                    "abortScaleDownDelaySeconds": 0,
+                    "steps": [{"setWeight": 40}, {"analysis": analysis}, {"setWeight": 100}]
+                }),
+            ))
+            .await
+            .expect("Rollout accepted");
+        let v1 = bed
+            .world
+            .then_eventually(APP, "v1 Healthy", Duration::from_secs(30), healthy_and_done)
+            .await
+            .current_hash()
+            .expect("v1 hash");
+        bed.prometheus
+            .wait_for(
+                &format!(r#"sum(rate(http_requests_total{{service="{APP}",pod_template_hash="{v1}"}}[10s])) > 0"#),
+                Duration::from_secs(60),
+            )
+            .await;
+
+        // Safety rules 4 and 9, at every poll: v1 stays stable and the stable Service never selects the canary.
+        let never_promoted = |s: &State| {
+            assert_eq!(
+                s.stable_hash().as_deref(),
+                Some(v1.as_str()),
+                "the canary must never become stable: {s:#?}"
+            );
+            if let Some(canary) = s.current_hash().filter(|h| *h != v1) {
+                assert_ne!(
+                    s.selector_hash(APP).as_deref(),
+                    Some(canary.as_str()),
+                    "the stable Service must never select the canary: {s:#?}"
+                );
+            }
+        };
+
+        bed.world.when_image_changes(APP, "checkout:v2").await;
+        let at_analysis = bed
+            .world
+            .then_eventually_checking(
+                APP,
+                "v2 at its analysis step",
+                Duration::from_secs(60),
+                never_promoted,
+                |s| s.current_hash().is_some_and(|h| h != v1) && s.step() == Some(1),
+            )
+            .await;
+        let v2 = at_analysis.current_hash().expect("v2 hash");
+
+        // Prometheus answers the first measurement...
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            never_promoted(&bed.world.state(APP).await);
+            let answered = bed.runs_of(&v2).await.iter().any(|run| {
+                run.status.as_ref().is_some_and(|s| {
+                    s.metric_results.iter().any(|r| r.successful >= 1)
+                })
+            });
+            if answered {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "v2's analysis never measured a success: {:#?}",
+                bed.runs_of(&v2).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // ...and then stops answering.
+        bed.prometheus.stop();
+
+        let aborted = bed
+            .world
+            .then_eventually_checking(
+                APP,
+                "v2 Aborted after its analysis errored",
+                Duration::from_secs(90),
+                never_promoted,
+                |s| s.is(RolloutPhase::Aborted) || s.is(RolloutPhase::Healthy),
+            )
+            .await;
+        assert_eq!(aborted.phase(), Some(RolloutPhase::Aborted), "{aborted:#?}");
+        assert_eq!(aborted.current_hash().as_deref(), Some(v2.as_str()));
+        assert!(
+            aborted.message().contains("error-rate") && aborted.message().contains("errors in a row"),
+            "the Rollout says which metric errored: {}",
+            aborted.message()
+        );
+
+        let back = bed
+            .world
+            .then_eventually_checking(
+                APP,
+                "both Services back on v1 and the canary scaled down",
+                Duration::from_secs(20),
+                never_promoted,
+                |s| {
+                    s.selector_hash(APP).as_deref() == Some(v1.as_str())
+                        && s.selector_hash(&format!("{APP}-canary")).as_deref() == Some(v1.as_str())
+                        && s.replicas_of(&v2) == 0
+                },
+            )
+            .await;
+        assert_eq!(back.weight(), 0, "{back:#?}");
+        assert_eq!(back.replicas_of(&v1), 5, "{back:#?}");
+        bed.expect_all_traffic_on(&v1, Duration::from_secs(15)).await;
+
+        let runs = bed.runs_of(&v2).await;
+        assert_eq!(runs.len(), 1, "one run for v2's analysis step: {runs:#?}");
+        let status = runs[0].status.clone().expect("v2 run has status");
+        assert_eq!(status.phase, Some(AnalysisPhase::Error), "{status:#?}");
+        let result = &status.metric_results[0];
+        assert!(
+            result.successful >= 1 && result.consecutive_error == 5,
+            "answered, then five errors in a row: {result:#?}"
         );
         bed.stop().await;
     })

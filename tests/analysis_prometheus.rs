@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serin::analysis::prometheus::PrometheusProvider;
 use serin::analysis::{advance, Measurer, StaticSecrets};
 use serin::crd::analysis::{
@@ -561,6 +561,215 @@ async fn prometheus_stopped_mid_analysis_errors_after_the_limit_and_never_succee
     assert_eq!(Some(again.status), run.status);
 }
 
+/// An address where nothing listens: bound, then released, so connections to it are refused.
+fn closed_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let address = listener.local_addr().expect("local address");
+    drop(listener);
+    format!("http://{address}")
+}
+
+/// Safety rule 10 on one status: nothing in it says success.
+fn assert_not_successful(status: &AnalysisRunStatus) {
+    assert_ne!(status.phase, Some(AnalysisPhase::Successful), "{status:#?}");
+    assert!(
+        !status
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("metrics successful"),
+        "{status:#?}"
+    );
+    for result in &status.metric_results {
+        if result.successful == 0 {
+            assert_ne!(result.phase, AnalysisPhase::Successful, "{status:#?}");
+        }
+    }
+}
+
+/// Drives a run on a virtual clock, each pass exactly when the runner would come back to it, checking
+/// `invariant` on the status of every pass; returns the final status and the virtual time it took.
+async fn drive_virtual(
+    mut run: AnalysisRun,
+    measurer: &Measurer,
+    invariant: impl Fn(&AnalysisRunStatus),
+) -> (AnalysisRunStatus, Duration) {
+    let start = Timestamp::now();
+    let mut now = start;
+    for _ in 0..100 {
+        let outcome = advance(&run, now, measurer).await;
+        invariant(&outcome.status);
+        run.status = Some(outcome.status.clone());
+        match outcome.requeue_after {
+            None => {
+                let took = Duration::try_from(now.duration_since(start)).unwrap_or_default();
+                return (outcome.status, took);
+            }
+            Some(after) => {
+                let step = SignedDuration::try_from(after.max(Duration::from_millis(50)))
+                    .expect("requeue fits a signed duration");
+                now = now.checked_add(step).expect("virtual clock stays in range");
+            }
+        }
+    }
+    panic!("run did not complete within 100 passes: {:?}", run.status);
+}
+
+/// Time between the end of one measurement and the start of the next.
+fn gaps(status: &AnalysisRunStatus, metric: &str) -> Vec<Duration> {
+    let measurements = status
+        .metric_results
+        .iter()
+        .find(|r| r.name == metric)
+        .map(|r| r.measurements.clone())
+        .unwrap_or_default();
+    measurements
+        .windows(2)
+        .map(|pair| {
+            let previous = pair[0]
+                .finished_at
+                .as_ref()
+                .unwrap_or(&pair[0].started_at)
+                .0;
+            Duration::try_from(pair[1].started_at.0.duration_since(previous)).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The reproduction: a metric `successCondition: result > 0` on a Prometheus address that refuses
+/// connections. Measured once (no count), its error used to make the run Successful ("all 1 metrics
+/// successful" with `error: 1, successful: 0`); with `count: 3, interval: 1s` three errors did. Now the
+/// errors are retried, never counted, and the run ends in Error after `consecutiveErrorLimit` (default 4).
+#[tokio::test]
+async fn refused_connections_end_in_error_after_the_limit_and_never_succeed() {
+    let address = closed_address();
+    let measurer = measurer(StaticSecrets::default());
+    let once = Metric {
+        name: "up".into(),
+        success_condition: Some("result > 0".into()),
+        provider: MetricProvider {
+            prometheus: Some(PrometheusMetric {
+                address: address.clone(),
+                query: Some("vector(1)".into()),
+                ..Default::default()
+            }),
+        },
+        ..Default::default()
+    };
+    let mut counted = once.clone();
+    counted.count = Some(IntOrString::Int(3));
+    counted.interval = Some(ManifestDuration::Text("1s".into()));
+
+    for (name, metric, spacing) in [
+        ("measured-once", once, Duration::from_secs(10)),
+        ("count-3", counted, Duration::from_secs(1)),
+    ] {
+        let run = analysis_run(name, vec![], vec![metric]);
+        let (status, _) = drive_virtual(run, &measurer, assert_not_successful).await;
+        assert_eq!(
+            status.phase,
+            Some(AnalysisPhase::Error),
+            "{name}: {status:#?}"
+        );
+        let result = &status.metric_results[0];
+        assert_eq!(
+            (
+                result.phase,
+                result.count,
+                result.error,
+                result.consecutive_error,
+                result.successful
+            ),
+            (AnalysisPhase::Error, 5, 5, 5, 0),
+            "{name}: five errors, the fifth passes the default limit of 4: {result:#?}"
+        );
+        let message = status.message.clone().unwrap_or_default();
+        assert!(
+            message.starts_with(r#"metric "up": 5 errors in a row, limit 4; last: prometheus at "#)
+                && message.contains("is unreachable"),
+            "{name}: {message}"
+        );
+        // Errors are retried one interval apart (10s without an interval), not hammered.
+        for gap in gaps(&status, "up") {
+            assert!(
+                gap >= spacing,
+                "{name}: measured again after {gap:?}: {status:#?}"
+            );
+        }
+    }
+}
+
+/// The same with a real Prometheus that answered first and then stopped: the successful first measurement
+/// and two errors used to make three and a Successful run; now the errors go on until the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_stopped_after_answering_never_completes_a_count_with_errors() {
+    let exporter = Exporter::start(http_traffic("checkout", "h", 100.0, 0.0, 0.08)).await;
+    let mut prometheus = Prometheus::start(&[exporter.address]).await;
+    prometheus
+        .wait_for(
+            r#"sum(rate(http_requests_total[5s])) > 0"#,
+            Duration::from_secs(60),
+        )
+        .await;
+    let up = with_query(
+        metric("requests", &prometheus.url, Some("result > 0"), None),
+        r#"sum(rate(http_requests_total{service="checkout"}[5s]))"#,
+    );
+    let mut run = analysis_run("stopped", vec![], vec![up]);
+    let measurer = measurer(StaticSecrets::default());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stopped_after = None;
+    let mut final_status = None;
+    for pass in 0..200 {
+        assert!(
+            Instant::now() < deadline,
+            "run never completed: {:?}",
+            run.status
+        );
+        let outcome = advance(&run, Timestamp::now(), &measurer).await;
+        assert_not_successful(&outcome.status);
+        run.status = Some(outcome.status.clone());
+        let successes = outcome.status.metric_results[0].successful;
+        if successes >= 1 && stopped_after.is_none() {
+            prometheus.stop();
+            stopped_after = Some(pass);
+        }
+        match outcome.requeue_after {
+            None => {
+                final_status = Some(outcome.status);
+                break;
+            }
+            Some(after) => tokio::time::sleep(after.max(Duration::from_millis(20))).await,
+        }
+    }
+    assert!(
+        stopped_after.is_some(),
+        "Prometheus answered before it was stopped"
+    );
+    let status = final_status.expect("run completed");
+    assert_eq!(status.phase, Some(AnalysisPhase::Error), "{status:#?}");
+    let result = &status.metric_results[0];
+    assert_eq!(result.successful, 1, "{result:#?}");
+    assert_eq!(result.consecutive_error, 5, "{result:#?}");
+    assert_eq!(
+        phases_of(&status, "requests"),
+        [
+            vec![AnalysisPhase::Successful],
+            vec![AnalysisPhase::Error; 5]
+        ]
+        .concat()
+    );
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("5 errors in a row, limit 4"),
+        "{status:#?}"
+    );
+}
+
 /// A stand-in for Prometheus' query API that answers only requests with the expected credentials.
 async fn fake_query_api(
     expected_authorization: &'static str,
@@ -716,7 +925,10 @@ mod in_simulated_cluster {
     use serin::sim::{SimCluster, SimConfig};
 
     use super::support::{http_traffic, Exporter, Prometheus};
-    use super::{analysis_run, arg, metric, phases_of, values_of, with_check};
+    use super::{
+        analysis_run, arg, assert_not_successful, closed_address, metric, phases_of, values_of,
+        with_check, with_query,
+    };
 
     const NS: &str = "default";
 
@@ -975,6 +1187,71 @@ mod in_simulated_cluster {
             later.metadata.resource_version
         );
 
+        handle.shutdown().await.expect("runner stops");
+        sim.shutdown().await;
+    }
+
+    /// The runner as a controller, on an address that refuses connections: every status it writes to the API
+    /// server is checked, none says success, and the run ends in Error after the default limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runner_never_writes_success_for_a_run_whose_prometheus_refuses_connections() {
+        let sim = SimCluster::start(SimConfig::api_only()).await.expect("sim");
+        let client = sim.client().await.expect("client");
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in serin::crd::all() {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .expect("create CRD");
+        }
+        let runs: Api<AnalysisRun> = Api::namespaced(client.clone(), NS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "AnalysisRun API never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        // `count: 3, interval: 1s`, default consecutiveErrorLimit.
+        let refused = with_query(
+            metric("up", &closed_address(), Some("result > 0"), None),
+            "vector(1)",
+        );
+        let mut run = analysis_run("refused", vec![], vec![refused]);
+        run.metadata.namespace = Some(NS.into());
+        runs.create(&PostParams::default(), &run)
+            .await
+            .expect("create run");
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut versions_seen = 0;
+        let mut last_version = None;
+        let status = loop {
+            let stored = runs.get("refused").await.expect("run exists");
+            if stored.metadata.resource_version != last_version {
+                versions_seen += 1;
+                last_version = stored.metadata.resource_version.clone();
+            }
+            let status = stored.status.unwrap_or_default();
+            assert_not_successful(&status);
+            if status.phase.is_some_and(|p| p.is_completed()) {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run never completed: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status.phase, Some(AnalysisPhase::Error), "{status:#?}");
+        let result = &status.metric_results[0];
+        assert_eq!(
+            (result.count, result.error, result.successful),
+            (5, 5, 0),
+            "{result:#?}"
+        );
+        assert!(
+            versions_seen >= 3,
+            "statuses were written as it went: {versions_seen}"
+        );
         handle.shutdown().await.expect("runner stops");
         sim.shutdown().await;
     }

@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::args;
+use super::builtin::builtin_query;
 use super::condition::Conditions;
-use super::verdict::MetricLimits;
+use super::verdict::{MetricLimits, VerdictError};
 use crate::crd::analysis::{
     AnalysisRunSpec, AnalysisTemplateSpec, DryRunMetric, Metric, TemplateArgument,
     TemplateArgumentValueFrom,
@@ -15,7 +16,7 @@ use crate::crd::rollout::{
     AnalysisArgument, AnalysisTemplateRef, BackgroundAnalysis, PodTemplateHashValue,
     RolloutAnalysis,
 };
-use crate::crd::Rollout;
+use crate::crd::{ManifestDuration, Rollout};
 use crate::strategy::types::TemplateKey;
 
 /// Why no AnalysisRun can be built from the spec: each is an invalid spec.
@@ -85,6 +86,81 @@ impl RunSpecError {
             RunSpecError::UndeclaredArgument { .. } => "undeclared_argument",
             RunSpecError::InvalidMetric { .. } => "invalid_metric",
             RunSpecError::UnknownDryRunMetric(_) => "unknown_dry_run_metric",
+        }
+    }
+}
+
+impl RunSpecError {
+    /// Where in `analysis` the error lies, as a field path relative to the analysis (`templates[1]`,
+    /// `args[0].valueFrom.fieldRef.fieldPath`, `args`), for the caller to put after the analysis' own path.
+    /// `templates` must be where the error was found.
+    pub fn path_in<T: TemplateSource + ?Sized>(
+        &self,
+        analysis: AnalysisRequest<'_>,
+        templates: &T,
+    ) -> String {
+        let key = |reference: &AnalysisTemplateRef| TemplateKey {
+            name: reference.template_name.clone(),
+            cluster_scope: reference.cluster_scope,
+        };
+        let arg = |name: &str, suffix: &str| match analysis.args.iter().position(|a| a.name == name)
+        {
+            Some(index) => format!("args[{index}]{suffix}"),
+            None => "args".to_string(),
+        };
+        let defining = |defines: &dyn Fn(&AnalysisTemplateSpec) -> bool| {
+            analysis
+                .templates
+                .iter()
+                .enumerate()
+                .filter(|(_, reference)| {
+                    matches!(templates.find(&key(reference)), Some(Ok(t)) if defines(t))
+                })
+                .map(|(index, _)| index)
+                .collect::<Vec<_>>()
+        };
+        let template = |index: Option<usize>| match index {
+            Some(index) => format!("templates[{index}]"),
+            None => "templates".to_string(),
+        };
+        let has_metric = |metric: &str| {
+            let metric = metric.to_string();
+            move |t: &AnalysisTemplateSpec| t.metrics.iter().any(|m| m.name == metric)
+        };
+        match self {
+            RunSpecError::UnknownTemplate(name) | RunSpecError::UnusableTemplate { name, .. } => {
+                template(
+                    analysis
+                        .templates
+                        .iter()
+                        .position(|r| display_name(&key(r)) == *name),
+                )
+            }
+            RunSpecError::NoTemplates | RunSpecError::ConflictingArgument { .. } => {
+                "templates".to_string()
+            }
+            // The second template to define the metric is the one that clashes.
+            RunSpecError::DuplicateMetric { metric, .. } => {
+                template(defining(&has_metric(metric)).get(1).copied())
+            }
+            RunSpecError::MissingArgument(name) => arg(name, ""),
+            RunSpecError::FieldRef { name, .. } => arg(name, ".valueFrom.fieldRef.fieldPath"),
+            RunSpecError::UnknownPodTemplateHash { name, .. } => {
+                arg(name, ".valueFrom.podTemplateHashValue")
+            }
+            RunSpecError::EmptyValueFrom(name) => arg(name, ".valueFrom"),
+            RunSpecError::Query { metric, .. }
+            | RunSpecError::UndeclaredArgument { metric, .. }
+            | RunSpecError::InvalidMetric { metric, .. } => {
+                template(defining(&has_metric(metric)).first().copied())
+            }
+            RunSpecError::UnknownDryRunMetric(metric) => template(
+                defining(&|t: &AnalysisTemplateSpec| {
+                    t.dry_run.iter().any(|d| d.metric_name == *metric)
+                })
+                .first()
+                .copied(),
+            ),
         }
     }
 }
@@ -271,7 +347,11 @@ fn validate_metric(
         }
         other => invalid(other.to_string()),
     })?;
-    MetricLimits::of(metric).map_err(|error| invalid(error.to_string()))?;
+    MetricLimits::of(metric).map_err(|error| match error {
+        VerdictError::InvalidCount { count, .. } => {
+            invalid(format!("count {count:?} is not a positive whole number"))
+        }
+    })?;
     let Some(prometheus) = &metric.provider.prometheus else {
         return Err(invalid("set a provider (prometheus)".to_string()));
     };
@@ -296,6 +376,25 @@ fn validate_metric(
                 arg,
             });
         }
+    }
+    // The runner ends a run in Error before measuring when one of these does not parse.
+    for (field, duration) in [
+        ("interval", &metric.interval),
+        ("initialDelay", &metric.initial_delay),
+        ("provider.prometheus.timeout", &prometheus.timeout),
+    ] {
+        if let Some(Err(error)) = duration.as_ref().map(ManifestDuration::to_duration) {
+            return Err(invalid(format!("{field}: {error}")));
+        }
+    }
+    // A built-in check's window and metric names do not depend on argument values: building the query with
+    // stand-in values finds what would end every measurement in an error.
+    if let Some(check) = &prometheus.check {
+        let stand_ins: BTreeMap<String, String> = declared
+            .keys()
+            .map(|name| (name.clone(), "x".to_string()))
+            .collect();
+        builtin_query(check, &stand_ins).map_err(|error| invalid(error.to_string()))?;
     }
     Ok(())
 }
@@ -774,6 +873,45 @@ mod tests {
     }
 
     #[test]
+    fn settings_the_runner_would_stop_on_are_invalid_specs() {
+        let run_spec_error = |metric: Metric| {
+            let templates = vec![(key("t"), template(vec![], vec![metric]))];
+            build_run_spec(&analysis(&["t"], vec![]), &templates, &rollout(), "s", "c")
+                .unwrap_err()
+                .to_string()
+        };
+        let mut bad_interval = metric("m", "up");
+        bad_interval.interval = Some(ManifestDuration::Text("soon".into()));
+        assert_eq!(
+            run_spec_error(bad_interval),
+            r#"metric "m": interval: duration "soon" is not a number of seconds or a string like 30s, 5m or 1h30m"#
+        );
+        let mut bad_delay = metric("m", "up");
+        bad_delay.initial_delay = Some(ManifestDuration::Seconds(-5));
+        assert!(run_spec_error(bad_delay).starts_with(r#"metric "m": initialDelay: "#));
+        let mut bad_timeout = metric("m", "up");
+        if let Some(p) = bad_timeout.provider.prometheus.as_mut() {
+            p.timeout = Some(ManifestDuration::Text("".into()));
+        }
+        assert!(
+            run_spec_error(bad_timeout).starts_with(r#"metric "m": provider.prometheus.timeout: "#)
+        );
+        let mut bad_window = metric("m", "unused");
+        if let Some(p) = bad_window.provider.prometheus.as_mut() {
+            p.query = None;
+            p.check = Some(BuiltinCheck {
+                service: "checkout".into(),
+                window: Some(ManifestDuration::Text("0s".into())),
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            run_spec_error(bad_window),
+            r#"metric "m": check window: must be longer than zero"#
+        );
+    }
+
+    #[test]
     fn builtin_check_fields_are_validated_for_arguments() {
         let mut check_metric = metric("errors", "unused");
         if let Some(p) = check_metric.provider.prometheus.as_mut() {
@@ -787,6 +925,71 @@ mod tests {
         let err = build_run_spec(&analysis(&["t"], vec![]), &templates, &rollout(), "s", "c")
             .unwrap_err();
         assert_eq!(err.category(), "undeclared_argument");
+    }
+
+    #[test]
+    fn errors_name_the_template_or_argument_at_fault() {
+        let good = template(
+            vec![declared("service", None)],
+            vec![metric("ok", r#"x{s="{{args.service}}"}"#)],
+        );
+        let mut no_provider = metric("broken", "up");
+        no_provider.provider.prometheus = None;
+        let mut with_dry_run = template(vec![], vec![metric("other", "up")]);
+        with_dry_run.dry_run = vec![DryRunMetric {
+            metric_name: "ghost".into(),
+        }];
+        let templates = vec![
+            (key("good"), good.clone()),
+            (key("again"), good),
+            (key("no-provider"), template(vec![], vec![no_provider])),
+            (key("dry"), with_dry_run),
+        ];
+        let field_ref = |path: &str| ArgumentValueFrom {
+            field_ref: Some(FieldRef {
+                field_path: path.into(),
+            }),
+            ..Default::default()
+        };
+        let cases: Vec<(RolloutAnalysis, &str)> = vec![
+            (analysis(&["good", "ghost"], vec![]), "templates[1]"),
+            (
+                analysis(&["good", "again"], vec![given("service", "x")]),
+                "templates[1]",
+            ),
+            (
+                analysis(&["good", "no-provider"], vec![given("service", "x")]),
+                "templates[1]",
+            ),
+            (analysis(&["dry"], vec![]), "templates[0]"),
+            (analysis(&["good"], vec![]), "args"),
+            (
+                analysis(
+                    &["good"],
+                    vec![
+                        given("unused", "x"),
+                        given_from("service", field_ref("metadata.labels['absent']")),
+                    ],
+                ),
+                "args[1].valueFrom.fieldRef.fieldPath",
+            ),
+            (
+                analysis(
+                    &["good"],
+                    vec![given_from("service", ArgumentValueFrom::default())],
+                ),
+                "args[0].valueFrom",
+            ),
+            (analysis(&[], vec![]), "templates"),
+        ];
+        for (request, expected) in cases {
+            let error = build_run_spec(&request, &templates, &rollout(), "s", "c").unwrap_err();
+            assert_eq!(
+                error.path_in((&request).into(), &templates),
+                expected,
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -315,14 +315,25 @@ fn until(now: Timestamp, due: Timestamp) -> Duration {
     Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
+/// How long a metric without an interval waits before it retries a measurement that errored (Argo Rollouts'
+/// default). An error is not counted, so the metric needs another measurement; retrying at once would turn a
+/// short outage into `consecutiveErrorLimit` errors within a second.
+pub const ERROR_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
 /// When a metric is next due: its initial delay after the run started, then one interval after the last
-/// measurement finished.
+/// measurement finished (for a metric without an interval whose last measurement errored, the error retry
+/// interval).
 fn next_due(prepared: &PreparedMetric<'_>, result: &MetricResult, started: Timestamp) -> Timestamp {
     match result.measurements.last() {
         None => plus(started, prepared.initial_delay),
         Some(last) => {
             let finished = last.finished_at.as_ref().unwrap_or(&last.started_at);
-            plus(finished.0, prepared.interval)
+            let wait = if last.phase == AnalysisPhase::Error && prepared.interval.is_zero() {
+                ERROR_RETRY_INTERVAL
+            } else {
+                prepared.interval
+            };
+            plus(finished.0, wait)
         }
     }
 }
@@ -843,10 +854,13 @@ mod tests {
         run.spec.terminate = true;
         let outcome = advance(&run, at(0), &measurer()).await;
         assert_eq!(outcome.measured, 0);
-        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Successful));
+        // Terminated before anything was measured: no verdict, and certainly not a success.
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Inconclusive));
         assert_eq!(
             outcome.status.message.as_deref(),
-            Some("terminated: all 1 metrics successful")
+            Some(
+                r#"terminated: metric "m": terminated without a successful measurement (0 measurements: 0 failed, 0 inconclusive, 0 errors)"#
+            )
         );
         assert_eq!(outcome.requeue_after, None);
 
@@ -859,6 +873,33 @@ mod tests {
         let outcome = advance(&run, at(0), &measurer()).await;
         assert_eq!(outcome.measured, 0);
         assert_eq!(Some(&outcome.status), run.status.as_ref());
+    }
+
+    #[tokio::test]
+    async fn an_error_is_not_a_measurement_and_is_retried_after_the_error_interval() {
+        // Measured once (no interval, no count), on a port where nothing listens.
+        let mut once = metric(10, None);
+        once.interval = None;
+        once.count = None;
+        let run = run_with(once);
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.measured, 1);
+        let result = &outcome.status.metric_results[0];
+        assert_eq!((result.count, result.error), (1, 1));
+        assert_eq!(result.phase, AnalysisPhase::Running, "{result:?}");
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Running));
+        let retry = outcome.requeue_after.unwrap_or_default();
+        assert!(
+            // The measurement's end is rounded up to the next second.
+            retry >= ERROR_RETRY_INTERVAL && retry <= ERROR_RETRY_INTERVAL + Duration::from_secs(1),
+            "{retry:?}"
+        );
+        let mut run = run;
+        run.status = Some(outcome.status);
+        assert_eq!(advance(&run, at(5), &measurer()).await.measured, 0);
+        let again = advance(&run, at(11), &measurer()).await;
+        assert_eq!(again.measured, 1);
+        assert_eq!(again.status.metric_results[0].consecutive_error, 2);
     }
 
     #[tokio::test]

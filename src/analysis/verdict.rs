@@ -5,6 +5,11 @@
 //! Inconclusive, unless it is +/-Inf and the failure condition holds for it, then Failed. With both
 //! conditions, the failure condition wins; with only a success condition, not meeting it is a failure; with
 //! only a failure condition, not meeting it is a success; meeting neither of two conditions is Inconclusive.
+//!
+//! Nothing but a Successful measurement is evidence of health (safety rule 10). An Error is no measurement
+//! of the service at all, so it never counts toward `count` (as in Argo Rollouts) and is retried until the
+//! metric has its count or passes `consecutiveErrorLimit`. A metric, and a run, without one Successful
+//! measurement is never Successful, whatever its limits, its count or a terminate say.
 
 use std::collections::BTreeMap;
 
@@ -257,6 +262,15 @@ fn last_message(result: &MetricResult, phase: AnalysisPhase) -> String {
         .unwrap_or_else(|| format!("{} measurement", phase.as_str().to_lowercase()))
 }
 
+/// Measurements that count toward a metric's `count`: those the provider answered (Successful, Failed,
+/// Inconclusive). Errors are not among them.
+pub fn counted(result: &MetricResult) -> i32 {
+    result
+        .successful
+        .saturating_add(result.failed)
+        .saturating_add(result.inconclusive)
+}
+
 /// The phase of a metric from its counts, and why.
 pub fn metric_phase(
     result: &MetricResult,
@@ -293,16 +307,41 @@ pub fn metric_phase(
         return (AnalysisPhase::Inconclusive, Some(message));
     }
     match limits.count {
-        Some(count) if result.count >= count => {
-            let message = format!(
-                "metric {name:?}: {} of {} measurements successful",
-                result.successful, result.count
-            );
-            (AnalysisPhase::Successful, Some(message))
-        }
+        Some(count) if counted(result) >= count => count_reached(result),
         _ if result.count == 0 => (AnalysisPhase::Pending, None),
         _ => (AnalysisPhase::Running, None),
     }
+}
+
+/// The verdict of a metric that has its `count` of answered measurements, all within its limits.
+fn count_reached(result: &MetricResult) -> (AnalysisPhase, Option<String>) {
+    let name = &result.name;
+    let answered = counted(result);
+    let errors = match result.error {
+        0 => String::new(),
+        n => format!("; {n} errors not counted"),
+    };
+    if result.successful > 0 {
+        let message = format!(
+            "metric {name:?}: {} of {answered} measurements successful{errors}",
+            result.successful
+        );
+        return (AnalysisPhase::Successful, Some(message));
+    }
+    // Within the limits but without one success: the limits tolerate bad measurements, they never turn them
+    // into a pass.
+    let (phase, last) = if result.failed > 0 {
+        (AnalysisPhase::Failed, AnalysisPhase::Failed)
+    } else {
+        (AnalysisPhase::Inconclusive, AnalysisPhase::Inconclusive)
+    };
+    let message = format!(
+        "metric {name:?}: no successful measurement in {answered} ({} failed, {} inconclusive{errors}); last: {}",
+        result.failed,
+        result.inconclusive,
+        last_message(result, last)
+    );
+    (phase, Some(message))
 }
 
 fn severity(phase: AnalysisPhase) -> u8 {
@@ -315,18 +354,43 @@ fn severity(phase: AnalysisPhase) -> u8 {
     }
 }
 
-/// The phase of a run: the worst phase of its metrics that are not dry-run, and the message of that metric.
-/// A terminated run counts its unfinished metrics as successful (nothing went wrong while it ran).
-pub fn run_phase(results: &[MetricResult], terminated: bool) -> (AnalysisPhase, Option<String>) {
-    let effective = |r: &MetricResult| match r.phase {
-        AnalysisPhase::Pending | AnalysisPhase::Running if terminated => AnalysisPhase::Successful,
-        phase => phase,
+/// The phase of a metric inside a run: a terminated run counts an unfinished metric as successful if it had
+/// a Successful measurement (nothing went wrong while it ran), and as Inconclusive if it had none. A metric
+/// that claims success without one Successful measurement (a status written by hand or by an older version)
+/// is Inconclusive too.
+fn effective(result: &MetricResult, terminated: bool) -> (AnalysisPhase, Option<String>) {
+    let without_success = |why: &str| {
+        let message = format!(
+            "metric {:?}: {why} without a successful measurement ({} measurements: {} failed, {} inconclusive, {} errors)",
+            result.name, result.count, result.failed, result.inconclusive, result.error
+        );
+        (AnalysisPhase::Inconclusive, Some(message))
     };
-    let mut worst: Option<&MetricResult> = None;
+    match result.phase {
+        AnalysisPhase::Pending | AnalysisPhase::Running if terminated => {
+            if result.successful > 0 {
+                (AnalysisPhase::Successful, result.message.clone())
+            } else {
+                without_success("terminated")
+            }
+        }
+        AnalysisPhase::Successful if result.successful <= 0 => without_success("marked successful"),
+        phase => (phase, result.message.clone()),
+    }
+}
+
+/// The phase of a run: the worst phase of its metrics that are not dry-run, and the message of that metric.
+/// A run in which no measurement at all was Successful is never Successful: with only dry-run metrics, it is
+/// Inconclusive (a human decides).
+pub fn run_phase(results: &[MetricResult], terminated: bool) -> (AnalysisPhase, Option<String>) {
+    let mut worst: Option<(AnalysisPhase, Option<String>)> = None;
     for result in results.iter().filter(|r| !r.dry_run) {
-        let replace = worst.is_none_or(|w| severity(effective(result)) > severity(effective(w)));
+        let candidate = effective(result, terminated);
+        let replace = worst
+            .as_ref()
+            .is_none_or(|(phase, _)| severity(candidate.0) > severity(*phase));
         if replace {
-            worst = Some(result);
+            worst = Some(candidate);
         }
     }
     let dry_run_notes: Vec<String> = results
@@ -334,20 +398,28 @@ pub fn run_phase(results: &[MetricResult], terminated: bool) -> (AnalysisPhase, 
         .filter(|r| r.dry_run && matches!(r.phase, AnalysisPhase::Failed | AnalysisPhase::Error))
         .filter_map(|r| r.message.as_ref().map(|m| format!("dry-run {m}")))
         .collect();
+    let successes: i64 = results.iter().map(|r| i64::from(r.successful.max(0))).sum();
     let (phase, message) = match worst {
         None if terminated || results.iter().all(|r| r.phase.is_completed()) => {
-            (AnalysisPhase::Successful, None)
+            if successes > 0 {
+                (AnalysisPhase::Successful, None)
+            } else {
+                let message = format!(
+                    "no successful measurement in the run ({} metrics, all dry-run or none)",
+                    results.len()
+                );
+                (AnalysisPhase::Inconclusive, Some(message))
+            }
         }
         None => (AnalysisPhase::Running, None),
-        Some(result) => {
-            let phase = effective(result);
+        Some((phase, message)) => {
             let message = match phase {
                 AnalysisPhase::Successful => {
                     let measured = results.iter().filter(|r| !r.dry_run).count();
                     Some(format!("all {measured} metrics successful"))
                 }
                 AnalysisPhase::Pending | AnalysisPhase::Running => None,
-                _ => result.message.clone(),
+                _ => message,
             };
             (phase, message)
         }
@@ -556,6 +628,44 @@ mod tests {
             (&[Successful; 12], limits(0, 0, 4, None), Running),
             // Failure beats inconclusive and error when several limits are passed.
             (&[Inconclusive, Failed], limits(0, 0, 4, None), Failed),
+            // Errors never count toward `count`: a metric measured once that errored measures again...
+            (&[Error], limits(0, 0, 4, Some(1)), Running),
+            (&[Error, Error, Error], limits(0, 0, 4, Some(3)), Running),
+            (
+                &[Successful, Error, Error],
+                limits(0, 0, 4, Some(3)),
+                Running,
+            ),
+            (&[Error, Successful], limits(0, 0, 4, Some(1)), Successful),
+            (
+                &[Successful, Error, Successful, Error, Successful],
+                limits(0, 0, 4, Some(3)),
+                Successful,
+            ),
+            // ...until it has its count or passes consecutiveErrorLimit, whatever the count.
+            (&[Error; 5], limits(0, 0, 4, Some(1)), Error),
+            (&[Error; 4], limits(0, 0, 4, Some(1)), Running),
+            (&[Error; 5], limits(0, 0, 4, Some(3)), Error),
+            (
+                &[Successful, Error, Error, Error],
+                limits(0, 0, 2, Some(3)),
+                Error,
+            ),
+            // A count of answers within the limits but without one success is never Successful.
+            (&[Failed], limits(1, 0, 4, Some(1)), Failed),
+            (&[Inconclusive], limits(0, 1, 4, Some(1)), Inconclusive),
+            (
+                &[Failed, Inconclusive, Failed],
+                limits(2, 1, 4, Some(3)),
+                Failed,
+            ),
+            (
+                &[Inconclusive, Error, Inconclusive],
+                limits(0, 2, 4, Some(2)),
+                Inconclusive,
+            ),
+            // One success with tolerated failures is what failureLimit is for.
+            (&[Failed, Successful], limits(1, 0, 4, Some(2)), Successful),
         ];
         for (phases, limits, expected) in table {
             let (phase, _) = metric_phase(&result_after(phases), limits);
@@ -597,48 +707,104 @@ mod tests {
         assert_eq!(result.measurements.len(), MEASUREMENT_HISTORY_LIMIT);
     }
 
+    /// A metric's result in `phase`, with one measurement of that phase (a Successful metric had one
+    /// success; Pending and Running ones had `successes` successes so far).
     fn metric(name: &str, phase: AnalysisPhase, dry_run: bool) -> MetricResult {
-        MetricResult {
+        metric_with(name, phase, dry_run, 1)
+    }
+
+    fn metric_with(
+        name: &str,
+        phase: AnalysisPhase,
+        dry_run: bool,
+        successes: i32,
+    ) -> MetricResult {
+        let mut result = MetricResult {
             name: name.into(),
             phase,
             dry_run,
             message: Some(format!("metric {name:?} is {}", phase.as_str())),
             ..Default::default()
+        };
+        match phase {
+            AnalysisPhase::Successful | AnalysisPhase::Pending | AnalysisPhase::Running => {
+                result.successful = successes
+            }
+            AnalysisPhase::Failed => result.failed = 1,
+            AnalysisPhase::Inconclusive => result.inconclusive = 1,
+            AnalysisPhase::Error => result.error = 1,
         }
+        result.count = result.successful + result.failed + result.inconclusive + result.error;
+        result
     }
 
     #[test]
     fn run_phase_is_the_worst_non_dry_run_metric() {
         use AnalysisPhase::*;
-        type Case<'a> = (&'a [(AnalysisPhase, bool)], bool, AnalysisPhase);
+        // (phase, dry-run, successful measurements) per metric; terminated; the run's phase.
+        type Case<'a> = (&'a [(AnalysisPhase, bool, i32)], bool, AnalysisPhase);
         let table: &[Case] = &[
             (
-                &[(Successful, false), (Successful, false)],
+                &[(Successful, false, 1), (Successful, false, 3)],
                 false,
                 Successful,
             ),
-            (&[(Successful, false), (Running, false)], false, Running),
             (
-                &[(Running, false), (Inconclusive, false)],
+                &[(Successful, false, 1), (Running, false, 0)],
+                false,
+                Running,
+            ),
+            (
+                &[(Running, false, 1), (Inconclusive, false, 0)],
                 false,
                 Inconclusive,
             ),
-            (&[(Inconclusive, false), (Error, false)], false, Error),
-            (&[(Error, false), (Failed, false)], false, Failed),
-            (&[(Successful, false), (Failed, true)], false, Successful),
-            (&[(Successful, false), (Error, true)], false, Successful),
-            (&[(Running, true)], false, Running),
-            (&[(Failed, true)], false, Successful),
-            // Argo's rule: a terminated run with nothing wrong is Successful.
-            (&[(Running, false), (Successful, false)], true, Successful),
-            (&[(Running, false), (Failed, false)], true, Failed),
-            (&[(Pending, false)], false, Running),
+            (&[(Inconclusive, false, 0), (Error, false, 0)], false, Error),
+            (&[(Error, false, 0), (Failed, false, 0)], false, Failed),
+            (
+                &[(Successful, false, 1), (Failed, true, 0)],
+                false,
+                Successful,
+            ),
+            (
+                &[(Successful, false, 1), (Error, true, 0)],
+                false,
+                Successful,
+            ),
+            (&[(Running, true, 0)], false, Running),
+            // Only dry-run metrics: the run passes only if something was measured healthy.
+            (&[(Failed, true, 0)], false, Inconclusive),
+            (
+                &[(Error, true, 0), (Successful, true, 2)],
+                false,
+                Successful,
+            ),
+            // Argo's rule: a terminated run with nothing wrong is Successful...
+            (
+                &[(Running, false, 2), (Successful, false, 1)],
+                true,
+                Successful,
+            ),
+            (&[(Running, false, 1), (Failed, false, 0)], true, Failed),
+            // ...but only if each metric had a success before the terminate.
+            (&[(Running, false, 0)], true, Inconclusive),
+            (
+                &[(Pending, false, 0), (Successful, false, 1)],
+                true,
+                Inconclusive,
+            ),
+            (&[(Pending, false, 0)], false, Running),
+            // A status claiming success without one Successful measurement is not believed.
+            (&[(Successful, false, 0)], false, Inconclusive),
+            (&[], false, Inconclusive),
         ];
         for (metrics, terminated, expected) in table {
             let results: Vec<MetricResult> = metrics
                 .iter()
                 .enumerate()
-                .map(|(i, (phase, dry))| metric(&format!("m{i}"), *phase, *dry))
+                .map(|(i, (phase, dry, successes))| {
+                    metric_with(&format!("m{i}"), *phase, *dry, *successes)
+                })
                 .collect();
             let (phase, _) = run_phase(&results, *terminated);
             assert_eq!(phase, *expected, "{metrics:?} terminated={terminated}");
@@ -683,6 +849,226 @@ mod tests {
                 MetricLimits::of(&m).unwrap_err().category(),
                 "invalid_count"
             );
+        }
+    }
+
+    /// The run as the runner sees it after recording `phases` for one metric.
+    fn run_after(
+        phases: &[AnalysisPhase],
+        limits: &MetricLimits,
+    ) -> (AnalysisPhase, Option<String>) {
+        let mut result = result_after(phases);
+        let (phase, message) = metric_phase(&result, limits);
+        result.phase = phase;
+        result.message = message;
+        run_phase(&[result], false)
+    }
+
+    #[test]
+    fn an_unreachable_provider_never_makes_a_successful_run() {
+        use AnalysisPhase::*;
+        // `successCondition: result > 0`, no interval, no count: measured once, and an error is no measurement.
+        let once = limits(0, 0, DEFAULT_CONSECUTIVE_ERROR_LIMIT, Some(1));
+        for errors in 1..=4 {
+            let (phase, message) = run_after(&vec![Error; errors], &once);
+            assert_eq!(phase, Running, "{errors} errors: {message:?}");
+        }
+        let (phase, message) = run_after(&[Error; 5], &once);
+        assert_eq!(phase, Error);
+        let message = message.unwrap_or_default();
+        assert!(
+            message.starts_with(r#"metric "error-rate": 5 errors in a row, limit 4; last: "#),
+            "{message}"
+        );
+        // `count: 3, interval: 1s`: three errors are not three measurements.
+        let three = limits(0, 0, DEFAULT_CONSECUTIVE_ERROR_LIMIT, Some(3));
+        assert_eq!(run_after(&[Error; 3], &three).0, Running);
+        assert_eq!(run_after(&[Error; 5], &three).0, Error);
+        // Prometheus answered once, then went away.
+        assert_eq!(run_after(&[Successful, Error, Error], &three).0, Running);
+        assert_eq!(
+            run_after(&[Successful, Error, Error, Error, Error, Error], &three).0,
+            Error
+        );
+    }
+
+    #[test]
+    fn count_reached_messages_say_what_was_counted() {
+        use AnalysisPhase::*;
+        let (phase, message) = metric_phase(
+            &result_after(&[Successful, Error, Successful, Successful]),
+            &limits(0, 0, 4, Some(3)),
+        );
+        assert_eq!(phase, Successful);
+        assert_eq!(
+            message.as_deref(),
+            Some(r#"metric "error-rate": 3 of 3 measurements successful; 1 errors not counted"#)
+        );
+        let (phase, message) = metric_phase(
+            &result_after(&[Failed, Error, Inconclusive]),
+            &limits(1, 1, 4, Some(2)),
+        );
+        assert_eq!(phase, Failed);
+        assert_eq!(
+            message.as_deref(),
+            Some(
+                r#"metric "error-rate": no successful measurement in 2 (1 failed, 1 inconclusive; 1 errors not counted); last: Failed measurement"#
+            )
+        );
+    }
+
+    #[test]
+    fn terminated_run_without_a_success_is_inconclusive_and_says_why() {
+        let mut errored = result_after(&[AnalysisPhase::Error, AnalysisPhase::Error]);
+        errored.phase = AnalysisPhase::Running;
+        let (phase, message) = run_phase(&[errored], true);
+        assert_eq!(phase, AnalysisPhase::Inconclusive);
+        assert_eq!(
+            message.as_deref(),
+            Some(
+                r#"metric "error-rate": terminated without a successful measurement (2 measurements: 0 failed, 0 inconclusive, 2 errors)"#
+            )
+        );
+    }
+
+    fn any_phase() -> impl proptest::strategy::Strategy<Value = AnalysisPhase> {
+        proptest::sample::select(vec![
+            AnalysisPhase::Pending,
+            AnalysisPhase::Running,
+            AnalysisPhase::Successful,
+            AnalysisPhase::Failed,
+            AnalysisPhase::Inconclusive,
+            AnalysisPhase::Error,
+        ])
+    }
+
+    fn unsuccessful_measurement() -> impl proptest::strategy::Strategy<Value = AnalysisPhase> {
+        proptest::sample::select(vec![
+            AnalysisPhase::Failed,
+            AnalysisPhase::Inconclusive,
+            AnalysisPhase::Error,
+        ])
+    }
+
+    fn any_limits() -> impl proptest::strategy::Strategy<Value = MetricLimits> {
+        use proptest::prelude::*;
+        (0..6i32, 0..6i32, 0..6i32, proptest::option::of(1..8i32)).prop_map(
+            |(failure, inconclusive, errors, count)| limits(failure, inconclusive, errors, count),
+        )
+    }
+
+    proptest::proptest! {
+        /// Safety rule 10 for one metric: after any prefix of measurements none of which succeeded, whatever
+        /// the limits and the count, the metric is not Successful.
+        #[test]
+        fn a_metric_with_zero_successful_measurements_is_never_successful(
+            phases in proptest::collection::vec(unsuccessful_measurement(), 0..30),
+            limits in any_limits(),
+        ) {
+            for end in 0..=phases.len() {
+                let (phase, message) = metric_phase(&result_after(&phases[..end]), &limits);
+                proptest::prop_assert_ne!(phase, AnalysisPhase::Successful, "{:?} {:?}", &phases[..end], message);
+            }
+        }
+
+        /// A metric that only errors is Error exactly once it passes consecutiveErrorLimit, and until then
+        /// it is still measuring (errors never complete its count).
+        #[test]
+        fn a_metric_that_only_errors_ends_in_error_after_the_limit(
+            errors in 0..20usize,
+            limits in any_limits(),
+        ) {
+            let (phase, _) = metric_phase(&result_after(&vec![AnalysisPhase::Error; errors]), &limits);
+            let expected = if errors == 0 {
+                AnalysisPhase::Pending
+            } else if errors as i32 > limits.consecutive_error_limit {
+                AnalysisPhase::Error
+            } else {
+                AnalysisPhase::Running
+            };
+            proptest::prop_assert_eq!(phase, expected);
+        }
+
+        /// Successful means: `count` answered measurements, at least one of them Successful, none of the
+        /// limits passed.
+        #[test]
+        fn a_successful_metric_had_its_count_and_a_success(
+            phases in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    AnalysisPhase::Successful,
+                    AnalysisPhase::Failed,
+                    AnalysisPhase::Inconclusive,
+                    AnalysisPhase::Error,
+                ]),
+                0..30,
+            ),
+            limits in any_limits(),
+        ) {
+            let result = result_after(&phases);
+            if metric_phase(&result, &limits).0 == AnalysisPhase::Successful {
+                proptest::prop_assert!(result.successful >= 1);
+                proptest::prop_assert!(limits.count.is_some_and(|c| counted(&result) >= c));
+                proptest::prop_assert!(result.failed <= limits.failure_limit);
+                proptest::prop_assert!(result.inconclusive <= limits.inconclusive_limit);
+                proptest::prop_assert!(result.consecutive_error <= limits.consecutive_error_limit);
+            }
+        }
+
+        /// Safety rule 10 for a run: whatever its metrics claim (any phase, dry-run or not, terminated or
+        /// not), a run with zero successful measurements is never Successful.
+        #[test]
+        fn a_run_with_zero_successful_measurements_is_never_successful(
+            metrics in proptest::collection::vec(
+                (any_phase(), proptest::bool::ANY, 0..5i32, 0..5i32, 0..5i32),
+                0..5,
+            ),
+            terminated in proptest::bool::ANY,
+        ) {
+            let results: Vec<MetricResult> = metrics
+                .iter()
+                .enumerate()
+                .map(|(i, (phase, dry_run, failed, inconclusive, error))| MetricResult {
+                    name: format!("m{i}"),
+                    phase: *phase,
+                    dry_run: *dry_run,
+                    count: failed + inconclusive + error,
+                    failed: *failed,
+                    inconclusive: *inconclusive,
+                    error: *error,
+                    consecutive_error: *error,
+                    message: Some(format!("metric m{i} is {}", phase.as_str())),
+                    ..Default::default()
+                })
+                .collect();
+            let (phase, message) = run_phase(&results, terminated);
+            proptest::prop_assert_ne!(phase, AnalysisPhase::Successful, "{:?} {:?}", metrics, message);
+            if let Some(message) = message {
+                proptest::prop_assert!(!message.contains("metrics successful"), "{}", message);
+            }
+        }
+
+        /// The same through the runner's own bookkeeping: measurements recorded one by one, the metric's phase
+        /// computed from them, the run's from the metric.
+        #[test]
+        fn recorded_runs_without_a_success_are_never_successful(
+            per_metric in proptest::collection::vec(
+                (proptest::collection::vec(unsuccessful_measurement(), 0..12), any_limits()),
+                1..4,
+            ),
+            terminated in proptest::bool::ANY,
+        ) {
+            let results: Vec<MetricResult> = per_metric
+                .iter()
+                .map(|(phases, limits)| {
+                    let mut result = result_after(phases);
+                    let (phase, message) = metric_phase(&result, limits);
+                    result.phase = phase;
+                    result.message = message;
+                    result
+                })
+                .collect();
+            let (phase, message) = run_phase(&results, terminated);
+            proptest::prop_assert_ne!(phase, AnalysisPhase::Successful, "{:?}", message);
         }
     }
 }

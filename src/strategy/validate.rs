@@ -1,4 +1,10 @@
 //! Decides whether a Rollout's spec can be carried out, naming every problem by its field path.
+//!
+//! Every analysis the spec names (canary steps and background, blue-green pre- and post-promotion) is built
+//! into an AnalysisRun spec here, with the templates observed, exactly as it will be built when it starts:
+//! an analysis that could not start is an invalid spec found before anything is scaled, not an abort after
+//! the canary took traffic. Pod-template hashes are placeholders at this point (only whether an argument
+//! resolves matters), and Secret-valued arguments stay references the runner reads when it measures.
 
 use std::collections::BTreeSet;
 
@@ -6,8 +12,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::replicas::{max_surge, max_unavailable, ReplicaMathError};
 use super::types::{Observed, TemplateKey};
+use crate::analysis::{build_run_spec, AnalysisRequest, RunSpecError};
 use crate::crd::rollout::{AnalysisArgument, AnalysisTemplateRef, CanaryStep};
 use crate::crd::{AnalysisTemplateSpec, Rollout};
+
+#[cfg(test)]
+#[path = "validate_analysis_tests.rs"]
+mod analysis_tests;
+
+/// Stand-ins for the stable and canary pod-template hashes when an analysis is checked: the real ones may
+/// not exist yet (no stable before the first rollout), and the check only needs them to be known.
+const PLACEHOLDER_STABLE_HASH: &str = "stable-hash";
+const PLACEHOLDER_CANARY_HASH: &str = "canary-hash";
 
 /// One problem in the spec, with the path of the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -71,6 +87,8 @@ pub enum SpecError {
         arg: String,
         template: String,
     },
+    #[error("{field}: analysis cannot start: {source}")]
+    AnalysisCannotStart { field: String, source: RunSpecError },
     #[error("{field}: needs spec.strategy.canary.trafficRouting")]
     NeedsTrafficRouting { field: String },
     #[error("{field}: without trafficRouting the canary runs beside the full stable, so maxSurge must allow at least one pod")]
@@ -96,6 +114,7 @@ impl SpecError {
             | SpecError::TemplateNotFound { field, .. }
             | SpecError::TemplateUnusable { field, .. }
             | SpecError::ArgumentMissing { field, .. }
+            | SpecError::AnalysisCannotStart { field, .. }
             | SpecError::NeedsTrafficRouting { field }
             | SpecError::NoRoomToRoll { field } => field,
         }
@@ -119,6 +138,7 @@ impl SpecError {
             SpecError::TemplateNotFound { .. } => "template_not_found",
             SpecError::TemplateUnusable { .. } => "template_unusable",
             SpecError::ArgumentMissing { .. } => "argument_missing",
+            SpecError::AnalysisCannotStart { .. } => "analysis_cannot_start",
             SpecError::NeedsTrafficRouting { .. } => "needs_traffic_routing",
             SpecError::NoRoomToRoll { .. } => "no_room_to_roll",
         }
@@ -271,6 +291,7 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
             for (index, step) in canary.steps.iter().enumerate() {
                 check_step(
                     &mut errors,
+                    rollout,
                     observed,
                     &format!("{base}.steps[{index}]"),
                     step,
@@ -279,13 +300,7 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
             }
             if let Some(background) = &canary.analysis {
                 let field = format!("{base}.analysis");
-                check_templates(
-                    &mut errors,
-                    observed,
-                    &field,
-                    &background.templates,
-                    &background.args,
-                );
+                check_analysis(&mut errors, rollout, observed, &field, background.into());
                 range(
                     &mut errors,
                     &format!("{field}.startingStep"),
@@ -357,12 +372,12 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
                 (&blue_green.post_promotion_analysis, "postPromotionAnalysis"),
             ] {
                 if let Some(analysis) = analysis {
-                    check_templates(
+                    check_analysis(
                         &mut errors,
+                        rollout,
                         observed,
                         &format!("{base}.{field}"),
-                        &analysis.templates,
-                        &analysis.args,
+                        analysis.into(),
                     );
                 }
             }
@@ -411,6 +426,7 @@ fn service_exists(
 
 fn check_step(
     errors: &mut Vec<SpecError>,
+    rollout: &Rollout,
     observed: &Observed,
     field: &str,
     step: &CanaryStep,
@@ -485,12 +501,12 @@ fn check_step(
         );
     }
     if let Some(analysis) = &step.analysis {
-        check_templates(
+        check_analysis(
             errors,
+            rollout,
             observed,
             &format!("{field}.analysis"),
-            &analysis.templates,
-            &analysis.args,
+            analysis.into(),
         );
     }
     if let Some(route) = &step.set_header_route {
@@ -535,6 +551,35 @@ pub(crate) fn lookup_template<'a>(
         name: reference.template_name.clone(),
         cluster_scope: reference.cluster_scope,
     })
+}
+
+/// Checks one analysis: each template reference on its own (all problems, by template), then, if those are
+/// fine, the whole analysis through the run-spec builder (the first problem that would stop it starting).
+fn check_analysis(
+    errors: &mut Vec<SpecError>,
+    rollout: &Rollout,
+    observed: &Observed,
+    field: &str,
+    analysis: AnalysisRequest<'_>,
+) {
+    let before = errors.len();
+    check_templates(errors, observed, field, analysis.templates, analysis.args);
+    if errors.len() > before {
+        return;
+    }
+    if let Err(source) = build_run_spec(
+        analysis,
+        &observed.analysis_templates,
+        rollout,
+        PLACEHOLDER_STABLE_HASH,
+        PLACEHOLDER_CANARY_HASH,
+    ) {
+        let at = source.path_in(analysis, &observed.analysis_templates);
+        errors.push(SpecError::AnalysisCannotStart {
+            field: format!("{field}.{at}"),
+            source,
+        });
+    }
 }
 
 fn check_templates(
