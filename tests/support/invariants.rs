@@ -440,6 +440,11 @@ impl Invariants {
         self.stable_exempt = Some(why.to_string());
     }
 
+    /// Checks invariant 2 again (the stable the scenario removed was replaced).
+    pub fn check_stable_again(&mut self) {
+        self.stable_exempt = None;
+    }
+
     /// Something outside Serin's control just broke what the invariants promise (pods turned unready, Git
     /// re-applied a Service, the replica count changed): Serin has [`REACTION`] to put it right. Raising a
     /// weight beyond what is ready stays a failure even then.
@@ -545,8 +550,11 @@ impl Invariants {
             .as_ref()
             .is_none_or(|m| m.canary != canary || m.steps != steps);
         if fresh {
+            // A new revision starts afresh; new steps for the same revision do not undo its abort.
+            if self.model.as_ref().is_none_or(|m| m.canary != canary) {
+                self.abort_ceiling = None;
+            }
             self.model = Some(Model::start(&canary, steps));
-            self.abort_ceiling = None;
         }
         let Some(model) = self.model.as_mut() else {
             return;
@@ -595,6 +603,9 @@ impl Invariants {
         };
         self.previous_route_canary = route_canary;
         for (service, percent) in &flow.unserved {
+            if *service == self.target.stable_service && self.stable_exempt.is_some() {
+                continue;
+            }
             violations.push(Violation {
                 invariant: 1,
                 strict: raised && *service == self.target.canary_service,
