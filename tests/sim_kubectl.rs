@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serin::sim::{SimCluster, SimConfig};
+use serin::sim::{FaultRule, SimCluster, SimConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -406,5 +406,177 @@ async fn serin_sim_binary_serves_kubectl() {
         namespaces.contains("default") && namespaces.contains("kube-system"),
         "{namespaces}"
     );
+    let (code, _) = admin_call(&server_of(&kubeconfig), "GET", "faults", None).await;
+    assert_eq!(code, 404, "no admin endpoint without --admin");
     child.kill().await.unwrap();
+}
+
+/// The API server URL a kubeconfig written by the sim points at.
+fn server_of(kubeconfig: &Path) -> String {
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string()
+}
+
+/// A plain HTTP call to the sim's admin endpoint.
+async fn admin_call(
+    server: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().request(
+        reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+        format!("{server}/sim/{path}"),
+    );
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let code = response.status().as_u16();
+    let body =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(serde_json::Value::Null);
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_as_a_user_prints_the_error_injected_for_that_user() {
+    if !kubectl_available() {
+        return;
+    }
+    let sim = SimCluster::start(SimConfig::api_only()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let as_admin = sim.kubeconfig_path().to_path_buf();
+    let as_alice = dir.path().join("alice.kubeconfig");
+    sim.write_kubeconfig_as("alice", &as_alice).unwrap();
+    let manifest = write(
+        dir.path(),
+        "config.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web-config}\ndata: {a: \"1\"}\n",
+    );
+    kubectl_ok(&as_admin, &["apply", "-f", manifest.to_str().unwrap()]).await;
+    assert!(
+        sim.request_log()
+            .writes_by("admin")
+            .iter()
+            .any(|r| r.resource == "configmaps"),
+        "kubectl's requests carry the kubeconfig's user"
+    );
+    sim.faults()
+        .add_rule(
+            FaultRule::fail("get", "configmaps", 500)
+                .name("web-config")
+                .user("alice"),
+        )
+        .unwrap();
+    let refused = kubectl(&as_alice, &["get", "configmap", "web-config"]).await;
+    assert!(!refused.success);
+    assert!(
+        refused
+            .stderr
+            .contains("Error from server (InternalError): Internal error occurred: injected fault"),
+        "{}",
+        refused.stderr
+    );
+    let failed = sim.request_log().filter(|r| r.status == 500);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (failed[0].user.as_str(), failed[0].name.as_deref()),
+        ("alice", Some("web-config"))
+    );
+    // The same request as another user, or alice's next one, is served.
+    kubectl_ok(&as_admin, &["get", "configmap", "web-config"]).await;
+    sim.faults()
+        .add_rule(
+            FaultRule::fail("get", "configmaps", 500)
+                .name("web-config")
+                .user("alice"),
+        )
+        .unwrap();
+    kubectl_ok(&as_admin, &["get", "configmap", "web-config"]).await;
+    assert_eq!(sim.faults().pending_rules().len(), 1, "admin did not match");
+    assert!(
+        !kubectl(&as_alice, &["get", "configmap", "web-config"])
+            .await
+            .success
+    );
+    kubectl_ok(&as_alice, &["get", "configmap", "web-config"]).await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serin_sim_with_admin_lets_kubectl_tests_inject_errors() {
+    if !kubectl_available() {
+        return;
+    }
+    // The flag and its environment twin.
+    for (args, env) in [(vec!["--admin"], None), (vec![], Some("true"))] {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_serin"));
+        command
+            .args(["sim", "--port", "0", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(&args)
+            .env_remove("SERIN_SIM_ADMIN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(value) = env {
+            command.env("SERIN_SIM_ADMIN", value);
+        }
+        let mut child = command.spawn().unwrap();
+        let appeared = tokio::time::timeout(WAIT, async {
+            while !kubeconfig.exists() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(appeared.is_ok(), "serin sim never wrote its kubeconfig");
+        let server = server_of(&kubeconfig);
+        let (code, added) = admin_call(
+            &server,
+            "POST",
+            "faults",
+            Some(serde_json::json!({"verb": "get", "resource": "namespaces", "name": "default", "code": 500})),
+        )
+        .await;
+        assert_eq!(code, 200, "{args:?} {env:?}: {added}");
+        let refused = kubectl(&kubeconfig, &["get", "namespace", "default"]).await;
+        assert!(!refused.success);
+        assert!(
+            refused.stderr.contains(
+                "Error from server (InternalError): Internal error occurred: injected fault"
+            ),
+            "{}",
+            refused.stderr
+        );
+        let (_, listing) = admin_call(&server, "GET", "faults", None).await;
+        assert_eq!(
+            listing["rules"],
+            serde_json::json!([]),
+            "the rule was used up"
+        );
+        kubectl_ok(&kubeconfig, &["get", "namespace", "default"]).await;
+        let (code, refused) = admin_call(
+            &server,
+            "POST",
+            "faults",
+            Some(serde_json::json!({"verb": "get", "resource": "namespace", "code": 99})),
+        )
+        .await;
+        assert_eq!(code, 400);
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("code:"),
+            "{refused}"
+        );
+        child.kill().await.unwrap();
+    }
 }

@@ -683,6 +683,11 @@ impl Faults {
         self.signal_watches();
     }
 
+    /// True while any request rule is pending (so requests need not be looked at otherwise).
+    pub fn has_rules(&self) -> bool {
+        !lock(&self.rules).is_empty()
+    }
+
     pub fn pending_rules(&self) -> Vec<FaultRule> {
         lock(&self.rules).clone()
     }

@@ -122,12 +122,14 @@ pub fn kubeconfig_yaml(base_url: &str) -> String {
     kubeconfig_yaml_as(base_url, "admin")
 }
 
-/// The kubeconfig text for a sim at `base_url` whose token (and so request-log user) is `user`.
+/// The kubeconfig text for a sim at `base_url` whose requests are logged (and matched by fault rules)
+/// as `user`: its token is `user`, and it impersonates `user` because kubectl sends no token over
+/// plain http.
 pub fn kubeconfig_yaml_as(base_url: &str, user: &str) -> String {
     // Quoted as a JSON string (valid YAML), so any user name survives.
     let quoted = serde_json::Value::String(user.to_string()).to_string();
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: serin-sim\n  cluster:\n    server: {base_url}\ncontexts:\n- name: serin-sim\n  context:\n    cluster: serin-sim\n    user: {quoted}\n    namespace: default\ncurrent-context: serin-sim\npreferences: {{}}\nusers:\n- name: {quoted}\n  user:\n    token: {quoted}\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: serin-sim\n  cluster:\n    server: {base_url}\ncontexts:\n- name: serin-sim\n  context:\n    cluster: serin-sim\n    user: {quoted}\n    namespace: default\ncurrent-context: serin-sim\npreferences: {{}}\nusers:\n- name: {quoted}\n  user:\n    token: {quoted}\n    as: {quoted}\n"
     )
 }
 

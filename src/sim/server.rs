@@ -309,10 +309,17 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
             .unwrap_or("")
             .to_string()
     };
-    let user = header("authorization")
-        .strip_prefix("Bearer ")
-        .map(str::to_string)
-        .unwrap_or_else(|| "system:anonymous".into());
+    // client-go (kubectl) sends no bearer token over plain http but does send impersonation, which a
+    // real server also logs and authorizes as the impersonated user.
+    let impersonated = header("impersonate-user");
+    let user = if impersonated.is_empty() {
+        header("authorization")
+            .strip_prefix("Bearer ")
+            .map(str::to_string)
+            .unwrap_or_else(|| "system:anonymous".into())
+    } else {
+        impersonated
+    };
     let content_type = header("content-type");
 
     let mut record = RequestRecord {
@@ -482,6 +489,54 @@ fn expired_watch(requested: u64, oldest: u64) -> Result<Response, ApiError> {
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// One resource request past routing, as the fault checks and the store see it.
+struct ResourceRequest<'a> {
+    target: Target,
+    verb: &'static str,
+    query: &'a HashMap<String, String>,
+    headers: &'a http::HeaderMap,
+    user: &'a str,
+    as_table: Option<IncludeObject>,
+    body: Bytes,
+}
+
+impl ResourceRequest<'_> {
+    /// The object the request names: its path, a `metadata.name` field selector, or a create's body.
+    fn object_name(&self) -> Option<String> {
+        self.target
+            .name
+            .as_deref()
+            .or_else(|| pinned_name(self.query))
+            .map(str::to_string)
+            .or_else(|| {
+                (self.verb == "create")
+                    .then(|| serde_json::from_slice::<Value>(&self.body).ok())
+                    .flatten()
+                    .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_string))
+            })
+    }
+
+    /// Takes the fault rule this request matches, if any.
+    fn take_fault(&self, faults: &Faults) -> Option<(FaultAction, Option<String>)> {
+        if !faults.has_rules() {
+            return None;
+        }
+        let name = self.object_name();
+        let facts = RequestFacts {
+            verb: self.verb,
+            group: &self.target.info.group,
+            resource: &self.target.info.plural,
+            subresource: self.target.subresource.as_deref(),
+            namespace: self.target.namespace.as_deref(),
+            name: name.as_deref(),
+            user: self.user,
+        };
+        faults
+            .take_matching_request(&facts)
+            .map(|action| (action, name))
+    }
+}
+
 async fn serve_resource(
     state: &Arc<ServerState>,
     resolved: Resolved,
@@ -490,13 +545,10 @@ async fn serve_resource(
     user: &str,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    let accept = header("accept");
+    let accept = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let Resolved { target, verb } = resolved;
     // kubectl asks for server-side printing; clients that do not are answered with plain objects.
     let as_table = (accept.contains("as=Table") && target.subresource.is_none())
@@ -506,29 +558,17 @@ async fn serve_resource(
     } else {
         read_body(headers, body).await?
     };
-    let name = target
-        .name
-        .as_deref()
-        .or_else(|| pinned_name(query))
-        .map(str::to_string)
-        .or_else(|| {
-            // A create names its object in the body.
-            (verb == "create")
-                .then(|| serde_json::from_slice::<Value>(&body).ok())
-                .flatten()
-                .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_string))
-        });
-    let facts = RequestFacts {
+    let request = ResourceRequest {
+        target,
         verb,
-        group: &target.info.group,
-        resource: &target.info.plural,
-        subresource: target.subresource.as_deref(),
-        namespace: target.namespace.as_deref(),
-        name: name.as_deref(),
+        query,
+        headers,
         user,
+        as_table,
+        body,
     };
     let mut late_timeout = None;
-    if let Some(action) = state.faults.take_matching_request(&facts) {
+    if let Some((action, name)) = request.take_fault(&state.faults) {
         match action {
             FaultAction::Fail(410) if verb == "watch" => {
                 let current = state.api.store.lock().resource_version;
@@ -539,18 +579,19 @@ async fn serve_resource(
                 return expired_watch(requested, current);
             }
             FaultAction::Fail(code) => {
+                let target = &request.target;
                 return Err(ApiError::injected(
                     code,
                     &InjectedRequest {
                         verb,
-                        group: facts.group,
-                        resource: facts.resource,
-                        subresource: facts.subresource,
-                        namespace: facts.namespace,
-                        name: facts.name,
+                        group: &target.info.group,
+                        resource: &target.info.plural,
+                        subresource: target.subresource.as_deref(),
+                        namespace: target.namespace.as_deref(),
+                        name: name.as_deref(),
                         user,
                     },
-                ))
+                ));
             }
             FaultAction::Timeout(hold) => {
                 wait_until(state, tokio::time::Instant::now() + hold).await;
@@ -559,7 +600,7 @@ async fn serve_resource(
             FaultAction::TimeoutAfterApply(hold) => late_timeout = Some(hold),
         }
     }
-    let answer = serve_target(state, target, verb, query, headers, user, as_table, &body).await;
+    let answer = serve_target(state, request).await;
     match late_timeout {
         Some(hold) => {
             wait_until(state, tokio::time::Instant::now() + hold).await;
@@ -570,17 +611,19 @@ async fn serve_resource(
 }
 
 /// Serves a request no fault stopped.
-#[allow(clippy::too_many_arguments)]
 async fn serve_target(
     state: &Arc<ServerState>,
-    target: Target,
-    verb: &'static str,
-    query: &HashMap<String, String>,
-    headers: &http::HeaderMap,
-    user: &str,
-    as_table: Option<IncludeObject>,
-    body: &Bytes,
+    request: ResourceRequest<'_>,
 ) -> Result<Response, ApiError> {
+    let ResourceRequest {
+        target,
+        verb,
+        query,
+        headers,
+        user,
+        as_table,
+        body,
+    } = request;
     let header = |name: &str| {
         headers
             .get(name)
@@ -625,7 +668,7 @@ async fn serve_target(
     let input = RequestInput {
         query,
         content_type,
-        body,
+        body: &body,
         user_agent,
     };
     let api = &state.api;
@@ -865,6 +908,10 @@ fn start_watch(
         let key = target.info.key();
         // The end of the latest drop window this watch was open in: it is closed then.
         let mut close_at: Option<tokio::time::Instant> = None;
+        // Once an event was dropped the watch delivers nothing more, bookmarks included, as if the
+        // connection broke there: a client that learnt a later resourceVersion would resume past the
+        // dropped events and never relist.
+        let mut broken = false;
         loop {
             let now = tokio::time::Instant::now();
             if close_at.is_some_and(|at| now >= at) {
@@ -886,8 +933,9 @@ fn start_watch(
                     let had_events = !events.is_empty();
                     for event in events {
                         match gate.fate(&event.namespace, event.resource_version) {
-                            EventFate::Deliver => {}
-                            EventFate::Drop => {
+                            EventFate::Deliver if !broken => {}
+                            EventFate::Deliver | EventFate::Drop => {
+                                broken = true;
                                 cursor = event.resource_version;
                                 continue;
                             }
@@ -937,7 +985,7 @@ fn start_watch(
                 }
                 _ = tokio::time::sleep_until(held_until.unwrap_or(deadline)), if held_until.is_some() => {}
                 _ = tokio::time::sleep_until(close_at.unwrap_or(deadline)), if close_at.is_some() => return,
-                _ = bookmark_timer.tick(), if bookmarks => {
+                _ = bookmark_timer.tick(), if bookmarks && !broken => {
                     if sender.send(bookmark_line(&target, cursor, false)).await.is_err() {
                         return;
                     }
