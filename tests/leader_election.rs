@@ -1,11 +1,11 @@
 //! Leader election against the simulated cluster: one holder at a time, takeover after a crash, handover on
-//! release, fencing when renewals fail, and clear errors for bad config.
+//! release, fencing when renewals fail (the write fence closes with it), and clear errors for bad config.
 
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use kube::Api;
-use serin::controller::leader::{acquire, Leadership, LeaseConfig};
+use serin::controller::leader::{acquire, Fenced, Leadership, LeaseConfig};
 use serin::sim::{RequestRecord, SimCluster, SimConfig};
 use tokio::task::JoinHandle;
 
@@ -210,12 +210,14 @@ async fn release_hands_over_at_once() {
     assert!(!task_b.is_finished());
 
     let lost_a = leadership_a.lost();
+    let fence_a = leadership_a.fence();
     let released_at = SystemTime::now();
     leadership_a.release().await;
     assert!(
         lost_a.is_cancelled(),
         "a stops writing before it gives the lease up"
     );
+    assert_eq!(fence_a.check(), Err(Fenced), "a's writes are fenced off");
 
     let leadership_b = leadership_of(task_b).await;
     let taken = stored_lease(&sim).await;
@@ -243,6 +245,8 @@ async fn failing_renewals_fence_the_leader(inject: impl FnOnce(&SimCluster)) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(leadership_a.is_leader());
 
+    let fence = leadership_a.fence();
+    assert_eq!(fence.check(), Ok(()), "the holder may write");
     inject(&sim);
     let lost = leadership_a.lost();
     tokio::time::timeout(WAIT, lost.cancelled())
@@ -250,6 +254,7 @@ async fn failing_renewals_fence_the_leader(inject: impl FnOnce(&SimCluster)) {
         .expect("a notices it cannot renew");
     let lost_at = SystemTime::now();
     assert!(!leadership_a.is_leader());
+    assert_eq!(fence.check(), Err(Fenced), "writes are fenced off");
     let last_term = stored_lease(&sim).await;
     assert_eq!(last_term.holder_identity.as_deref(), Some("serin-a"));
     let expiry = renew_time(&last_term) + LEASE_DURATION;

@@ -51,7 +51,7 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Name of this instance in events (`reportingInstance`).
     pub instance: Option<String>,
-    /// Leader election: reconcile only while holding this Lease (used by [`run`]).
+    /// Leader election: reconcile only while holding this Lease (used by [`run`] and [`run_until`]).
     pub leader: Option<leader::LeaseConfig>,
     /// Also run the AnalysisRun measuring controller (Prometheus queries) in this process.
     pub measure_analysis: bool,
