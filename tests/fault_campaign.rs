@@ -447,7 +447,6 @@ async fn faults_on_one_kind_of_write(name: &str, write: Write) {
             world.sim.faults().pending_rules()
         );
         world.sim.faults().clear();
-        eprintln!("TIMING round {round} took {:?}", started.elapsed());
     }
     println!("{}", inv.finish(&world));
     prometheus.stop();
