@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use kube::{Api, Client, ResourceExt};
-use serde_json::Value;
 use serin::cli::ManualCommand;
 use serin::crd::{labels, AnalysisPhase, AnalysisRun, CanaryStep, RolloutPhase};
 use serin::sim::RequestRecord;
@@ -570,6 +569,12 @@ impl Invariants {
                 ),
             });
         }
+        // An aborted canary's step index means nothing until a retry starts the steps again (an abort under
+        // an invalid spec records step 0): only progress past the commands counts there.
+        let aborted = state.rollout.status.as_ref().is_some_and(|s| s.abort);
+        if aborted {
+            model.highest = step;
+        }
         if step < model.highest {
             violations.push(Violation {
                 invariant: 6,
@@ -1037,12 +1042,4 @@ pub fn object_writes_since(world: &World, users: &[&str], since: SystemTime) -> 
             && r.resource != "leases"
             && !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status"))
     })
-}
-
-/// The value at `pointer` in a JSON object, for messages.
-pub fn field(value: &Value, pointer: &str) -> String {
-    value
-        .pointer(pointer)
-        .map(Value::to_string)
-        .unwrap_or_else(|| "<none>".to_string())
 }
