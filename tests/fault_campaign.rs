@@ -328,7 +328,7 @@ async fn restarts_with_a_lagging_replica_set_cache_plan_nothing_until_it_listed_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_killed_mid_step_at_every_step_hands_over_and_only_the_lease_holder_writes() {
+async fn a_leader_killed_or_unable_to_renew_mid_step_hands_over_and_only_the_lease_holder_writes() {
     let Some(world) = routed_world(false).await else {
         return;
     };
@@ -346,13 +346,23 @@ async fn a_leader_killed_mid_step_at_every_step_hands_over_and_only_the_lease_ho
         let leader = lease_holder(&world).await.expect("a replica leads");
         let since = promote_noted(&world, &mut inv).await;
         wait_for_writes(&world, &[leader.as_str()], since, 1).await;
-        for replica in replicas.iter_mut().filter(|r| r.identity == leader) {
-            replica.kill();
+        if pause == 3 {
+            // The leader stays up but can no longer renew its Lease, mid-step: it must stop writing before
+            // the standby takes over.
+            world
+                .sim
+                .faults()
+                .add_rule(FaultRule::fail("update", "leases", 500).user(&leader).times(100_000))
+                .expect("valid rule");
+        } else {
+            for replica in replicas.iter_mut().filter(|r| r.identity == leader) {
+                replica.kill();
+            }
         }
         // The standby takes the Lease once it expires; only then does the killed pod come back (with its
-        // identity, a restarted pod could take its own Lease back at once).
+        // identity, a restarted pod could take its own Lease back at once) or the fenced one renew again.
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        for _ in 0..1_000 {
             if lease_holder(&world).await.is_some_and(|h| h != leader) {
                 break;
             }
@@ -361,10 +371,14 @@ async fn a_leader_killed_mid_step_at_every_step_hands_over_and_only_the_lease_ho
                 "the standby never took the Lease"
             );
             inv.poll(&world).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(POLL).await;
         }
-        replicas.retain(|r| r.identity != leader);
-        replicas.push(Replica::start(&world, &leader, timing).await);
+        if pause == 3 {
+            world.sim.faults().clear();
+        } else {
+            replicas.retain(|r| r.identity != leader);
+            replicas.push(Replica::start(&world, &leader, timing).await);
+        }
         after_promote_at(&world, &mut inv, pause).await;
     }
     println!("{}", inv.finish(&world));
