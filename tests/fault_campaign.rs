@@ -314,11 +314,19 @@ async fn restarts_with_a_lagging_replica_set_cache_plan_nothing_until_it_listed_
                 .sim
                 .faults()
                 .hold_watch_events(replica_sets.clone(), lag);
+            let restarted = SystemTime::now();
             let probe = world.start_controller_unsynced().await;
             inv.hold(&world, lag / 2).await;
+            // The log first: readiness only ever turns on, so writes logged before a "not ready" answer were
+            // made with the ReplicaSet cache still empty.
+            let early = writes_since(&world, &[CONTROLLER_USER], restarted);
             assert!(
                 !probe.ready().await,
                 "ready before its ReplicaSet cache listed"
+            );
+            assert!(
+                early.is_empty(),
+                "wrote before its ReplicaSet cache listed: {early:#?}"
             );
         }
         after_promote_at(&world, &mut inv, pause).await;
