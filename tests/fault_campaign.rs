@@ -65,7 +65,10 @@ async fn routed_world(controller: bool) -> Option<World> {
         .expect("HTTPRoute CRD accepted");
     let routes = http_routes(&world.admin);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while routes.list(&ListParams::default()).await.is_err() {
+    for _ in 0..500 {
+        if routes.list(&ListParams::default()).await.is_ok() {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "HTTPRoutes never became servable"
@@ -360,7 +363,11 @@ async fn a_leader_killed_or_unable_to_renew_mid_step_hands_over_and_only_the_lea
             world
                 .sim
                 .faults()
-                .add_rule(FaultRule::fail("update", "leases", 500).user(&leader).times(100_000))
+                .add_rule(
+                    FaultRule::fail("update", "leases", 500)
+                        .user(&leader)
+                        .times(100_000),
+                )
                 .expect("valid rule");
         } else {
             for replica in replicas.iter_mut().filter(|r| r.identity == leader) {

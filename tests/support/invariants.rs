@@ -487,10 +487,12 @@ impl Invariants {
             .map(|v| format!("invariant {}: {}", v.invariant, v.message))
             .collect();
         panic!(
-            "broken at poll {} of {} (disruptions so far: {:?}):\n{}\nroute: {:?}\nruns: {:#?}\nstate: {:#?}",
+            "broken at poll {} of {} (disruptions so far: {:?}; invariant 2 skipped for the stable: {:?}):\n{}\n\
+             route: {:?}\nruns: {:#?}\nstate: {:#?}",
             self.polls,
             self.target.rollout,
             self.disruptions,
+            self.stable_exempt,
             lines.join("\n"),
             snap.route,
             snap.runs,
