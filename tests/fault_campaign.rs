@@ -19,7 +19,8 @@ use serin::crd::{AnalysisTemplate, RolloutPhase};
 use serin::sim::prometheus::{PrometheusOptions, PrometheusServer};
 use serin::sim::{FaultAction, FaultRule, WatchScope};
 use support::invariants::{
-    http_routes, Invariants, Snapshot, Target, POLL_EVERY as POLL, REACTION,
+    http_routes, object_writes_since, writes_since, Invariants, Snapshot, Target,
+    POLL_EVERY as POLL, REACTION,
 };
 use support::*;
 
@@ -176,21 +177,6 @@ async fn new_revision(
         },
     )
     .await
-}
-
-/// Writes by `users` since `since`, Events and Leases aside: what changed the cluster or the Rollout.
-fn writes_since(
-    world: &World,
-    users: &[&str],
-    since: SystemTime,
-) -> Vec<serin::sim::RequestRecord> {
-    world.sim.request_log().filter(|r| {
-        r.time >= since
-            && users.contains(&r.user.as_str())
-            && is_write(r)
-            && r.resource != "events"
-            && r.resource != "leases"
-    })
 }
 
 /// Waits (bounded) until `users` made `count` writes since `since`; returns when they did.
@@ -800,10 +786,7 @@ async fn a_git_reapply_changing_unrelated_fields_and_annotations_mid_canary_chan
     let held = holds_without_promoting(&world, &mut inv, &seen).await;
     assert_eq!(held.route, before.route, "the weights moved");
     assert_eq!(held.state.step(), Some(3), "the steps started again");
-    let writes: Vec<_> = writes_since(&world, &[CONTROLLER_USER], since)
-        .into_iter()
-        .filter(|r| !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status")))
-        .collect();
+    let writes = object_writes_since(&world, &[CONTROLLER_USER], since);
     assert!(
         writes.is_empty(),
         "a re-apply with nothing new for Serin made it write: {writes:#?}"
@@ -1142,7 +1125,7 @@ async fn invalid_spec_then_abort_then_retry(name: &str, break_it: Value, field: 
         held.route, paused.route,
         "an invalid spec moved the weights"
     );
-    let changed = support::invariants::object_writes_since(&world, &[CONTROLLER_USER], since);
+    let changed = object_writes_since(&world, &[CONTROLLER_USER], since);
     assert!(
         changed.is_empty(),
         "an invalid spec changed the cluster: {changed:#?}"

@@ -1033,15 +1033,22 @@ pub fn assert_only_lease_holders_wrote(
     );
 }
 
-/// Writes by `users` since `since` to anything but Events, Leases and the Rollout's status: what changes
-/// the cluster (safety rule 7 says an invalid spec makes none).
-pub fn object_writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
+/// Writes by `users` since `since`, Events and Leases aside: what changed the cluster or the Rollout.
+pub fn writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
     world.sim.request_log().filter(|r| {
         r.time >= since
             && users.contains(&r.user.as_str())
             && is_write(r)
             && r.resource != "events"
             && r.resource != "leases"
-            && !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status"))
     })
+}
+
+/// Like [`writes_since`], without the Rollout's status: what changes the cluster (safety rule 7 says an
+/// invalid spec makes no such change).
+pub fn object_writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
+    writes_since(world, users, since)
+        .into_iter()
+        .filter(|r| !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status")))
+        .collect()
 }
