@@ -793,3 +793,5 @@ pub fn writes_without_the_lease(
 pub fn loopback_prometheus() -> serin::analysis::outbound::OutboundConfig {
     serin::analysis::outbound::OutboundConfig::allowing(["127.0.0.1"]).expect("a valid destination")
 }
+
+pub mod invariants;
