@@ -188,7 +188,10 @@ async fn main() {
     let address = prometheus.url.clone();
 
     // 1. Queries per rollout per interval: background runs (no count) measured for `seconds`.
-    let provider = PrometheusProvider::new();
+    // The benchmark's Prometheus listens on loopback, which the outbound policy opens only when listed.
+    let loopback = serin::analysis::outbound::OutboundConfig::allowing(["127.0.0.1"])
+        .expect("a valid destination");
+    let provider = PrometheusProvider::with_outbound(loopback);
     let measurer = Measurer::new(provider.clone(), Arc::new(StaticSecrets::default()));
     let started = Instant::now();
     let tasks: Vec<_> = (0..rollouts)
@@ -346,7 +349,9 @@ async fn runner_in_sim(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let handle = runner::spawn(client.clone(), RunnerConfig::default());
+    let loopback = serin::analysis::outbound::OutboundConfig::allowing(["127.0.0.1"])
+        .expect("a valid destination");
+    let handle = runner::spawn(client.clone(), RunnerConfig::allowing(None, loopback));
     let mut events = Box::pin(watcher(runs.clone(), watcher::Config::default()));
     let mut latencies = Vec::with_capacity(rollouts);
     let mut pending = std::collections::BTreeMap::new();

@@ -15,6 +15,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
+use serin::analysis::outbound::OutboundConfig;
 use serin::controller::{ControllerConfig, ControllerHandle};
 use serin::crd::analysis::{AnalysisRun, AnalysisTemplate};
 use serin::crd::{AnalysisPhase, Rollout, RolloutPhase};
@@ -84,6 +85,8 @@ async fn start() -> Bed {
             .expect("controller client"),
         ControllerConfig {
             error_backoff: Duration::from_millis(200),
+            // Prometheus listens on loopback, which the outbound policy opens only when listed.
+            outbound: OutboundConfig::allowing(["127.0.0.1"]).expect("a valid destination"),
             ..ControllerConfig::default()
         },
     )

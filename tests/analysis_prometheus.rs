@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serin::analysis::outbound::OutboundConfig;
 use serin::analysis::prometheus::PrometheusProvider;
+use serin::analysis::secret_access::RunOwner;
 use serin::analysis::{advance, Measurer, StaticSecrets};
 use serin::crd::analysis::{
     AnalysisRun, AnalysisRunSpec, AnalysisRunStatus, BuiltinCheck, BuiltinCheckKind, Metric,
@@ -81,8 +83,43 @@ fn analysis_run(name: &str, args: Vec<TemplateArgument>, metrics: Vec<Metric>) -
     run
 }
 
+/// Every Prometheus of these tests listens on loopback, which the outbound policy opens only when listed.
+fn loopback() -> OutboundConfig {
+    OutboundConfig::allowing(["127.0.0.1"]).expect("a valid destination")
+}
+
 fn measurer(secrets: StaticSecrets) -> Measurer {
-    Measurer::new(PrometheusProvider::new(), Arc::new(secrets))
+    Measurer::new(
+        PrometheusProvider::with_outbound(loopback()),
+        Arc::new(secrets),
+    )
+}
+
+/// Makes `run` controlled by a Rollout whose one template is the run itself (as Serin would have built
+/// it), and returns a measurer whose Secret store knows that Rollout: only such runs may read Secrets.
+fn vouched(run: &mut AnalysisRun, secrets: &StaticSecrets) -> Measurer {
+    let name = run.metadata.name.clone().unwrap_or_default();
+    let rollout: serin::crd::Rollout = serde_json::from_value(serde_json::json!({
+        "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}")},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}},
+            "strategy": {"canary": {"analysis": {"templates": [{"templateName": "t"}]}}}
+        }
+    }))
+    .expect("a valid Rollout");
+    run.metadata.owner_references =
+        serin::controller::act::owner_reference(&rollout).map(|owner| vec![owner]);
+    let owner = RunOwner {
+        rollout,
+        templates: vec![serin::crd::analysis::AnalysisTemplateSpec {
+            args: run.spec.args.clone(),
+            metrics: run.spec.metrics.clone(),
+            dry_run: vec![],
+        }],
+    };
+    measurer(secrets.clone().with_owner(owner))
 }
 
 /// Drives a run the way the runner does (measure, wait for the next due time) until it completes.
@@ -340,7 +377,7 @@ async fn bad_input_ends_the_run_with_a_clear_message() {
     let prometheus = Prometheus::start(&[exporter.address]).await;
     let address = prometheus.url.as_str();
     let secrets = StaticSecrets::default().with(NAMESPACE, "prom", "token", "s3cret");
-    let measurer = measurer(secrets);
+    let measurer = measurer(secrets.clone());
 
     let mut malformed = with_query(
         metric("m", address, Some("result < 1.0"), None),
@@ -430,15 +467,13 @@ async fn bad_input_ends_the_run_with_a_clear_message() {
         metric("m", address, Some("result < 1.0"), None),
         r#"count(up{job="{{args.job}}"})"#,
     );
-    let status = drive(
-        analysis_run(
-            "missing-secret",
-            vec![secret_arg],
-            vec![uses_secret.clone()],
-        ),
-        &measurer,
-    )
-    .await;
+    let mut missing_secret = analysis_run(
+        "missing-secret",
+        vec![secret_arg],
+        vec![uses_secret.clone()],
+    );
+    let vouched_measurer = vouched(&mut missing_secret, &secrets);
+    let status = drive(missing_secret, &vouched_measurer).await;
     assert_eq!(status.phase, Some(AnalysisPhase::Error));
     assert!(
         status
@@ -460,11 +495,9 @@ async fn bad_input_ends_the_run_with_a_clear_message() {
             },
         }),
     };
-    let status = drive(
-        analysis_run("secret-query", vec![present], vec![uses_secret]),
-        &measurer,
-    )
-    .await;
+    let mut secret_query = analysis_run("secret-query", vec![present], vec![uses_secret]);
+    let vouched_measurer = vouched(&mut secret_query, &secrets);
+    let status = drive(secret_query, &vouched_measurer).await;
     let serialized = serde_json::to_string(&status).unwrap_or_default();
     assert!(!serialized.contains("s3cret"), "{serialized}");
 
@@ -818,7 +851,11 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
         .with(NAMESPACE, "prom", "token", "t0ken")
         .with(NAMESPACE, "prom", "user", "alice")
         .with(NAMESPACE, "prom", "password", "pa:ss");
-    let measurer = measurer(secrets);
+    // Each run is controlled by a Rollout whose template it copies, as Serin creates them.
+    let drive_vouched = |mut run: AnalysisRun| {
+        let measurer = vouched(&mut run, &secrets);
+        async move { drive(run, &measurer).await }
+    };
     let authenticated = |address: &str, auth: PrometheusAuthentication| {
         let mut m = with_query(metric("m", address, Some("result < 0.05"), None), "up");
         m.count = Some(IntOrString::Int(1));
@@ -836,14 +873,11 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
         basic_auth: None,
     };
     let (address, server) = fake_query_api("Bearer t0ken").await;
-    let status = drive(
-        analysis_run(
-            "bearer",
-            vec![],
-            vec![authenticated(&address, bearer.clone())],
-        ),
-        &measurer,
-    )
+    let status = drive_vouched(analysis_run(
+        "bearer",
+        vec![],
+        vec![authenticated(&address, bearer.clone())],
+    ))
     .await;
     assert_eq!(status.phase, Some(AnalysisPhase::Successful), "{status:?}");
     server.abort();
@@ -857,17 +891,18 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
             password: secret("prom", "password"),
         }),
     };
-    let status = drive(
-        analysis_run("basic", vec![], vec![authenticated(&address, basic)]),
-        &measurer,
-    )
+    let status = drive_vouched(analysis_run(
+        "basic",
+        vec![],
+        vec![authenticated(&address, basic)],
+    ))
     .await;
     assert_eq!(status.phase, Some(AnalysisPhase::Successful), "{status:?}");
 
     // Wrong credentials: an HTTP error, so an Error measurement, never a success.
     let mut rejected = authenticated(&address, bearer.clone());
     rejected.consecutive_error_limit = Some(0);
-    let status = drive(analysis_run("rejected", vec![], vec![rejected]), &measurer).await;
+    let status = drive_vouched(analysis_run("rejected", vec![], vec![rejected])).await;
     assert_eq!(status.phase, Some(AnalysisPhase::Error), "{status:?}");
     assert!(
         status.message.as_deref().unwrap_or("").contains("HTTP 401"),
@@ -876,7 +911,7 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
 
     let mut down = authenticated(&format!("{address}/down"), bearer);
     down.consecutive_error_limit = Some(0);
-    let status = drive(analysis_run("down", vec![], vec![down]), &measurer).await;
+    let status = drive_vouched(analysis_run("down", vec![], vec![down])).await;
     assert!(
         status.message.as_deref().unwrap_or("").contains("HTTP 503"),
         "{status:?}"
@@ -886,10 +921,11 @@ async fn credentials_from_secrets_and_custom_headers_are_sent() {
         bearer_token: Some(secret("prom", "absent-key")),
         basic_auth: None,
     };
-    let status = drive(
-        analysis_run("missing", vec![], vec![authenticated(&address, missing)]),
-        &measurer,
-    )
+    let status = drive_vouched(analysis_run(
+        "missing",
+        vec![],
+        vec![authenticated(&address, missing)],
+    ))
     .await;
     assert_eq!(status.phase, Some(AnalysisPhase::Error));
     assert!(
@@ -917,11 +953,11 @@ mod in_simulated_cluster {
     use serde_json::json;
     use serin::analysis::runner::{self, RunnerConfig};
     use serin::crd::analysis::{
-        AnalysisRun, AnalysisRunStatus, BuiltinCheckKind, TemplateArgument,
+        AnalysisRun, AnalysisRunStatus, AnalysisTemplate, BuiltinCheckKind, TemplateArgument,
         TemplateArgumentValueFrom,
     };
     use serin::crd::rollout::SecretKeyRef;
-    use serin::crd::AnalysisPhase;
+    use serin::crd::{AnalysisPhase, Rollout};
     use serin::sim::{SimCluster, SimConfig};
 
     use super::support::{http_traffic, Exporter, Prometheus};
@@ -1015,7 +1051,10 @@ mod in_simulated_cluster {
             )
             .await;
 
-        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let handle = runner::spawn(
+            client.clone(),
+            RunnerConfig::allowing(None, super::loopback()),
+        );
         let address = prometheus.url.as_str();
         let service_from_secret = TemplateArgument {
             name: "service".into(),
@@ -1044,23 +1083,65 @@ mod in_simulated_cluster {
         let mut background = error_rate();
         background.count = None;
 
+        // The runs reading Secrets are controlled by a Rollout whose template names the Secret (and whose
+        // own args name the absent one): only such runs may make the runner read Secrets.
+        let template: AnalysisTemplate = serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "AnalysisTemplate",
+            "metadata": {"name": "secret-args", "namespace": NS},
+            "spec": {
+                "args": [service_from_secret.clone(), {"name": "canary-hash"}],
+                "metrics": [error_rate(), latency()]
+            }
+        }))
+        .expect("template");
+        Api::<AnalysisTemplate>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &template)
+            .await
+            .expect("create template");
+        let rollout: Rollout = serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": {"containers": [{"name": "app", "image": "web:1"}]}},
+                "strategy": {"canary": {
+                    "stableService": "web", "canaryService": "web-canary",
+                    "analysis": {
+                        "templates": [{"templateName": "secret-args"}],
+                        "args": [{"name": "service", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "service"}}}]
+                    }
+                }}
+            }
+        }))
+        .expect("rollout");
+        let rollout = Api::<Rollout>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &rollout)
+            .await
+            .expect("create rollout");
+        let owner = serin::controller::act::owner_reference(&rollout).expect("created with a uid");
+        let owned = |mut run: AnalysisRun| {
+            run.metadata.owner_references = Some(vec![owner.clone()]);
+            run
+        };
+
         let to_create = vec![
-            analysis_run(
+            owned(analysis_run(
                 "good",
                 vec![service_from_secret.clone(), arg("canary-hash", "good1")],
                 vec![error_rate(), latency()],
-            ),
-            analysis_run(
+            )),
+            owned(analysis_run(
                 "bad",
                 vec![service_from_secret.clone(), arg("canary-hash", "bad1")],
                 vec![failing],
-            ),
+            )),
             analysis_run(
                 "background",
                 vec![arg("service", "web"), arg("canary-hash", "good1")],
                 vec![background],
             ),
-            analysis_run(
+            owned(analysis_run(
                 "no-secret",
                 vec![
                     TemplateArgument {
@@ -1076,7 +1157,7 @@ mod in_simulated_cluster {
                     arg("canary-hash", "good1"),
                 ],
                 vec![error_rate()],
-            ),
+            )),
         ];
         for mut run in to_create {
             run.metadata.namespace = Some(NS.into());
@@ -1136,7 +1217,10 @@ mod in_simulated_cluster {
             .expect("background run")
             .status
             .unwrap_or_default();
-        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let handle = runner::spawn(
+            client.clone(),
+            RunnerConfig::allowing(None, super::loopback()),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         let taken_before = before.metric_results.first().map(|r| r.count).unwrap_or(0);
         loop {
@@ -1209,7 +1293,10 @@ mod in_simulated_cluster {
             assert!(Instant::now() < deadline, "AnalysisRun API never served");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let handle = runner::spawn(
+            client.clone(),
+            RunnerConfig::allowing(None, super::loopback()),
+        );
         // `count: 3, interval: 1s`, default consecutiveErrorLimit.
         let refused = with_query(
             metric("up", &closed_address(), Some("result > 0"), None),
@@ -1342,7 +1429,10 @@ mod in_simulated_cluster {
                 .await;
         }
 
-        let handle = runner::spawn(client.clone(), RunnerConfig::default());
+        let handle = runner::spawn(
+            client.clone(),
+            RunnerConfig::allowing(None, super::loopback()),
+        );
         let address = prometheus.url.as_str();
         let args = |hash: &str| vec![arg("service", "web"), arg("canary-hash", hash)];
         let error_rate = || {

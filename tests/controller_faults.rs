@@ -23,7 +23,7 @@ const MAX_POLLS: u32 = 4_000;
 const POLL: Duration = Duration::from_millis(25);
 const REPLICAS: i32 = 4;
 
-/// 4 replicas; setWeight 25, pause {}, setWeight 50, pause {}.
+/// 4 replicas; setWeight 25 (one canary pod beside the 4 stable ones: 20%), pause {}, setWeight 50, pause {}.
 fn paused_canary(name: &str) -> serde_json::Value {
     let steps =
         json!({"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]});
@@ -46,7 +46,7 @@ async fn paused_at_step_one(world: &World, name: &str) -> (String, String) {
         .then_eventually(name, "paused at step 1, canary ready", STEP_TIMEOUT, |s| {
             s.is(RolloutPhase::Paused)
                 && s.step() == Some(1)
-                && s.weight() == 25
+                && s.weight() == 20
                 && s.canary_hash()
                     .is_some_and(|h| h != v1 && s.ready_of(&h) >= 1)
         })
@@ -209,7 +209,7 @@ async fn a_restart_with_a_lagging_replica_set_cache_plans_nothing_until_the_cach
         let back = ready
             && state.is(RolloutPhase::Paused)
             && state.step() == Some(1)
-            && state.weight() == 25;
+            && state.weight() == 20;
         settled_polls = if back { settled_polls + 1 } else { 0 };
         // Long enough after sync for the controller to have looked at the Rollout with full caches.
         if settled_polls >= 40 && reconciles > 0 {
@@ -495,7 +495,8 @@ async fn a_leader_whose_renewals_fail_stops_writing_before_the_standby_takes_ove
                 "serin-a wrote after its renew deadline: {late:#?}"
             );
         },
-        |s| s.is(RolloutPhase::Paused) && s.step() == Some(5) && s.weight() == 75,
+        // setWeight 75 beside 4 stable pods: at most 4 canary pods (maxSurge unset), 50%.
+        |s| s.is(RolloutPhase::Paused) && s.step() == Some(5) && s.weight() == 50,
     )
     .await;
     assert_eq!(done.replica_sets.len(), 2, "{done:#?}");

@@ -402,6 +402,7 @@ impl Model {
                         phase: AnalysisPhase::Running,
                         message: None,
                         terminating: false,
+                        latest_successful: true,
                     });
                 }
                 Action::TerminateAnalysisRun { name } => {

@@ -18,22 +18,28 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::args;
 use super::builtin::builtin_query;
 use super::condition::{ConditionCache, Conditions};
-use super::prometheus::{Credentials, PrometheusProvider, PrometheusTarget, DEFAULT_TIMEOUT};
+use super::outbound::{self, Admitted, OutboundConfig};
+use super::prometheus::{
+    Credentials, PrometheusProvider, PrometheusTarget, ProviderError, DEFAULT_TIMEOUT,
+};
 use super::run_spec::dry_run_names;
+use super::secret_access::{self, RunOwner};
 use super::verdict::{self, MetricLimits};
 use crate::crd::analysis::{
-    AnalysisRun, AnalysisRunStatus, Measurement, Metric, MetricResult, PrometheusMetric,
+    AnalysisRun, AnalysisRunStatus, AnalysisTemplate, AnalysisTemplateSpec,
+    ClusterAnalysisTemplate, Measurement, Metric, MetricResult, PrometheusMetric,
 };
 use crate::crd::rollout::SecretKeyRef;
-use crate::crd::AnalysisPhase;
+use crate::crd::{labels, AnalysisPhase, Rollout};
 
 /// Why a Secret value could not be read.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -58,6 +64,12 @@ pub enum SecretError {
         name: String,
         reason: String,
     },
+    #[error("the Rollout {namespace}/{name} that controls the run cannot be read: {reason}")]
+    OwnerUnreadable {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
 }
 
 impl SecretError {
@@ -68,6 +80,7 @@ impl SecretError {
             SecretError::MissingKey { .. } => "missing_key",
             SecretError::NotText { .. } => "not_text",
             SecretError::Unreadable { .. } => "unreadable",
+            SecretError::OwnerUnreadable { .. } => "owner_unreadable",
         }
     }
 }
@@ -108,13 +121,20 @@ impl ReconcileError {
     }
 }
 
-/// Reads Secret values at measurement time.
+/// Reads Secret values at measurement time, and the Rollout that must vouch for a run before any is read.
 pub trait SecretStore: Send + Sync {
     fn read<'a>(
         &'a self,
         namespace: &'a str,
         secret: &'a SecretKeyRef,
     ) -> BoxFuture<'a, Result<String, SecretError>>;
+
+    /// The Rollout `name` of `namespace` with the templates it references; `None` when it does not exist.
+    fn run_owner<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RunOwner>, SecretError>>;
 }
 
 /// Secrets read from the API server.
@@ -169,21 +189,73 @@ impl SecretStore for KubeSecrets {
                 })
         })
     }
+
+    fn run_owner<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RunOwner>, SecretError>> {
+        Box::pin(async move {
+            let unreadable = |reason: String| SecretError::OwnerUnreadable {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason,
+            };
+            let rollouts: Api<Rollout> = Api::namespaced(self.client.clone(), namespace);
+            let Some(rollout) = rollouts
+                .get_opt(name)
+                .await
+                .map_err(|e| unreadable(e.to_string()))?
+            else {
+                return Ok(None);
+            };
+            let mut templates: Vec<AnalysisTemplateSpec> = Vec::new();
+            for reference in secret_access::template_refs(&rollout.spec.strategy) {
+                let found = if reference.cluster_scope {
+                    Api::<ClusterAnalysisTemplate>::all(self.client.clone())
+                        .get_opt(&reference.template_name)
+                        .await
+                        .map(|t| t.map(|t| AnalysisTemplateSpec::from(t.spec)))
+                } else {
+                    Api::<AnalysisTemplate>::namespaced(self.client.clone(), namespace)
+                        .get_opt(&reference.template_name)
+                        .await
+                        .map(|t| t.map(|t| t.spec))
+                };
+                templates.extend(found.map_err(|e| unreadable(e.to_string()))?);
+            }
+            Ok(Some(RunOwner { rollout, templates }))
+        })
+    }
 }
 
-/// Secrets held in memory: namespace -> secret name -> key -> value. For tests, benchmarks and the demo.
+/// Secrets held in memory: namespace -> secret name -> key -> value, and the Rollouts that vouch for runs.
+/// For tests, benchmarks and the demo.
 #[derive(Clone, Debug, Default)]
-pub struct StaticSecrets(pub BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>);
+pub struct StaticSecrets {
+    secrets: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
+    owners: BTreeMap<(String, String), RunOwner>,
+}
 
 impl StaticSecrets {
     /// Adds one key of one Secret.
     pub fn with(mut self, namespace: &str, name: &str, key: &str, value: &str) -> Self {
-        self.0
+        self.secrets
             .entry(namespace.to_string())
             .or_default()
             .entry(name.to_string())
             .or_default()
             .insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Adds a Rollout (in its own namespace) with the templates it references.
+    pub fn with_owner(mut self, owner: RunOwner) -> Self {
+        let key = (
+            owner.rollout.namespace().unwrap_or_default(),
+            owner.rollout.name_any(),
+        );
+        self.owners.insert(key, owner);
         self
     }
 }
@@ -194,7 +266,11 @@ impl SecretStore for StaticSecrets {
         namespace: &'a str,
         secret: &'a SecretKeyRef,
     ) -> BoxFuture<'a, Result<String, SecretError>> {
-        let found = match self.0.get(namespace).and_then(|n| n.get(&secret.name)) {
+        let found = match self
+            .secrets
+            .get(namespace)
+            .and_then(|n| n.get(&secret.name))
+        {
             None => Err(SecretError::NotFound {
                 namespace: namespace.to_string(),
                 name: secret.name.clone(),
@@ -210,9 +286,22 @@ impl SecretStore for StaticSecrets {
         };
         Box::pin(async move { found })
     }
+
+    fn run_owner<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RunOwner>, SecretError>> {
+        let found = self
+            .owners
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
 }
 
-/// What a pass over a run needs to measure: the provider and where Secrets come from.
+/// What a pass over a run needs to measure: the provider (with its outbound policy), where Secrets come
+/// from, and the address of a metric that names none.
 #[derive(Clone)]
 pub struct Measurer {
     pub provider: PrometheusProvider,
@@ -220,7 +309,13 @@ pub struct Measurer {
     pub conditions: ConditionCache,
     /// Told the phase of every measurement taken (for the controller's metrics).
     pub on_measurement: Option<Arc<dyn Fn(AnalysisPhase) + Send + Sync>>,
+    /// The Prometheus a metric without `address` queries.
+    pub default_prometheus_address: Option<String>,
 }
+
+/// Where the operator sets the default Prometheus address; named when a metric has no address.
+pub const DEFAULT_PROMETHEUS_ADDRESS_SETTING: &str = "flag --default-prometheus-address, env \
+     SERIN_DEFAULT_PROMETHEUS_ADDRESS, Helm value analysis.defaultPrometheusAddress";
 
 impl Measurer {
     pub fn new(provider: PrometheusProvider, secrets: Arc<dyn SecretStore>) -> Self {
@@ -229,7 +324,38 @@ impl Measurer {
             secrets,
             conditions: ConditionCache::default(),
             on_measurement: None,
+            default_prometheus_address: None,
         }
+    }
+
+    /// The same measurer, querying `address` for metrics that name none. The operator chose it, so the
+    /// outbound policy allows its host and port as if listed.
+    pub fn with_default_prometheus_address(mut self, address: Option<String>) -> Self {
+        if let Some(address) = &address {
+            let outbound = self.provider.outbound().clone();
+            match outbound.policy.clone().allowing_address(address) {
+                Ok(policy) => {
+                    self.provider = self.provider.reconfigured(OutboundConfig {
+                        policy,
+                        limits: outbound.limits,
+                    })
+                }
+                // The policy then refuses it, and the measurement says why.
+                Err(error) => tracing::warn!(%error, "the default Prometheus address is unusable"),
+            }
+        }
+        self.default_prometheus_address = address.filter(|a| !a.is_empty());
+        self
+    }
+
+    /// The same measurer, also treating these addresses as the API server's.
+    pub fn with_api_server(mut self, addresses: Vec<std::net::IpAddr>) -> Self {
+        let outbound = self.provider.outbound().clone();
+        self.provider = self.provider.reconfigured(OutboundConfig {
+            policy: outbound.policy.with_api_server(addresses),
+            limits: outbound.limits,
+        });
+        self
     }
 
     /// The same measurer, telling `observer` the phase of every measurement it takes.
@@ -248,7 +374,21 @@ pub struct Advance {
     pub requeue_after: Option<Duration>,
     /// How many measurements this pass took.
     pub measured: usize,
+    /// Warnings to record as events on the run (refused destinations and Secret reads).
+    pub events: Vec<RunEvent>,
 }
+
+/// A warning about a run, recorded as an event on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunEvent {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The event reason of a refused destination.
+pub const DESTINATION_REFUSED: &str = "DestinationRefused";
+/// The event reason of a refused Secret read.
+pub const SECRET_ACCESS_REFUSED: &str = "SecretAccessRefused";
 
 /// A metric's settings, checked once per pass before anything is measured.
 struct PreparedMetric<'r> {
@@ -345,7 +485,39 @@ fn end_run(mut status: AnalysisRunStatus, phase: AnalysisPhase, message: String)
         status,
         requeue_after: None,
         measured: 0,
+        events: Vec::new(),
     }
+}
+
+/// Ends the run in Error because the policy refused it something, with the same words in status and in an
+/// event; `metric` also gets an Error measurement saying so.
+fn refuse(
+    mut status: AnalysisRunStatus,
+    mut results: Vec<MetricResult>,
+    metric: Option<usize>,
+    now: Timestamp,
+    reason: &'static str,
+    message: String,
+) -> Advance {
+    if let Some(result) = metric.and_then(|index| results.get_mut(index)) {
+        verdict::record(
+            result,
+            Measurement {
+                phase: AnalysisPhase::Error,
+                value: None,
+                started_at: Time(now),
+                finished_at: Some(Time(ceil_to_second(now))),
+                message: Some(message.clone()),
+                metadata: BTreeMap::new(),
+            },
+        );
+        result.phase = AnalysisPhase::Error;
+        result.message = Some(message.clone());
+    }
+    status.metric_results = results;
+    let mut outcome = end_run(status, AnalysisPhase::Error, message.clone());
+    outcome.events.push(RunEvent { reason, message });
+    outcome
 }
 
 /// Resolves the run's arguments, reading Secrets.
@@ -375,6 +547,7 @@ async fn resolve_args(
 
 async fn resolve_target(
     prometheus: &PrometheusMetric,
+    address: &str,
     namespace: &str,
     secrets: &dyn SecretStore,
 ) -> Result<PrometheusTarget, String> {
@@ -402,7 +575,7 @@ async fn resolve_target(
         Some(t) => t.to_duration().map_err(|e| format!("timeout: {e}"))?,
     };
     Ok(PrometheusTarget {
-        address: prometheus.address.clone(),
+        address: address.to_string(),
         timeout,
         credentials,
         headers: prometheus
@@ -433,17 +606,35 @@ fn build_query(
     }
 }
 
-/// One measurement: query, judge, and describe it.
+/// The address a metric queries: its own, or the controller's default.
+fn address_of(prepared: &PreparedMetric<'_>, measurer: &Measurer) -> Result<String, String> {
+    let own = prepared.prometheus.address.trim();
+    if !own.is_empty() {
+        return Ok(own.to_string());
+    }
+    measurer.default_prometheus_address.clone().ok_or_else(|| {
+        format!(
+            "metric {:?}: provider.prometheus.address is not set and the controller has no default \
+             Prometheus address ({DEFAULT_PROMETHEUS_ADDRESS_SETTING})",
+            prepared.metric.name
+        )
+    })
+}
+
+/// One measurement: query, judge, and describe it, with every Secret value taken out of what it says.
 async fn measure(
     measurer: &Measurer,
     prepared: &PreparedMetric<'_>,
-    target: &PrometheusTarget,
-    query: &str,
-    show_query: bool,
+    work: &Work,
+    secret_values: &[String],
     now: Timestamp,
 ) -> Measurement {
     let clock = Instant::now();
-    let judged = match measurer.provider.query(target, query).await {
+    let judged = match measurer
+        .provider
+        .query_admitted(&work.admitted, &work.target, &work.query)
+        .await
+    {
         Ok(value) => verdict::judge(&value, &prepared.conditions),
         Err(error) => verdict::judge_provider_error(error.to_string()),
     };
@@ -451,26 +642,54 @@ async fn measure(
         observer(judged.phase);
     }
     let mut metadata = BTreeMap::new();
-    if show_query {
-        metadata.insert("query".to_string(), query.to_string());
+    if work.show_query {
+        metadata.insert("query".to_string(), work.query.clone());
     }
+    let redact = |text: String| secret_access::redact(&text, secret_values);
     Measurement {
         phase: judged.phase,
-        value: judged.value,
+        value: judged.value.map(redact),
         started_at: Time(now),
         finished_at: Some(Time(ceil_to_second(plus(now, clock.elapsed())))),
-        message: judged.message,
+        message: judged.message.map(redact),
         metadata,
     }
 }
 
+/// A measurement ready to be taken.
+struct Work {
+    index: usize,
+    admitted: Admitted,
+    target: PrometheusTarget,
+    query: String,
+    show_query: bool,
+}
+
+/// A measurement that could not be taken for a passing reason (the address did not resolve in time).
+fn provider_error_measurement(error: &ProviderError, now: Timestamp) -> Measurement {
+    let judged = verdict::judge_provider_error(error.to_string());
+    Measurement {
+        phase: judged.phase,
+        value: None,
+        started_at: Time(now),
+        finished_at: Some(Time(ceil_to_second(now))),
+        message: judged.message,
+        metadata: BTreeMap::new(),
+    }
+}
+
 /// One pass over a run at time `now`: measures every metric that is due and returns the new status.
+///
+/// Before anything is read or sent: every due metric's address must pass the outbound policy, and a run
+/// naming Secrets must be vouched for by its Rollout ([`secret_access::authorize`]). A refusal ends the run
+/// in Error with an event; no Secret is read and no request is made.
 pub async fn advance(run: &AnalysisRun, now: Timestamp, measurer: &Measurer) -> Advance {
     let mut status = run.status.clone().unwrap_or_default();
     let unchanged = |status: AnalysisRunStatus| Advance {
         status,
         requeue_after: None,
         measured: 0,
+        events: Vec::new(),
     };
     if status.phase.is_some_and(|p| p.is_completed()) {
         return unchanged(status);
@@ -531,42 +750,127 @@ pub async fn advance(run: &AnalysisRun, now: Timestamp, measurer: &Measurer) -> 
 
     let mut measured = 0;
     if !due.is_empty() {
-        let (values, secret_args) =
-            match resolve_args(run, &namespace, measurer.secrets.as_ref()).await {
-                Ok(resolved) => resolved,
-                Err(message) => return end_run(status, AnalysisPhase::Error, message),
-            };
-        let mut work = Vec::with_capacity(due.len());
+        // Safety rule 13, first half: where the run would send anything, before any Secret is read.
+        let mut admitted: Vec<(usize, String, Admitted)> = Vec::with_capacity(due.len());
         for &index in &due {
             let p = &prepared[index];
-            let query = match build_query(p, &values) {
-                Ok(query) => query,
+            let address = match address_of(p, measurer) {
+                Ok(address) => address,
                 Err(message) => return end_run(status, AnalysisPhase::Error, message),
             };
-            let target =
-                match resolve_target(p.prometheus, &namespace, measurer.secrets.as_ref()).await {
+            match measurer.provider.admit(&address).await {
+                Ok(allowed) => admitted.push((index, address, allowed)),
+                Err(error @ ProviderError::Refused(_)) => {
+                    let message = format!("metric {:?}: {error}", p.metric.name);
+                    return refuse(
+                        status,
+                        results,
+                        Some(index),
+                        now,
+                        DESTINATION_REFUSED,
+                        message,
+                    );
+                }
+                // The name did not resolve (in time): like an unreachable server, an error to retry.
+                Err(error) => {
+                    if let Some(observer) = &measurer.on_measurement {
+                        observer(AnalysisPhase::Error);
+                    }
+                    verdict::record(&mut results[index], provider_error_measurement(&error, now));
+                    measured += 1;
+                }
+            }
+        }
+        // Safety rule 13, second half: whose Secrets, and only for runs their Rollout vouches for.
+        if !secret_access::secret_refs(&run.spec).is_empty() && !admitted.is_empty() {
+            let owner = match secret_access::controlling_rollout(run) {
+                None => None,
+                Some(reference) => {
+                    match measurer
+                        .secrets
+                        .run_owner(&namespace, &reference.name)
+                        .await
+                    {
+                        Ok(owner) => owner,
+                        Err(error) => {
+                            return end_run(status, AnalysisPhase::Error, error.to_string())
+                        }
+                    }
+                }
+            };
+            if let Err(refused) = secret_access::authorize(run, owner.as_ref()) {
+                return refuse(
+                    status,
+                    results,
+                    None,
+                    now,
+                    SECRET_ACCESS_REFUSED,
+                    refused.to_string(),
+                );
+            }
+        }
+
+        let mut work: Vec<Work> = Vec::with_capacity(admitted.len());
+        let mut secret_values: Vec<String> = Vec::new();
+        if !admitted.is_empty() {
+            let (values, secret_args) =
+                match resolve_args(run, &namespace, measurer.secrets.as_ref()).await {
+                    Ok(resolved) => resolved,
+                    Err(message) => return end_run(status, AnalysisPhase::Error, message),
+                };
+            secret_values.extend(
+                secret_args
+                    .iter()
+                    .filter_map(|name| values.get(name))
+                    .cloned(),
+            );
+            for (index, address, allowed) in admitted {
+                let p = &prepared[index];
+                let query = match build_query(p, &values) {
+                    Ok(query) => query,
+                    Err(message) => {
+                        let message = secret_access::redact(&message, &secret_values);
+                        return end_run(status, AnalysisPhase::Error, message);
+                    }
+                };
+                let target = match resolve_target(
+                    p.prometheus,
+                    &address,
+                    &namespace,
+                    measurer.secrets.as_ref(),
+                )
+                .await
+                {
                     Ok(target) => target,
                     Err(reason) => {
                         let message = format!("metric {:?}: {reason}", p.metric.name);
                         return end_run(status, AnalysisPhase::Error, message);
                     }
                 };
-            // A query carrying a Secret's value is not written into status, where anyone may read it.
-            let uses_secret = match (&p.prometheus.query, &p.prometheus.check) {
-                (Some(q), _) => args::referenced_names(q)
-                    .map(|names| names.iter().any(|n| secret_args.contains(n)))
-                    .unwrap_or(true),
-                _ => !secret_args.is_empty(),
-            };
-            work.push((index, query, target, !uses_secret));
+                secret_values.extend(target.credentials.values());
+                // A query carrying a Secret's value is not written into status, where anyone may read it.
+                let uses_secret = match (&p.prometheus.query, &p.prometheus.check) {
+                    (Some(q), _) => args::referenced_names(q)
+                        .map(|names| names.iter().any(|n| secret_args.contains(n)))
+                        .unwrap_or(true),
+                    _ => !secret_args.is_empty(),
+                };
+                work.push(Work {
+                    index,
+                    admitted: allowed,
+                    target,
+                    query,
+                    show_query: !uses_secret,
+                });
+            }
         }
-        let measurements =
-            futures::future::join_all(work.iter().map(|(index, query, target, show)| {
-                measure(measurer, &prepared[*index], target, query, *show, now)
-            }))
-            .await;
-        for ((index, ..), measurement) in work.iter().zip(measurements) {
-            verdict::record(&mut results[*index], measurement);
+        let measurements = futures::future::join_all(
+            work.iter()
+                .map(|w| measure(measurer, &prepared[w.index], w, &secret_values, now)),
+        )
+        .await;
+        for (w, measurement) in work.iter().zip(measurements) {
+            verdict::record(&mut results[w.index], measurement);
             measured += 1;
         }
     }
@@ -594,6 +898,7 @@ pub async fn advance(run: &AnalysisRun, now: Timestamp, measurer: &Measurer) -> 
         status,
         requeue_after,
         measured,
+        events: Vec::new(),
     }
 }
 
@@ -602,11 +907,36 @@ pub async fn advance(run: &AnalysisRun, now: Timestamp, measurer: &Measurer) -> 
 pub struct RunnerConfig {
     /// Watch only this namespace; all namespaces when `None`.
     pub namespace: Option<String>,
+    /// Whom the runner may call and how much it reads; the default allows no destination.
+    pub outbound: OutboundConfig,
+    /// The Prometheus a metric without `address` queries (also allowed by the outbound policy).
+    pub default_prometheus_address: Option<String>,
+}
+
+impl RunnerConfig {
+    /// Settings for one namespace (or all, with `None`) allowing these outbound destinations.
+    pub fn allowing(namespace: Option<String>, outbound: OutboundConfig) -> Self {
+        RunnerConfig {
+            namespace,
+            outbound,
+            default_prometheus_address: None,
+        }
+    }
+}
+
+/// The measurer of a runner in a cluster: its outbound settings, Secrets from the API server.
+pub fn cluster_measurer(client: Client, config: &RunnerConfig) -> Measurer {
+    Measurer::new(
+        PrometheusProvider::with_outbound(config.outbound.clone()),
+        Arc::new(KubeSecrets::new(client)),
+    )
+    .with_default_prometheus_address(config.default_prometheus_address.clone())
 }
 
 struct Context {
     client: Client,
     measurer: Measurer,
+    recorder: Recorder,
 }
 
 /// Looks again soon after a failed status write; the watch usually brings the newer object first.
@@ -629,6 +959,9 @@ async fn reconcile(run: Arc<AnalysisRun>, context: Arc<Context>) -> Result<Actio
             .await
         {
             Ok(_) => {
+                for event in &outcome.events {
+                    publish(&context.recorder, &run, event).await;
+                }
                 if let Some(phase) = outcome.status.phase.filter(|p| p.is_completed()) {
                     tracing::info!(
                         run = %name,
@@ -655,12 +988,26 @@ async fn reconcile(run: Arc<AnalysisRun>, context: Arc<Context>) -> Result<Actio
     })
 }
 
+async fn publish(recorder: &Recorder, run: &AnalysisRun, event: &RunEvent) {
+    let recorded = Event {
+        type_: EventType::Warning,
+        reason: event.reason.to_string(),
+        note: Some(event.message.clone()),
+        action: event.reason.to_string(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&recorded, &run.object_ref(&())).await {
+        tracing::warn!(%error, reason = event.reason, "recording an event failed");
+    }
+}
+
 fn error_policy(_run: Arc<AnalysisRun>, error: &ReconcileError, _context: Arc<Context>) -> Action {
     tracing::warn!(error = %error, category = error.category(), "analysis run reconcile failed");
     Action::requeue(RETRY_AFTER_ERROR)
 }
 
-/// Runs the AnalysisRun controller until `shutdown` completes.
+/// Runs the AnalysisRun controller until `shutdown` completes. The API server's in-cluster addresses are
+/// added to the measurer's outbound policy as protected.
 pub async fn run_until(
     client: Client,
     config: RunnerConfig,
@@ -674,7 +1021,26 @@ pub async fn run_until(
     api.list(&ListParams::default().limit(1))
         .await
         .map_err(RunnerError::ListRuns)?;
-    let context = Arc::new(Context { client, measurer });
+    let measurer = measurer.with_api_server(outbound::api_server_addresses().await);
+    let opened = measurer.provider.outbound().policy.protected_entries();
+    if !opened.is_empty() {
+        tracing::warn!(
+            entries = ?opened,
+            "allowed destinations open loopback, link-local or API server addresses to analysis"
+        );
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: labels::FIELD_MANAGER.to_string(),
+            instance: None,
+        },
+    );
+    let context = Arc::new(Context {
+        client,
+        measurer,
+        recorder,
+    });
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -689,10 +1055,7 @@ pub async fn run_until(
 
 /// Runs the AnalysisRun controller with Secrets from the API server, until the process ends.
 pub async fn run(client: Client, config: RunnerConfig) -> Result<(), RunnerError> {
-    let measurer = Measurer::new(
-        PrometheusProvider::new(),
-        Arc::new(KubeSecrets::new(client.clone())),
-    );
+    let measurer = cluster_measurer(client.clone(), &config);
     run_until(client, config, measurer, std::future::pending()).await
 }
 
@@ -727,10 +1090,7 @@ impl RunnerHandle {
 
 /// Starts the runner in the background with Secrets from the API server.
 pub fn spawn(client: Client, config: RunnerConfig) -> RunnerHandle {
-    let measurer = Measurer::new(
-        PrometheusProvider::new(),
-        Arc::new(KubeSecrets::new(client.clone())),
-    );
+    let measurer = cluster_measurer(client.clone(), &config);
     spawn_with(client, config, measurer)
 }
 
@@ -787,10 +1147,223 @@ mod tests {
     }
 
     fn measurer() -> Measurer {
+        let outbound = OutboundConfig::allowing(["127.0.0.1"]).unwrap_or_default();
         Measurer::new(
+            PrometheusProvider::with_outbound(outbound),
+            Arc::new(StaticSecrets::default()),
+        )
+    }
+
+    /// Counts every Secret read and owner lookup.
+    #[derive(Default)]
+    struct CountingSecrets {
+        inner: StaticSecrets,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SecretStore for CountingSecrets {
+        fn read<'a>(
+            &'a self,
+            namespace: &'a str,
+            secret: &'a SecretKeyRef,
+        ) -> BoxFuture<'a, Result<String, SecretError>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.read(namespace, secret)
+        }
+
+        fn run_owner<'a>(
+            &'a self,
+            namespace: &'a str,
+            name: &'a str,
+        ) -> BoxFuture<'a, Result<Option<RunOwner>, SecretError>> {
+            self.inner.run_owner(namespace, name)
+        }
+    }
+
+    fn bearer(mut metric: Metric) -> Metric {
+        if let Some(p) = metric.provider.prometheus.as_mut() {
+            p.authentication = Some(crate::crd::analysis::PrometheusAuthentication {
+                bearer_token: Some(SecretKeyRef {
+                    name: "prom".into(),
+                    key: "token".into(),
+                }),
+                basic_auth: None,
+            });
+        }
+        metric
+    }
+
+    #[tokio::test]
+    async fn a_refused_destination_ends_the_run_before_any_secret_is_read() {
+        let secrets = Arc::new(CountingSecrets {
+            inner: StaticSecrets::default().with("shop", "prom", "token", "t0ken"),
+            ..Default::default()
+        });
+        let provider = PrometheusProvider::new();
+        let deny_all = Measurer::new(provider.clone(), secrets.clone());
+        let mut metric = bearer(metric(10, None));
+        if let Some(p) = metric.provider.prometheus.as_mut() {
+            p.address = "http://169.254.169.254/latest".into();
+        }
+        let outcome = advance(&run_with(metric), at(0), &deny_all).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(
+            message
+                .starts_with(r#"metric "m": address "http://169.254.169.254/latest" is refused"#),
+            "{message}"
+        );
+        assert!(
+            message.contains("link-local") && message.contains("--allowed-destinations"),
+            "{message}"
+        );
+        let result = &outcome.status.metric_results[0];
+        assert_eq!(
+            (result.count, result.error, result.phase),
+            (1, 1, AnalysisPhase::Error)
+        );
+        assert_eq!(
+            result.measurements[0].message.as_deref(),
+            Some(message.as_str())
+        );
+        assert_eq!(
+            outcome.events,
+            vec![RunEvent {
+                reason: DESTINATION_REFUSED,
+                message: message.clone()
+            }]
+        );
+        assert_eq!(outcome.requeue_after, None);
+        assert_eq!(secrets.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(provider.queries_sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_no_rollout_controls_reads_no_secret() {
+        let secrets = Arc::new(CountingSecrets {
+            inner: StaticSecrets::default().with("shop", "prom", "token", "t0ken"),
+            ..Default::default()
+        });
+        let measurer = Measurer::new(measurer().provider, secrets.clone());
+        let outcome = advance(&run_with(bearer(metric(10, None))), at(0), &measurer).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(message.contains("no Rollout controls it"), "{message}");
+        assert_eq!(outcome.events.len(), 1);
+        assert_eq!(outcome.events[0].reason, SECRET_ACCESS_REFUSED);
+        assert_eq!(outcome.measured, 0);
+        assert_eq!(secrets.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(measurer.provider.queries_sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_metric_without_address_uses_the_default_or_says_how_to_set_one() {
+        let mut no_address = metric(10, None);
+        if let Some(p) = no_address.provider.prometheus.as_mut() {
+            p.address = String::new();
+        }
+        let run = run_with(no_address);
+        let outcome = advance(&run, at(0), &measurer()).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.unwrap_or_default();
+        assert!(
+            message.contains("address is not set")
+                && message.contains("--default-prometheus-address"),
+            "{message}"
+        );
+        // With a default the policy did not list, the default is still allowed: the operator chose it.
+        let with_default = Measurer::new(
             PrometheusProvider::new(),
             Arc::new(StaticSecrets::default()),
         )
+        .with_default_prometheus_address(Some("http://127.0.0.1:1".into()));
+        let outcome = advance(&run, at(0), &with_default).await;
+        assert_eq!(outcome.measured, 1);
+        let result = &outcome.status.metric_results[0];
+        let message = result.measurements[0].message.clone().unwrap_or_default();
+        assert!(message.contains("127.0.0.1:1 is unreachable"), "{message}");
+        assert_eq!(with_default.provider.queries_sent(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_secret_value_never_reaches_status_through_an_error_message() {
+        let rollout: crate::crd::Rollout = serde_json::from_value(serde_json::json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "uid-1"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}},
+                "strategy": {"canary": {"analysis": {"templates": [{"templateName": "t"}]}}}
+            }
+        }))
+        .expect("a valid Rollout");
+        let mut bare = metric(10, None);
+        if let Some(p) = bare.provider.prometheus.as_mut() {
+            p.query = Some("vector({{args.n}})".into());
+        }
+        let secret_arg = crate::crd::analysis::TemplateArgument {
+            name: "n".into(),
+            value: None,
+            value_from: Some(crate::crd::analysis::TemplateArgumentValueFrom {
+                secret_key_ref: SecretKeyRef {
+                    name: "prom".into(),
+                    key: "n".into(),
+                },
+            }),
+        };
+        let template = crate::crd::analysis::AnalysisTemplateSpec {
+            args: vec![secret_arg.clone()],
+            metrics: vec![bare.clone()],
+            dry_run: vec![],
+        };
+        let secrets = StaticSecrets::default()
+            .with("shop", "prom", "n", "not a token s3cret")
+            .with_owner(RunOwner {
+                rollout: rollout.clone(),
+                templates: vec![template],
+            });
+        let measurer = Measurer::new(measurer().provider, Arc::new(secrets));
+        let mut run = run_with(bare);
+        run.spec.args = vec![secret_arg];
+        run.metadata.owner_references =
+            crate::controller::act::owner_reference(&rollout).map(|o| vec![o]);
+        let outcome = advance(&run, at(0), &measurer).await;
+        assert_eq!(outcome.status.phase, Some(AnalysisPhase::Error));
+        let message = outcome.status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("single token") && message.contains(secret_access::REDACTED),
+            "{message}"
+        );
+        let written = serde_json::to_string(&outcome.status).unwrap_or_default();
+        assert!(!written.contains("s3cret"), "{written}");
+
+        // Inside a string the value is escaped into the query, which travels in the request URL: a
+        // connection error must not carry the URL (and the value, encoded) into status.
+        let mut quoted = run.clone();
+        if let Some(p) = quoted.spec.metrics[0].provider.prometheus.as_mut() {
+            p.query = Some(r#"up{job="{{args.n}}"}"#.into());
+        }
+        let template = crate::crd::analysis::AnalysisTemplateSpec {
+            args: quoted.spec.args.clone(),
+            metrics: quoted.spec.metrics.clone(),
+            dry_run: vec![],
+        };
+        let secrets = StaticSecrets::default()
+            .with("shop", "prom", "n", "not a token s3cret")
+            .with_owner(RunOwner {
+                rollout,
+                templates: vec![template],
+            });
+        let measurer = Measurer::new(measurer.provider.clone(), Arc::new(secrets));
+        let outcome = advance(&quoted, at(0), &measurer).await;
+        assert_eq!(outcome.measured, 1);
+        let message = outcome.status.metric_results[0].measurements[0]
+            .message
+            .clone()
+            .unwrap_or_default();
+        assert!(message.contains("is unreachable"), "{message}");
+        let written = serde_json::to_string(&outcome.status).unwrap_or_default();
+        assert!(!written.contains("s3cret"), "{written}");
     }
 
     fn at(seconds: i64) -> Timestamp {

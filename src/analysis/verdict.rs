@@ -355,7 +355,8 @@ fn severity(phase: AnalysisPhase) -> u8 {
 }
 
 /// The phase of a metric inside a run: a terminated run counts an unfinished metric as successful if it had
-/// a Successful measurement (nothing went wrong while it ran), and as Inconclusive if it had none. A metric
+/// a Successful measurement and no error since the last one (nothing went wrong while it ran), and as
+/// Inconclusive otherwise. A metric
 /// that claims success without one Successful measurement (a status written by hand or by an older version)
 /// is Inconclusive too.
 fn effective(result: &MetricResult, terminated: bool) -> (AnalysisPhase, Option<String>) {
@@ -368,8 +369,15 @@ fn effective(result: &MetricResult, terminated: bool) -> (AnalysisPhase, Option<
     };
     match result.phase {
         AnalysisPhase::Pending | AnalysisPhase::Running if terminated => {
-            if result.successful > 0 {
+            if result.successful > 0 && result.consecutive_error == 0 {
                 (AnalysisPhase::Successful, result.message.clone())
+            } else if result.successful > 0 {
+                // Its provider stopped answering after the last success: nothing says it is healthy now.
+                let message = format!(
+                    "metric {:?}: terminated after {} errors in a row since its last successful measurement",
+                    result.name, result.consecutive_error
+                );
+                (AnalysisPhase::Inconclusive, Some(message))
             } else {
                 without_success("terminated")
             }
@@ -929,6 +937,24 @@ mod tests {
                 r#"metric "error-rate": terminated without a successful measurement (2 measurements: 0 failed, 0 inconclusive, 2 errors)"#
             )
         );
+    }
+
+    #[test]
+    fn terminated_run_whose_provider_stopped_answering_after_a_success_is_inconclusive() {
+        use AnalysisPhase::*;
+        let mut stale = result_after(&[Successful, Error, Error]);
+        stale.phase = Running;
+        let (phase, message) = run_phase(&[stale], true);
+        assert_eq!(phase, Inconclusive);
+        assert_eq!(
+            message.as_deref(),
+            Some(
+                r#"metric "error-rate": terminated after 2 errors in a row since its last successful measurement"#
+            )
+        );
+        let mut fresh = result_after(&[Error, Successful]);
+        fresh.phase = Running;
+        assert_eq!(run_phase(&[fresh], true).0, Successful);
     }
 
     fn any_phase() -> impl proptest::strategy::Strategy<Value = AnalysisPhase> {

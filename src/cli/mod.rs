@@ -57,7 +57,8 @@ pub struct ClusterArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller.
-    Controller(ControllerArgs),
+    // Boxed: the controller's settings outweigh every other command's arguments.
+    Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Show where a rollout stands: steps, weights, revisions, pods, conditions, events.
@@ -167,6 +168,45 @@ pub struct ControllerArgs {
     /// How often the holder renews and a candidate retries.
     #[arg(long, env = "SERIN_LEASE_RETRY", default_value = "2s", value_parser = parse_flag_duration)]
     pub lease_retry: Duration,
+    /// Where analysis may send requests on a user's behalf, comma-separated: host names, *.domain,
+    /// host:port, IP addresses, ip:port, CIDRs, or `any`. Loopback, link-local and the API server are
+    /// reached only when an IP, CIDR or exact host entry names them. Empty: only the default Prometheus.
+    #[arg(
+        long,
+        env = "SERIN_ALLOWED_DESTINATIONS",
+        value_delimiter = ',',
+        value_parser = parse_destination
+    )]
+    pub allowed_destinations: Vec<crate::analysis::outbound::Destination>,
+    /// The Prometheus that metrics without `address` query (for example
+    /// http://prometheus.monitoring:9090); analysis may always call it.
+    #[arg(long, env = "SERIN_DEFAULT_PROMETHEUS_ADDRESS", value_parser = parse_http_address)]
+    pub default_prometheus_address: Option<String>,
+    /// Largest answer analysis reads from a provider, in bytes; a longer one fails the measurement.
+    #[arg(
+        long,
+        env = "SERIN_OUTBOUND_MAX_RESPONSE_BYTES",
+        default_value_t = crate::analysis::outbound::DEFAULT_MAX_RESPONSE_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub outbound_max_response_bytes: u64,
+    /// Longest time one provider request may take, whatever timeout a template asks for.
+    #[arg(long, env = "SERIN_OUTBOUND_MAX_REQUEST_TIME", default_value = "30s", value_parser = parse_flag_duration)]
+    pub outbound_max_request_time: Duration,
+}
+
+fn parse_destination(text: &str) -> Result<crate::analysis::outbound::Destination, String> {
+    crate::analysis::outbound::Destination::parse(text).map_err(|error| error.to_string())
+}
+
+fn parse_http_address(text: &str) -> Result<String, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err(format!("{text:?} is not an http:// or https:// address"));
+    }
+    crate::analysis::outbound::Policy::default()
+        .allowing_address(text)
+        .map_err(|error| format!("{text:?} is not a usable address: {}", error.reason))?;
+    Ok(text.to_string())
 }
 
 fn parse_flag_duration(text: &str) -> Result<Duration, String> {
@@ -196,6 +236,14 @@ impl ControllerArgs {
                 renew_deadline: self.lease_renew,
                 retry_period: self.lease_retry,
             }),
+            outbound: crate::analysis::outbound::OutboundConfig {
+                policy: crate::analysis::outbound::Policy::new(self.allowed_destinations.clone()),
+                limits: crate::analysis::outbound::Limits {
+                    max_response_bytes: self.outbound_max_response_bytes,
+                    max_request_time: self.outbound_max_request_time,
+                },
+            },
+            default_prometheus_address: self.default_prometheus_address.clone(),
             ..ControllerConfig::default()
         }
     }

@@ -61,6 +61,12 @@ pub struct ControllerConfig {
     pub leader: Option<leader::LeaseConfig>,
     /// Also run the AnalysisRun measuring controller (Prometheus queries) in this process.
     pub measure_analysis: bool,
+    /// Whom that runner may call on a user's behalf and how much it reads (`--allowed-destinations`,
+    /// `--outbound-max-*`); the default allows no destination at all.
+    pub outbound: crate::analysis::outbound::OutboundConfig,
+    /// The Prometheus a metric without `address` queries (`--default-prometheus-address`); the outbound
+    /// policy allows its host and port.
+    pub default_prometheus_address: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -74,6 +80,8 @@ impl Default for ControllerConfig {
             instance: None,
             measure_analysis: true,
             leader: None,
+            outbound: Default::default(),
+            default_prometheus_address: None,
         }
     }
 }
@@ -314,9 +322,14 @@ impl ControllerHandle {
         let unsynced_scopes = Arc::new(AtomicUsize::new(scopes.len()));
         for scope in scopes {
             if config.measure_analysis {
+                let runner = crate::analysis::RunnerConfig {
+                    namespace: scope.clone(),
+                    outbound: config.outbound.clone(),
+                    default_prometheus_address: config.default_prometheus_address.clone(),
+                };
                 tasks.push(spawn_analysis_runner(
                     client.clone(),
-                    scope.clone(),
+                    runner,
                     &cancel,
                     metrics.clone(),
                 ));
@@ -404,18 +417,14 @@ impl Drop for ControllerHandle {
 /// with leader election, running only while this replica leads).
 fn spawn_analysis_runner(
     client: Client,
-    namespace: Option<String>,
+    config: crate::analysis::RunnerConfig,
     cancel: &CancellationToken,
     metrics: Arc<Metrics>,
 ) -> JoinHandle<()> {
     let stop = cancel.clone().cancelled_owned();
     tokio::spawn(async move {
-        let measurer = crate::analysis::runner::Measurer::new(
-            crate::analysis::prometheus::PrometheusProvider::new(),
-            Arc::new(crate::analysis::runner::KubeSecrets::new(client.clone())),
-        )
-        .observed_by(Arc::new(move |phase| metrics.measured(phase)));
-        let config = crate::analysis::runner::RunnerConfig { namespace };
+        let measurer = crate::analysis::runner::cluster_measurer(client.clone(), &config)
+            .observed_by(Arc::new(move |phase| metrics.measured(phase)));
         if let Err(error) = crate::analysis::runner::run_until(client, config, measurer, stop).await
         {
             tracing::error!(%error, "analysis runner stopped");

@@ -423,7 +423,19 @@ pub fn observed_analysis_run(run: &AnalysisRun) -> Option<ObservedAnalysisRun> {
         phase: status.and_then(|s| s.phase).unwrap_or_default(),
         message: status.and_then(|s| s.message.clone()),
         terminating: run.spec.terminate,
+        latest_successful: status.is_some_and(|s| latest_successful(&s.metric_results)),
     })
+}
+
+/// Every metric that is not a dry run has a latest measurement, and it was Successful.
+fn latest_successful(metrics: &[crate::crd::analysis::MetricResult]) -> bool {
+    let mut counted = metrics.iter().filter(|m| !m.dry_run).peekable();
+    counted.peek().is_some()
+        && counted.all(|m| {
+            m.measurements
+                .last()
+                .is_some_and(|last| last.phase == crate::crd::AnalysisPhase::Successful)
+        })
 }
 
 /// The labels that mark an AnalysisRun's purpose (the inverse of [`observed_analysis_run`]).
@@ -540,6 +552,7 @@ mod tests {
                     phase: AnalysisPhase::Failed,
                     message: Some("error-rate 0.3".into()),
                     terminating: false,
+                    latest_successful: false,
                 })
             );
         }

@@ -184,8 +184,10 @@ pub struct MetricProvider {
     {"rule": "has(self.query) != has(self.check)", "message": "set exactly one of query or check"}
 ]))]
 pub struct PrometheusMetric {
-    /// Base URL of the Prometheus server, for example `http://prometheus.monitoring:9090`.
-    #[schemars(length(min = 1))]
+    /// Base URL of the Prometheus server, for example `http://prometheus.monitoring:9090`. Omitted: the
+    /// controller's default Prometheus (`--default-prometheus-address`). Serin calls only addresses its
+    /// operator allows (`--allowed-destinations`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
 
     /// PromQL instant query; `{{args.NAME}}` is replaced by the argument's escaped value.

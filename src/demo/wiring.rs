@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kube::Client;
 
+use crate::analysis::outbound::OutboundConfig;
 use crate::analysis::{RunnerConfig, RunnerHandle};
 use crate::controller::{ControllerConfig, ControllerError, ControllerHandle};
 
@@ -50,11 +51,11 @@ impl Operators {
             controller.kill();
             return Err(OperatorsError::NotReady(ready_within));
         }
+        // The demo's Prometheus listens on loopback, which the outbound policy opens only when listed.
+        let outbound = OutboundConfig::allowing(["127.0.0.1"]).unwrap_or_default();
         let runner = crate::analysis::spawn(
             client,
-            RunnerConfig {
-                namespace: Some(namespace.to_string()),
-            },
+            RunnerConfig::allowing(Some(namespace.to_string()), outbound),
         );
         Ok(Operators { controller, runner })
     }

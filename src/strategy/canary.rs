@@ -440,12 +440,14 @@ pub(crate) fn plan_canary(
     }
 
     // Promotion once all steps are done and the canary can carry everything.
+    let background_confirms = background_confirms(ctx, canary, status, &commands);
     let can_promote = active
         && !status.abort
         && idx >= len
         && !user_paused
         && route_error.is_none()
-        && status.pause_conditions.is_empty();
+        && status.pause_conditions.is_empty()
+        && background_confirms;
     if let (Some(hash), true) = (canary_hash.clone(), can_promote) {
         let ready = if router {
             ctx.fully_available(&hash, n)
@@ -646,7 +648,8 @@ pub(crate) fn plan_canary(
         // Through the steps the stable keeps its full size and the canary runs beside it (its target is
         // already limited by maxSurge, or set by setCanaryScale); only the promotion replaces the stable, and
         // a promotion on hold (a pause) keeps the last step's canary.
-        let promoting = idx >= len && !user_paused && status.pause_conditions.is_empty();
+        let promoting =
+            idx >= len && !user_paused && status.pause_conditions.is_empty() && background_confirms;
         let canary_goal = if idx >= len && !promoting && len > 0 {
             canary_target(canary, steps, len - 1, n)
         } else {
@@ -882,8 +885,13 @@ pub(crate) fn plan_canary(
         };
     }
     if let Some(hash) = &canary_hash {
+        let waiting = if idx >= len && !background_confirms {
+            "; waiting for the background analysis to measure the canary healthy"
+        } else {
+            ""
+        };
         let message = format!(
-            "revision {revision_of_canary} at {step_text}: weight {}/{dw}, canary {}/{} available",
+            "revision {revision_of_canary} at {step_text}: weight {}/{dw}, canary {}/{} available{waiting}",
             status.current_weight.unwrap_or(0),
             ctx.available(hash),
             canary_target(canary, steps, idx, n),
@@ -917,6 +925,30 @@ pub(crate) fn plan_canary(
         degraded: None,
         invalid: None,
     }
+}
+
+/// Background analysis must vouch for the canary at the moment of promotion: its run measured every metric and
+/// the latest measurement of each was Successful (or the run completed Successful). A run that only errored
+/// since its last success (Prometheus down) holds the promotion until it answers again or errs past its limit
+/// (safety rules 9 and 10). A human's full promotion skips it.
+fn background_confirms(
+    ctx: &Ctx,
+    canary: &CanaryStrategy,
+    status: &RolloutStatus,
+    commands: &ManualCommands,
+) -> bool {
+    if canary.analysis.is_none() || has_full_promotion(commands) {
+        return true;
+    }
+    status
+        .analysis
+        .as_ref()
+        .and_then(|a| a.background_run.as_ref())
+        .and_then(|reference| ctx.run(&reference.name))
+        .is_some_and(|run| {
+            run.phase == crate::crd::AnalysisPhase::Successful
+                || (run.latest_successful && !run.phase.is_completed() && !run.terminating)
+        })
 }
 
 fn has_full_promotion(commands: &ManualCommands) -> bool {

@@ -249,6 +249,7 @@ impl Cluster {
                     phase: AnalysisPhase::Running,
                     message: None,
                     terminating: false,
+                    latest_successful: true,
                 }),
                 Action::TerminateAnalysisRun { name } => {
                     if let Some(run) = self
@@ -1587,6 +1588,7 @@ fn analysis_runs_of_old_revisions_are_stopped_and_pruned() {
             },
             message: None,
             terminating: false,
+            latest_successful: false,
         });
     }
     let plan = cluster.plan(1);
@@ -1916,4 +1918,116 @@ fn replica_count_changes_mid_canary_are_split_by_the_step_weight() {
             assert_eq!(status.selector.as_deref(), Some("app=checkout"), "{case}");
         }
     }
+}
+
+/// Safety rules 9 and 10: a background analysis whose latest measurements errored (Prometheus down) holds the
+/// promotion, with or without a router, until it measures the canary healthy again.
+#[test]
+fn background_analysis_must_vouch_for_the_canary_at_promotion() {
+    for router in [false, true] {
+        let mut ro = canary_rollout(vec![weight(40), pause(Some(10))], router);
+        ro.spec.strategy.canary.as_mut().unwrap().analysis =
+            Some(crate::crd::rollout::BackgroundAnalysis {
+                templates: vec![AnalysisTemplateRef {
+                    template_name: "http".into(),
+                    cluster_scope: false,
+                }],
+                args: vec![],
+                starting_step: None,
+            });
+        let mut cluster = Cluster::new(ro);
+        cluster.observed.analysis_templates.insert(
+            TemplateKey {
+                name: "http".into(),
+                cluster_scope: false,
+            },
+            Ok(AnalysisTemplateSpec {
+                metrics: vec![Metric {
+                    name: "m".into(),
+                    success_condition: Some("result > 0".into()),
+                    provider: serin_metric_provider(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        );
+        cluster.settle(0);
+        let h1 = hash_of("app:1");
+        cluster.set_template("app:2");
+        cluster.settle(1);
+        // Prometheus goes down: the run keeps Running, its latest measurement is an error.
+        for run in &mut cluster.observed.analysis_runs {
+            run.latest_successful = false;
+        }
+        for secs in [20, 40, 200] {
+            cluster.settle(secs);
+            let status = cluster.status();
+            assert_eq!(
+                status.stable_revision.map(|r| r.pod_template_hash),
+                Some(h1.clone()),
+                "router {router}: promoted while the background analysis could not vouch"
+            );
+            assert_eq!(
+                cluster.rs(&h1).spec_replicas,
+                10,
+                "router {router}: stable replaced"
+            );
+            assert!(
+                status
+                    .message
+                    .unwrap_or_default()
+                    .contains("background analysis"),
+                "router {router}"
+            );
+        }
+        // It answers healthy again: the promotion goes ahead.
+        for run in &mut cluster.observed.analysis_runs {
+            run.latest_successful = true;
+        }
+        cluster.settle(300);
+        assert_eq!(
+            cluster.status().phase,
+            Some(RolloutPhase::Healthy),
+            "router {router}"
+        );
+        assert_eq!(
+            cluster
+                .status()
+                .stable_revision
+                .map(|r| r.pod_template_hash),
+            Some(hash_of("app:2"))
+        );
+    }
+}
+
+/// Safety rule 1 for blue-green: the active Service switches only once the new version has every pod available,
+/// even when the preview ran with fewer pods (previewReplicaCount).
+#[test]
+fn blue_green_switch_waits_for_the_new_version_at_full_size() {
+    let mut cluster = healthy(blue_green_rollout(|bg| {
+        bg.preview_replica_count = Some(3);
+        bg.auto_promotion_seconds = Some(0);
+    }));
+    let (h1, h2) = (hash_of("app:1"), hash_of("app:2"));
+    cluster.set_template("app:2");
+    let plan = cluster.plan(1);
+    cluster.apply(&plan);
+    cluster.pods_ready();
+    assert_eq!(cluster.rs(&h2).spec_replicas, 3);
+    // Promotion decided: the new version grows to 10, but only 3 of them are available.
+    for secs in 2..6 {
+        let plan = cluster.plan(secs);
+        cluster.apply(&plan);
+        assert_eq!(cluster.rs(&h2).spec_replicas, 10, "at {secs}");
+        assert_eq!(
+            cluster.selector("checkout"),
+            Some(h1.clone()),
+            "active switched to a version with 3 of 10 pods available"
+        );
+    }
+    cluster.pods_ready();
+    let plan = cluster.plan(10);
+    cluster.apply(&plan);
+    assert_eq!(cluster.selector("checkout"), Some(h2.clone()));
+    assert_eq!(cluster.status().phase, Some(RolloutPhase::Healthy));
 }

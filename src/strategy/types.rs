@@ -82,6 +82,9 @@ pub struct ObservedAnalysisRun {
     pub message: Option<String>,
     /// `spec.terminate` is set.
     pub terminating: bool,
+    /// Every metric that is not a dry run has been measured and its latest measurement was Successful: the
+    /// version is healthy right now (a Running background run may have only errors since its last success).
+    pub latest_successful: bool,
 }
 
 /// A reference to an analysis template: name and whether it is cluster-scoped.

@@ -204,6 +204,7 @@ impl Cluster {
                     phase: crate::crd::AnalysisPhase::Running,
                     message: None,
                     terminating: false,
+                    latest_successful: true,
                 }),
                 Action::TerminateAnalysisRun { name } => {
                     if let Some(run) = self

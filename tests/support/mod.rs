@@ -91,6 +91,14 @@ impl World {
 
     /// Starts one more controller (as the controller user) and waits for its caches.
     pub async fn start_controller(&mut self) {
+        self.start_controller_with(loopback_prometheus()).await;
+    }
+
+    /// Starts a controller whose outbound policy is `outbound` (the default one allows nothing).
+    pub async fn start_controller_with(
+        &mut self,
+        outbound: serin::analysis::outbound::OutboundConfig,
+    ) {
         let client = self
             .sim
             .client_as(CONTROLLER_USER)
@@ -98,6 +106,7 @@ impl World {
             .expect("controller client");
         let config = ControllerConfig {
             error_backoff: Duration::from_millis(200),
+            outbound,
             ..ControllerConfig::default()
         };
         let handle = ControllerHandle::start(client, config)
@@ -515,6 +524,7 @@ impl World {
         let config = ControllerConfig {
             error_backoff: Duration::from_millis(200),
             metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            outbound: loopback_prometheus(),
             ..ControllerConfig::default()
         };
         let handle = ControllerHandle::start(client, config)
@@ -644,6 +654,7 @@ impl Replica {
             error_backoff: Duration::from_millis(200),
             instance: Some(identity.to_string()),
             leader: Some(lease_config(identity, timing)),
+            outbound: loopback_prometheus(),
             ..ControllerConfig::default()
         };
         let metrics = std::sync::Arc::new(serin::controller::Metrics::new());
@@ -777,3 +788,10 @@ pub fn writes_without_the_lease(
         .cloned()
         .collect()
 }
+
+/// The tests' Prometheus listens on loopback, which the outbound policy opens only when it is listed.
+pub fn loopback_prometheus() -> serin::analysis::outbound::OutboundConfig {
+    serin::analysis::outbound::OutboundConfig::allowing(["127.0.0.1"]).expect("a valid destination")
+}
+
+pub mod invariants;
