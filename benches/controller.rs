@@ -15,10 +15,11 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
+use serin::controller::status_write::PROGRESS_WRITE_INTERVAL;
 use serin::controller::{ControllerConfig, ControllerHandle};
 use serin::crd::{Rollout, RolloutPhase};
 use serin::sim::workload::WorkloadConfig;
-use serin::sim::{SimCluster, SimConfig};
+use serin::sim::{RequestRecord, SimCluster, SimConfig};
 
 const NS: &str = "default";
 const CONTROLLER: &str = "serin-controller";
@@ -223,15 +224,55 @@ async fn reaction_latency(samples: usize) -> (Duration, Duration, Duration) {
     )
 }
 
-/// Requests and writes per step over a 4-step canary, by kind of request.
-async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
+/// Whether a request changed an object (events aside: they are the controller's announcements).
+fn is_object_write(r: &RequestRecord) -> bool {
+    matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete") && r.resource != "events"
+}
+
+/// Waits until the controller has written nothing for `quiet` (at most `limit`), so a rollout's last
+/// writes (counts the controller writes a little after the last step) are all in the log.
+async fn wait_quiet(cluster: &Cluster, quiet: Duration, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = cluster
+            .sim
+            .request_log()
+            .filter(|r| r.user == CONTROLLER && is_object_write(r))
+            .last()
+            .map(|r| r.time);
+        let since = last
+            .and_then(|at| SystemTime::now().duration_since(at).ok())
+            .unwrap_or(quiet);
+        if since >= quiet || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(quiet - since).await;
+    }
+}
+
+/// What one 4-step canary cost, and what the controller did once it was over.
+struct Canary {
+    requests_per_step: f64,
+    writes_per_step: f64,
+    kinds: Vec<(String, usize)>,
+    /// Reconciles, and object writes, over an idle period after the rollout settled.
+    idle_reconciles: u64,
+    idle_writes: usize,
+    idle: Duration,
+}
+
+/// Requests and writes per step over a 4-step canary, by kind of request, then the writes of a settled
+/// Rollout reconciled every second.
+async fn requests_per_step() -> Canary {
     let cluster = cluster().await;
-    let handle = controller(&cluster, 4, Duration::from_secs(300)).await;
+    // Every second a resync reconciles the Rollout, so the idle period below counts real no-op reconciles.
+    let handle = controller(&cluster, 4, Duration::from_secs(1)).await;
     let steps =
         json!([{"setWeight": 25}, {"setWeight": 50}, {"setWeight": 75}, {"setWeight": 100}]);
     create_rollout(&cluster.admin, "steps", 4, steps).await;
     assert!(wait_all_healthy(&cluster.admin, 1, Duration::from_secs(30)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = PROGRESS_WRITE_INTERVAL + Duration::from_secs(1);
+    wait_quiet(&cluster, quiet, Duration::from_secs(30)).await;
     cluster.sim.request_log().clear();
     let rollouts: Api<Rollout> = Api::namespaced(cluster.admin.clone(), NS);
     rollouts
@@ -244,18 +285,13 @@ async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
         .expect("patch");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(wait_all_healthy(&cluster.admin, 1, Duration::from_secs(60)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Counts the controller writes after the last step (at most one interval later) belong to the step.
+    wait_quiet(&cluster, quiet, Duration::from_secs(30)).await;
     let requests = cluster
         .sim
         .request_log()
         .filter(|r| r.user == CONTROLLER && r.verb != "watch");
-    let writes: Vec<_> = requests
-        .iter()
-        .filter(|r| {
-            matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete")
-                && r.resource != "events"
-        })
-        .collect();
+    let writes: Vec<&RequestRecord> = requests.iter().filter(|r| is_object_write(r)).collect();
     if std::env::var_os("SERIN_BENCH_VERBOSE").is_some() {
         for r in &writes {
             println!(
@@ -285,14 +321,29 @@ async fn requests_per_step() -> (f64, f64, Vec<(String, usize)>) {
             .entry(format!("{} {}{sub}", r.verb, r.resource))
             .or_default() += 1;
     }
+
+    cluster.sim.request_log().clear();
+    let idle = Duration::from_secs(5);
+    let reconciles_before = handle.metrics().total_reconciles();
+    tokio::time::sleep(idle).await;
+    let idle_reconciles = handle.metrics().total_reconciles() - reconciles_before;
+    let idle_writes = cluster
+        .sim
+        .request_log()
+        .filter(|r| r.user == CONTROLLER && (is_object_write(r) || r.resource == "events"))
+        .len();
+
     let _ = handle.stop().await;
     cluster.sim.shutdown().await;
     let steps = 4.0;
-    (
-        requests.len() as f64 / steps,
-        writes.len() as f64 / steps,
-        kinds.into_iter().collect(),
-    )
+    Canary {
+        requests_per_step: requests.len() as f64 / steps,
+        writes_per_step: writes.len() as f64 / steps,
+        kinds: kinds.into_iter().collect(),
+        idle_reconciles,
+        idle_writes,
+        idle,
+    }
 }
 
 /// What a pass of reconciles over many settled Rollouts costs.
@@ -389,6 +440,11 @@ fn reconcile_histogram(metrics: &str) -> (f64, f64) {
 
 fn main() {
     serin::sim::install_crypto_provider();
+    // RUST_LOG=serin::controller=debug shows, among others, which status fields each write changed.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -407,11 +463,18 @@ fn main() {
             println!("change -> first write: p50 {p50:?}, p99 {p99:?}, max {max:?} (100 samples)");
         }
         if wanted("writes") {
-            let (requests, writes, kinds) = requests_per_step().await;
-            println!("per step: {requests:.1} API requests, {writes:.1} object writes (4-step canary, 4 pods)");
-            for (kind, n) in kinds {
+            let canary = requests_per_step().await;
+            println!(
+                "per step: {:.1} API requests, {:.1} object writes (4-step canary, 4 pods)",
+                canary.requests_per_step, canary.writes_per_step
+            );
+            for (kind, n) in canary.kinds {
                 println!("  {n:>4}  {kind}");
             }
+            println!(
+                "settled: {} reconciles in {:?}, {} writes (events included)",
+                canary.idle_reconciles, canary.idle, canary.idle_writes
+            );
         }
         if wanted("reconciles") {
             let pass = reconcile_passes(count).await;

@@ -6,6 +6,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod routes;
 pub mod status_write;
 pub mod sync;
 
@@ -20,7 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::PostParams;
+use kube::api::{DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
@@ -33,7 +34,10 @@ pub use act::{act, act_fenced, act_recorded, ActError, Written};
 pub use leader::{Fence, Fenced};
 pub use metrics::Metrics;
 pub use observe::{observe, Caches, ObserveError, Sources};
-pub use status_write::{progress_write_interval, status_differs, status_write, StatusWrite};
+pub use status_write::{
+    pods_at_rest, progress_write_interval, status_differs, status_write, weight_follows_pods,
+    StatusWrite, WriteContext,
+};
 pub use sync::{Cache, CacheGate, CacheState, GateVerdict};
 
 use crate::crd::analysis::AnalysisRun;
@@ -530,7 +534,7 @@ fn spawn_scope(
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
     let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
-    let caches = Caches::default();
+    let caches = Caches::new(gate.clone());
     let references = Arc::new(ReferenceIndex::new());
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
@@ -557,28 +561,45 @@ fn spawn_scope(
         .inspect_ok(gate.tracker(Cache::Services))
         .touched_objects();
 
+    let route_caches = caches.routes.clone();
     let context = Arc::new(ScopeContext {
         written: Default::default(),
         client: client.clone(),
-        sources: Sources::cached(client, caches),
+        sources: Sources::cached(client.clone(), caches),
         recorder,
         metrics,
         error_backoff: config.error_backoff,
         resync: config.resync,
-        gate,
+        gate: gate.clone(),
         fence,
     });
 
-    let controller = Controller::for_stream(rollout_stream, rollout_reader)
+    // Services and routing objects trigger only the Rollouts that name them.
+    let naming = |kind: RoutingKind| {
+        let references = references.clone();
+        move |namespace: Option<String>, name: String| {
+            references.rollouts_naming(&ObjectKey::new(kind, &namespace.unwrap_or_default(), &name))
+        }
+    };
+    let services_naming = naming(RoutingKind::Service);
+    let mut controller = Controller::for_stream(rollout_stream, rollout_reader)
         .owns_stream(rs_stream)
         .owns_stream(run_stream)
         .watches_stream(svc_stream, move |service: Service| {
-            references.rollouts_naming(&ObjectKey::new(
-                RoutingKind::Service,
-                &service.namespace().unwrap_or_default(),
-                &service.name_any(),
-            ))
-        })
+            services_naming(service.namespace(), service.name_any())
+        });
+    for kind in routes::WATCHED {
+        let Some(cache) = route_caches.cache(kind).cloned() else {
+            continue;
+        };
+        let objects_naming = naming(kind);
+        controller = controller.watches_stream_with(
+            routes::route_watch(&client, &scope, kind, cache, &gate),
+            move |object: DynamicObject| objects_naming(object.namespace(), object.name_any()),
+            kind.api_resource(),
+        );
+    }
+    let controller = controller
         .with_config(RuntimeConfig::default().concurrency(config.concurrency))
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(reconcile, error_policy, context)
@@ -664,14 +685,31 @@ async fn reconcile_rollout(
         let when = status_write(
             current.status.as_ref(),
             &plan.status,
-            !plan.events.is_empty(),
-            Timestamp::now(),
-            progress_write_interval(&current),
+            &WriteContext {
+                now: Timestamp::now(),
+                interval: progress_write_interval(&current),
+                announces: !plan.events.is_empty(),
+                pods_at_rest: pods_at_rest(&observed, &plan.actions),
+                weight_follows_pods: weight_follows_pods(&current),
+            },
         );
-        let resync = match when {
-            StatusWrite::Later(wait) => resync_for(&current, context.resync).min(wait),
-            StatusWrite::Now | StatusWrite::Unchanged => resync_for(&current, context.resync),
+        let routes_watched = match &context.sources.caches {
+            Some(caches) => caches.routes_watched(&current),
+            None => crate::traffic::router_for(&current).is_none(),
         };
+        let resync = resync_for(routes_watched, context.resync);
+        let resync = match when {
+            StatusWrite::Later(wait) => resync.min(wait),
+            StatusWrite::Now | StatusWrite::Unchanged => resync,
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) && when != StatusWrite::Unchanged {
+            tracing::debug!(
+                rollout = %key,
+                ?when,
+                fields = ?status_write::changed_fields(current.status.as_ref(), &plan.status),
+                "status differs"
+            );
+        }
         let write = match when {
             StatusWrite::Now => write_status(&api, &context.fence, &current, &plan.status).await,
             StatusWrite::Later(_) | StatusWrite::Unchanged => Ok(None),
@@ -714,24 +752,15 @@ async fn reconcile_rollout(
     Err(ReconcileError::StatusConflict)
 }
 
-/// How often a routed Rollout is looked at even when nothing it watches changed.
-///
-/// The controller does not watch HTTPRoutes, VirtualServices or Ingresses (their CRDs may not exist), so
-/// a hand edit of the weights Serin manages is found by this periodic look; a look that finds nothing
-/// wrong writes nothing (safety rule 5).
-pub const ROUTE_DRIFT_RESYNC: Duration = Duration::from_secs(10);
-
-fn resync_for(rollout: &Rollout, resync: Duration) -> Duration {
-    let routed = rollout
-        .spec
-        .strategy
-        .canary
-        .as_ref()
-        .is_some_and(|canary| canary.traffic_routing.is_some());
-    if routed {
-        resync.min(ROUTE_DRIFT_RESYNC)
-    } else {
+/// How often a Rollout is looked at when nothing triggers it: the configured resync, and for a routed
+/// Rollout whose routing objects are not watched (their resource cannot be listed) at most
+/// [`routes::UNWATCHED_ROUTE_RESYNC`], so a hand edit of its weights is still found; a look that finds
+/// nothing wrong writes nothing (safety rule 5).
+fn resync_for(routes_watched: bool, resync: Duration) -> Duration {
+    if routes_watched {
         resync
+    } else {
+        resync.min(routes::UNWATCHED_ROUTE_RESYNC)
     }
 }
 

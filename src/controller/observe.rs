@@ -12,6 +12,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use super::act::Written;
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::IndexedCache;
+use super::routes::RouteCaches;
+use super::sync::{Cache, CacheGate};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::rollout::{AnalysisTemplateRef, RolloutStrategy};
@@ -22,7 +24,9 @@ use crate::strategy::{
     AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
     TemplateKey,
 };
-use crate::traffic::{ObjectKey, RoutingKind};
+use crate::traffic::{
+    router_for, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, RoutingKind,
+};
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
 pub mod analysis_kind {
@@ -70,15 +74,86 @@ impl ObserveError {
 
 /// The controller's watch caches, indexed for the lookups a reconcile makes, and its own writes that they
 /// may not show yet.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Caches {
     pub replica_sets: Arc<IndexedCache<ReplicaSet>>,
     pub services: Arc<IndexedCache<Service>>,
     pub analysis_runs: Arc<IndexedCache<AnalysisRun>>,
+    pub routes: RouteCaches,
     pub expectations: Arc<Expectations>,
+    /// Which caches are synced: routing objects are read from theirs only then.
+    pub gate: Arc<CacheGate>,
 }
 
 impl Caches {
+    /// Empty caches whose state `gate` tracks.
+    pub fn new(gate: Arc<CacheGate>) -> Caches {
+        Caches {
+            replica_sets: Default::default(),
+            services: Default::default(),
+            analysis_runs: Default::default(),
+            routes: RouteCaches::new(),
+            expectations: Default::default(),
+            gate,
+        }
+    }
+
+    /// Whether every object in `keys` can be read from a synced cache.
+    fn serves(&self, keys: &[ObjectKey]) -> bool {
+        keys.iter()
+            .all(|key| self.gate.synced(Cache::of_routing(key.kind)))
+    }
+
+    /// Whether the routing objects the Rollout names are watched (true without a router): then a change
+    /// to them triggers its reconcile and no periodic look is needed.
+    pub fn routes_watched(&self, rollout: &Rollout) -> bool {
+        match router_for(rollout) {
+            Some(Ok(router)) => self.serves(&router.objects()),
+            Some(Err(_)) | None => true,
+        }
+    }
+
+    /// The objects as the router reads them, from the caches; `None` when one of their caches is not synced.
+    fn router_objects(&self, keys: &[ObjectKey]) -> Option<RouterObjects> {
+        if !self.serves(keys) {
+            return None;
+        }
+        let mut objects = RouterObjects::new();
+        for key in keys {
+            let found = match key.kind {
+                RoutingKind::Service => self
+                    .services
+                    .get(&key.namespace, &key.name)
+                    .and_then(|service| serde_json::to_value(service.as_ref()).ok()),
+                kind => self.routes.object(kind, &key.namespace, &key.name),
+            };
+            if let Some(object) = found {
+                objects.insert(key.clone(), object);
+            }
+        }
+        Some(objects)
+    }
+
+    /// The resourceVersions the caches hold for `keys` (None: not there).
+    fn versions(&self, keys: &[ObjectKey]) -> BTreeMap<ObjectKey, Option<String>> {
+        keys.iter()
+            .map(|key| {
+                let version = match key.kind {
+                    RoutingKind::Service => self
+                        .services
+                        .get(&key.namespace, &key.name)
+                        .and_then(|service| service.resource_version()),
+                    kind => self
+                        .routes
+                        .cache(kind)
+                        .and_then(|cache| cache.get(&key.namespace, &key.name))
+                        .and_then(|object| object.resource_version()),
+                };
+                (key.clone(), version)
+            })
+            .collect()
+    }
+
     /// The resourceVersion the Service cache holds for `name`, keyed as the expectations keep it.
     fn service_version(&self, namespace: &str, name: &str) -> BTreeMap<ObjectKey, Option<String>> {
         let version = self
@@ -123,8 +198,24 @@ impl Caches {
                         at: now,
                     },
                 ),
-                // Routing objects are read from the API server, which already shows the write.
-                Written::Traffic(_) => {}
+                Written::Traffic(desired) => {
+                    // Without synced caches the routing objects are read from the API server, which
+                    // already shows the write.
+                    let Some(Ok(router)) = router_for(rollout) else {
+                        continue;
+                    };
+                    let keys = router.objects();
+                    if self.serves(&keys) {
+                        self.expectations.traffic(
+                            &uid,
+                            NamedWrite {
+                                versions: self.versions(&keys),
+                                value: carried(desired),
+                                at: now,
+                            },
+                        );
+                    }
+                }
             }
         }
     }
@@ -252,10 +343,76 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         replica_sets,
         services,
         // Without a router (None) the planner routes by replica counts behind the Services.
-        traffic: crate::traffic::observe(&sources.client, rollout).await,
+        traffic: observe_traffic(sources, rollout, &uid, now).await,
         analysis_runs,
         analysis_templates,
     })
+}
+
+/// What the Rollout's router carries: from the caches when they are synced (with the controller's own
+/// last write laid over them until they show it), from the API server otherwise.
+async fn observe_traffic(
+    sources: &Sources,
+    rollout: &Rollout,
+    uid: &str,
+    now: Instant,
+) -> Option<Result<ObservedTraffic, String>> {
+    let router = match router_for(rollout)? {
+        Ok(router) => router,
+        Err(error) => return Some(Err(error.to_string())),
+    };
+    let keys = router.objects();
+    let cached = sources
+        .caches
+        .as_ref()
+        .and_then(|caches| Some((caches, caches.router_objects(&keys)?)));
+    let Some((caches, objects)) = cached else {
+        let observed = crate::traffic::observe(&sources.client, rollout).await;
+        // A routing object missing because its resource cannot be listed at all (a CRD not installed)
+        // says so, beside the router's own message.
+        let unavailable: std::collections::BTreeSet<String> = sources
+            .caches
+            .iter()
+            .flat_map(|caches| {
+                keys.iter().filter_map(|key| {
+                    let cache = Cache::of_routing(key.kind);
+                    let reason = caches.gate.unavailable_reason(cache)?;
+                    Some(format!("listing {} failed: {reason}", cache.name()))
+                })
+            })
+            .collect();
+        return match observed {
+            Some(Err(message)) if !unavailable.is_empty() => {
+                let reasons: Vec<String> = unavailable.into_iter().collect();
+                Some(Err(format!("{message} ({})", reasons.join("; "))))
+            }
+            observed => observed,
+        };
+    };
+    if let Some(written) = caches
+        .expectations
+        .traffic_written(uid, &caches.versions(&keys), now)
+    {
+        return Some(Ok(written));
+    }
+    Some(router.observe(&objects).map_err(|error| error.to_string()))
+}
+
+/// What a router carries once it was made to carry `desired`.
+pub fn carried(desired: &DesiredTraffic) -> ObservedTraffic {
+    ObservedTraffic {
+        canary_weight: desired.canary_weight,
+        header_routes: desired
+            .header_routes
+            .iter()
+            .map(|route| route.name.clone())
+            .collect(),
+        mirror_routes: desired
+            .mirror_routes
+            .iter()
+            .map(|route| route.name.clone())
+            .collect(),
+    }
 }
 
 async fn read_template(

@@ -1,14 +1,17 @@
 //! When a planned status is written: at once when anything a user, a GitOps health check or the next plan
-//! acts on changed; pod counts alone (which move each time a pod turns ready) at most once per interval.
+//! acts on changed; pod counts alone (which move each time a pod turns ready) at most once per interval,
+//! or at once when they reach a resting point.
 //!
 //! The planner recomputes the pod counts, the message that quotes them and `lastProgressAt` on every
-//! reconcile. Writing each of those changes would cost a status write per pod turning ready, several per
-//! canary step. They are informational: phase, step, revisions, weights, conditions, pauses, analysis and
-//! commands are what decisions and health checks read, and a change to any of those is written at once
-//! (carrying the current counts with it). A change confined to the counts waits until the status written
-//! last is `PROGRESS_WRITE_INTERVAL` old (measured by its `lastProgressAt`; a tenth of the progress deadline
-//! when that is shorter), so the counts users see are at most that stale, and the progress deadline, which
-//! counts from `lastProgressAt`, fires at most that late.
+//! reconcile (and, for a canary without a traffic router, the weight, which is the share of ready pods).
+//! Writing each of those changes would cost a status write per pod turning ready, several per canary step.
+//! Phase, step, revisions, a router's weights, conditions, pauses, analysis and commands are what
+//! decisions and health checks read: a change to any of those is written at once, carrying the current
+//! counts with it. So are counts that reached a resting point (every pod the ReplicaSets ask for exists
+//! and is available, nothing being resized), which is what an HPA or a user waiting on the counts reads.
+//! Counts in between wait until the status written last is `PROGRESS_WRITE_INTERVAL` old (measured by its
+//! `lastProgressAt`; a tenth of the progress deadline when that is shorter), so they are at most that
+//! stale, and the progress deadline, which counts from `lastProgressAt`, fires at most that late.
 
 use std::time::Duration;
 
@@ -16,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{Rollout, RolloutStatus};
 use crate::strategy::status::DEFAULT_PROGRESS_DEADLINE_SECS;
+use crate::strategy::{Action, Observed};
 
 /// The longest a change confined to pod counts waits before it is written.
 pub const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(5);
@@ -56,6 +60,24 @@ pub fn status_differs(current: Option<&RolloutStatus>, planned: &RolloutStatus) 
     }
 }
 
+/// The top-level status fields that differ, by their API names (for debug logs).
+pub fn changed_fields(current: Option<&RolloutStatus>, planned: &RolloutStatus) -> Vec<String> {
+    let as_map = |status: Option<&RolloutStatus>| match status.map(serde_json::to_value) {
+        Some(Ok(serde_json::Value::Object(map))) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (before, after) = (as_map(current), as_map(Some(planned)));
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// The status without what moves as pods turn ready: counts, the messages that quote them, the progress
 /// stamp (and the paused seconds it resets).
 fn without_progress(status: &RolloutStatus) -> RolloutStatus {
@@ -73,15 +95,26 @@ fn without_progress(status: &RolloutStatus) -> RolloutStatus {
     stripped
 }
 
-/// When to write `planned` over `current`, at `now`; `announces` is whether the plan records events (which
-/// describe a transition the status must show when they are read), `interval` how long a change confined
-/// to pod counts may wait (see [`progress_write_interval`]).
+/// What, besides the two statuses, decides when a status is written.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteContext {
+    pub now: Timestamp,
+    /// How long a change confined to pod counts may wait (see [`progress_write_interval`]).
+    pub interval: Duration,
+    /// The plan records events, which describe a transition the status must show when they are read.
+    pub announces: bool,
+    /// Every pod the ReplicaSets ask for exists and is available, and the plan resizes nothing: the counts
+    /// reached a resting point (what an HPA or a user waiting for the rollout reads), written at once.
+    pub pods_at_rest: bool,
+    /// A canary without a traffic router: its weight is the share of ready pods, a pod count too.
+    pub weight_follows_pods: bool,
+}
+
+/// When to write `planned` over `current`.
 pub fn status_write(
     current: Option<&RolloutStatus>,
     planned: &RolloutStatus,
-    announces: bool,
-    now: Timestamp,
-    interval: Duration,
+    context: &WriteContext,
 ) -> StatusWrite {
     if !status_differs(current, planned) {
         return StatusWrite::Unchanged;
@@ -89,17 +122,64 @@ pub fn status_write(
     let Some(current) = current else {
         return StatusWrite::Now;
     };
-    if announces || without_progress(current) != without_progress(planned) {
+    let decisions = |status: &RolloutStatus| {
+        let mut stripped = without_progress(status);
+        if context.weight_follows_pods {
+            stripped.current_weight = None;
+        }
+        stripped
+    };
+    if context.announces || context.pods_at_rest || decisions(current) != decisions(planned) {
         return StatusWrite::Now;
     }
     let Some(written) = current.last_progress_at.as_ref() else {
         return StatusWrite::Now;
     };
-    let due = written.0.checked_add(interval).unwrap_or(written.0);
-    if now >= due {
+    let due = written.0.checked_add(context.interval).unwrap_or(written.0);
+    if context.now >= due {
         return StatusWrite::Now;
     }
-    StatusWrite::Later(now.duration_until(due).unsigned_abs().min(interval))
+    StatusWrite::Later(
+        context
+            .now
+            .duration_until(due)
+            .unsigned_abs()
+            .min(context.interval),
+    )
+}
+
+/// Whether every live ReplicaSet has exactly the pods its spec asks for, all available and reported for
+/// its current spec, and `actions` resize, create and delete none of them.
+pub fn pods_at_rest(observed: &Observed, actions: &[Action]) -> bool {
+    let resizing = actions.iter().any(|action| {
+        matches!(
+            action,
+            Action::CreateReplicaSet { .. }
+                | Action::ScaleReplicaSet { .. }
+                | Action::DeleteReplicaSet { .. }
+        )
+    });
+    !resizing
+        && observed
+            .replica_sets
+            .iter()
+            .filter(|rs| !rs.deleting)
+            .all(|rs| {
+                rs.status_current
+                    && rs.replicas == rs.spec_replicas
+                    && rs.ready_replicas == rs.spec_replicas
+                    && rs.available_replicas == rs.spec_replicas
+            })
+}
+
+/// A canary without a traffic router, whose weight is the share of its ready pods.
+pub fn weight_follows_pods(rollout: &Rollout) -> bool {
+    rollout
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .is_some_and(|canary| canary.traffic_routing.is_none())
 }
 
 #[cfg(test)]
@@ -107,12 +187,23 @@ mod tests {
     use super::*;
     use crate::crd::rollout::RevisionRef;
     use crate::crd::RolloutPhase;
+    use crate::strategy::ObservedReplicaSet;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     const FIVE: Duration = Duration::from_secs(5);
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + second).expect("valid time")
+    }
+
+    fn context(second: i64) -> WriteContext {
+        WriteContext {
+            now: at(second),
+            interval: FIVE,
+            announces: false,
+            pods_at_rest: false,
+            weight_follows_pods: false,
+        }
     }
 
     fn written(second: i64) -> RolloutStatus {
@@ -157,15 +248,15 @@ mod tests {
     fn an_unchanged_status_is_not_written() {
         let current = written(0);
         assert_eq!(
-            status_write(Some(&current), &current, false, at(100), FIVE),
+            status_write(Some(&current), &current, &context(100)),
             StatusWrite::Unchanged
         );
         assert_eq!(
-            status_write(None, &RolloutStatus::default(), false, at(100), FIVE),
+            status_write(None, &RolloutStatus::default(), &context(100)),
             StatusWrite::Unchanged
         );
         assert_eq!(
-            status_write(None, &current, false, at(100), FIVE),
+            status_write(None, &current, &context(100)),
             StatusWrite::Now
         );
     }
@@ -175,38 +266,107 @@ mod tests {
         let current = written(10);
         let planned = pod_ready(&current, 12);
         assert_eq!(
-            status_write(Some(&current), &planned, false, at(12), FIVE),
+            status_write(Some(&current), &planned, &context(12)),
             StatusWrite::Later(Duration::from_secs(3))
         );
         assert_eq!(
-            status_write(Some(&current), &planned, false, at(15), FIVE),
+            status_write(Some(&current), &planned, &context(15)),
             StatusWrite::Now
         );
         // A written status long settled is refreshed at once.
         let settled = written(0);
         assert_eq!(
-            status_write(
-                Some(&settled),
-                &pod_ready(&settled, 60),
-                false,
-                at(60),
-                FIVE
-            ),
+            status_write(Some(&settled), &pod_ready(&settled, 60), &context(60)),
             StatusWrite::Now
         );
         // Without a progress stamp there is nothing to wait from.
         let mut unstamped = written(0);
         unstamped.last_progress_at = None;
         assert_eq!(
+            status_write(Some(&unstamped), &pod_ready(&unstamped, 1), &context(1)),
+            StatusWrite::Now
+        );
+    }
+
+    #[test]
+    fn counts_at_a_resting_point_are_written_at_once() {
+        let current = written(10);
+        let planned = pod_ready(&current, 12);
+        assert_eq!(
             status_write(
-                Some(&unstamped),
-                &pod_ready(&unstamped, 1),
-                false,
-                at(1),
-                FIVE
+                Some(&current),
+                &planned,
+                &WriteContext {
+                    pods_at_rest: true,
+                    ..context(12)
+                }
             ),
             StatusWrite::Now
         );
+    }
+
+    #[test]
+    fn without_a_router_the_weight_is_a_pod_count_and_waits_with_them() {
+        let current = written(10);
+        let mut planned = pod_ready(&current, 12);
+        planned.current_weight = Some(20);
+        assert_eq!(
+            status_write(Some(&current), &planned, &context(12)),
+            StatusWrite::Now,
+            "a router's weight is a decision"
+        );
+        assert_eq!(
+            status_write(
+                Some(&current),
+                &planned,
+                &WriteContext {
+                    weight_follows_pods: true,
+                    ..context(12)
+                }
+            ),
+            StatusWrite::Later(Duration::from_secs(3))
+        );
+    }
+
+    fn replica_set(spec: i32, replicas: i32, ready: i32) -> ObservedReplicaSet {
+        ObservedReplicaSet {
+            name: "web-h1".into(),
+            pod_template_hash: "h1".into(),
+            revision: 1,
+            spec_replicas: spec,
+            replicas,
+            ready_replicas: ready,
+            available_replicas: ready,
+            status_current: true,
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn pods_rest_when_every_live_replica_set_has_its_pods_available_and_nothing_resizes() {
+        let observed = |sets: Vec<ObservedReplicaSet>| Observed {
+            replica_sets: sets,
+            ..Default::default()
+        };
+        assert!(pods_at_rest(&observed(vec![replica_set(3, 3, 3)]), &[]));
+        assert!(!pods_at_rest(&observed(vec![replica_set(3, 3, 2)]), &[]));
+        assert!(!pods_at_rest(&observed(vec![replica_set(3, 4, 3)]), &[]));
+        let mut stale = replica_set(3, 3, 3);
+        stale.status_current = false;
+        assert!(!pods_at_rest(&observed(vec![stale]), &[]));
+        let mut going = replica_set(0, 2, 2);
+        going.deleting = true;
+        assert!(pods_at_rest(
+            &observed(vec![replica_set(3, 3, 3), going]),
+            &[]
+        ));
+        assert!(!pods_at_rest(
+            &observed(vec![replica_set(3, 3, 3)]),
+            &[Action::ScaleReplicaSet {
+                name: "web-h1".into(),
+                replicas: 4
+            }]
+        ));
     }
 
     #[test]
@@ -259,13 +419,20 @@ mod tests {
             let mut planned = moved.clone();
             change(&mut planned);
             assert_eq!(
-                status_write(Some(&current), &planned, false, at(11), FIVE),
+                status_write(Some(&current), &planned, &context(11)),
                 StatusWrite::Now,
                 "{what}"
             );
         }
         assert_eq!(
-            status_write(Some(&current), &moved, true, at(11), FIVE),
+            status_write(
+                Some(&current),
+                &moved,
+                &WriteContext {
+                    announces: true,
+                    ..context(11)
+                }
+            ),
             StatusWrite::Now,
             "a plan that records events"
         );
