@@ -2,10 +2,12 @@
 //! docs/benchmarks/controller.md):
 //! 1. time from a Rollout change to the controller's first write (p50, p99),
 //! 2. API requests and writes per canary step,
-//! 3. the cost of a reconcile over many settled Rollouts (`SERIN_BENCH_ROLLOUTS`, default 1000): a fresh
+//! 3. what settled Rollouts routed through HTTPRoutes cost at idle (`SERIN_BENCH_ROUTED`, default 200):
+//!    reconciles, route reads and writes over 20 s,
+//! 4. the cost of a reconcile over many settled Rollouts (`SERIN_BENCH_ROLLOUTS`, default 1000): a fresh
 //!    controller's first pass, then a resync pass (mean duration and CPU time per reconcile).
 //!
-//! `SERIN_BENCH_PARTS` (latency, writes, reconciles; comma-separated) runs only some parts;
+//! `SERIN_BENCH_PARTS` (latency, writes, routes, reconciles; comma-separated) runs only some parts;
 //! `SERIN_BENCH_VERBOSE` lists every write of the canary measured in part 2.
 
 use std::time::{Duration, Instant, SystemTime};
@@ -438,6 +440,124 @@ fn reconcile_histogram(metrics: &str) -> (f64, f64) {
     )
 }
 
+/// A minimal HTTPRoute CRD (the schema left open), so the bench needs no fixture from outside the repo.
+fn http_route_crd() -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "httproutes.gateway.networking.k8s.io"},
+        "spec": {
+            "group": "gateway.networking.k8s.io",
+            "scope": "Namespaced",
+            "names": {"plural": "httproutes", "singular": "httproute", "kind": "HTTPRoute", "listKind": "HTTPRouteList"},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }]
+        }
+    }))
+    .expect("valid CRD")
+}
+
+/// What `count` settled Rollouts routed through HTTPRoutes cost while nothing happens.
+struct RoutedIdle {
+    idle: Duration,
+    reconciles: u64,
+    route_reads: usize,
+    writes: usize,
+}
+
+/// `count` routed Rollouts (an HTTPRoute each), settled, then left alone for `idle`: reconciles, route
+/// reads and writes over that time.
+async fn routed_idle(count: usize, idle: Duration) -> RoutedIdle {
+    let cluster = cluster().await;
+    Api::<CustomResourceDefinition>::all(cluster.admin.clone())
+        .create(&PostParams::default(), &http_route_crd())
+        .await
+        .expect("HTTPRoute CRD");
+    let routes: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        cluster.admin.clone(),
+        NS,
+        &serin::traffic::RoutingKind::HttpRoute.api_resource(),
+    );
+    for _ in 0..200 {
+        if routes.list(&ListParams::default()).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let handle = controller(&cluster, 8, Duration::from_secs(300)).await;
+    for index in 0..count {
+        let name = format!("r{index}");
+        let route: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"rules": [{"backendRefs": [
+                {"name": name, "port": 80, "weight": 100},
+                {"name": format!("{name}-canary"), "port": 80, "weight": 0}
+            ]}]}
+        }))
+        .expect("valid route");
+        routes
+            .create(&PostParams::default(), &route)
+            .await
+            .expect("route");
+        let mut object = rollout(&name, 1, "app:1", json!([{"setWeight": 50}]));
+        object["spec"]["strategy"]["canary"]["trafficRouting"] =
+            json!({"gatewayAPI": {"httpRoute": name}});
+        let services: Api<Service> = Api::namespaced(cluster.admin.clone(), NS);
+        for service in [name.clone(), format!("{name}-canary")] {
+            let svc: Service = serde_json::from_value(json!({
+                "metadata": {"name": service, "namespace": NS},
+                "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}
+            }))
+            .expect("valid service");
+            services
+                .create(&PostParams::default(), &svc)
+                .await
+                .expect("service");
+        }
+        Api::<Rollout>::namespaced(cluster.admin.clone(), NS)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(object).expect("valid rollout"),
+            )
+            .await
+            .expect("rollout");
+    }
+    assert!(
+        wait_all_healthy(&cluster.admin, count, Duration::from_secs(600)).await,
+        "all routed Rollouts became Healthy"
+    );
+    wait_quiet(
+        &cluster,
+        PROGRESS_WRITE_INTERVAL + Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await;
+    cluster.sim.request_log().clear();
+    let before = handle.metrics().total_reconciles();
+    tokio::time::sleep(idle).await;
+    let reconciles = handle.metrics().total_reconciles() - before;
+    let requests = cluster
+        .sim
+        .request_log()
+        .filter(|r| r.user == CONTROLLER && r.verb != "watch");
+    let _ = handle.stop().await;
+    cluster.sim.shutdown().await;
+    RoutedIdle {
+        idle,
+        reconciles,
+        route_reads: requests
+            .iter()
+            .filter(|r| r.resource == "httproutes" && matches!(r.verb.as_str(), "get" | "list"))
+            .count(),
+        writes: requests
+            .iter()
+            .filter(|r| is_object_write(r) || r.resource == "events")
+            .count(),
+    }
+}
+
 fn main() {
     serin::sim::install_crypto_provider();
     // RUST_LOG=serin::controller=debug shows, among others, which status fields each write changed.
@@ -454,7 +574,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    // `SERIN_BENCH_PARTS` (comma-separated: latency, writes, reconciles) runs only those parts.
+    // `SERIN_BENCH_PARTS` (comma-separated: latency, writes, routes, reconciles) runs only those parts.
     let parts = std::env::var("SERIN_BENCH_PARTS").unwrap_or_default();
     let wanted = |part: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == part);
     runtime.block_on(async {
@@ -474,6 +594,17 @@ fn main() {
             println!(
                 "settled: {} reconciles in {:?}, {} writes (events included)",
                 canary.idle_reconciles, canary.idle, canary.idle_writes
+            );
+        }
+        if wanted("routes") {
+            let routed: usize = std::env::var("SERIN_BENCH_ROUTED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(200);
+            let idle = routed_idle(routed, Duration::from_secs(20)).await;
+            println!(
+                "{routed} routed Rollouts idle for {:?}: {} reconciles, {} route reads, {} writes",
+                idle.idle, idle.reconciles, idle.route_reads, idle.writes
             );
         }
         if wanted("reconciles") {
