@@ -231,6 +231,12 @@ fn is_object_write(r: &RequestRecord) -> bool {
     matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete") && r.resource != "events"
 }
 
+/// A list of a resource the cluster does not serve: the route watches retrying (with back-off) for
+/// routing CRDs this cluster does not have. Not part of any step.
+fn is_unserved_list(r: &RequestRecord) -> bool {
+    r.status == 404 && r.name.is_none() && matches!(r.verb.as_str(), "get" | "list")
+}
+
 /// Waits until the controller has written nothing for `quiet` (at most `limit`), so a rollout's last
 /// writes (counts the controller writes a little after the last step) are all in the log.
 async fn wait_quiet(cluster: &Cluster, quiet: Duration, limit: Duration) {
@@ -257,6 +263,8 @@ struct Canary {
     requests_per_step: f64,
     writes_per_step: f64,
     kinds: Vec<(String, usize)>,
+    /// Lists of routing resources the cluster does not serve, over the whole canary.
+    unserved_lists: usize,
     /// Reconciles, and object writes, over an idle period after the rollout settled.
     idle_reconciles: u64,
     idle_writes: usize,
@@ -292,7 +300,12 @@ async fn requests_per_step() -> Canary {
     let requests = cluster
         .sim
         .request_log()
-        .filter(|r| r.user == CONTROLLER && r.verb != "watch");
+        .filter(|r| r.user == CONTROLLER && r.verb != "watch" && !is_unserved_list(r));
+    let unserved_lists = cluster
+        .sim
+        .request_log()
+        .filter(|r| r.user == CONTROLLER && is_unserved_list(r))
+        .len();
     let writes: Vec<&RequestRecord> = requests.iter().filter(|r| is_object_write(r)).collect();
     if std::env::var_os("SERIN_BENCH_VERBOSE").is_some() {
         for r in &writes {
@@ -342,6 +355,7 @@ async fn requests_per_step() -> Canary {
         requests_per_step: requests.len() as f64 / steps,
         writes_per_step: writes.len() as f64 / steps,
         kinds: kinds.into_iter().collect(),
+        unserved_lists,
         idle_reconciles,
         idle_writes,
         idle,
@@ -591,6 +605,10 @@ fn main() {
             for (kind, n) in canary.kinds {
                 println!("  {n:>4}  {kind}");
             }
+            println!(
+                "  (besides: {} retried lists of routing resources this cluster does not serve)",
+                canary.unserved_lists
+            );
             println!(
                 "settled: {} reconciles in {:?}, {} writes (events included)",
                 canary.idle_reconciles, canary.idle, canary.idle_writes
