@@ -315,7 +315,23 @@ pub async fn act_recorded(
                     analysis_run_for(rollout, &owner, name, *purpose, pod_template_hash, spec);
                 match runs.create(&post_params, &run).await {
                     Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+                    Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                        // The run is there when an earlier create went through (a restart, a cache that
+                        // lags). An answer of "already exists" for a run that is not there created
+                        // nothing: taken as done, the step would wait for a run no event will announce.
+                        let existing = runs.get_opt(name).await.map_err(|source| {
+                            ActError::CreateAnalysisRun {
+                                name: name.clone(),
+                                source,
+                            }
+                        })?;
+                        if existing.is_none() {
+                            return Err(ActError::CreateAnalysisRun {
+                                name: name.clone(),
+                                source: kube::Error::Api(status),
+                            });
+                        }
+                    }
                     Err(source) => {
                         return Err(ActError::CreateAnalysisRun {
                             name: name.clone(),

@@ -89,10 +89,14 @@ pub fn route_watch(
         None => Api::all_with(client.clone(), &resource),
     };
     watcher(api, watcher::Config::default())
-        .default_backoff()
         .inspect_ok(move |event| cache.apply(event))
         .inspect_ok(gate.tracker(Cache::of_routing(kind)))
         .inspect_err(gate.failure_tracker(Cache::of_routing(kind)))
+        // The watcher announces every list attempt with `Init`, and any item that is not an error resets
+        // the back-off: with it passed on, a list that keeps failing (a CRD not installed) would be
+        // retried every second forever instead of backing off to one try every 30 s.
+        .try_filter(|event| future::ready(!matches!(event, watcher::Event::Init)))
+        .default_backoff()
         .touched_objects()
         // The gate has the error and this stream backs off on its own; an error passed on would make the
         // controller back off every trigger stream, the Rollouts' own included, for as long as a CRD is

@@ -231,16 +231,18 @@ impl CacheGate {
             return;
         }
         let reason = failure_reason(error);
-        if before != CacheState::Unavailable {
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        // Once per cache until it lists, not at every retry.
+        if before != CacheState::Unavailable && !failures.contains_key(&cache) {
             tracing::warn!(
                 cache = cache.name(),
                 reason = %reason,
                 "cannot list this resource: objects of it are read from the API server until a retried list succeeds"
             );
         }
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.insert(cache, reason);
-        }
+        failures.insert(cache, reason);
     }
 
     /// Why `cache` cannot list, while its lists fail.
