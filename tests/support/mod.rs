@@ -777,3 +777,4 @@ pub fn writes_without_the_lease(
         .cloned()
         .collect()
 }
+pub mod invariants;
