@@ -56,8 +56,11 @@ const WINDOW_MS: u64 = 16_000;
 const POLL: Duration = Duration::from_millis(100);
 /// Once the faults stop, the Rollout is Healthy or Aborted within this long (promoting at each pause).
 const CONVERGE_WITHIN: Duration = Duration::from_secs(60);
-/// How long a command of the schedule waits for the moment a human would send it.
-const COMMAND_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a command of the schedule waits for the moment a human would send it (the schedule goes on
+/// meanwhile), and a command of the final convergence.
+const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a disruption waits for Serin to stop changing traffic (the schedule waits with it).
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 /// An abort, a scale or pods turning unready come once Serin has not changed traffic for this long, so
 /// that no decision of Serin's is in flight when they land.
 const QUIET_BEFORE_ABORT: Duration = Duration::from_millis(1_500);
@@ -1097,6 +1100,15 @@ impl Bed {
 // ---------------------------------------------------------------------------------------------------------
 // Playing a schedule.
 
+/// A command of the schedule waiting for the moment a human would send it.
+#[derive(Clone, Debug)]
+struct Armed {
+    manual: Manual,
+    /// Seconds after the new revision started.
+    armed_at: f64,
+    until: Instant,
+}
+
 /// A command sent and not yet seen taking effect.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -1122,6 +1134,7 @@ struct Runner<'a> {
     superseded: BTreeSet<String>,
     /// The generation of new steps until a status about them is seen.
     steps_change: Option<i64>,
+    armed: Vec<Armed>,
     pending: Vec<Pending>,
     /// The last abort or retry sent.
     last_manual: Option<Manual>,
@@ -1255,9 +1268,9 @@ impl Runner<'_> {
         let address = self.bed.prometheus.url();
         let templates = Api::<AnalysisTemplate>::namespaced(world.admin.clone(), NS);
         for manifest in [
-            // Five answers, one of them successful, pass: a Prometheus that comes back without the
+            // Three answers, one of them successful, pass: a Prometheus that comes back without the
             // window's data answers nothing for a few seconds.
-            template_manifest(STEP_TEMPLATE, &address, "1s", Some(5), 5),
+            template_manifest(STEP_TEMPLATE, &address, "1s", Some(3), 3),
             template_manifest(BACKGROUND_TEMPLATE, &address, "2s", None, 20),
         ] {
             let template: AnalysisTemplate =
@@ -1337,7 +1350,7 @@ impl Runner<'_> {
                 if Instant::now() >= when {
                     break;
                 }
-                self.poll().await;
+                self.poll_and_command().await;
                 let left = when.saturating_duration_since(Instant::now());
                 tokio::time::sleep(left.min(POLL)).await;
             }
@@ -1352,6 +1365,54 @@ impl Runner<'_> {
                 }
             };
             self.record(line);
+        }
+        // The commands still waiting for their moment get it (each waits a bounded time).
+        for _ in 0..MAX_POLLS {
+            if self.armed.is_empty() {
+                break;
+            }
+            self.poll_and_command().await;
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// One poll, then the first armed command a human would send now is sent; armed commands whose time
+    /// ran out are dropped.
+    async fn poll_and_command(&mut self) {
+        let snap = self.poll().await;
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut ready = None;
+        for (index, armed) in self.armed.iter().enumerate() {
+            match self.command_makes_sense(armed.manual, &snap.state) {
+                Ok(()) => {
+                    ready = Some(index);
+                    break;
+                }
+                Err(why) if now >= armed.until => expired.push((index, why)),
+                Err(_) => {}
+            }
+        }
+        if let Some(index) = ready {
+            let armed = self.armed.remove(index);
+            let sent = self.send(armed.manual, &snap).await;
+            self.record(format!(
+                "+{:>5.1}s  serin {:?} (armed at +{:.1}s): {}",
+                self.elapsed(),
+                armed.manual,
+                armed.armed_at,
+                sent.unwrap_or_else(|error| format!("refused: {error}"))
+            ));
+            return;
+        }
+        for (index, why) in expired.into_iter().rev() {
+            let armed = self.armed.remove(index);
+            self.record(format!(
+                "+{:>5.1}s  serin {:?} (armed at +{:.1}s): not sent, {why}",
+                self.elapsed(),
+                armed.manual,
+                armed.armed_at
+            ));
         }
     }
 
@@ -1528,7 +1589,16 @@ impl Runner<'_> {
                 self.disrupt(&format!("scaled to {replicas}"));
                 Ok("scaled".into())
             }
-            Action::Command(manual) => self.command(manual).await,
+            Action::Command(manual) => {
+                self.armed.push(Armed {
+                    manual,
+                    armed_at: self.elapsed(),
+                    until: Instant::now() + COMMAND_PATIENCE,
+                });
+                Ok(format!(
+                    "armed: sent when a human would, within {COMMAND_PATIENCE:?}"
+                ))
+            }
             Action::StopPrometheus => {
                 if !self.bed.prometheus.running() {
                     return Err("already stopped".into());
@@ -1565,12 +1635,12 @@ impl Runner<'_> {
         }
     }
 
-    /// Waits (up to [`COMMAND_PATIENCE`]) until Serin has not changed traffic for [`QUIET_BEFORE_ABORT`],
+    /// Waits (up to [`SETTLE_PATIENCE`]) until Serin has not changed traffic for [`QUIET_BEFORE_ABORT`],
     /// and polls once more. A disruption comes after that poll: the invariants hold Serin strictly to a
     /// weight it raises between two polls, and a raise it made on ready pods just before the disruption
     /// would otherwise look like a raise onto the disrupted pods.
     async fn traffic_settled(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + COMMAND_PATIENCE;
+        let deadline = Instant::now() + SETTLE_PATIENCE;
         for _ in 0..MAX_POLLS {
             self.poll().await;
             let quiet = self
@@ -1581,7 +1651,7 @@ impl Runner<'_> {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "Serin kept changing traffic for {COMMAND_PATIENCE:?}"
+                    "Serin kept changing traffic for {SETTLE_PATIENCE:?}"
                 ));
             }
             tokio::time::sleep(POLL).await;
@@ -1600,9 +1670,8 @@ impl Runner<'_> {
             .extend(runs.iter().filter(|r| is_step_run(r)).map(|r| r.name_any()));
     }
 
-    /// A human's command, sent only when a human would, waiting up to [`COMMAND_PATIENCE`] for that: promote
-    /// while the canary waits at an indefinite pause, abort then or when its analysis is inconclusive (once
-    /// Serin has been quiet a while, so that no decision is in flight), retry once it is aborted.
+    /// A human's command, sent once it makes sense (see [`Runner::command_makes_sense`]), waiting up to
+    /// [`COMMAND_PATIENCE`] for that.
     async fn command(&mut self, manual: Manual) -> Result<String, String> {
         let deadline = Instant::now() + COMMAND_PATIENCE;
         let mut snap = self.poll().await;
@@ -1615,6 +1684,11 @@ impl Runner<'_> {
             tokio::time::sleep(POLL).await;
             snap = self.poll().await;
         }
+        self.send(manual, &snap).await
+    }
+
+    /// Sends `manual`, which makes sense in `snap`, noting it for the invariants first.
+    async fn send(&mut self, manual: Manual, snap: &Snapshot) -> Result<String, String> {
         let state = &snap.state;
         if manual == Manual::Retry {
             // The runs of the aborted attempt: the retry sets their verdicts aside.
@@ -1625,7 +1699,7 @@ impl Runner<'_> {
                 .items;
             self.superseded.extend(runs.iter().map(|r| r.name_any()));
         }
-        self.inv.note(manual.command(), &snap);
+        self.inv.note(manual.command(), snap);
         let pending = Pending {
             manual,
             sent_at: self.elapsed(),
@@ -1644,7 +1718,9 @@ impl Runner<'_> {
         Ok(format!("sent at step {at}"))
     }
 
-    /// Whether a human would send `manual` now.
+    /// Whether a human would send `manual` now: promote while the canary waits at an indefinite pause,
+    /// abort then or when its analysis is inconclusive (once Serin has been quiet a while, so that no
+    /// decision is in flight), retry once it is aborted.
     fn command_makes_sense(&self, manual: Manual, state: &State) -> Result<(), String> {
         if !state.observed() {
             return Err("the status is not about the current spec yet".into());
@@ -1761,7 +1837,8 @@ impl Runner<'_> {
             let settled_healthy = state.is(RolloutPhase::Healthy)
                 && state.stable_hash().is_some()
                 && state.stable_hash() == state.current_hash();
-            if settled_healthy || state.is(RolloutPhase::Aborted) {
+            // A command still on its way (a retry of the aborted attempt) moves it on again.
+            if (settled_healthy || state.is(RolloutPhase::Aborted)) && self.pending.is_empty() {
                 return snap;
             }
             if waits_for_promote(state) {
@@ -1959,6 +2036,7 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
         canary: String::new(),
         superseded: BTreeSet::new(),
         steps_change: None,
+        armed: Vec::new(),
         pending: Vec::new(),
         last_manual: None,
         last_disruption: None,
