@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use kube::{Api, Client, ResourceExt};
-use serde_json::Value;
 use serin::cli::ManualCommand;
 use serin::crd::{labels, AnalysisPhase, AnalysisRun, CanaryStep, RolloutPhase};
 use serin::sim::RequestRecord;
@@ -488,10 +487,12 @@ impl Invariants {
             .map(|v| format!("invariant {}: {}", v.invariant, v.message))
             .collect();
         panic!(
-            "broken at poll {} of {} (disruptions so far: {:?}):\n{}\nroute: {:?}\nruns: {:#?}\nstate: {:#?}",
+            "broken at poll {} of {} (disruptions so far: {:?}; invariant 2 skipped for the stable: {:?}):\n{}\n\
+             route: {:?}\nruns: {:#?}\nstate: {:#?}",
             self.polls,
             self.target.rollout,
             self.disruptions,
+            self.stable_exempt,
             lines.join("\n"),
             snap.route,
             snap.runs,
@@ -569,6 +570,12 @@ impl Invariants {
                     model.limit
                 ),
             });
+        }
+        // An aborted canary's step index means nothing until a retry starts the steps again (an abort under
+        // an invalid spec records step 0): only progress past the commands counts there.
+        let aborted = state.rollout.status.as_ref().is_some_and(|s| s.abort);
+        if aborted {
+            model.highest = step;
         }
         if step < model.highest {
             violations.push(Violation {
@@ -1026,23 +1033,22 @@ pub fn assert_only_lease_holders_wrote(
     );
 }
 
-/// Writes by `users` since `since` to anything but Events, Leases and the Rollout's status: what changes
-/// the cluster (safety rule 7 says an invalid spec makes none).
-pub fn object_writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
+/// Writes by `users` since `since`, Events and Leases aside: what changed the cluster or the Rollout.
+pub fn writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
     world.sim.request_log().filter(|r| {
         r.time >= since
             && users.contains(&r.user.as_str())
             && is_write(r)
             && r.resource != "events"
             && r.resource != "leases"
-            && !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status"))
     })
 }
 
-/// The value at `pointer` in a JSON object, for messages.
-pub fn field(value: &Value, pointer: &str) -> String {
-    value
-        .pointer(pointer)
-        .map(Value::to_string)
-        .unwrap_or_else(|| "<none>".to_string())
+/// Like [`writes_since`], without the Rollout's status: what changes the cluster (safety rule 7 says an
+/// invalid spec makes no such change).
+pub fn object_writes_since(world: &World, users: &[&str], since: SystemTime) -> Vec<RequestRecord> {
+    writes_since(world, users, since)
+        .into_iter()
+        .filter(|r| !(r.resource == "rollouts" && r.subresource.as_deref() == Some("status")))
+        .collect()
 }
