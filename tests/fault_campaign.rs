@@ -1167,8 +1167,7 @@ async fn invalid_spec_then_abort_then_retry(name: &str, break_it: Value, field: 
         Duration::from_secs(30),
         |s| {
             s.state.observed()
-                && s
-                    .state
+                && s.state
                     .condition(serin::crd::condition::INVALID_SPEC)
                     .is_none_or(|(status, _)| status != "True")
         },
