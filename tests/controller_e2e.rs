@@ -1,4 +1,4 @@
-//! End-to-end: the real controller against the simulated cluster (issue 3 acceptance).
+//! End-to-end: the real controller against the simulated cluster.
 
 mod support;
 

@@ -1167,10 +1167,9 @@ async fn invalid_spec_then_abort_then_retry(name: &str, break_it: Value, field: 
         Duration::from_secs(30),
         |s| {
             s.state.observed()
-                && !s
-                    .state
+                && s.state
                     .condition(serin::crd::condition::INVALID_SPEC)
-                    .is_some_and(|(status, _)| status == "True")
+                    .is_none_or(|(status, _)| status != "True")
         },
     )
     .await;
