@@ -15,6 +15,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 use serin::cli::ManualCommand;
+use serin::controller::status_write::PROGRESS_WRITE_INTERVAL;
 use serin::crd::{AnalysisTemplate, RolloutPhase};
 use serin::sim::prometheus::{PrometheusOptions, PrometheusServer};
 use serin::sim::{FaultAction, FaultRule, WatchScope};
@@ -915,16 +916,29 @@ async fn scaling_through_the_scale_subresource_at_every_step_resizes_both_sides_
             })
             .await;
         assert_eq!(resized.state.step(), Some(pause), "a scale is not progress");
-        // What an HPA reads: every pod the selector matches, and the selector itself.
+        // What an HPA reads: every pod the selector matches, and the selector itself. Counts that only
+        // moved are written at most the progress-write interval late, so wait that long for them.
+        let counted = inv
+            .until(
+                &world,
+                &format!("pod count {replicas} written"),
+                PROGRESS_WRITE_INTERVAL + REACTION,
+                |s| {
+                    let pods: i32 = s.state.replica_sets.iter().map(|rs| rs.replicas).sum();
+                    s.state.rollout.status.as_ref().and_then(|st| st.replicas) == Some(pods)
+                },
+            )
+            .await;
+        assert_eq!(counted.state.step(), Some(pause), "a scale is not progress");
+        let written = counted
+            .state
+            .rollout
+            .status
+            .as_ref()
+            .and_then(|st| st.replicas);
         let scale = rollouts.get_scale("hpa").await.expect("scale subresource");
         let status = scale.status.expect("scale status");
-        let pods: i32 = resized
-            .state
-            .replica_sets
-            .iter()
-            .map(|rs| rs.replicas)
-            .sum();
-        assert_eq!(status.replicas, pods, "{resized:#?}");
+        assert_eq!(Some(status.replicas), written, "{counted:#?}");
         assert_eq!(status.selector.as_deref(), Some("app=hpa"));
         inv.command(&world, ManualCommand::Promote).await;
     }
