@@ -36,8 +36,8 @@ use serin::sim::traffic::TrafficConfig;
 use serin::sim::workload::WorkloadConfig;
 use serin::sim::{FaultAction, FaultRule, SimCluster, SimConfig, WatchScope};
 use support::invariants::{
-    http_routes, managed_weights, Invariants, RunSummary, Snapshot, Target, CONVERGENCE, MAX_POLLS,
-    REACTION,
+    assert_abort_order, http_routes, managed_weights, AbortMark, Invariants, RunSummary, Snapshot,
+    Target, CONVERGENCE, MAX_POLLS, REACTION,
 };
 use support::{
     is_write, lease_holder, LeaseTiming, Replica, State, World, CONTROLLER_USER, NS,
@@ -571,7 +571,7 @@ fn schedule(seed: u64) -> Schedule {
             FaultKind::Unready => {
                 let pods = if rng.chance(30) { 2 } else { 1 };
                 push(at, Action::CanaryUnready { pods });
-                push(at + rng.between(1_000, 4_000), Action::CanaryReady);
+                push(at + rng.between(1_000, 8_000), Action::CanaryReady);
             }
             FaultKind::Workload => {
                 let down = rng.between(1_000, 3_000);
@@ -1109,6 +1109,16 @@ struct Armed {
     until: Instant,
 }
 
+/// What the abort-order check needs of the previous poll.
+#[derive(Clone, Debug)]
+struct PollMemo {
+    started: SystemTime,
+    at_analysis: bool,
+    aborted: bool,
+    route_canary: Option<i64>,
+    canary: String,
+}
+
 /// A command sent and not yet seen taking effect.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -1136,6 +1146,9 @@ struct Runner<'a> {
     steps_change: Option<i64>,
     armed: Vec<Armed>,
     pending: Vec<Pending>,
+    previous: Option<PollMemo>,
+    /// Aborts Serin decided at an analysis step, for the abort-order check.
+    analysis_aborts: Vec<AbortMark>,
     /// The last abort or retry sent.
     last_manual: Option<Manual>,
     last_disruption: Option<Instant>,
@@ -1201,7 +1214,9 @@ impl Runner<'_> {
 
     /// One poll: the invariants, and which commands took effect.
     async fn poll(&mut self) -> Snapshot {
+        let started = SystemTime::now();
         let snap = self.snapshot().await;
+        self.note_analysis_abort(started, &snap);
         let state = &snap.state;
         if state.observed() {
             let aborted = is_aborted(state);
@@ -1230,6 +1245,39 @@ impl Runner<'_> {
         }
         self.inv.check(&snap);
         snap
+    }
+
+    /// An abort Serin decided itself at an analysis step (its analysis failed or errored) is held to the
+    /// abort order (invariant 4) like a human's: at the analysis step nothing else of Serin's moves traffic,
+    /// so every write to the route, the Services and the canary after the previous poll began is the
+    /// abort's.
+    fn note_analysis_abort(&mut self, started: SystemTime, snap: &Snapshot) {
+        let state = &snap.state;
+        let aborted = is_aborted(state);
+        let steps = steps_of(state);
+        let at_analysis = state
+            .step()
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| steps.get(i))
+            .is_some_and(|step| step.analysis.is_some());
+        let manual_abort = self.pending.iter().any(|p| p.manual == Manual::Abort);
+        if let Some(previous) = &self.previous {
+            if previous.at_analysis && !previous.aborted && aborted && !manual_abort {
+                self.analysis_aborts.push(AbortMark {
+                    since: previous.started,
+                    route_canary_weight: previous.route_canary,
+                    stable_service_pinned: true,
+                    canary_rs: format!("{APP}-{}", previous.canary),
+                });
+            }
+        }
+        self.previous = state.canary_hash().map(|canary| PollMemo {
+            started,
+            at_analysis: at_analysis && state.observed(),
+            aborted,
+            route_canary: snap.route.map(|w| w.canary),
+            canary,
+        });
     }
 
     /// Polls until `condition` holds; bounded by `timeout` and [`MAX_POLLS`].
@@ -2038,6 +2086,8 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
         steps_change: None,
         armed: Vec::new(),
         pending: Vec::new(),
+        previous: None,
+        analysis_aborts: Vec::new(),
         last_manual: None,
         last_disruption: None,
         forced_unready: BTreeSet::new(),
@@ -2058,12 +2108,19 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
     runner.expect_outcome(&held);
     runner.expect_commands_done(&held);
     let summary = runner.inv.finish(&runner.bed.world);
+    let records = runner.bed.world.sim.request_log().snapshot();
+    let writers = runner.bed.writers();
+    let writers: Vec<&str> = writers.iter().map(String::as_str).collect();
+    for mark in &runner.analysis_aborts {
+        assert_abort_order(&records, &writers, &runner.inv.target, mark);
+    }
     format!(
-        "seed {}: {:?} in {:.1}s ({:.1}s after the new revision); {summary}",
+        "seed {}: {:?} in {:.1}s ({:.1}s after the new revision); {summary}; {} aborts by analysis checked",
         schedule.seed,
         end.state.phase(),
         started.elapsed().as_secs_f64(),
-        runner.elapsed()
+        runner.elapsed(),
+        runner.analysis_aborts.len()
     )
 }
 
