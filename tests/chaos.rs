@@ -1244,6 +1244,17 @@ impl Runner<'_> {
             }
         }
         self.inv.check(&snap);
+        // The schedules delete no ReplicaSet, route or template and push no invalid spec: a Degraded
+        // status (a stable "missing", an unreadable route, an invalid spec) can only come from planning on
+        // a view of the cluster that is incomplete.
+        assert!(
+            snap.state.phase() != Some(RolloutPhase::Degraded),
+            "Degraded with no fault that explains it: {}\nroute: {:?}\nruns: {:#?}\nstate: {:#?}",
+            snap.state.message(),
+            snap.route,
+            snap.runs,
+            snap.state
+        );
         snap
     }
 
