@@ -457,7 +457,7 @@ const MENU: [(FaultKind, u64); 10] = [
     (FaultKind::Watch, 3),
     (FaultKind::Unready, 2),
     (FaultKind::Workload, 1),
-    (FaultKind::Git, 2),
+    (FaultKind::Git, 3),
     (FaultKind::Scale, 1),
     (FaultKind::Command, 4),
     (FaultKind::Prometheus, 1),
@@ -583,6 +583,7 @@ fn schedule(seed: u64) -> Schedule {
                 let change = rng.pick(&[
                     GitChange::Annotation,
                     GitChange::UnrelatedField,
+                    GitChange::NewSteps,
                     GitChange::NewSteps,
                 ]);
                 push(at, Action::Git(change));
@@ -1140,13 +1141,18 @@ struct Runner<'a> {
     stable: String,
     canary: String,
     /// AnalysisRuns whose verdict Serin rightly set aside: runs of an attempt a retry replaced, step runs
-    /// of steps that changed.
+    /// of steps that changed (those that existed then, and those started for the old steps that Serin
+    /// released).
     superseded: BTreeSet<String>,
     /// The generation of new steps until a status about them is seen.
     steps_change: Option<i64>,
     armed: Vec<Armed>,
     pending: Vec<Pending>,
     previous: Option<PollMemo>,
+    /// New steps came for the canary in flight, and no step analysis of them has started yet.
+    analysis_owed: bool,
+    /// Step runs listed between new steps and Serin's status about them.
+    step_change_candidates: BTreeSet<String>,
     /// Aborts Serin decided at an analysis step, for the abort-order check.
     analysis_aborts: Vec<AbortMark>,
     /// The last abort or retry sent.
@@ -1199,9 +1205,26 @@ impl Runner<'_> {
             if observed {
                 self.steps_change = None;
             } else {
-                // Runs listed before Serin wrote a status about the new steps were started for the old ones.
-                self.superseded
-                    .extend(runs.iter().filter(|r| is_step_run(r)).map(|r| r.name_any()));
+                // A step run listed before Serin wrote a status about the new steps may have been started
+                // for the old ones: if Serin then releases (terminates) it, its verdict does not count.
+                self.step_change_candidates.extend(
+                    runs.iter()
+                        .filter(|r| is_step_run(r) && !self.superseded.contains(&r.name_any()))
+                        .map(|r| r.name_any()),
+                );
+            }
+        }
+        for run in &runs {
+            let name = run.name_any();
+            if run.spec.terminate && self.step_change_candidates.contains(&name) {
+                self.superseded.insert(name);
+            } else if is_step_run(run)
+                && !run.spec.terminate
+                && self.steps_change.is_none()
+                && !self.superseded.contains(&name)
+            {
+                // A step analysis of the new steps started: what they owe before the promotion.
+                self.analysis_owed = false;
             }
         }
         let runs = runs
@@ -1244,6 +1267,13 @@ impl Runner<'_> {
             }
         }
         self.inv.check(&snap);
+        assert!(
+            !(self.analysis_owed
+                && snap.state.stable_hash().as_deref() == Some(self.canary.as_str())),
+            "invariant 3: promoted after new steps without running their analysis step\nruns: {:#?}\nstate: {:#?}",
+            snap.runs,
+            snap.state
+        );
         // The schedules delete no ReplicaSet, route or template and push no invalid spec: a Degraded
         // status (a stable "missing", an unreadable route, an invalid spec) can only come from planning on
         // a view of the cluster that is incomplete.
@@ -1623,6 +1653,14 @@ impl Runner<'_> {
                     GitChange::UnrelatedField => self.git.revision_history_limit += 1,
                     GitChange::NewSteps => {
                         self.git.steps = self.git.steps.other();
+                        let before = self.poll().await;
+                        let state = &before.state;
+                        // New steps for a canary in flight start again with their analysis step; only a
+                        // promote already on its way may still promote it on the old steps.
+                        self.analysis_owed = state.observed()
+                            && state.canary_hash().is_some()
+                            && !is_aborted(state)
+                            && !self.pending.iter().any(|p| p.manual == Manual::Promote);
                         self.supersede_step_runs().await;
                     }
                 }
@@ -2098,6 +2136,8 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
         armed: Vec::new(),
         pending: Vec::new(),
         previous: None,
+        analysis_owed: false,
+        step_change_candidates: BTreeSet::new(),
         analysis_aborts: Vec::new(),
         last_manual: None,
         last_disruption: None,
