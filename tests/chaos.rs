@@ -853,9 +853,10 @@ impl Prometheus {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let terminated = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
+        // The shell's own `kill`: a minimal image may have no kill binary, and std sends only SIGKILL.
+        let terminated = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -TERM {}", child.id()))
             .status()
             .is_ok_and(|status| status.success());
         let deadline = Instant::now() + Duration::from_secs(10);
