@@ -16,6 +16,14 @@ need_root() {
     fi
 }
 
+# The test command checks formatting and lints first.
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        log "installing the $component component (rustup)"
+        rustup component add "$component"
+    fi
+done
+
 if ! command -v prometheus >/dev/null 2>&1; then
     log "installing prometheus (apt)"
     need_root apt-get update -qq
