@@ -1,5 +1,5 @@
 //! Test bed for analysis: a real `prometheus` process on 127.0.0.1 scraping a small exporter whose series the
-//! test controls. Shared by `tests/analysis_prometheus.rs` and `benches/analysis.rs` (included by path).
+//! test controls. Used by `crates/serin/tests/analysis_prometheus.rs` and `crates/serin/benches/analysis.rs`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 //! A real `prometheus` process a test can stop (SIGKILL, like a crashed or evicted pod) and start again on the
 //! same port, keeping its data directory or starting from an empty one: the outages an analysis meets when
-//! the monitoring stack restarts under it. Shared by the analysis fault tests (included by path).
+//! the monitoring stack restarts under it. Used by the analysis fault tests.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

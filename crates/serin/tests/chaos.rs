@@ -7,12 +7,12 @@
 //! the faults stop the Rollout must converge: Healthy on the new revision when the canary was good and
 //! nothing aborted it, Aborted otherwise.
 //!
-//! `cargo nextest run --test chaos` runs the seeds of `tests/chaos.regressions`, then seeds 1 to 20, each in
+//! `cargo nextest run --test chaos` runs the seeds of `crates/serin/tests/chaos.regressions`, then seeds 1 to 20, each in
 //! a cluster of its own, four at a time (under three minutes on two cores). `SERIN_CHAOS_SEEDS=N` runs N
 //! seeds (from `SERIN_CHAOS_FIRST_SEED`, default 1), `SERIN_CHAOS_SEED=S` only seed S,
 //! `SERIN_CHAOS_PARALLEL=K` K seeds at once; beyond about 30 seeds use `cargo test --test chaos -- --nocapture`,
 //! since nextest stops a test after 300 s. A failing seed is printed with its schedule, what was done and the
-//! command that runs it again; keep it in `tests/chaos.regressions`.
+//! command that runs it again; keep it in `crates/serin/tests/chaos.regressions`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serin_testkit as support;
@@ -2236,7 +2236,7 @@ async fn run_seed(seed: u64, crds: PathBuf) -> Verdict {
 
 const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chaos.regressions");
 
-/// The seeds of `tests/chaos.regressions`: one per line, `#` starts a comment.
+/// The seeds of `crates/serin/tests/chaos.regressions`: one per line, `#` starts a comment.
 fn parse_regressions(text: &str) -> Result<Vec<u64>, String> {
     let mut seeds = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -2246,7 +2246,7 @@ fn parse_regressions(text: &str) -> Result<Vec<u64>, String> {
         }
         let seed = content.parse::<u64>().map_err(|error| {
             format!(
-                "tests/chaos.regressions line {}: {content:?} is not a seed ({error})",
+                "crates/serin/tests/chaos.regressions line {}: {content:?} is not a seed ({error})",
                 index + 1
             )
         })?;
@@ -2284,7 +2284,7 @@ fn seeds_to_run() -> Vec<u64> {
 
 #[test]
 fn the_regressions_file_names_one_seed_per_line() {
-    let text = std::fs::read_to_string(REGRESSIONS).expect("tests/chaos.regressions exists");
+    let text = std::fs::read_to_string(REGRESSIONS).expect("crates/serin/tests/chaos.regressions exists");
     parse_regressions(&text).expect("every line is a seed or a comment");
     assert_eq!(
         parse_regressions("# header\n\n42  # why\n7\n"),
@@ -2389,7 +2389,7 @@ async fn seeded_fault_schedules_never_break_an_invariant() {
         report.push_str(&format!(
             "\n==== seed {} failed:\n{}\n---- schedule:\n{}---- what was done:\n{}\n---- run it again:\n  \
              SERIN_CHAOS_SEED={} cargo nextest run --test chaos --no-capture\n---- keep it: add a line \
-             `{}  # <what broke>` to tests/chaos.regressions\n",
+             `{}  # <what broke>` to crates/serin/tests/chaos.regressions\n",
             failure.seed,
             error,
             schedule(failure.seed),
