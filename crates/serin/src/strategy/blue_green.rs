@@ -1,19 +1,26 @@
 //! Decides the next move of a blue-green rollout: preview, pre-promotion gate, switch of the active
 //! Service, post-promotion analysis and rollback, scale-down of the old version after its delay.
+//!
+//! The phases shared with canary (stable, revision, commands, abort, deadline, scale-down, verdicts) live in
+//! `phases`; this module holds what only blue-green does.
 
-use super::canary::DEFAULT_SCALE_DOWN_DELAY_SECS;
 use super::context::{
-    accept_missing_stable, add_deadline, ensure_run, others, pin_unless_serving_elsewhere,
-    prune_history, prune_runs, release_run, remove_deadline, resolve_stable, revision_ref,
-    scale_after_deadline, terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot, RunState, Stable,
+    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, remove_deadline, revision_ref,
+    scale_after_deadline, terminate_runs_of, Ctx, Out, RunSlot,
 };
-use super::status::{
-    apply_user_pause, end_pause, end_step_pauses, fill_counts, previous_degraded,
-    progress_deadline_exceeded, stable_missing, start_pause, Verdict,
-    DEFAULT_PROGRESS_DEADLINE_SECS,
-};
+use super::phases::abort::{abort, abort_reason, Abort};
+use super::phases::commands::{apply_commands, delay_secs, take_commands};
+use super::phases::deadline::{deadline_verdict, watch_progress, Progress};
+use super::phases::gate::{judge, Gate};
+use super::phases::promote::{canary_revision, record_stable, stable_revision};
+use super::phases::revision::{start_revision, InFlight};
+use super::phases::scale_down::{leftovers_running, roles, scale_down_after_delay, tidy};
+use super::phases::stable::{ensure_stable_replica_set, resolve, StableVersion};
+use super::phases::verdicts::{failed, healthy, paused, progressing};
+use super::phases::Kind;
+use super::status::{apply_user_pause, end_pause, end_step_pauses, start_pause, Verdict};
 use super::types::AnalysisPurpose;
-use crate::crd::rollout::{ManualCommands, PromoteCommand, RevisionRef};
+use crate::crd::rollout::BlueGreenStatus;
 use crate::crd::{reason, BlueGreenStrategy, RolloutPhase, RolloutStatus};
 
 /// `currentStepIndex` of a blue-green rollout: the preview is up and waits for its gate.
@@ -22,550 +29,412 @@ pub const BLUE_GREEN_PREVIEW_STEP: i32 = 0;
 /// and the active Service switches to it.
 pub const BLUE_GREEN_PROMOTE_STEP: i32 = 1;
 
+/// The working state of one blue-green plan, passed from phase to phase.
+struct Flight<'b> {
+    bg: &'b BlueGreenStrategy,
+    stable_hash: String,
+    /// The version behind the preview, until it is switched to.
+    new_hash: Option<String>,
+    idx: i32,
+    promote_step: bool,
+    user_paused: bool,
+    aborting: Option<Abort>,
+    abort_delay: i64,
+    state: BlueGreenStatus,
+}
+
 pub(crate) fn plan_blue_green(
     ctx: &Ctx<'_>,
     bg: &BlueGreenStrategy,
     out: &mut Out,
     status: &mut RolloutStatus,
 ) -> Verdict {
-    let n = ctx.replicas;
-    let active_svc = Some(bg.active_service.as_str());
-    let preview_svc = bg.preview_service.as_deref();
-    let commands = ctx.prev.commands.clone().unwrap_or_default();
-    status.commands = commands.paused.map(|paused| ManualCommands {
-        paused: Some(paused),
-        ..Default::default()
-    });
-    let abort_delay = i64::from(
-        bg.abort_scale_down_delay_seconds
-            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECS as i32),
-    );
-    let switch_delay = i64::from(
-        bg.scale_down_delay_seconds
-            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECS as i32),
-    );
-    let preview_target = bg.preview_replica_count.unwrap_or(n);
+    let commands = take_commands(ctx, status);
+    let abort_delay = delay_secs(bg.abort_scale_down_delay_seconds);
     let mut state = status.blue_green.clone().unwrap_or_default();
-    let mut aborting: Option<(String, String)> = None;
-
-    let mut first_rollout = false;
-    let resolved = resolve_stable(ctx, status);
-    // A stable replaced by a human's full promotion: its pods may still serve (a lagging cache), so the
-    // Services stay where they are until the new stable can carry everything.
-    let replacing = matches!(resolved, Stable::Missing(_));
-    let mut stable_hash = match accept_missing_stable(out, resolved, &commands) {
-        Stable::Known(hash) => hash,
-        Stable::Missing(stable) => return stable_missing(ctx, out, status, &stable),
-        Stable::First => {
-            first_rollout = true;
-            let revision = ctx.next_revision_for(&ctx.hash);
-            status.stable_revision = Some(RevisionRef {
-                pod_template_hash: ctx.hash.clone(),
-                revision,
-            });
-            status.canary_revision = None;
-            status.abort = false;
-            status.aborted_at = None;
-            end_step_pauses(ctx, status);
-            ctx.hash.clone()
-        }
+    let stable = match resolve(ctx, out, status, &commands) {
+        Ok(stable) => stable,
+        Err(verdict) => return *verdict,
     };
-    remove_deadline(status, &stable_hash);
-
-    let mut new_hash: Option<String> = None;
-    if ctx.hash == stable_hash {
-        if let Some(previous) = status.canary_revision.take() {
-            if previous.pod_template_hash != stable_hash && !status.abort {
-                out.event(
-                    false,
-                    reason::FAST_ROLLBACK,
-                    format!(
-                        "template is back to the active revision; preview {} leaves",
-                        previous.pod_template_hash
-                    ),
-                );
-            }
-            terminate_runs_of(ctx, out, &previous.pod_template_hash);
-        }
-        status.abort = false;
-        status.aborted_at = None;
-        status.current_step_index = None;
-        state.preview_ready_at = None;
-        end_step_pauses(ctx, status);
-    } else {
-        let continuing = status
-            .canary_revision
-            .as_ref()
-            .is_some_and(|c| c.pod_template_hash == ctx.hash);
-        if !continuing {
-            if let Some(previous) = &status.canary_revision {
-                terminate_runs_of(ctx, out, &previous.pod_template_hash);
-            }
-            if state.post_promotion_pending {
-                terminate_runs_of(ctx, out, &stable_hash);
-                state.post_promotion_pending = false;
-            }
-            let revision = ctx.next_revision_for(&ctx.hash);
-            status.canary_revision = Some(RevisionRef {
-                pod_template_hash: ctx.hash.clone(),
-                revision,
-            });
-            status.current_step_index = Some(BLUE_GREEN_PREVIEW_STEP);
-            status.abort = false;
-            status.aborted_at = None;
-            status.analysis = None;
-            status.step_started_at = Some(ctx.stamp());
+    let in_flight = start_revision(ctx, out, status, &stable.hash, Kind::BlueGreen);
+    match &in_flight {
+        InFlight::Started(_) if state.post_promotion_pending => {
+            // The version switched to is replaced before its post-promotion analysis finished.
+            terminate_runs_of(ctx, out, &stable.hash);
+            state.post_promotion_pending = false;
             state.preview_ready_at = None;
-            end_step_pauses(ctx, status);
-            remove_deadline(status, &ctx.hash);
-            out.event(
-                false,
-                reason::NEW_REVISION,
-                format!(
-                    "revision {revision} ({}) started behind the preview Service",
-                    ctx.hash
-                ),
-            );
         }
-        new_hash = Some(ctx.hash.clone());
+        InFlight::Started(_) | InFlight::None => state.preview_ready_at = None,
+        InFlight::Continuing(_) => {}
     }
-
-    let mut promote_step = false;
-    if let Some(hash) = new_hash.clone() {
-        if commands.retry && status.abort {
-            status.abort = false;
-            status.aborted_at = None;
-            status.current_step_index = Some(BLUE_GREEN_PREVIEW_STEP);
-            status.analysis = None;
-            state.preview_ready_at = None;
-            remove_deadline(status, &hash);
-            end_step_pauses(ctx, status);
-            out.event(false, reason::RETRIED, "rollout retried");
-        }
-        if commands.abort && !status.abort {
-            aborting = Some(abort(
-                ctx,
-                out,
-                status,
-                &hash,
-                abort_delay,
-                reason::ABORTED,
-                "rollout aborted by the user".into(),
-            ));
-        }
-        match commands.promote {
-            Some(PromoteCommand::Full) if !status.abort => {
-                status.current_step_index = Some(BLUE_GREEN_PROMOTE_STEP);
-                end_step_pauses(ctx, status);
-                release_run(ctx, out, status, RunSlot::Current);
-                out.event(
-                    false,
-                    reason::PROMOTED_FULL,
-                    "full promotion requested: pre-promotion analysis skipped",
-                );
-            }
-            Some(PromoteCommand::Step) if !status.abort => promote_step = true,
-            _ => {}
-        }
+    let new_hash = in_flight.hash();
+    let commanded = apply_commands(
+        ctx,
+        out,
+        status,
+        &commands,
+        new_hash.as_deref(),
+        Kind::BlueGreen,
+        abort_delay,
+    );
+    if commanded.retried {
+        state.preview_ready_at = None;
     }
     let in_progress = (new_hash.is_some() && !status.abort) || state.post_promotion_pending;
     let user_paused = apply_user_pause(ctx, status, in_progress);
+    let mut flight = Flight {
+        bg,
+        stable_hash: stable.hash.clone(),
+        new_hash,
+        idx: BLUE_GREEN_PREVIEW_STEP,
+        promote_step: commanded.promote_step,
+        user_paused,
+        aborting: commanded.aborting,
+        abort_delay,
+        state,
+    };
+    post_promotion(ctx, out, status, &mut flight);
+    flight.idx = status.current_step_index.unwrap_or(BLUE_GREEN_PREVIEW_STEP);
+    preview_and_switch(ctx, out, status, &mut flight);
+    status.current_step_index = flight.new_hash.as_ref().map(|_| flight.idx);
+    let progress = watch_progress(
+        ctx,
+        out,
+        status,
+        &flight.stable_hash,
+        flight.new_hash.as_deref(),
+        user_paused,
+        abort_delay,
+        &mut flight.aborting,
+    );
+    route_and_scale(ctx, out, status, &flight, &stable, progress);
+    record_blue_green_status(out, status, &mut flight);
+    verdict(ctx, out, status, flight, progress)
+}
 
-    // Post-promotion analysis of the version just switched to.
-    if new_hash.is_none() && state.post_promotion_pending {
-        match &bg.post_promotion_analysis {
-            None => state.post_promotion_pending = false,
-            Some(post) => {
-                let base = format!("{}-{}-post", ctx.name, stable_hash);
-                let previous = state
-                    .previous_active_selector
-                    .clone()
-                    .filter(|h| ctx.rs(h).is_some_and(|rs| !rs.deleting));
-                match ensure_run(
-                    ctx,
-                    out,
-                    status,
-                    RunSlot::Current,
-                    AnalysisPurpose::PostPromotion,
-                    &base,
-                    &post.templates,
-                    &post.args,
-                    &stable_hash,
-                ) {
-                    RunState::Successful => state.post_promotion_pending = false,
-                    RunState::Waiting => {}
-                    RunState::Inconclusive(_) if promote_step => {
-                        promote_step = false;
-                        end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                        release_run(ctx, out, status, RunSlot::Current);
-                        state.post_promotion_pending = false;
-                    }
-                    RunState::Inconclusive(_) => {
-                        start_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                    }
-                    RunState::Failed(message) => match previous {
-                        Some(old) => {
-                            // Switch back to the version kept running for exactly this.
-                            let failed = stable_hash.clone();
-                            status.canary_revision = status.stable_revision.take();
-                            status.stable_revision = Some(revision_ref(ctx, &old));
-                            remove_deadline(status, &old);
-                            state.post_promotion_pending = false;
-                            aborting = Some(abort(
-                                ctx,
-                                out,
-                                status,
-                                &failed,
-                                abort_delay,
-                                reason::ANALYSIS_FAILED,
-                                message,
-                            ));
-                            stable_hash = old;
-                            new_hash = Some(failed);
-                        }
-                        None => {
-                            state.post_promotion_pending = false;
-                            aborting = Some((
-                                reason::ANALYSIS_FAILED.to_string(),
-                                format!("{message}; no previous version to switch back to"),
-                            ));
-                            out.event(true, reason::ANALYSIS_FAILED, message);
-                        }
-                    },
-                }
-            }
+/// Post-promotion analysis of the version just switched to; on failure the active Service switches back to
+/// the version kept running for exactly this.
+fn post_promotion(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
+    if f.new_hash.is_some() || !f.state.post_promotion_pending {
+        return;
+    }
+    let Some(post) = &f.bg.post_promotion_analysis else {
+        f.state.post_promotion_pending = false;
+        return;
+    };
+    let base = format!("{}-{}-post", ctx.name, f.stable_hash);
+    let previous = f
+        .state
+        .previous_active_selector
+        .clone()
+        .filter(|h| ctx.rs(h).is_some_and(|rs| !rs.deleting));
+    let run = ensure_run(
+        ctx,
+        out,
+        status,
+        RunSlot::Current,
+        AnalysisPurpose::PostPromotion,
+        &base,
+        &post.templates,
+        &post.args,
+        &f.stable_hash,
+    );
+    let release = Some(RunSlot::Current);
+    match judge(ctx, out, status, run, &mut f.promote_step, release) {
+        Gate::Passed => f.state.post_promotion_pending = false,
+        Gate::Waiting | Gate::Paused => {}
+        Gate::Failed(message) => {
+            f.state.post_promotion_pending = false;
+            switch_back(ctx, out, status, f, previous, message);
         }
     }
+}
 
-    // Preview, gate, promotion decision, switch.
-    let mut idx = status.current_step_index.unwrap_or(BLUE_GREEN_PREVIEW_STEP);
-    if let (Some(hash), false, false) = (new_hash.clone(), status.abort, user_paused) {
-        if idx == BLUE_GREEN_PREVIEW_STEP && ctx.fully_available(&hash, preview_target) {
-            let ready_at = state
-                .preview_ready_at
-                .get_or_insert_with(|| ctx.stamp())
-                .0
-                .as_second();
-            let gate_passed = match &bg.pre_promotion_analysis {
-                None => true,
-                Some(pre) => {
-                    let base = format!("{}-{}-pre", ctx.name, hash);
-                    match ensure_run(
-                        ctx,
-                        out,
-                        status,
-                        RunSlot::Current,
-                        AnalysisPurpose::PrePromotion,
-                        &base,
-                        &pre.templates,
-                        &pre.args,
-                        &stable_hash,
-                    ) {
-                        RunState::Successful => true,
-                        RunState::Waiting => false,
-                        RunState::Failed(message) => {
-                            aborting = Some(abort(
-                                ctx,
-                                out,
-                                status,
-                                &hash,
-                                abort_delay,
-                                reason::ANALYSIS_FAILED,
-                                message,
-                            ));
-                            false
-                        }
-                        RunState::Inconclusive(_) if promote_step => {
-                            promote_step = false;
-                            end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                            true
-                        }
-                        RunState::Inconclusive(_) => {
-                            start_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                            false
-                        }
-                    }
-                }
-            };
-            if gate_passed && !status.abort {
-                if promote_step {
-                    end_pause(ctx, status, reason::PAUSED_BLUE_GREEN);
-                    idx = BLUE_GREEN_PROMOTE_STEP;
-                } else if bg.auto_promotion_enabled.unwrap_or(true) {
-                    let at = ready_at + i64::from(bg.auto_promotion_seconds.unwrap_or(0));
-                    if ctx.now_s >= at {
-                        idx = BLUE_GREEN_PROMOTE_STEP;
-                    } else {
-                        out.requeue_at(at);
-                    }
-                } else {
-                    start_pause(ctx, status, reason::PAUSED_BLUE_GREEN);
-                }
-                if idx == BLUE_GREEN_PROMOTE_STEP {
-                    out.event(false, reason::PROMOTED, format!("preview {hash} promoted"));
-                    status.step_started_at = Some(ctx.stamp());
-                }
-            }
-        }
-        if idx == BLUE_GREEN_PROMOTE_STEP && !status.abort && ctx.fully_available(&hash, n) {
-            out.set_selector(active_svc, Some(&hash));
-            out.set_selector(preview_svc, Some(&hash));
-            state.previous_active_selector = Some(stable_hash.clone());
-            add_deadline(ctx, status, &stable_hash, switch_delay);
-            let revision = status
-                .canary_revision
-                .take()
-                .map(|r| r.revision)
-                .unwrap_or_else(|| ctx.next_revision_for(&hash));
-            status.stable_revision = Some(RevisionRef {
-                pod_template_hash: hash.clone(),
-                revision,
-            });
-            state.post_promotion_pending = bg.post_promotion_analysis.is_some();
-            end_step_pauses(ctx, status);
-            if let Some(analysis) = status.analysis.as_mut() {
-                analysis.current_run = None;
-            }
-            out.event(
-                false,
-                reason::SWITCHED_ACTIVE,
-                format!(
-                    "active Service {} now selects revision {revision} ({hash})",
-                    bg.active_service
-                ),
-            );
-            stable_hash = hash;
-            new_hash = None;
-            idx = BLUE_GREEN_PREVIEW_STEP;
-        }
-    }
-    status.current_step_index = new_hash.as_ref().map(|_| idx);
+fn switch_back(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    previous: Option<String>,
+    message: String,
+) {
+    let Some(old) = previous else {
+        f.aborting = Some(Abort {
+            why: reason::ANALYSIS_FAILED.to_string(),
+            message: format!("{message}; no previous version to switch back to"),
+        });
+        out.event(true, reason::ANALYSIS_FAILED, message);
+        return;
+    };
+    let failed = f.stable_hash.clone();
+    status.canary_revision = status.stable_revision.take();
+    status.stable_revision = Some(revision_ref(ctx, &old));
+    remove_deadline(status, &old);
+    let why = reason::ANALYSIS_FAILED;
+    f.aborting = Some(abort(
+        ctx,
+        out,
+        status,
+        &failed,
+        f.abort_delay,
+        why,
+        message,
+    ));
+    f.stable_hash = old;
+    f.new_hash = Some(failed);
+}
 
-    fill_counts(ctx, status);
-    let active_new = new_hash.is_some() && !status.abort;
-    let stable_healthy_now = ctx.fully_available(&stable_hash, n);
-    let watching = (active_new && !user_paused) || (new_hash.is_none() && !stable_healthy_now);
-    let deadline_exceeded = progress_deadline_exceeded(ctx, out, status, watching);
-    if deadline_exceeded && ctx.rollout.spec.progress_deadline_abort && active_new {
-        if let Some(hash) = &new_hash {
-            aborting = Some(abort(
-                ctx,
-                out,
-                status,
-                hash,
-                abort_delay,
-                reason::PROGRESS_DEADLINE_EXCEEDED,
-                "progress deadline exceeded: aborting".into(),
-            ));
+/// Preview, pre-promotion gate, promotion decision, then the switch once the new version is at full size.
+fn preview_and_switch(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+) {
+    let Some(hash) = f.new_hash.clone() else {
+        return;
+    };
+    if status.abort || f.user_paused {
+        return;
+    }
+    let preview_target = f.bg.preview_replica_count.unwrap_or(ctx.replicas);
+    if f.idx == BLUE_GREEN_PREVIEW_STEP && ctx.fully_available(&hash, preview_target) {
+        let ready_at = f
+            .state
+            .preview_ready_at
+            .get_or_insert_with(|| ctx.stamp())
+            .0
+            .as_second();
+        if pre_promotion_passed(ctx, out, status, f, &hash) && !status.abort {
+            decide_promotion(ctx, out, status, f, &hash, ready_at);
         }
     }
-    let active_new = new_hash.is_some() && !status.abort;
-    let aborted = new_hash.is_some() && status.abort;
+    if f.idx == BLUE_GREEN_PROMOTE_STEP && !status.abort && ctx.fully_available(&hash, ctx.replicas)
+    {
+        switch(ctx, out, status, f, hash);
+    }
+}
 
-    // Act: selectors first (a rollback switches back before anything shrinks), then replicas.
-    let hold = first_rollout && !stable_healthy_now;
-    if !replacing || stable_healthy_now {
-        pin_unless_serving_elsewhere(ctx, out, active_svc, &stable_hash, hold);
-        match (&new_hash, active_new) {
-            (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
-            _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &stable_hash, hold),
+/// The pre-promotion gate; a failed analysis aborts the preview.
+fn pre_promotion_passed(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    hash: &str,
+) -> bool {
+    let Some(pre) = &f.bg.pre_promotion_analysis else {
+        return true;
+    };
+    let base = format!("{}-{}-pre", ctx.name, hash);
+    let run = ensure_run(
+        ctx,
+        out,
+        status,
+        RunSlot::Current,
+        AnalysisPurpose::PrePromotion,
+        &base,
+        &pre.templates,
+        &pre.args,
+        &f.stable_hash,
+    );
+    match judge(ctx, out, status, run, &mut f.promote_step, None) {
+        Gate::Passed => true,
+        Gate::Waiting | Gate::Paused => false,
+        Gate::Failed(message) => {
+            let why = reason::ANALYSIS_FAILED;
+            f.aborting = Some(abort(ctx, out, status, hash, f.abort_delay, why, message));
+            false
         }
     }
-    if ctx.rs(&stable_hash).is_none() {
-        out.ensure_rs(
-            ctx,
-            &stable_hash,
-            status
-                .stable_revision
-                .as_ref()
-                .map(|r| r.revision)
-                .unwrap_or(1),
-            n,
-        );
-    }
-    out.scale(ctx, &stable_hash, n);
-    if let (Some(hash), true) = (&new_hash, active_new) {
-        let target = if idx == BLUE_GREEN_PROMOTE_STEP {
-            n
+}
+
+/// Promotion is decided by `promote`, or automatically after `autoPromotionSeconds`, or waits for a human.
+fn decide_promotion(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    hash: &str,
+    ready_at: i64,
+) {
+    if f.promote_step {
+        end_pause(ctx, status, reason::PAUSED_BLUE_GREEN);
+        f.idx = BLUE_GREEN_PROMOTE_STEP;
+    } else if f.bg.auto_promotion_enabled.unwrap_or(true) {
+        let at = ready_at + i64::from(f.bg.auto_promotion_seconds.unwrap_or(0));
+        if ctx.now_s >= at {
+            f.idx = BLUE_GREEN_PROMOTE_STEP;
         } else {
-            preview_target
-        };
-        let revision = status
-            .canary_revision
-            .as_ref()
-            .map(|r| r.revision)
-            .unwrap_or(0);
-        out.ensure_rs(ctx, hash, revision, target);
-        out.scale(ctx, hash, target);
+            out.requeue_at(at);
+        }
+    } else {
+        start_pause(ctx, status, reason::PAUSED_BLUE_GREEN);
     }
-    if let (Some(hash), true) = (&new_hash, aborted) {
-        scale_after_deadline(ctx, out, status, hash, false);
+    if f.idx == BLUE_GREEN_PROMOTE_STEP {
+        out.event(false, reason::PROMOTED, format!("preview {hash} promoted"));
+        status.step_started_at = Some(ctx.stamp());
     }
-    let roles: Vec<&str> = [Some(stable_hash.as_str()), new_hash.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect();
-    let leftovers = others(ctx, &roles);
-    let stable_full = ctx.fully_available(&stable_hash, n);
-    for rs in &leftovers {
-        let hash = rs.pod_template_hash.as_str();
-        let kept_for_rollback =
-            state.post_promotion_pending && state.previous_active_selector.as_deref() == Some(hash);
-        if ctx.deadline(status, hash).is_some() {
-            scale_after_deadline(ctx, out, status, hash, kept_for_rollback);
-        } else if stable_full && !kept_for_rollback {
-            out.scale(ctx, hash, 0);
+}
+
+/// Both Services select the new version, which becomes stable; the old one is kept for its delay (and for
+/// a switch back while the post-promotion analysis runs).
+fn switch(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    hash: String,
+) {
+    out.set_selector(Some(f.bg.active_service.as_str()), Some(&hash));
+    out.set_selector(f.bg.preview_service.as_deref(), Some(&hash));
+    f.state.previous_active_selector = Some(f.stable_hash.clone());
+    let switch_delay = delay_secs(f.bg.scale_down_delay_seconds);
+    add_deadline(ctx, status, &f.stable_hash, switch_delay);
+    let revision = record_stable(ctx, status, &hash);
+    f.state.post_promotion_pending = f.bg.post_promotion_analysis.is_some();
+    end_step_pauses(ctx, status);
+    if let Some(analysis) = status.analysis.as_mut() {
+        analysis.current_run = None;
+    }
+    out.event(
+        false,
+        reason::SWITCHED_ACTIVE,
+        format!(
+            "active Service {} now selects revision {revision} ({hash})",
+            f.bg.active_service
+        ),
+    );
+    f.stable_hash = hash;
+    f.new_hash = None;
+    f.idx = BLUE_GREEN_PREVIEW_STEP;
+}
+
+/// Pods the new version runs at this point: the preview's count, or full size once promotion is decided.
+fn new_target(f: &Flight<'_>, n: i32) -> i32 {
+    if f.idx == BLUE_GREEN_PROMOTE_STEP {
+        n
+    } else {
+        f.bg.preview_replica_count.unwrap_or(n)
+    }
+}
+
+/// Selectors first (a rollback switches back before anything shrinks), then replicas.
+fn route_and_scale(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &Flight<'_>,
+    stable: &StableVersion,
+    progress: Progress,
+) {
+    let n = ctx.replicas;
+    let active_svc = Some(f.bg.active_service.as_str());
+    let preview_svc = f.bg.preview_service.as_deref();
+    let active_new = f.new_hash.is_some() && !status.abort;
+    let hold = stable.first_rollout && !progress.stable_healthy;
+    if !stable.replacing || progress.stable_healthy {
+        pin_unless_serving_elsewhere(ctx, out, active_svc, &f.stable_hash, hold);
+        match (&f.new_hash, active_new) {
+            (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
+            _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &f.stable_hash, hold),
         }
     }
-    prune_runs(ctx, out, &roles);
-    prune_history(ctx, out, status, &roles);
-    tidy_deadlines(ctx, out, status);
-
-    state.active_selector = out
-        .world
-        .selectors
-        .get(&bg.active_service)
-        .cloned()
-        .flatten();
-    state.preview_selector =
-        preview_svc.and_then(|s| out.world.selectors.get(s).cloned().flatten());
-    if new_hash.is_none() {
-        state.preview_ready_at = None;
+    ensure_stable_replica_set(ctx, out, status, &f.stable_hash);
+    out.scale(ctx, &f.stable_hash, n);
+    match (&f.new_hash, active_new) {
+        (Some(hash), true) => {
+            let target = new_target(f, n);
+            out.ensure_rs(ctx, hash, canary_revision(status), target);
+            out.scale(ctx, hash, target);
+        }
+        (Some(hash), false) => {
+            scale_after_deadline(ctx, out, status, hash, false);
+        }
+        (None, _) => {}
     }
-    status.blue_green = Some(state.clone());
+    let roles = roles(&f.stable_hash, f.new_hash.as_deref());
+    let leftovers = others(ctx, &roles);
+    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    let kept_for_rollback = |hash: &str| {
+        f.state.post_promotion_pending && f.state.previous_active_selector.as_deref() == Some(hash)
+    };
+    scale_down_after_delay(ctx, out, status, &leftovers, stable_full, kept_for_rollback);
+    tidy(ctx, out, status, &roles);
+}
+
+fn record_blue_green_status(out: &Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
+    let selector = |service: &str| out.world.selectors.get(service).cloned().flatten();
+    let active = selector(&f.bg.active_service);
+    let preview = f.bg.preview_service.as_deref().and_then(selector);
+    f.state.active_selector = active;
+    f.state.preview_selector = preview;
+    if f.new_hash.is_none() {
+        f.state.preview_ready_at = None;
+    }
+    status.blue_green = Some(f.state.clone());
     status.current_weight = Some(0);
     status.desired_weight = Some(0);
     status.traffic = None;
+}
 
-    let stable_revision = status
-        .stable_revision
-        .as_ref()
-        .map(|r| r.revision)
-        .unwrap_or(0);
-    if aborted || (aborting.is_some() && new_hash.is_none()) {
-        let (why, message) = aborting
-            .or_else(|| previous_degraded(ctx))
-            .unwrap_or_else(|| (reason::ABORTED.to_string(), "rollout aborted".to_string()));
+fn verdict(
+    ctx: &Ctx<'_>,
+    out: &Out,
+    status: &RolloutStatus,
+    f: Flight<'_>,
+    progress: Progress,
+) -> Verdict {
+    let n = ctx.replicas;
+    let stable_revision = stable_revision(status);
+    let aborted = f.new_hash.is_some() && status.abort;
+    if aborted || (f.aborting.is_some() && f.new_hash.is_none()) {
+        let Abort { why, message } = abort_reason(ctx, f.aborting);
         let phase = if aborted {
             RolloutPhase::Aborted
         } else {
             RolloutPhase::Degraded
         };
-        return Verdict {
-            phase,
-            message: format!("active Service on revision {stable_revision}: {message}"),
-            progressing: ("False", why.clone(), message.clone()),
-            degraded: Some((why, message)),
-            invalid: None,
-        };
+        let summary = format!("active Service on revision {stable_revision}: {message}");
+        return failed(phase, summary, why, message);
     }
-    if deadline_exceeded {
-        let message = format!(
-            "no progress for {}s",
-            ctx.rollout
-                .spec
-                .progress_deadline_seconds
-                .map(i64::from)
-                .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECS)
-        );
-        return Verdict {
-            phase: RolloutPhase::Degraded,
-            message: message.clone(),
-            progressing: (
-                "False",
-                reason::PROGRESS_DEADLINE_EXCEEDED.to_string(),
-                message.clone(),
-            ),
-            degraded: Some((reason::PROGRESS_DEADLINE_EXCEEDED.to_string(), message)),
-            invalid: None,
-        };
+    if progress.exceeded {
+        return deadline_verdict(ctx);
     }
     if let Some(pause) = status.pause_conditions.first() {
-        let message = format!("paused: {}", pause.reason);
-        return Verdict {
-            phase: RolloutPhase::Paused,
-            message: message.clone(),
-            progressing: ("Unknown", pause.reason.clone(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return paused(pause.reason.clone(), format!("paused: {}", pause.reason));
     }
-    if let Some(hash) = &new_hash {
-        let target = if idx == BLUE_GREEN_PROMOTE_STEP {
-            n
-        } else {
-            preview_target
-        };
-        let stage = if idx == BLUE_GREEN_PROMOTE_STEP {
+    if let Some(hash) = &f.new_hash {
+        let stage = if f.idx == BLUE_GREEN_PROMOTE_STEP {
             "promoting"
         } else {
             "preview"
         };
         let message = format!(
-            "{stage}: revision {} has {}/{target} pods available",
-            status
-                .canary_revision
-                .as_ref()
-                .map(|r| r.revision)
-                .unwrap_or(0),
-            ctx.available(hash)
+            "{stage}: revision {} has {}/{} pods available",
+            canary_revision(status),
+            ctx.available(hash),
+            new_target(&f, n),
         );
-        return Verdict {
-            phase: RolloutPhase::Progressing,
-            message: message.clone(),
-            progressing: ("True", reason::NEW_REVISION.to_string(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return progressing(reason::NEW_REVISION, message);
     }
-    let leftovers_running = leftovers.iter().any(|rs| {
-        ctx.deadline(status, &rs.pod_template_hash).is_none()
-            && out.spec_of(&rs.pod_template_hash).unwrap_or(0) > 0
-    });
-    if state.post_promotion_pending || !stable_full || leftovers_running {
-        let message = if state.post_promotion_pending {
+    let leftovers = others(ctx, &roles(&f.stable_hash, None));
+    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    if f.state.post_promotion_pending
+        || !stable_full
+        || leftovers_running(ctx, out, status, &leftovers)
+    {
+        let message = if f.state.post_promotion_pending {
             format!("revision {stable_revision} is active; post-promotion analysis running")
         } else {
             format!(
                 "revision {stable_revision}: {}/{n} pods available",
-                ctx.available(&stable_hash)
+                ctx.available(&f.stable_hash)
             )
         };
-        return Verdict {
-            phase: RolloutPhase::Progressing,
-            message: message.clone(),
-            progressing: ("True", reason::WAITING_FOR_PODS.to_string(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return progressing(reason::WAITING_FOR_PODS, message);
     }
-    let message = format!("revision {stable_revision} is active: {n}/{n} pods available");
-    Verdict {
-        phase: RolloutPhase::Healthy,
-        message: message.clone(),
-        progressing: ("True", reason::ROLLOUT_COMPLETED.to_string(), message),
-        degraded: None,
-        invalid: None,
-    }
-}
-
-fn abort(
-    ctx: &Ctx<'_>,
-    out: &mut Out,
-    status: &mut RolloutStatus,
-    hash: &str,
-    delay: i64,
-    why: &'static str,
-    message: String,
-) -> (String, String) {
-    status.abort = true;
-    status.aborted_at = Some(ctx.stamp());
-    end_step_pauses(ctx, status);
-    add_deadline(ctx, status, hash, delay);
-    terminate_runs_of(ctx, out, hash);
-    if why == reason::ANALYSIS_FAILED {
-        status.analysis.get_or_insert_with(Default::default).message = Some(message.clone());
-    }
-    out.event(true, reason::ABORTED, message.clone());
-    (why.to_string(), message)
+    healthy(format!(
+        "revision {stable_revision} is active: {n}/{n} pods available"
+    ))
 }

@@ -1,25 +1,32 @@
 //! Decides the next move of a canary rollout: steps, weights, replica counts, promotion, abort.
 
 use super::context::{
-    accept_missing_stable, add_deadline, ensure_run, others, pin_unless_serving_elsewhere,
-    prune_history, prune_runs, release_run, remove_deadline, resolve_stable, scale_after_deadline,
-    terminate_runs_of, tidy_deadlines, Ctx, Out, RunSlot, RunState, Stable, ROUTER_FOLLOW_UP_SECS,
+    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, release_run, remove_deadline,
+    scale_after_deadline, Ctx, Out, RunSlot, ROUTER_FOLLOW_UP_SECS,
 };
+use super::phases::abort::{abort, abort_reason, Abort};
+use super::phases::commands::{apply_commands, delay_secs, has_full_promotion, take_commands};
+use super::phases::deadline::{deadline_verdict, watch_progress, Progress};
+use super::phases::gate::{judge, Gate};
+use super::phases::promote::{canary_revision, record_stable, stable_revision};
+use super::phases::revision::start_revision;
+use super::phases::scale_down::{leftovers_running, roles, scale_down_after_delay, tidy};
+use super::phases::stable::{ensure_stable_replica_set, resolve, StableVersion};
+use super::phases::verdicts::{failed, healthy, paused, progressing};
+use super::phases::Kind;
 use super::replicas::{
     canary_pods_needed, max_surge, max_unavailable, max_weight_carried, pods_for_weight,
     ratio_weight, scale_without_router, surge_pods_for_weight, ScaleInput,
 };
 use super::status::{
-    apply_user_pause, end_pause, end_step_pauses, fill_counts, has_pause, previous_degraded,
-    progress_deadline_exceeded, stable_missing, start_pause, Verdict,
+    apply_user_pause, end_pause, end_step_pauses, has_pause, start_pause, Verdict,
 };
-use super::types::AnalysisPurpose;
-use crate::crd::rollout::{CanaryStep, ManualCommands, PromoteCommand, RevisionRef, TrafficStatus};
+use super::types::{AnalysisPurpose, ObservedReplicaSet};
+use crate::crd::rollout::{CanaryStep, ManualCommands, TrafficStatus};
 use crate::crd::{reason, CanaryStrategy, RolloutPhase, RolloutStatus};
-use crate::traffic::{DesiredTraffic, HeaderRoute, MirrorRoute};
+use crate::traffic::{DesiredTraffic, HeaderRoute, MirrorRoute, ObservedTraffic};
 
-/// Default of `abortScaleDownDelaySeconds` and `scaleDownDelaySeconds`.
-pub const DEFAULT_SCALE_DOWN_DELAY_SECS: i64 = 30;
+pub use super::phases::commands::DEFAULT_SCALE_DOWN_DELAY_SECS;
 
 /// Weight the canary should have at step `index` (100 once all steps are done).
 pub fn desired_weight(steps: &[CanaryStep], index: i32) -> i32 {
@@ -103,9 +110,34 @@ fn describe(step: &CanaryStep) -> String {
     }
 }
 
-struct Abort {
-    why: String,
-    message: String,
+/// The working state of one canary plan, passed from phase to phase.
+struct Flight<'c> {
+    canary: &'c CanaryStrategy,
+    /// Number of steps.
+    len: i32,
+    router: bool,
+    /// Why the router's state is unknown (never set without a router).
+    route_error: Option<String>,
+    commands: ManualCommands,
+    stable_hash: String,
+    canary_hash: Option<String>,
+    idx: i32,
+    promote_step: bool,
+    user_paused: bool,
+    aborting: Option<Abort>,
+    abort_delay: i64,
+    /// The background analysis vouches for the canary now (or there is none to ask).
+    background_confirms: bool,
+}
+
+impl Flight<'_> {
+    fn active(&self, status: &RolloutStatus) -> bool {
+        self.canary_hash.is_some() && !status.abort
+    }
+
+    fn aborted(&self, status: &RolloutStatus) -> bool {
+        self.canary_hash.is_some() && status.abort
+    }
 }
 
 pub(crate) fn plan_canary(
@@ -114,817 +146,734 @@ pub(crate) fn plan_canary(
     out: &mut Out,
     status: &mut RolloutStatus,
 ) -> Verdict {
-    let steps = &canary.steps;
-    let len = i32::try_from(steps.len()).unwrap_or(i32::MAX);
-    let n = ctx.replicas;
-    let router = canary.traffic_routing.is_some();
-    let stable_svc = canary.stable_service.as_deref();
-    let canary_svc = canary.canary_service.as_deref();
-    let route_error: Option<String> = if router {
-        match &ctx.observed.traffic {
-            Some(Ok(_)) => None,
-            Some(Err(message)) => Some(message.clone()),
-            None => Some("the traffic router's state was not observed".to_string()),
-        }
-    } else {
-        None
+    let len = i32::try_from(canary.steps.len()).unwrap_or(i32::MAX);
+    let route_error = route_error(ctx, canary);
+    let commands = take_commands(ctx, status);
+    let abort_delay = delay_secs(canary.abort_scale_down_delay_seconds);
+    let stable = match resolve(ctx, out, status, &commands) {
+        Ok(stable) => stable,
+        Err(verdict) => return *verdict,
     };
-    let commands = ctx.prev.commands.clone().unwrap_or_default();
-    status.commands = commands.paused.map(|paused| ManualCommands {
-        paused: Some(paused),
-        ..Default::default()
-    });
-    let abort_delay = i64::from(
-        canary
-            .abort_scale_down_delay_seconds
-            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECS as i32),
+    let kind = Kind::Canary { steps: len };
+    let canary_hash = start_revision(ctx, out, status, &stable.hash, kind).hash();
+    restart_changed_steps(ctx, out, status, &canary.steps, canary_hash.as_deref());
+    let commanded = apply_commands(
+        ctx,
+        out,
+        status,
+        &commands,
+        canary_hash.as_deref(),
+        kind,
+        abort_delay,
     );
-    let promote_delay = i64::from(
-        canary
-            .scale_down_delay_seconds
-            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECS as i32),
-    );
-    let mut aborting: Option<Abort> = None;
-
-    // Which version is stable. Without one (first rollout) the current template becomes stable directly,
-    // with no steps. A recorded stable whose ReplicaSet is not observed holds everything.
-    let mut first_rollout = false;
-    let resolved = resolve_stable(ctx, status);
-    // A stable replaced by a human's full promotion: its pods may still serve (a lagging cache), so the
-    // Services stay where they are until the new stable can carry everything.
-    let replacing = matches!(resolved, Stable::Missing(_));
-    let mut stable_hash = match accept_missing_stable(out, resolved, &commands) {
-        Stable::Known(hash) => hash,
-        Stable::Missing(stable) => return stable_missing(ctx, out, status, &stable),
-        Stable::First => {
-            let revision = ctx.next_revision_for(&ctx.hash);
-            status.stable_revision = Some(RevisionRef {
-                pod_template_hash: ctx.hash.clone(),
-                revision,
-            });
-            status.canary_revision = None;
-            status.abort = false;
-            status.aborted_at = None;
-            end_step_pauses(ctx, status);
-            first_rollout = true;
-            ctx.hash.clone()
-        }
-    };
-    remove_deadline(status, &stable_hash);
-
-    // Which version is the canary.
-    let mut canary_hash: Option<String> = None;
-    if ctx.hash == stable_hash {
-        if let Some(previous) = status.canary_revision.take() {
-            if previous.pod_template_hash != stable_hash {
-                out.event(
-                    false,
-                    reason::FAST_ROLLBACK,
-                    format!(
-                        "template is back to stable revision {}; canary {} leaves without steps",
-                        status
-                            .stable_revision
-                            .as_ref()
-                            .map(|r| r.revision)
-                            .unwrap_or(0),
-                        previous.pod_template_hash
-                    ),
-                );
-                terminate_runs_of(ctx, out, &previous.pod_template_hash);
-            }
-        }
-        status.abort = false;
-        status.aborted_at = None;
-        end_step_pauses(ctx, status);
-        status.current_step_index = Some(len);
-    } else {
-        let continuing = status
-            .canary_revision
-            .as_ref()
-            .is_some_and(|c| c.pod_template_hash == ctx.hash);
-        if !continuing {
-            if let Some(previous) = &status.canary_revision {
-                terminate_runs_of(ctx, out, &previous.pod_template_hash);
-            }
-            let revision = ctx.next_revision_for(&ctx.hash);
-            status.canary_revision = Some(RevisionRef {
-                pod_template_hash: ctx.hash.clone(),
-                revision,
-            });
-            status.current_step_index = Some(0);
-            status.abort = false;
-            status.aborted_at = None;
-            status.analysis = None;
-            status.step_started_at = Some(ctx.stamp());
-            end_step_pauses(ctx, status);
-            remove_deadline(status, &ctx.hash);
-            out.event(
-                false,
-                reason::NEW_REVISION,
-                format!(
-                    "revision {revision} ({}) started with {len} steps",
-                    ctx.hash
-                ),
-            );
-        }
-        canary_hash = Some(ctx.hash.clone());
-    }
-    restart_changed_steps(ctx, out, status, steps, canary_hash.as_deref());
-
-    // Manual commands.
-    let mut promote_step = false;
-    if let Some(hash) = canary_hash.clone() {
-        if commands.retry && status.abort {
-            status.abort = false;
-            status.aborted_at = None;
-            status.current_step_index = Some(0);
-            status.analysis = None;
-            status.step_started_at = Some(ctx.stamp());
-            remove_deadline(status, &hash);
-            end_step_pauses(ctx, status);
-            out.event(
-                false,
-                reason::RETRIED,
-                "rollout retried from the first step",
-            );
-        }
-        if commands.abort && !status.abort {
-            aborting = Some(abort(
-                ctx,
-                out,
-                status,
-                &hash,
-                abort_delay,
-                reason::ABORTED,
-                "rollout aborted by the user".into(),
-            ));
-        }
-        match commands.promote {
-            Some(PromoteCommand::Full) if !status.abort => {
-                status.current_step_index = Some(len);
-                status.step_started_at = Some(ctx.stamp());
-                end_step_pauses(ctx, status);
-                release_run(ctx, out, status, RunSlot::Current);
-                release_run(ctx, out, status, RunSlot::Background);
-                out.event(
-                    false,
-                    reason::PROMOTED_FULL,
-                    "full promotion requested: remaining steps and analysis skipped",
-                );
-            }
-            Some(PromoteCommand::Step) if !status.abort => promote_step = true,
-            _ => {}
-        }
-    }
     let active = canary_hash.is_some() && !status.abort;
     let user_paused = apply_user_pause(ctx, status, active);
-    let mut idx = status.current_step_index.unwrap_or(0).clamp(0, len);
+    let mut f = Flight {
+        canary,
+        len,
+        router: canary.traffic_routing.is_some(),
+        route_error,
+        commands,
+        stable_hash: stable.hash.clone(),
+        canary_hash,
+        idx: status.current_step_index.unwrap_or(0).clamp(0, len),
+        promote_step: commanded.promote_step,
+        user_paused,
+        aborting: commanded.aborting,
+        abort_delay,
+        background_confirms: false,
+    };
+    background_analysis(ctx, out, status, &mut f);
+    run_steps(ctx, out, status, &mut f);
+    f.background_confirms = background_confirms(ctx, canary, status, &f.commands);
+    promote(ctx, out, status, &mut f);
+    let progress = watch_progress(
+        ctx,
+        out,
+        status,
+        &f.stable_hash,
+        f.canary_hash.as_deref(),
+        user_paused,
+        abort_delay,
+        &mut f.aborting,
+    );
+    let leftovers = route_and_scale(ctx, out, status, &f, &stable, progress);
+    record_canary_status(ctx, out, status, &f);
+    verdict(ctx, out, status, f, &leftovers, progress)
+}
 
-    // Background analysis, then the steps.
-    if let (Some(hash), Some(background), true) = (canary_hash.clone(), &canary.analysis, active) {
-        let starting = background.starting_step.unwrap_or(0);
-        if idx >= starting && !has_full_promotion(&commands) {
-            let base = format!("{}-{}-background", ctx.name, hash);
-            match ensure_run(
-                ctx,
-                out,
-                status,
-                RunSlot::Background,
-                AnalysisPurpose::Background,
-                &base,
-                &background.templates,
-                &background.args,
-                &stable_hash,
-            ) {
-                RunState::Failed(message) => {
-                    aborting = Some(abort(
-                        ctx,
-                        out,
-                        status,
-                        &hash,
-                        abort_delay,
-                        reason::ANALYSIS_FAILED,
-                        message,
-                    ));
-                }
-                RunState::Inconclusive(_) if promote_step => {
-                    promote_step = false;
-                    release_run(ctx, out, status, RunSlot::Background);
-                    end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                }
-                RunState::Inconclusive(_) => {
-                    start_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                }
-                RunState::Waiting | RunState::Successful => {}
-            }
-        }
+/// Why the router's state is unknown, when the canary has a router.
+fn route_error(ctx: &Ctx<'_>, canary: &CanaryStrategy) -> Option<String> {
+    canary.traffic_routing.as_ref()?;
+    match &ctx.observed.traffic {
+        Some(Ok(_)) => None,
+        Some(Err(message)) => Some(message.clone()),
+        None => Some("the traffic router's state was not observed".to_string()),
     }
+}
+
+/// The background analysis measures the canary from its starting step on; a failure aborts it.
+fn background_analysis(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+) {
+    let (Some(hash), Some(background), true) =
+        (f.canary_hash.clone(), &f.canary.analysis, f.active(status))
+    else {
+        return;
+    };
+    if f.idx < background.starting_step.unwrap_or(0) || has_full_promotion(&f.commands) {
+        return;
+    }
+    let base = format!("{}-{}-background", ctx.name, hash);
+    let run = ensure_run(
+        ctx,
+        out,
+        status,
+        RunSlot::Background,
+        AnalysisPurpose::Background,
+        &base,
+        &background.templates,
+        &background.args,
+        &f.stable_hash,
+    );
+    let release = Some(RunSlot::Background);
+    if let Gate::Failed(message) = judge(ctx, out, status, run, &mut f.promote_step, release) {
+        let why = reason::ANALYSIS_FAILED;
+        f.aborting = Some(abort(ctx, out, status, &hash, f.abort_delay, why, message));
+    }
+}
+
+/// Runs the steps from the current one for as long as each is done; then records where the canary is.
+fn run_steps(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
     let mut step_inconclusive = false;
-    if let (Some(hash), true) = (
-        canary_hash.clone(),
-        active && !status.abort && !user_paused && route_error.is_none(),
-    ) {
+    let runnable = f.active(status) && !f.user_paused && f.route_error.is_none();
+    if let (Some(hash), true) = (f.canary_hash.clone(), runnable) {
         let background_inconclusive = has_pause(status, reason::PAUSED_INCONCLUSIVE)
-            && status
-                .analysis
-                .as_ref()
-                .and_then(|a| a.background_run.as_ref())
-                .and_then(|r| r.phase.as_deref())
-                == Some("Inconclusive");
-        while idx < len && !background_inconclusive && !status.abort {
-            let Some(step) = steps.get(usize::try_from(idx).unwrap_or(usize::MAX)) else {
+            && background_phase(status) == Some("Inconclusive");
+        while f.idx < f.len && !background_inconclusive && !status.abort {
+            let Some(step) = f
+                .canary
+                .steps
+                .get(usize::try_from(f.idx).unwrap_or(usize::MAX))
+            else {
                 break;
             };
-            let done = if let Some(weight) = step.set_weight {
-                weight_reached(ctx, out, canary, &stable_hash, &hash, idx, weight)
-            } else if let Some(pause) = &step.pause {
-                let start = start_pause(ctx, status, reason::PAUSED_STEP);
-                let finished = if promote_step {
-                    promote_step = false;
-                    true
-                } else if let Some(duration) =
-                    pause.duration.as_ref().and_then(|d| d.to_duration().ok())
-                {
-                    let secs = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 4)
-                        + i64::from(duration.subsec_nanos() > 0);
-                    let end = start.saturating_add(secs);
-                    if ctx.now_s >= end {
-                        true
-                    } else {
-                        out.requeue_at(end);
-                        false
-                    }
-                } else {
+            let done = match step_gate(ctx, out, status, f, &hash, step) {
+                Gate::Passed => true,
+                Gate::Paused => {
+                    step_inconclusive = true;
                     false
-                };
-                if finished {
-                    end_pause(ctx, status, reason::PAUSED_STEP);
                 }
-                finished
-            } else if step.set_canary_scale.is_some() {
-                let target = canary_target(canary, steps, idx, n);
-                ctx.available(&hash) >= target
-            } else if let Some(analysis) = &step.analysis {
-                let base = format!("{}-{}-step{}", ctx.name, hash, idx);
-                match ensure_run(
-                    ctx,
-                    out,
-                    status,
-                    RunSlot::Current,
-                    AnalysisPurpose::Step(idx),
-                    &base,
-                    &analysis.templates,
-                    &analysis.args,
-                    &stable_hash,
-                ) {
-                    RunState::Waiting => false,
-                    RunState::Successful => true,
-                    RunState::Failed(message) => {
-                        aborting = Some(abort(
-                            ctx,
-                            out,
-                            status,
-                            &hash,
-                            abort_delay,
-                            reason::ANALYSIS_FAILED,
-                            message,
-                        ));
-                        false
-                    }
-                    RunState::Inconclusive(_) if promote_step => {
-                        promote_step = false;
-                        release_run(ctx, out, status, RunSlot::Current);
-                        end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                        true
-                    }
-                    RunState::Inconclusive(_) => {
-                        step_inconclusive = true;
-                        start_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
-                        false
-                    }
-                }
-            } else {
-                // Header or mirror route: done once the router reports the routes of this step.
-                let (headers, mirrors) = routes_at(steps, idx);
-                out.world.traffic.as_ref().is_some_and(|t| {
-                    t.header_routes == headers.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
-                        && t.mirror_routes
-                            == mirrors.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
-                })
+                Gate::Waiting | Gate::Failed(_) => false,
             };
             if !done {
                 break;
             }
-            out.event(
-                false,
-                reason::STEP_REACHED,
-                format!("step {}/{len} done: {}", idx + 1, describe(step)),
-            );
-            idx += 1;
+            let message = format!("step {}/{} done: {}", f.idx + 1, f.len, describe(step));
+            out.event(false, reason::STEP_REACHED, message);
+            f.idx += 1;
             status.step_started_at = Some(ctx.stamp());
         }
     }
+    // An inconclusive pause that neither this step's analysis nor the background one holds any more ends.
     if !step_inconclusive
         && has_pause(status, reason::PAUSED_INCONCLUSIVE)
-        && status
-            .analysis
-            .as_ref()
-            .and_then(|a| a.background_run.as_ref())
-            .and_then(|r| r.phase.as_deref())
-            != Some("Inconclusive")
+        && background_phase(status) != Some("Inconclusive")
     {
         end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
     }
-    if canary_hash.is_some() {
-        status.current_step_index = Some(idx);
+    if f.canary_hash.is_some() {
+        status.current_step_index = Some(f.idx);
     }
+}
 
-    // Promotion once all steps are done and the canary can carry everything.
-    let background_confirms = background_confirms(ctx, canary, status, &commands);
-    let can_promote = active
-        && !status.abort
-        && idx >= len
-        && !user_paused
-        && route_error.is_none()
-        && status.pause_conditions.is_empty()
-        && background_confirms;
-    if let (Some(hash), true) = (canary_hash.clone(), can_promote) {
-        let ready = if router {
-            ctx.fully_available(&hash, n)
+fn background_phase(status: &RolloutStatus) -> Option<&str> {
+    status
+        .analysis
+        .as_ref()
+        .and_then(|a| a.background_run.as_ref())
+        .and_then(|r| r.phase.as_deref())
+}
+
+/// Whether step `f.idx` is done. A failed step analysis aborts the canary.
+fn step_gate(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    hash: &str,
+    step: &CanaryStep,
+) -> Gate {
+    let passed = |done: bool| if done { Gate::Passed } else { Gate::Waiting };
+    let (canary, idx, n) = (f.canary, f.idx, ctx.replicas);
+    if let Some(weight) = step.set_weight {
+        passed(weight_reached(
+            ctx,
+            out,
+            canary,
+            &f.stable_hash,
+            hash,
+            idx,
+            weight,
+        ))
+    } else if let Some(pause) = &step.pause {
+        passed(pause_done(ctx, out, status, f, pause))
+    } else if step.set_canary_scale.is_some() {
+        passed(ctx.available(hash) >= canary_target(canary, &canary.steps, idx, n))
+    } else if let Some(analysis) = &step.analysis {
+        let base = format!("{}-{}-step{}", ctx.name, hash, idx);
+        let run = ensure_run(
+            ctx,
+            out,
+            status,
+            RunSlot::Current,
+            AnalysisPurpose::Step(idx),
+            &base,
+            &analysis.templates,
+            &analysis.args,
+            &f.stable_hash,
+        );
+        let gate = judge(
+            ctx,
+            out,
+            status,
+            run,
+            &mut f.promote_step,
+            Some(RunSlot::Current),
+        );
+        if let Gate::Failed(message) = &gate {
+            let (why, message) = (reason::ANALYSIS_FAILED, message.clone());
+            f.aborting = Some(abort(ctx, out, status, hash, f.abort_delay, why, message));
+        }
+        gate
+    } else {
+        // Header or mirror route: done once the router reports the routes of this step.
+        let (headers, mirrors) = routes_at(&canary.steps, idx);
+        passed(out.world.traffic.as_ref().is_some_and(|t| {
+            t.header_routes == headers.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
+                && t.mirror_routes == mirrors.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
+        }))
+    }
+}
+
+/// A pause step ends after its duration, or with `promote` when it has none (or is still running).
+fn pause_done(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &mut Flight<'_>,
+    pause: &crate::crd::rollout::PauseStep,
+) -> bool {
+    let start = start_pause(ctx, status, reason::PAUSED_STEP);
+    let finished = if f.promote_step {
+        f.promote_step = false;
+        true
+    } else if let Some(duration) = pause.duration.as_ref().and_then(|d| d.to_duration().ok()) {
+        let secs = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 4)
+            + i64::from(duration.subsec_nanos() > 0);
+        let end = start.saturating_add(secs);
+        if ctx.now_s >= end {
+            true
         } else {
-            ctx.fully_available(&hash, n) && ctx.shrunk_to(&stable_hash, 0)
-        };
-        if ready {
-            if router {
-                // The canary Service must reach the canary before it takes everything (it may still be
-                // pinned elsewhere when a revision starts and promotes in the same plan).
-                out.set_selector(canary_svc, Some(&hash));
-                let full = traffic(canary, 100, Vec::new(), Vec::new());
-                out.set_traffic(full);
-                out.set_selector(stable_svc, Some(&hash));
-                out.set_traffic(traffic(canary, 0, Vec::new(), Vec::new()));
-                add_deadline(ctx, status, &stable_hash, promote_delay);
-            }
-            let revision = status
-                .canary_revision
-                .take()
-                .map(|r| r.revision)
-                .unwrap_or_else(|| ctx.next_revision_for(&hash));
-            status.stable_revision = Some(RevisionRef {
-                pod_template_hash: hash.clone(),
-                revision,
-            });
-            release_run(ctx, out, status, RunSlot::Background);
-            end_step_pauses(ctx, status);
-            out.event(
-                false,
-                reason::PROMOTED,
-                format!("revision {revision} ({hash}) promoted to stable"),
-            );
-            stable_hash = hash;
-            canary_hash = None;
+            out.requeue_at(end);
+            false
         }
+    } else {
+        false
+    };
+    if finished {
+        end_pause(ctx, status, reason::PAUSED_STEP);
     }
-    let active = canary_hash.is_some() && !status.abort;
+    finished
+}
 
-    // Counts and the progress deadline, before acting: an exceeded deadline may abort.
-    fill_counts(ctx, status);
-    let stable_healthy_now = ctx.fully_available(&stable_hash, n);
-    let watching = (active && !user_paused) || (canary_hash.is_none() && !stable_healthy_now);
-    let deadline_exceeded = progress_deadline_exceeded(ctx, out, status, watching);
-    if deadline_exceeded && ctx.rollout.spec.progress_deadline_abort && active {
-        if let Some(hash) = &canary_hash {
-            let message = "progress deadline exceeded: aborting".to_string();
-            aborting = Some(abort(
-                ctx,
-                out,
-                status,
-                hash,
-                abort_delay,
-                reason::PROGRESS_DEADLINE_EXCEEDED,
-                message,
-            ));
-        }
+/// Promotion once all steps are done, nothing holds it, and the canary can carry everything: with a router,
+/// the canary Service takes all traffic and then the stable Service is switched in the same plan.
+fn promote(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
+    let can_promote = f.active(status)
+        && f.idx >= f.len
+        && !f.user_paused
+        && f.route_error.is_none()
+        && status.pause_conditions.is_empty()
+        && f.background_confirms;
+    let Some(hash) = f.canary_hash.clone().filter(|_| can_promote) else {
+        return;
+    };
+    let n = ctx.replicas;
+    let ready = ctx.fully_available(&hash, n) && (f.router || ctx.shrunk_to(&f.stable_hash, 0));
+    if !ready {
+        return;
     }
-    let active = canary_hash.is_some() && !status.abort;
-    let aborted = canary_hash.is_some() && status.abort;
+    if f.router {
+        // The canary Service must reach the canary before it takes everything (it may still be pinned
+        // elsewhere when a revision starts and promotes in the same plan).
+        out.set_selector(f.canary.canary_service.as_deref(), Some(&hash));
+        out.set_traffic(traffic(f.canary, 100, Vec::new(), Vec::new()));
+        out.set_selector(f.canary.stable_service.as_deref(), Some(&hash));
+        out.set_traffic(traffic(f.canary, 0, Vec::new(), Vec::new()));
+        let promote_delay = delay_secs(f.canary.scale_down_delay_seconds);
+        add_deadline(ctx, status, &f.stable_hash, promote_delay);
+    }
+    let revision = record_stable(ctx, status, &hash);
+    release_run(ctx, out, status, RunSlot::Background);
+    end_step_pauses(ctx, status);
+    let message = format!("revision {revision} ({hash}) promoted to stable");
+    out.event(false, reason::PROMOTED, message);
+    f.stable_hash = hash;
+    f.canary_hash = None;
+}
 
-    // Act: weight decreases first, then selectors, scale-ups, weight increases, scale-downs.
-    let dw = if active {
-        desired_weight(steps, idx)
+/// Weight the canary should have now (0 once it is not active).
+fn desired_weight_now(status: &RolloutStatus, f: &Flight<'_>) -> i32 {
+    if f.active(status) {
+        desired_weight(&f.canary.steps, f.idx)
     } else {
         0
-    };
-    let revision_of_canary = status
-        .canary_revision
-        .as_ref()
-        .map(|r| r.revision)
-        .unwrap_or(0);
-    let canary_spec_before = canary_hash
+    }
+}
+
+/// Acts in the safe order (safety rules 1-3): weight decreases, selectors, scale-ups, weight increases,
+/// scale-downs, then what waits for a delay. Returns the leftovers (neither stable nor canary).
+fn route_and_scale<'a>(
+    ctx: &Ctx<'a>,
+    out: &mut Out,
+    status: &mut RolloutStatus,
+    f: &Flight<'_>,
+    stable: &StableVersion,
+    progress: Progress,
+) -> Vec<&'a ObservedReplicaSet> {
+    let canary_spec_before = f
+        .canary_hash
         .as_deref()
         .and_then(|h| out.spec_of(h))
         .unwrap_or(0);
-
-    let mut traffic_emitted = false;
-    let mut late_traffic: Option<DesiredTraffic> = None;
-    if router && route_error.is_none() {
-        let current = out
-            .world
-            .traffic
-            .as_ref()
-            .map(|t| t.canary_weight)
-            .unwrap_or(0);
-        let (routed, headers, mirrors) = match (&canary_hash, active) {
-            (Some(hash), true) => {
-                let available = ctx.available(hash);
-                // Until the canary has the pods for the step's weight, keep the weight Serin set for this
-                // canary (or what the router carries after a lost status write), whichever is higher,
-                // within what the available pods can carry.
-                let set_before = match &ctx.prev.canary_revision {
-                    Some(previous) if previous.pod_template_hash == *hash && !ctx.prev.abort => {
-                        ctx.prev.current_weight.unwrap_or(0)
-                    }
-                    _ => 0,
-                };
-                // All traffic moves only within the promotion itself (which switches the stable Service in
-                // the same plan); before that the canary keeps the last step's weight.
-                let target = match (idx >= len, len) {
-                    (true, 0) => 0,
-                    (true, _) => desired_weight(steps, len - 1).min(99),
-                    (false, _) => dw,
-                };
-                let routed = if available >= canary_pods_needed(n, target) {
-                    target
-                } else {
-                    [set_before, current]
-                        .into_iter()
-                        .filter(|w| *w <= target && canary_pods_needed(n, *w) <= available)
-                        .max()
-                        .unwrap_or_else(|| max_weight_carried(n, available).min(target))
-                };
-                let (headers, mirrors) = routes_at(steps, idx);
-                (routed, headers, mirrors)
-            }
-            _ => (0, Vec::new(), Vec::new()),
-        };
-        let desired = traffic(canary, routed, headers, mirrors);
-        if routed <= current {
-            let before = out.actions.len();
-            out.set_traffic(desired);
-            traffic_emitted |= out.actions.len() > before;
-        } else {
-            late_traffic = Some(desired);
-        }
-    }
-
-    // Selectors. When Serin takes over without a stable in status, a Service that still sends traffic to
-    // older pods stays where it is until the new pods can carry everything.
-    let router_state_known = route_error.is_none();
-    // While the router cannot be read, the canary Service may still carry traffic: it is not re-pinned.
-    let hold = first_rollout && !stable_healthy_now;
-    let canary_svc_movable = if router && !router_state_known {
-        None
-    } else {
-        canary_svc
-    };
-    match (&canary_hash, active) {
-        (Some(hash), true) => {
-            out.set_selector(stable_svc, if router { Some(&stable_hash) } else { None });
-            out.set_selector(canary_svc_movable, Some(hash));
-        }
-        _ if replacing && !stable_healthy_now => {}
-        _ => {
-            pin_unless_serving_elsewhere(ctx, out, stable_svc, &stable_hash, hold);
-            pin_unless_serving_elsewhere(ctx, out, canary_svc_movable, &stable_hash, hold);
-        }
-    }
-
-    // Replica targets.
-    let roles: Vec<&str> = [Some(stable_hash.as_str()), canary_hash.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let mut routed = route(ctx, out, status, f);
+    pin_services(ctx, out, status, f, stable, progress.stable_healthy);
+    let roles = roles(&f.stable_hash, f.canary_hash.as_deref());
     let leftovers = others(ctx, &roles);
-    let mut scale_ups: Vec<(String, i32)> = Vec::new();
-    let mut scale_downs: Vec<(String, i32)> = Vec::new();
-    let mut push = |hash: &str, from: i32, to: i32| {
-        if to > from {
-            scale_ups.push((hash.to_string(), to));
-        } else if to < from {
-            scale_downs.push((hash.to_string(), to));
-        }
-    };
-    if ctx.rs(&stable_hash).is_none() {
-        out.ensure_rs(
-            ctx,
-            &stable_hash,
-            status
-                .stable_revision
-                .as_ref()
-                .map(|r| r.revision)
-                .unwrap_or(1),
-            n,
-        );
-    }
-    let stable_spec = out.spec_of(&stable_hash).unwrap_or(0);
-    if router {
-        push(&stable_hash, stable_spec, n);
-        if let (Some(hash), true) = (&canary_hash, active) {
-            // While the router cannot be read the canary may carry traffic: it never shrinks then.
-            let target = if router_state_known {
-                canary_target(canary, steps, idx, n)
-            } else {
-                canary_target(canary, steps, idx, n).max(canary_spec_before)
-            };
-            if ctx.rs(hash).is_none() {
-                out.ensure_rs(ctx, hash, revision_of_canary, target);
-            } else {
-                out.ensure_rs(ctx, hash, revision_of_canary, target);
-                push(hash, canary_spec_before, target);
-            }
-        }
+    ensure_stable_replica_set(ctx, out, status, &f.stable_hash);
+    let moves = if f.router {
+        moves_with_router(ctx, out, status, f, canary_spec_before)
     } else {
-        let unavailable = max_unavailable(canary.max_unavailable.as_ref(), n).unwrap_or(0);
-        // Through the steps the stable keeps its full size and the canary runs beside it (its target is
-        // already limited by maxSurge, or set by setCanaryScale); only the promotion replaces the stable, and
-        // a promotion on hold (a pause) keeps the last step's canary.
-        let promoting =
-            idx >= len && !user_paused && status.pause_conditions.is_empty() && background_confirms;
-        let canary_goal = if idx >= len && !promoting && len > 0 {
-            canary_target(canary, steps, len - 1, n)
-        } else {
-            canary_target(canary, steps, idx, n)
+        moves_without_router(ctx, out, status, f, &leftovers, canary_spec_before)
+    };
+    for (hash, to) in &moves.ups {
+        out.scale(ctx, hash, *to);
+    }
+    if let Some(desired) = routed.late.take() {
+        routed.emitted |= emit_traffic(out, desired);
+    }
+    for (hash, to) in &moves.downs {
+        out.scale(ctx, hash, *to);
+    }
+    let router_state_known = f.route_error.is_none();
+    if let (Some(hash), true) = (&f.canary_hash, f.aborted(status)) {
+        scale_after_deadline(ctx, out, status, hash, !router_state_known);
+    }
+    if f.router {
+        let stable_full = ctx.fully_available(&f.stable_hash, ctx.replicas);
+        let hold = |_: &str| !router_state_known;
+        scale_down_after_delay(ctx, out, status, &leftovers, stable_full, hold);
+    }
+    if routed.emitted {
+        follow_up_traffic(ctx, out);
+    }
+    tidy(ctx, out, status, &roles);
+    leftovers
+}
+
+/// Traffic decided in this plan: what was written now, and an increase that waits for the scale-ups.
+struct Routed {
+    emitted: bool,
+    late: Option<DesiredTraffic>,
+}
+
+fn emit_traffic(out: &mut Out, desired: DesiredTraffic) -> bool {
+    let before = out.actions.len();
+    out.set_traffic(desired);
+    out.actions.len() > before
+}
+
+/// The weight to route: a decrease is written now, an increase only after the scale-ups, and never more
+/// than the available canary pods carry (safety rule 1).
+fn route(ctx: &Ctx<'_>, out: &mut Out, status: &RolloutStatus, f: &Flight<'_>) -> Routed {
+    let mut routed = Routed {
+        emitted: false,
+        late: None,
+    };
+    if !f.router || f.route_error.is_some() {
+        return routed;
+    }
+    let current = out
+        .world
+        .traffic
+        .as_ref()
+        .map(|t| t.canary_weight)
+        .unwrap_or(0);
+    let (weight, headers, mirrors) = match (&f.canary_hash, f.active(status)) {
+        (Some(hash), true) => {
+            let weight = routed_weight(ctx, status, f, hash, current);
+            let (headers, mirrors) = routes_at(&f.canary.steps, f.idx);
+            (weight, headers, mirrors)
+        }
+        _ => (0, Vec::new(), Vec::new()),
+    };
+    let desired = traffic(f.canary, weight, headers, mirrors);
+    if weight <= current {
+        routed.emitted = emit_traffic(out, desired);
+    } else {
+        routed.late = Some(desired);
+    }
+    routed
+}
+
+/// The weight the active canary gets, given what the router carries (`current`).
+fn routed_weight(
+    ctx: &Ctx<'_>,
+    status: &RolloutStatus,
+    f: &Flight<'_>,
+    hash: &str,
+    current: i32,
+) -> i32 {
+    let n = ctx.replicas;
+    let available = ctx.available(hash);
+    // Until the canary has the pods for the step's weight, keep the weight Serin set for this canary (or
+    // what the router carries after a lost status write), whichever is higher, within what the available
+    // pods can carry.
+    let set_before = match &ctx.prev.canary_revision {
+        Some(previous) if previous.pod_template_hash == hash && !ctx.prev.abort => {
+            ctx.prev.current_weight.unwrap_or(0)
+        }
+        _ => 0,
+    };
+    // All traffic moves only within the promotion itself (which switches the stable Service in the same
+    // plan); before that the canary keeps the last step's weight.
+    let target = match (f.idx >= f.len, f.len) {
+        (true, 0) => 0,
+        (true, _) => desired_weight(&f.canary.steps, f.len - 1).min(99),
+        (false, _) => desired_weight_now(status, f),
+    };
+    if available >= canary_pods_needed(n, target) {
+        target
+    } else {
+        [set_before, current]
+            .into_iter()
+            .filter(|w| *w <= target && canary_pods_needed(n, *w) <= available)
+            .max()
+            .unwrap_or_else(|| max_weight_carried(n, available).min(target))
+    }
+}
+
+/// Selectors. When Serin takes over without a stable in status, a Service that still sends traffic to older
+/// pods stays where it is until the new pods can carry everything. While the router cannot be read, the
+/// canary Service may still carry traffic: it is not re-pinned.
+fn pin_services(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &RolloutStatus,
+    f: &Flight<'_>,
+    stable: &StableVersion,
+    stable_healthy: bool,
+) {
+    let stable_svc = f.canary.stable_service.as_deref();
+    let canary_svc = match (f.router, f.route_error.is_none()) {
+        (true, false) => None,
+        _ => f.canary.canary_service.as_deref(),
+    };
+    let hold = stable.first_rollout && !stable_healthy;
+    match (&f.canary_hash, f.active(status)) {
+        (Some(hash), true) => {
+            let pinned = f.router.then_some(f.stable_hash.as_str());
+            out.set_selector(stable_svc, pinned);
+            out.set_selector(canary_svc, Some(hash));
+        }
+        _ if stable.replacing && !stable_healthy => {}
+        _ => {
+            pin_unless_serving_elsewhere(ctx, out, stable_svc, &f.stable_hash, hold);
+            pin_unless_serving_elsewhere(ctx, out, canary_svc, &f.stable_hash, hold);
+        }
+    }
+}
+
+/// Replica changes, split so that every scale-up happens before any scale-down.
+#[derive(Default)]
+struct Moves {
+    ups: Vec<(String, i32)>,
+    downs: Vec<(String, i32)>,
+}
+
+impl Moves {
+    fn push(&mut self, hash: &str, from: i32, to: i32) {
+        if to > from {
+            self.ups.push((hash.to_string(), to));
+        } else if to < from {
+            self.downs.push((hash.to_string(), to));
+        }
+    }
+
+    /// Creates the canary's ReplicaSet at `target`, or moves the existing one there.
+    fn canary(
+        &mut self,
+        ctx: &Ctx<'_>,
+        out: &mut Out,
+        status: &RolloutStatus,
+        hash: &str,
+        from: i32,
+        target: i32,
+    ) {
+        let exists = ctx.rs(hash).is_some();
+        out.ensure_rs(ctx, hash, canary_revision(status), target);
+        if exists {
+            self.push(hash, from, target);
+        }
+    }
+}
+
+/// With a router the stable keeps its full size; the canary has the pods its weight needs.
+fn moves_with_router(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &RolloutStatus,
+    f: &Flight<'_>,
+    canary_spec_before: i32,
+) -> Moves {
+    let n = ctx.replicas;
+    let mut moves = Moves::default();
+    moves.push(&f.stable_hash, out.spec_of(&f.stable_hash).unwrap_or(0), n);
+    if let (Some(hash), true) = (&f.canary_hash, f.active(status)) {
+        let target = canary_target(f.canary, &f.canary.steps, f.idx, n);
+        // While the router cannot be read the canary may carry traffic: it never shrinks then.
+        let target = match f.route_error {
+            None => target,
+            Some(_) => target.max(canary_spec_before),
         };
-        let configured_surge = canary_surge_cap(canary, n);
-        let surge = match (&canary_hash, active, promoting) {
-            (Some(_), true, false) => canary_goal.max(configured_surge),
-            _ => configured_surge,
-        };
-        let stable_target = match (&canary_hash, active, promoting) {
-            (Some(_), true, true) => 0,
-            _ => n,
-        };
-        // Only pods behind the stable Service (as it will select after this plan) carry traffic, so only
-        // they count towards the availability floor; the others may go freely.
-        let pinned = stable_svc.and_then(|svc| out.world.selectors.get(svc).cloned().flatten());
-        let serving = |hash: &str| match &pinned {
-            Some(selected) if selected != hash => 0,
-            _ => ctx.available(hash),
-        };
-        let stable_input = ScaleInput {
-            spec: stable_spec,
-            available: serving(&stable_hash),
-            target: stable_target,
+        moves.canary(ctx, out, status, hash, canary_spec_before, target);
+    }
+    moves
+}
+
+/// Without a router, through the steps the stable keeps its full size and the canary runs beside it (its
+/// target is already limited by maxSurge, or set by setCanaryScale); only the promotion replaces the stable,
+/// within maxSurge/maxUnavailable, and a promotion on hold (a pause) keeps the last step's canary.
+fn moves_without_router(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    status: &RolloutStatus,
+    f: &Flight<'_>,
+    leftovers: &[&ObservedReplicaSet],
+    canary_spec_before: i32,
+) -> Moves {
+    let (n, len, idx, canary) = (ctx.replicas, f.len, f.idx, f.canary);
+    let active = f.active(status);
+    let unavailable = max_unavailable(canary.max_unavailable.as_ref(), n).unwrap_or(0);
+    let promoting =
+        idx >= len && !f.user_paused && status.pause_conditions.is_empty() && f.background_confirms;
+    let canary_goal = if idx >= len && !promoting && len > 0 {
+        canary_target(canary, &canary.steps, len - 1, n)
+    } else {
+        canary_target(canary, &canary.steps, idx, n)
+    };
+    let configured_surge = canary_surge_cap(canary, n);
+    let (surge, stable_target) = match (&f.canary_hash, active, promoting) {
+        (Some(_), true, false) => (canary_goal.max(configured_surge), n),
+        (Some(_), true, true) => (configured_surge, 0),
+        _ => (configured_surge, n),
+    };
+    // Only pods behind the stable Service (as it will select after this plan) carry traffic, so only they
+    // count towards the availability floor; the others may go freely.
+    let pinned = canary
+        .stable_service
+        .as_deref()
+        .and_then(|svc| out.world.selectors.get(svc).cloned().flatten());
+    let serving = |hash: &str| match &pinned {
+        Some(selected) if selected != hash => 0,
+        _ => ctx.available(hash),
+    };
+    let stable_spec = out.spec_of(&f.stable_hash).unwrap_or(0);
+    let stable_input = ScaleInput {
+        spec: stable_spec,
+        available: serving(&f.stable_hash),
+        target: stable_target,
+        hold: false,
+    };
+    let canary_input = match (&f.canary_hash, active) {
+        (Some(hash), true) => Some(ScaleInput {
+            spec: canary_spec_before,
+            available: serving(hash),
+            target: canary_goal,
             hold: false,
-        };
-        let canary_input = match (&canary_hash, active) {
-            (Some(hash), true) => Some(ScaleInput {
-                spec: canary_spec_before,
-                available: serving(hash),
-                target: canary_goal,
-                hold: false,
-            }),
-            _ => None,
-        };
-        // Old versions behind an unpinned stable Service still serve: they leave within the availability
-        // budget once their delay (if any) has passed, and count for nothing while they are held.
-        let other_inputs: Vec<ScaleInput> = leftovers
-            .iter()
-            .map(|rs| {
-                let hash = rs.pod_template_hash.as_str();
-                // Versions that no longer serve are kept until the stable can carry everything, for a
-                // quick way back (fast rollback); those still serving leave within the budget.
-                let idle_until_stable_full = serving(hash) == 0
-                    && ctx.available(hash) > 0
-                    && !ctx.fully_available(&stable_hash, n);
-                let held = idle_until_stable_full
-                    || ctx
-                        .deadline(status, hash)
-                        .is_some_and(|due| due > ctx.now_s);
-                ScaleInput {
-                    spec: out.spec_of(hash).unwrap_or(0),
-                    available: if held { 0 } else { serving(hash) },
-                    target: 0,
-                    hold: held,
-                }
-            })
-            .collect();
-        let (stable_new, canary_new, others_new) = scale_without_router(
-            n,
-            surge,
-            unavailable,
-            &stable_input,
-            canary_input.as_ref(),
-            &other_inputs,
-        );
-        push(&stable_hash, stable_spec, stable_new);
-        if let (Some(hash), Some(target)) = (&canary_hash, canary_new) {
-            if ctx.rs(hash).is_none() {
-                out.ensure_rs(ctx, hash, revision_of_canary, target);
-            } else {
-                out.ensure_rs(ctx, hash, revision_of_canary, target);
-                push(hash, canary_spec_before, target);
-            }
-        }
-        for (rs, new) in leftovers.iter().zip(others_new) {
-            let hash = rs.pod_template_hash.as_str();
-            match ctx.deadline(status, hash) {
-                Some(due) if due > ctx.now_s => out.requeue_at(due),
-                _ => push(hash, out.spec_of(hash).unwrap_or(0), new),
-            }
-        }
+        }),
+        _ => None,
+    };
+    let other_inputs: Vec<ScaleInput> = leftovers
+        .iter()
+        .map(|rs| leftover_input(ctx, out, status, f, &serving, &rs.pod_template_hash))
+        .collect();
+    let (stable_new, canary_new, others_new) = scale_without_router(
+        n,
+        surge,
+        unavailable,
+        &stable_input,
+        canary_input.as_ref(),
+        &other_inputs,
+    );
+    let mut moves = Moves::default();
+    moves.push(&f.stable_hash, stable_spec, stable_new);
+    if let (Some(hash), Some(target)) = (&f.canary_hash, canary_new) {
+        moves.canary(ctx, out, status, hash, canary_spec_before, target);
     }
-    for (hash, to) in &scale_ups {
-        out.scale(ctx, hash, *to);
-    }
-    if let Some(desired) = late_traffic {
-        let before = out.actions.len();
-        out.set_traffic(desired);
-        traffic_emitted |= out.actions.len() > before;
-    }
-    for (hash, to) in &scale_downs {
-        out.scale(ctx, hash, *to);
-    }
-    // Scale-downs that wait for a delay: the aborted canary and old versions.
-    if aborted {
-        if let Some(hash) = &canary_hash {
-            scale_after_deadline(ctx, out, status, hash, !router_state_known);
-        }
-    }
-    let stable_full = ctx.fully_available(&stable_hash, n);
-    for rs in leftovers.iter().filter(|_| router) {
+    for (rs, new) in leftovers.iter().zip(others_new) {
         let hash = rs.pod_template_hash.as_str();
-        if ctx.deadline(status, hash).is_some() {
-            scale_after_deadline(ctx, out, status, hash, !router_state_known);
-        } else if router_state_known && stable_full {
-            out.scale(ctx, hash, 0);
+        match ctx.deadline(status, hash) {
+            Some(due) if due > ctx.now_s => out.requeue_at(due),
+            _ => moves.push(hash, out.spec_of(hash).unwrap_or(0), new),
         }
     }
-    if traffic_emitted {
-        out.requeue_at(ctx.now_s + ROUTER_FOLLOW_UP_SECS);
-        if let (Some(Ok(observed)), Some(previous)) =
-            (&ctx.observed.traffic, ctx.prev.current_weight)
-        {
-            if observed.canary_weight != previous {
-                out.event(
-                    true,
-                    reason::TRAFFIC_DRIFT,
-                    format!(
+    moves
+}
+
+/// Old versions behind an unpinned stable Service still serve: they leave within the availability budget
+/// once their delay (if any) has passed, and count for nothing while they are held. Versions that no longer
+/// serve are kept until the stable can carry everything, for a quick way back (fast rollback).
+fn leftover_input(
+    ctx: &Ctx<'_>,
+    out: &Out,
+    status: &RolloutStatus,
+    f: &Flight<'_>,
+    serving: &dyn Fn(&str) -> i32,
+    hash: &str,
+) -> ScaleInput {
+    let idle_until_stable_full = serving(hash) == 0
+        && ctx.available(hash) > 0
+        && !ctx.fully_available(&f.stable_hash, ctx.replicas);
+    let held = idle_until_stable_full
+        || ctx
+            .deadline(status, hash)
+            .is_some_and(|due| due > ctx.now_s);
+    ScaleInput {
+        spec: out.spec_of(hash).unwrap_or(0),
+        available: if held { 0 } else { serving(hash) },
+        target: 0,
+        hold: held,
+    }
+}
+
+/// After a weight was written, look again soon to see the router carry it; a router found carrying another
+/// weight than Serin set was changed behind its back.
+fn follow_up_traffic(ctx: &Ctx<'_>, out: &mut Out) {
+    out.requeue_at(ctx.now_s + ROUTER_FOLLOW_UP_SECS);
+    if let (Some(Ok(observed)), Some(previous)) = (&ctx.observed.traffic, ctx.prev.current_weight) {
+        if observed.canary_weight != previous {
+            out.event(
+                true,
+                reason::TRAFFIC_DRIFT,
+                format!(
                     "router carried {}% to the canary where Serin had set {previous}%: set again",
                     observed.canary_weight
                 ),
-                );
-            }
+            );
         }
     }
-    let keep: Vec<&str> = roles.clone();
-    prune_runs(ctx, out, &keep);
-    prune_history(ctx, out, status, &keep);
-    tidy_deadlines(ctx, out, status);
+}
 
-    // Status.
-    status.desired_weight = Some(dw);
-    status.current_weight = Some(if router {
+/// The weights and routes the status reports.
+fn record_canary_status(ctx: &Ctx<'_>, out: &Out, status: &mut RolloutStatus, f: &Flight<'_>) {
+    status.desired_weight = Some(desired_weight_now(status, f));
+    status.current_weight = Some(if f.router {
         match &out.world.traffic {
             Some(t) => t.canary_weight,
             None => ctx.prev.current_weight.unwrap_or(0),
         }
     } else {
-        match (&canary_hash, active) {
-            (Some(hash), true) => ratio_weight(ctx.ready(hash), ctx.ready(&stable_hash)),
+        match (&f.canary_hash, f.active(status)) {
+            (Some(hash), true) => ratio_weight(ctx.ready(hash), ctx.ready(&f.stable_hash)),
             _ => 0,
         }
     });
+    let routes = |pick: fn(&ObservedTraffic) -> &Vec<String>| {
+        out.world
+            .traffic
+            .as_ref()
+            .map(|t| pick(t).clone())
+            .unwrap_or_default()
+    };
     status.traffic = Some(TrafficStatus {
-        router: Some(router_name(canary).to_string()),
-        header_routes: out
-            .world
-            .traffic
-            .as_ref()
-            .map(|t| t.header_routes.clone())
-            .unwrap_or_default(),
-        mirror_routes: out
-            .world
-            .traffic
-            .as_ref()
-            .map(|t| t.mirror_routes.clone())
-            .unwrap_or_default(),
+        router: Some(router_name(f.canary).to_string()),
+        header_routes: routes(|t| &t.header_routes),
+        mirror_routes: routes(|t| &t.mirror_routes),
     });
-    if canary_hash.is_none() {
-        status.current_step_index = Some(len);
+    if f.canary_hash.is_none() {
+        status.current_step_index = Some(f.len);
     }
+}
 
-    let stable_revision = status
-        .stable_revision
-        .as_ref()
-        .map(|r| r.revision)
-        .unwrap_or(0);
-    let leftovers_running = leftovers.iter().any(|rs| {
-        ctx.deadline(status, &rs.pod_template_hash).is_none()
-            && out.spec_of(&rs.pod_template_hash).unwrap_or(0) > 0
-    });
-    if aborted {
-        let (why, message) = match aborting {
-            Some(a) => (a.why, a.message),
-            None => previous_degraded(ctx)
-                .unwrap_or_else(|| (reason::ABORTED.to_string(), "rollout aborted".to_string())),
-        };
-        return Verdict {
-            phase: RolloutPhase::Aborted,
-            message: format!(
-                "aborted, all traffic on stable revision {stable_revision}: {message}"
-            ),
-            progressing: ("False", why.clone(), message.clone()),
-            degraded: Some((why, message)),
-            invalid: None,
-        };
+fn verdict(
+    ctx: &Ctx<'_>,
+    out: &Out,
+    status: &RolloutStatus,
+    f: Flight<'_>,
+    leftovers: &[&ObservedReplicaSet],
+    progress: Progress,
+) -> Verdict {
+    let (n, len, idx) = (ctx.replicas, f.len, f.idx);
+    let stable_revision = stable_revision(status);
+    if f.aborted(status) {
+        let Abort { why, message } = abort_reason(ctx, f.aborting);
+        let summary =
+            format!("aborted, all traffic on stable revision {stable_revision}: {message}");
+        return failed(RolloutPhase::Aborted, summary, why, message);
     }
-    if let (Some(message), true) = (&route_error, router) {
+    if let Some(message) = &f.route_error {
         let message = format!("traffic router: {message}");
-        return Verdict {
-            phase: RolloutPhase::Degraded,
-            message: message.clone(),
-            progressing: ("False", reason::ROUTE_MISSING.to_string(), message.clone()),
-            degraded: Some((reason::ROUTE_MISSING.to_string(), message)),
-            invalid: None,
-        };
+        let why = reason::ROUTE_MISSING.to_string();
+        return failed(RolloutPhase::Degraded, message.clone(), why, message);
     }
-    if deadline_exceeded {
-        let message = format!(
-            "no progress for {}s",
-            ctx.rollout
-                .spec
-                .progress_deadline_seconds
-                .map(i64::from)
-                .unwrap_or(super::status::DEFAULT_PROGRESS_DEADLINE_SECS)
-        );
-        return Verdict {
-            phase: RolloutPhase::Degraded,
-            message: message.clone(),
-            progressing: (
-                "False",
-                reason::PROGRESS_DEADLINE_EXCEEDED.to_string(),
-                message.clone(),
-            ),
-            degraded: Some((reason::PROGRESS_DEADLINE_EXCEEDED.to_string(), message)),
-            invalid: None,
-        };
+    if progress.exceeded {
+        return deadline_verdict(ctx);
     }
-    let step_text = steps
+    let step_text = f
+        .canary
+        .steps
         .get(usize::try_from(idx).unwrap_or(usize::MAX))
         .map(|s| format!("step {}/{len} ({})", idx + 1, describe(s)))
         .unwrap_or_else(|| "promotion".to_string());
     if let Some(pause) = status.pause_conditions.first() {
         let message = format!("paused at {step_text}: {}", pause.reason);
-        return Verdict {
-            phase: RolloutPhase::Paused,
-            message: message.clone(),
-            progressing: ("Unknown", pause.reason.clone(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return paused(pause.reason.clone(), message);
     }
-    if let Some(hash) = &canary_hash {
-        let waiting = if idx >= len && !background_confirms {
+    if let Some(hash) = &f.canary_hash {
+        let waiting = if idx >= len && !f.background_confirms {
             "; waiting for the background analysis to measure the canary healthy"
         } else {
             ""
         };
         let message = format!(
-            "revision {revision_of_canary} at {step_text}: weight {}/{dw}, canary {}/{} available{waiting}",
+            "revision {} at {step_text}: weight {}/{}, canary {}/{} available{waiting}",
+            canary_revision(status),
             status.current_weight.unwrap_or(0),
+            status.desired_weight.unwrap_or(0),
             ctx.available(hash),
-            canary_target(canary, steps, idx, n),
+            canary_target(f.canary, &f.canary.steps, idx, n),
         );
-        return Verdict {
-            phase: RolloutPhase::Progressing,
-            message: message.clone(),
-            progressing: ("True", reason::NEW_REVISION.to_string(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return progressing(reason::NEW_REVISION, message);
     }
-    if !stable_full || leftovers_running || out.spec_of(&stable_hash) != Some(n) {
+    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    if !stable_full
+        || leftovers_running(ctx, out, status, leftovers)
+        || out.spec_of(&f.stable_hash) != Some(n)
+    {
         let message = format!(
             "revision {stable_revision}: {}/{n} pods available",
-            ctx.available(&stable_hash)
+            ctx.available(&f.stable_hash)
         );
-        return Verdict {
-            phase: RolloutPhase::Progressing,
-            message: message.clone(),
-            progressing: ("True", reason::WAITING_FOR_PODS.to_string(), message),
-            degraded: None,
-            invalid: None,
-        };
+        return progressing(reason::WAITING_FOR_PODS, message);
     }
-    let message = format!("revision {stable_revision} is stable: {n}/{n} pods available");
-    Verdict {
-        phase: RolloutPhase::Healthy,
-        message: message.clone(),
-        progressing: ("True", reason::ROLLOUT_COMPLETED.to_string(), message),
-        degraded: None,
-        invalid: None,
-    }
+    healthy(format!(
+        "revision {stable_revision} is stable: {n}/{n} pods available"
+    ))
 }
 
 /// Background analysis must vouch for the canary at the moment of promotion: its run measured every metric and
@@ -949,10 +898,6 @@ fn background_confirms(
             run.phase == crate::crd::AnalysisPhase::Successful
                 || (run.latest_successful && !run.phase.is_completed() && !run.terminating)
         })
-}
-
-fn has_full_promotion(commands: &ManualCommands) -> bool {
-    commands.promote == Some(PromoteCommand::Full)
 }
 
 fn router_name(canary: &CanaryStrategy) -> &'static str {
@@ -1037,30 +982,6 @@ fn weight_reached(
         ctx.available(hash) >= target
             && ctx.shrunk_to(hash, target)
             && ctx.fully_available(stable, n)
-    }
-}
-
-fn abort(
-    ctx: &Ctx<'_>,
-    out: &mut Out,
-    status: &mut RolloutStatus,
-    hash: &str,
-    delay: i64,
-    why: &'static str,
-    message: String,
-) -> Abort {
-    status.abort = true;
-    status.aborted_at = Some(ctx.stamp());
-    end_step_pauses(ctx, status);
-    add_deadline(ctx, status, hash, delay);
-    terminate_runs_of(ctx, out, hash);
-    if why == reason::ANALYSIS_FAILED {
-        status.analysis.get_or_insert_with(Default::default).message = Some(message.clone());
-    }
-    out.event(true, reason::ABORTED, message.clone());
-    Abort {
-        why: why.to_string(),
-        message,
     }
 }
 

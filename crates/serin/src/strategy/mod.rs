@@ -43,6 +43,7 @@ pub mod blue_green;
 pub mod canary;
 mod context;
 pub mod hash;
+mod phases;
 pub mod replicas;
 pub mod status;
 pub mod types;

@@ -1,0 +1,57 @@
+//! The phases of one plan that canary and blue-green share, in the order a plan runs them: resolve the
+//! stable version, start (or continue) a revision, apply the user's commands, gate on analysis, promote,
+//! watch the progress deadline, scale down what waits for a delay, and word the status.
+//!
+//! Each strategy keeps only what is its own (canary steps and weights, blue-green preview and switch) and
+//! calls these for the rest, so an abort, a retry or a deadline means the same thing in both.
+
+pub(crate) mod abort;
+pub(crate) mod commands;
+pub(crate) mod deadline;
+pub(crate) mod gate;
+pub(crate) mod promote;
+pub(crate) mod revision;
+pub(crate) mod scale_down;
+pub(crate) mod stable;
+pub(crate) mod verdicts;
+
+use super::blue_green::BLUE_GREEN_PROMOTE_STEP;
+
+/// Which strategy a shared phase works for, where the two differ in a detail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A canary with this many steps.
+    Canary {
+        steps: i32,
+    },
+    BlueGreen,
+}
+
+impl Kind {
+    /// `currentStepIndex` once no revision is in flight: past the last step for a canary, absent for blue-green.
+    pub(crate) fn settled_index(self) -> Option<i32> {
+        match self {
+            Kind::Canary { steps } => Some(steps),
+            Kind::BlueGreen => None,
+        }
+    }
+
+    /// `currentStepIndex` after `promote --full`: past every step, or the blue-green promotion step.
+    pub(crate) fn full_promotion_index(self) -> i32 {
+        match self {
+            Kind::Canary { steps } => steps,
+            Kind::BlueGreen => BLUE_GREEN_PROMOTE_STEP,
+        }
+    }
+
+    /// A canary's timed pauses count from `stepStartedAt`, so a retry or a full promotion stamps it again; a
+    /// blue-green preview counts from its readiness instead.
+    pub(crate) fn restamps_steps(self) -> bool {
+        matches!(self, Kind::Canary { .. })
+    }
+
+    /// Only a canary runs a background analysis beside its steps.
+    pub(crate) fn has_background_analysis(self) -> bool {
+        matches!(self, Kind::Canary { .. })
+    }
+}
