@@ -5,19 +5,19 @@
 //! `phases`; this module holds what only blue-green does.
 
 use super::context::{
-    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, remove_deadline, revision_ref,
+    add_deadline, others, pin_unless_serving_elsewhere, remove_deadline, revision_ref,
     scale_after_deadline, terminate_runs_of, Ctx, Out, RunSlot,
 };
-use super::phases::abort::{abort, abort_reason, Abort};
+use super::phases::abort::{abort_reason, Abort};
 use super::phases::commands::{apply_commands, delay_secs, take_commands};
 use super::phases::deadline::{deadline_verdict, watch_progress, Progress};
-use super::phases::gate::{judge, Gate};
+use super::phases::gate::{analysis_gate, Analysis, Gate};
 use super::phases::promote::{canary_revision, record_stable, stable_revision};
 use super::phases::revision::{start_revision, InFlight};
 use super::phases::scale_down::{leftovers_running, roles, scale_down_after_delay, tidy};
 use super::phases::stable::{ensure_stable_replica_set, resolve, StableVersion};
 use super::phases::verdicts::{failed, healthy, paused, progressing};
-use super::phases::Kind;
+use super::phases::{Core, Kind};
 use super::status::{apply_user_pause, end_pause, end_step_pauses, start_pause, Verdict};
 use super::types::AnalysisPurpose;
 use crate::crd::rollout::BlueGreenStatus;
@@ -31,15 +31,10 @@ pub const BLUE_GREEN_PROMOTE_STEP: i32 = 1;
 
 /// The working state of one blue-green plan, passed from phase to phase.
 struct Flight<'b> {
+    /// `core.in_flight` is the version behind the preview, until it is switched to.
+    core: Core,
     bg: &'b BlueGreenStrategy,
-    stable_hash: String,
-    /// The version behind the preview, until it is switched to.
-    new_hash: Option<String>,
     idx: i32,
-    promote_step: bool,
-    user_paused: bool,
-    aborting: Option<Abort>,
-    abort_delay: i64,
     state: BlueGreenStatus,
 }
 
@@ -82,31 +77,25 @@ pub(crate) fn plan_blue_green(
     }
     let in_progress = (new_hash.is_some() && !status.abort) || state.post_promotion_pending;
     let user_paused = apply_user_pause(ctx, status, in_progress);
-    let mut flight = Flight {
-        bg,
+    let core = Core {
         stable_hash: stable.hash.clone(),
-        new_hash,
-        idx: BLUE_GREEN_PREVIEW_STEP,
+        in_flight: new_hash,
         promote_step: commanded.promote_step,
         user_paused,
         aborting: commanded.aborting,
         abort_delay,
+    };
+    let mut flight = Flight {
+        core,
+        bg,
+        idx: BLUE_GREEN_PREVIEW_STEP,
         state,
     };
     post_promotion(ctx, out, status, &mut flight);
     flight.idx = status.current_step_index.unwrap_or(BLUE_GREEN_PREVIEW_STEP);
     preview_and_switch(ctx, out, status, &mut flight);
-    status.current_step_index = flight.new_hash.as_ref().map(|_| flight.idx);
-    let progress = watch_progress(
-        ctx,
-        out,
-        status,
-        &flight.stable_hash,
-        flight.new_hash.as_deref(),
-        user_paused,
-        abort_delay,
-        &mut flight.aborting,
-    );
+    status.current_step_index = flight.core.in_flight.as_ref().map(|_| flight.idx);
+    let progress = watch_progress(ctx, out, status, &mut flight.core);
     route_and_scale(ctx, out, status, &flight, &stable, progress);
     record_blue_green_status(out, status, &mut flight);
     verdict(ctx, out, status, flight, progress)
@@ -115,32 +104,29 @@ pub(crate) fn plan_blue_green(
 /// Post-promotion analysis of the version just switched to; on failure the active Service switches back to
 /// the version kept running for exactly this.
 fn post_promotion(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
-    if f.new_hash.is_some() || !f.state.post_promotion_pending {
+    if f.core.in_flight.is_some() || !f.state.post_promotion_pending {
         return;
     }
     let Some(post) = &f.bg.post_promotion_analysis else {
         f.state.post_promotion_pending = false;
         return;
     };
-    let base = format!("{}-{}-post", ctx.name, f.stable_hash);
     let previous = f
         .state
         .previous_active_selector
         .clone()
         .filter(|h| ctx.rs(h).is_some_and(|rs| !rs.deleting));
-    let run = ensure_run(
+    let analysis = Analysis::of(AnalysisPurpose::PostPromotion, &post.templates, &post.args);
+    let (stable_hash, release) = (f.core.stable_hash.clone(), Some(RunSlot::Current));
+    match analysis_gate(
         ctx,
         out,
         status,
-        RunSlot::Current,
-        AnalysisPurpose::PostPromotion,
-        &base,
-        &post.templates,
-        &post.args,
-        &f.stable_hash,
-    );
-    let release = Some(RunSlot::Current);
-    match judge(ctx, out, status, run, &mut f.promote_step, release) {
+        &mut f.core,
+        analysis,
+        &stable_hash,
+        release,
+    ) {
         Gate::Passed => f.state.post_promotion_pending = false,
         Gate::Waiting | Gate::Paused => {}
         Gate::Failed(message) => {
@@ -159,29 +145,21 @@ fn switch_back(
     message: String,
 ) {
     let Some(old) = previous else {
-        f.aborting = Some(Abort {
+        f.core.aborting = Some(Abort {
             why: reason::ANALYSIS_FAILED.to_string(),
             message: format!("{message}; no previous version to switch back to"),
         });
         out.event(true, reason::ANALYSIS_FAILED, message);
         return;
     };
-    let failed = f.stable_hash.clone();
+    let failed = f.core.stable_hash.clone();
     status.canary_revision = status.stable_revision.take();
     status.stable_revision = Some(revision_ref(ctx, &old));
     remove_deadline(status, &old);
-    let why = reason::ANALYSIS_FAILED;
-    f.aborting = Some(abort(
-        ctx,
-        out,
-        status,
-        &failed,
-        f.abort_delay,
-        why,
-        message,
-    ));
-    f.stable_hash = old;
-    f.new_hash = Some(failed);
+    f.core
+        .abort(ctx, out, status, &failed, reason::ANALYSIS_FAILED, message);
+    f.core.stable_hash = old;
+    f.core.in_flight = Some(failed);
 }
 
 /// Preview, pre-promotion gate, promotion decision, then the switch once the new version is at full size.
@@ -191,10 +169,10 @@ fn preview_and_switch(
     status: &mut RolloutStatus,
     f: &mut Flight<'_>,
 ) {
-    let Some(hash) = f.new_hash.clone() else {
+    let Some(hash) = f.core.in_flight.clone() else {
         return;
     };
-    if status.abort || f.user_paused {
+    if status.abort || f.core.user_paused {
         return;
     }
     let preview_target = f.bg.preview_replica_count.unwrap_or(ctx.replicas);
@@ -226,24 +204,13 @@ fn pre_promotion_passed(
     let Some(pre) = &f.bg.pre_promotion_analysis else {
         return true;
     };
-    let base = format!("{}-{}-pre", ctx.name, hash);
-    let run = ensure_run(
-        ctx,
-        out,
-        status,
-        RunSlot::Current,
-        AnalysisPurpose::PrePromotion,
-        &base,
-        &pre.templates,
-        &pre.args,
-        &f.stable_hash,
-    );
-    match judge(ctx, out, status, run, &mut f.promote_step, None) {
+    let analysis = Analysis::of(AnalysisPurpose::PrePromotion, &pre.templates, &pre.args);
+    match analysis_gate(ctx, out, status, &mut f.core, analysis, hash, None) {
         Gate::Passed => true,
         Gate::Waiting | Gate::Paused => false,
         Gate::Failed(message) => {
             let why = reason::ANALYSIS_FAILED;
-            f.aborting = Some(abort(ctx, out, status, hash, f.abort_delay, why, message));
+            f.core.abort(ctx, out, status, hash, why, message);
             false
         }
     }
@@ -258,7 +225,7 @@ fn decide_promotion(
     hash: &str,
     ready_at: i64,
 ) {
-    if f.promote_step {
+    if f.core.promote_step {
         end_pause(ctx, status, reason::PAUSED_BLUE_GREEN);
         f.idx = BLUE_GREEN_PROMOTE_STEP;
     } else if f.bg.auto_promotion_enabled.unwrap_or(true) {
@@ -288,9 +255,9 @@ fn switch(
 ) {
     out.set_selector(Some(f.bg.active_service.as_str()), Some(&hash));
     out.set_selector(f.bg.preview_service.as_deref(), Some(&hash));
-    f.state.previous_active_selector = Some(f.stable_hash.clone());
+    f.state.previous_active_selector = Some(f.core.stable_hash.clone());
     let switch_delay = delay_secs(f.bg.scale_down_delay_seconds);
-    add_deadline(ctx, status, &f.stable_hash, switch_delay);
+    add_deadline(ctx, status, &f.core.stable_hash, switch_delay);
     let revision = record_stable(ctx, status, &hash);
     f.state.post_promotion_pending = f.bg.post_promotion_analysis.is_some();
     end_step_pauses(ctx, status);
@@ -305,8 +272,8 @@ fn switch(
             f.bg.active_service
         ),
     );
-    f.stable_hash = hash;
-    f.new_hash = None;
+    f.core.stable_hash = hash;
+    f.core.in_flight = None;
     f.idx = BLUE_GREEN_PREVIEW_STEP;
 }
 
@@ -331,18 +298,18 @@ fn route_and_scale(
     let n = ctx.replicas;
     let active_svc = Some(f.bg.active_service.as_str());
     let preview_svc = f.bg.preview_service.as_deref();
-    let active_new = f.new_hash.is_some() && !status.abort;
+    let active_new = f.core.in_flight.is_some() && !status.abort;
     let hold = stable.first_rollout && !progress.stable_healthy;
     if !stable.replacing || progress.stable_healthy {
-        pin_unless_serving_elsewhere(ctx, out, active_svc, &f.stable_hash, hold);
-        match (&f.new_hash, active_new) {
+        pin_unless_serving_elsewhere(ctx, out, active_svc, &f.core.stable_hash, hold);
+        match (&f.core.in_flight, active_new) {
             (Some(hash), true) => out.set_selector(preview_svc, Some(hash)),
-            _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &f.stable_hash, hold),
+            _ => pin_unless_serving_elsewhere(ctx, out, preview_svc, &f.core.stable_hash, hold),
         }
     }
-    ensure_stable_replica_set(ctx, out, status, &f.stable_hash);
-    out.scale(ctx, &f.stable_hash, n);
-    match (&f.new_hash, active_new) {
+    ensure_stable_replica_set(ctx, out, status, &f.core.stable_hash);
+    out.scale(ctx, &f.core.stable_hash, n);
+    match (&f.core.in_flight, active_new) {
         (Some(hash), true) => {
             let target = new_target(f, n);
             out.ensure_rs(ctx, hash, canary_revision(status), target);
@@ -353,9 +320,9 @@ fn route_and_scale(
         }
         (None, _) => {}
     }
-    let roles = roles(&f.stable_hash, f.new_hash.as_deref());
+    let roles = roles(&f.core.stable_hash, f.core.in_flight.as_deref());
     let leftovers = others(ctx, &roles);
-    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    let stable_full = ctx.fully_available(&f.core.stable_hash, n);
     let kept_for_rollback = |hash: &str| {
         f.state.post_promotion_pending && f.state.previous_active_selector.as_deref() == Some(hash)
     };
@@ -369,7 +336,7 @@ fn record_blue_green_status(out: &Out, status: &mut RolloutStatus, f: &mut Fligh
     let preview = f.bg.preview_service.as_deref().and_then(selector);
     f.state.active_selector = active;
     f.state.preview_selector = preview;
-    if f.new_hash.is_none() {
+    if f.core.in_flight.is_none() {
         f.state.preview_ready_at = None;
     }
     status.blue_green = Some(f.state.clone());
@@ -387,9 +354,9 @@ fn verdict(
 ) -> Verdict {
     let n = ctx.replicas;
     let stable_revision = stable_revision(status);
-    let aborted = f.new_hash.is_some() && status.abort;
-    if aborted || (f.aborting.is_some() && f.new_hash.is_none()) {
-        let Abort { why, message } = abort_reason(ctx, f.aborting);
+    let aborted = f.core.in_flight.is_some() && status.abort;
+    if aborted || (f.core.aborting.is_some() && f.core.in_flight.is_none()) {
+        let Abort { why, message } = abort_reason(ctx, f.core.aborting);
         let phase = if aborted {
             RolloutPhase::Aborted
         } else {
@@ -404,7 +371,7 @@ fn verdict(
     if let Some(pause) = status.pause_conditions.first() {
         return paused(pause.reason.clone(), format!("paused: {}", pause.reason));
     }
-    if let Some(hash) = &f.new_hash {
+    if let Some(hash) = &f.core.in_flight {
         let stage = if f.idx == BLUE_GREEN_PROMOTE_STEP {
             "promoting"
         } else {
@@ -418,8 +385,8 @@ fn verdict(
         );
         return progressing(reason::NEW_REVISION, message);
     }
-    let leftovers = others(ctx, &roles(&f.stable_hash, None));
-    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    let leftovers = others(ctx, &roles(&f.core.stable_hash, None));
+    let stable_full = ctx.fully_available(&f.core.stable_hash, n);
     if f.state.post_promotion_pending
         || !stable_full
         || leftovers_running(ctx, out, status, &leftovers)
@@ -429,7 +396,7 @@ fn verdict(
         } else {
             format!(
                 "revision {stable_revision}: {}/{n} pods available",
-                ctx.available(&f.stable_hash)
+                ctx.available(&f.core.stable_hash)
             )
         };
         return progressing(reason::WAITING_FOR_PODS, message);

@@ -1,19 +1,19 @@
 //! Decides the next move of a canary rollout: steps, weights, replica counts, promotion, abort.
 
 use super::context::{
-    add_deadline, ensure_run, others, pin_unless_serving_elsewhere, release_run, remove_deadline,
+    add_deadline, others, pin_unless_serving_elsewhere, release_run, remove_deadline,
     scale_after_deadline, Ctx, Out, RunSlot, ROUTER_FOLLOW_UP_SECS,
 };
-use super::phases::abort::{abort, abort_reason, Abort};
+use super::phases::abort::{abort_reason, Abort};
 use super::phases::commands::{apply_commands, delay_secs, has_full_promotion, take_commands};
 use super::phases::deadline::{deadline_verdict, watch_progress, Progress};
-use super::phases::gate::{judge, Gate};
+use super::phases::gate::{analysis_gate, Analysis, Gate};
 use super::phases::promote::{canary_revision, record_stable, stable_revision};
 use super::phases::revision::start_revision;
 use super::phases::scale_down::{leftovers_running, roles, scale_down_after_delay, tidy};
 use super::phases::stable::{ensure_stable_replica_set, resolve, StableVersion};
 use super::phases::verdicts::{failed, healthy, paused, progressing};
-use super::phases::Kind;
+use super::phases::{Core, Kind};
 use super::replicas::{
     canary_pods_needed, max_surge, max_unavailable, max_weight_carried, pods_for_weight,
     ratio_weight, scale_without_router, surge_pods_for_weight, ScaleInput,
@@ -21,7 +21,7 @@ use super::replicas::{
 use super::status::{
     apply_user_pause, end_pause, end_step_pauses, has_pause, start_pause, Verdict,
 };
-use super::types::{AnalysisPurpose, ObservedReplicaSet};
+use super::types::{AnalysisPurpose as Purpose, ObservedReplicaSet};
 use crate::crd::rollout::{CanaryStep, ManualCommands, TrafficStatus};
 use crate::crd::{reason, CanaryStrategy, RolloutPhase, RolloutStatus};
 use crate::traffic::{DesiredTraffic, HeaderRoute, MirrorRoute, ObservedTraffic};
@@ -112,6 +112,7 @@ fn describe(step: &CanaryStep) -> String {
 
 /// The working state of one canary plan, passed from phase to phase.
 struct Flight<'c> {
+    core: Core,
     canary: &'c CanaryStrategy,
     /// Number of steps.
     len: i32,
@@ -119,25 +120,9 @@ struct Flight<'c> {
     /// Why the router's state is unknown (never set without a router).
     route_error: Option<String>,
     commands: ManualCommands,
-    stable_hash: String,
-    canary_hash: Option<String>,
     idx: i32,
-    promote_step: bool,
-    user_paused: bool,
-    aborting: Option<Abort>,
-    abort_delay: i64,
     /// The background analysis vouches for the canary now (or there is none to ask).
     background_confirms: bool,
-}
-
-impl Flight<'_> {
-    fn active(&self, status: &RolloutStatus) -> bool {
-        self.canary_hash.is_some() && !status.abort
-    }
-
-    fn aborted(&self, status: &RolloutStatus) -> bool {
-        self.canary_hash.is_some() && status.abort
-    }
 }
 
 pub(crate) fn plan_canary(
@@ -168,35 +153,29 @@ pub(crate) fn plan_canary(
     );
     let active = canary_hash.is_some() && !status.abort;
     let user_paused = apply_user_pause(ctx, status, active);
+    let core = Core {
+        stable_hash: stable.hash.clone(),
+        in_flight: canary_hash,
+        promote_step: commanded.promote_step,
+        user_paused,
+        aborting: commanded.aborting,
+        abort_delay,
+    };
     let mut f = Flight {
+        core,
         canary,
         len,
         router: canary.traffic_routing.is_some(),
         route_error,
         commands,
-        stable_hash: stable.hash.clone(),
-        canary_hash,
         idx: status.current_step_index.unwrap_or(0).clamp(0, len),
-        promote_step: commanded.promote_step,
-        user_paused,
-        aborting: commanded.aborting,
-        abort_delay,
         background_confirms: false,
     };
     background_analysis(ctx, out, status, &mut f);
     run_steps(ctx, out, status, &mut f);
     f.background_confirms = background_confirms(ctx, canary, status, &f.commands);
     promote(ctx, out, status, &mut f);
-    let progress = watch_progress(
-        ctx,
-        out,
-        status,
-        &f.stable_hash,
-        f.canary_hash.as_deref(),
-        user_paused,
-        abort_delay,
-        &mut f.aborting,
-    );
+    let progress = watch_progress(ctx, out, status, &mut f.core);
     let leftovers = route_and_scale(ctx, out, status, &f, &stable, progress);
     record_canary_status(ctx, out, status, &f);
     verdict(ctx, out, status, f, &leftovers, progress)
@@ -219,38 +198,31 @@ fn background_analysis(
     status: &mut RolloutStatus,
     f: &mut Flight<'_>,
 ) {
-    let (Some(hash), Some(background), true) =
-        (f.canary_hash.clone(), &f.canary.analysis, f.active(status))
-    else {
+    let (Some(hash), Some(background), true) = (
+        f.core.in_flight.clone(),
+        &f.canary.analysis,
+        f.core.active(status),
+    ) else {
         return;
     };
     if f.idx < background.starting_step.unwrap_or(0) || has_full_promotion(&f.commands) {
         return;
     }
-    let base = format!("{}-{}-background", ctx.name, hash);
-    let run = ensure_run(
-        ctx,
-        out,
-        status,
-        RunSlot::Background,
-        AnalysisPurpose::Background,
-        &base,
-        &background.templates,
-        &background.args,
-        &f.stable_hash,
-    );
+    let analysis = Analysis::of(Purpose::Background, &background.templates, &background.args);
     let release = Some(RunSlot::Background);
-    if let Gate::Failed(message) = judge(ctx, out, status, run, &mut f.promote_step, release) {
-        let why = reason::ANALYSIS_FAILED;
-        f.aborting = Some(abort(ctx, out, status, &hash, f.abort_delay, why, message));
+    if let Gate::Failed(message) =
+        analysis_gate(ctx, out, status, &mut f.core, analysis, &hash, release)
+    {
+        f.core
+            .abort(ctx, out, status, &hash, reason::ANALYSIS_FAILED, message);
     }
 }
 
 /// Runs the steps from the current one for as long as each is done; then records where the canary is.
 fn run_steps(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
     let mut step_inconclusive = false;
-    let runnable = f.active(status) && !f.user_paused && f.route_error.is_none();
-    if let (Some(hash), true) = (f.canary_hash.clone(), runnable) {
+    let runnable = f.core.active(status) && !f.core.user_paused && f.route_error.is_none();
+    if let (Some(hash), true) = (f.core.in_flight.clone(), runnable) {
         let background_inconclusive = has_pause(status, reason::PAUSED_INCONCLUSIVE)
             && background_phase(status) == Some("Inconclusive");
         while f.idx < f.len && !background_inconclusive && !status.abort {
@@ -285,7 +257,7 @@ fn run_steps(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut F
     {
         end_pause(ctx, status, reason::PAUSED_INCONCLUSIVE);
     }
-    if f.canary_hash.is_some() {
+    if f.core.in_flight.is_some() {
         status.current_step_index = Some(f.idx);
     }
 }
@@ -314,7 +286,7 @@ fn step_gate(
             ctx,
             out,
             canary,
-            &f.stable_hash,
+            &f.core.stable_hash,
             hash,
             idx,
             weight,
@@ -324,29 +296,13 @@ fn step_gate(
     } else if step.set_canary_scale.is_some() {
         passed(ctx.available(hash) >= canary_target(canary, &canary.steps, idx, n))
     } else if let Some(analysis) = &step.analysis {
-        let base = format!("{}-{}-step{}", ctx.name, hash, idx);
-        let run = ensure_run(
-            ctx,
-            out,
-            status,
-            RunSlot::Current,
-            AnalysisPurpose::Step(idx),
-            &base,
-            &analysis.templates,
-            &analysis.args,
-            &f.stable_hash,
-        );
-        let gate = judge(
-            ctx,
-            out,
-            status,
-            run,
-            &mut f.promote_step,
-            Some(RunSlot::Current),
-        );
+        let analysis = Analysis::of(Purpose::Step(idx), &analysis.templates, &analysis.args);
+        let release = Some(RunSlot::Current);
+        let gate = analysis_gate(ctx, out, status, &mut f.core, analysis, hash, release);
         if let Gate::Failed(message) = &gate {
-            let (why, message) = (reason::ANALYSIS_FAILED, message.clone());
-            f.aborting = Some(abort(ctx, out, status, hash, f.abort_delay, why, message));
+            let message = message.clone();
+            f.core
+                .abort(ctx, out, status, hash, reason::ANALYSIS_FAILED, message);
         }
         gate
     } else {
@@ -368,8 +324,8 @@ fn pause_done(
     pause: &crate::crd::rollout::PauseStep,
 ) -> bool {
     let start = start_pause(ctx, status, reason::PAUSED_STEP);
-    let finished = if f.promote_step {
-        f.promote_step = false;
+    let finished = if f.core.promote_step {
+        f.core.promote_step = false;
         true
     } else if let Some(duration) = pause.duration.as_ref().and_then(|d| d.to_duration().ok()) {
         let secs = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 4)
@@ -393,17 +349,18 @@ fn pause_done(
 /// Promotion once all steps are done, nothing holds it, and the canary can carry everything: with a router,
 /// the canary Service takes all traffic and then the stable Service is switched in the same plan.
 fn promote(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
-    let can_promote = f.active(status)
+    let can_promote = f.core.active(status)
         && f.idx >= f.len
-        && !f.user_paused
+        && !f.core.user_paused
         && f.route_error.is_none()
         && status.pause_conditions.is_empty()
         && f.background_confirms;
-    let Some(hash) = f.canary_hash.clone().filter(|_| can_promote) else {
+    let Some(hash) = f.core.in_flight.clone().filter(|_| can_promote) else {
         return;
     };
     let n = ctx.replicas;
-    let ready = ctx.fully_available(&hash, n) && (f.router || ctx.shrunk_to(&f.stable_hash, 0));
+    let ready =
+        ctx.fully_available(&hash, n) && (f.router || ctx.shrunk_to(&f.core.stable_hash, 0));
     if !ready {
         return;
     }
@@ -415,20 +372,20 @@ fn promote(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, f: &mut Fli
         out.set_selector(f.canary.stable_service.as_deref(), Some(&hash));
         out.set_traffic(traffic(f.canary, 0, Vec::new(), Vec::new()));
         let promote_delay = delay_secs(f.canary.scale_down_delay_seconds);
-        add_deadline(ctx, status, &f.stable_hash, promote_delay);
+        add_deadline(ctx, status, &f.core.stable_hash, promote_delay);
     }
     let revision = record_stable(ctx, status, &hash);
     release_run(ctx, out, status, RunSlot::Background);
     end_step_pauses(ctx, status);
     let message = format!("revision {revision} ({hash}) promoted to stable");
     out.event(false, reason::PROMOTED, message);
-    f.stable_hash = hash;
-    f.canary_hash = None;
+    f.core.stable_hash = hash;
+    f.core.in_flight = None;
 }
 
 /// Weight the canary should have now (0 once it is not active).
 fn desired_weight_now(status: &RolloutStatus, f: &Flight<'_>) -> i32 {
-    if f.active(status) {
+    if f.core.active(status) {
         desired_weight(&f.canary.steps, f.idx)
     } else {
         0
@@ -446,15 +403,16 @@ fn route_and_scale<'a>(
     progress: Progress,
 ) -> Vec<&'a ObservedReplicaSet> {
     let canary_spec_before = f
-        .canary_hash
+        .core
+        .in_flight
         .as_deref()
         .and_then(|h| out.spec_of(h))
         .unwrap_or(0);
     let mut routed = route(ctx, out, status, f);
     pin_services(ctx, out, status, f, stable, progress.stable_healthy);
-    let roles = roles(&f.stable_hash, f.canary_hash.as_deref());
+    let roles = roles(&f.core.stable_hash, f.core.in_flight.as_deref());
     let leftovers = others(ctx, &roles);
-    ensure_stable_replica_set(ctx, out, status, &f.stable_hash);
+    ensure_stable_replica_set(ctx, out, status, &f.core.stable_hash);
     let moves = if f.router {
         moves_with_router(ctx, out, status, f, canary_spec_before)
     } else {
@@ -470,11 +428,11 @@ fn route_and_scale<'a>(
         out.scale(ctx, hash, *to);
     }
     let router_state_known = f.route_error.is_none();
-    if let (Some(hash), true) = (&f.canary_hash, f.aborted(status)) {
+    if let (Some(hash), true) = (&f.core.in_flight, f.core.aborted(status)) {
         scale_after_deadline(ctx, out, status, hash, !router_state_known);
     }
     if f.router {
-        let stable_full = ctx.fully_available(&f.stable_hash, ctx.replicas);
+        let stable_full = ctx.fully_available(&f.core.stable_hash, ctx.replicas);
         let hold = |_: &str| !router_state_known;
         scale_down_after_delay(ctx, out, status, &leftovers, stable_full, hold);
     }
@@ -513,7 +471,7 @@ fn route(ctx: &Ctx<'_>, out: &mut Out, status: &RolloutStatus, f: &Flight<'_>) -
         .as_ref()
         .map(|t| t.canary_weight)
         .unwrap_or(0);
-    let (weight, headers, mirrors) = match (&f.canary_hash, f.active(status)) {
+    let (weight, headers, mirrors) = match (&f.core.in_flight, f.core.active(status)) {
         (Some(hash), true) => {
             let weight = routed_weight(ctx, status, f, hash, current);
             let (headers, mirrors) = routes_at(&f.canary.steps, f.idx);
@@ -584,16 +542,16 @@ fn pin_services(
         _ => f.canary.canary_service.as_deref(),
     };
     let hold = stable.first_rollout && !stable_healthy;
-    match (&f.canary_hash, f.active(status)) {
+    match (&f.core.in_flight, f.core.active(status)) {
         (Some(hash), true) => {
-            let pinned = f.router.then_some(f.stable_hash.as_str());
+            let pinned = f.router.then_some(f.core.stable_hash.as_str());
             out.set_selector(stable_svc, pinned);
             out.set_selector(canary_svc, Some(hash));
         }
         _ if stable.replacing && !stable_healthy => {}
         _ => {
-            pin_unless_serving_elsewhere(ctx, out, stable_svc, &f.stable_hash, hold);
-            pin_unless_serving_elsewhere(ctx, out, canary_svc, &f.stable_hash, hold);
+            pin_unless_serving_elsewhere(ctx, out, stable_svc, &f.core.stable_hash, hold);
+            pin_unless_serving_elsewhere(ctx, out, canary_svc, &f.core.stable_hash, hold);
         }
     }
 }
@@ -642,8 +600,12 @@ fn moves_with_router(
 ) -> Moves {
     let n = ctx.replicas;
     let mut moves = Moves::default();
-    moves.push(&f.stable_hash, out.spec_of(&f.stable_hash).unwrap_or(0), n);
-    if let (Some(hash), true) = (&f.canary_hash, f.active(status)) {
+    moves.push(
+        &f.core.stable_hash,
+        out.spec_of(&f.core.stable_hash).unwrap_or(0),
+        n,
+    );
+    if let (Some(hash), true) = (&f.core.in_flight, f.core.active(status)) {
         let target = canary_target(f.canary, &f.canary.steps, f.idx, n);
         // While the router cannot be read the canary may carry traffic: it never shrinks then.
         let target = match f.route_error {
@@ -667,17 +629,19 @@ fn moves_without_router(
     canary_spec_before: i32,
 ) -> Moves {
     let (n, len, idx, canary) = (ctx.replicas, f.len, f.idx, f.canary);
-    let active = f.active(status);
+    let active = f.core.active(status);
     let unavailable = max_unavailable(canary.max_unavailable.as_ref(), n).unwrap_or(0);
-    let promoting =
-        idx >= len && !f.user_paused && status.pause_conditions.is_empty() && f.background_confirms;
+    let promoting = idx >= len
+        && !f.core.user_paused
+        && status.pause_conditions.is_empty()
+        && f.background_confirms;
     let canary_goal = if idx >= len && !promoting && len > 0 {
         canary_target(canary, &canary.steps, len - 1, n)
     } else {
         canary_target(canary, &canary.steps, idx, n)
     };
     let configured_surge = canary_surge_cap(canary, n);
-    let (surge, stable_target) = match (&f.canary_hash, active, promoting) {
+    let (surge, stable_target) = match (&f.core.in_flight, active, promoting) {
         (Some(_), true, false) => (canary_goal.max(configured_surge), n),
         (Some(_), true, true) => (configured_surge, 0),
         _ => (configured_surge, n),
@@ -692,14 +656,14 @@ fn moves_without_router(
         Some(selected) if selected != hash => 0,
         _ => ctx.available(hash),
     };
-    let stable_spec = out.spec_of(&f.stable_hash).unwrap_or(0);
+    let stable_spec = out.spec_of(&f.core.stable_hash).unwrap_or(0);
     let stable_input = ScaleInput {
         spec: stable_spec,
-        available: serving(&f.stable_hash),
+        available: serving(&f.core.stable_hash),
         target: stable_target,
         hold: false,
     };
-    let canary_input = match (&f.canary_hash, active) {
+    let canary_input = match (&f.core.in_flight, active) {
         (Some(hash), true) => Some(ScaleInput {
             spec: canary_spec_before,
             available: serving(hash),
@@ -721,8 +685,8 @@ fn moves_without_router(
         &other_inputs,
     );
     let mut moves = Moves::default();
-    moves.push(&f.stable_hash, stable_spec, stable_new);
-    if let (Some(hash), Some(target)) = (&f.canary_hash, canary_new) {
+    moves.push(&f.core.stable_hash, stable_spec, stable_new);
+    if let (Some(hash), Some(target)) = (&f.core.in_flight, canary_new) {
         moves.canary(ctx, out, status, hash, canary_spec_before, target);
     }
     for (rs, new) in leftovers.iter().zip(others_new) {
@@ -748,7 +712,7 @@ fn leftover_input(
 ) -> ScaleInput {
     let idle_until_stable_full = serving(hash) == 0
         && ctx.available(hash) > 0
-        && !ctx.fully_available(&f.stable_hash, ctx.replicas);
+        && !ctx.fully_available(&f.core.stable_hash, ctx.replicas);
     let held = idle_until_stable_full
         || ctx
             .deadline(status, hash)
@@ -788,8 +752,8 @@ fn record_canary_status(ctx: &Ctx<'_>, out: &Out, status: &mut RolloutStatus, f:
             None => ctx.prev.current_weight.unwrap_or(0),
         }
     } else {
-        match (&f.canary_hash, f.active(status)) {
-            (Some(hash), true) => ratio_weight(ctx.ready(hash), ctx.ready(&f.stable_hash)),
+        match (&f.core.in_flight, f.core.active(status)) {
+            (Some(hash), true) => ratio_weight(ctx.ready(hash), ctx.ready(&f.core.stable_hash)),
             _ => 0,
         }
     });
@@ -805,7 +769,7 @@ fn record_canary_status(ctx: &Ctx<'_>, out: &Out, status: &mut RolloutStatus, f:
         header_routes: routes(|t| &t.header_routes),
         mirror_routes: routes(|t| &t.mirror_routes),
     });
-    if f.canary_hash.is_none() {
+    if f.core.in_flight.is_none() {
         status.current_step_index = Some(f.len);
     }
 }
@@ -820,8 +784,8 @@ fn verdict(
 ) -> Verdict {
     let (n, len, idx) = (ctx.replicas, f.len, f.idx);
     let stable_revision = stable_revision(status);
-    if f.aborted(status) {
-        let Abort { why, message } = abort_reason(ctx, f.aborting);
+    if f.core.aborted(status) {
+        let Abort { why, message } = abort_reason(ctx, f.core.aborting);
         let summary =
             format!("aborted, all traffic on stable revision {stable_revision}: {message}");
         return failed(RolloutPhase::Aborted, summary, why, message);
@@ -844,7 +808,7 @@ fn verdict(
         let message = format!("paused at {step_text}: {}", pause.reason);
         return paused(pause.reason.clone(), message);
     }
-    if let Some(hash) = &f.canary_hash {
+    if let Some(hash) = &f.core.in_flight {
         let waiting = if idx >= len && !f.background_confirms {
             "; waiting for the background analysis to measure the canary healthy"
         } else {
@@ -860,14 +824,14 @@ fn verdict(
         );
         return progressing(reason::NEW_REVISION, message);
     }
-    let stable_full = ctx.fully_available(&f.stable_hash, n);
+    let stable_full = ctx.fully_available(&f.core.stable_hash, n);
     if !stable_full
         || leftovers_running(ctx, out, status, leftovers)
-        || out.spec_of(&f.stable_hash) != Some(n)
+        || out.spec_of(&f.core.stable_hash) != Some(n)
     {
         let message = format!(
             "revision {stable_revision}: {}/{n} pods available",
-            ctx.available(&f.stable_hash)
+            ctx.available(&f.core.stable_hash)
         );
         return progressing(reason::WAITING_FOR_PODS, message);
     }

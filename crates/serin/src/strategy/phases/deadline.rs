@@ -6,8 +6,8 @@ use super::super::context::{Ctx, Out};
 use super::super::status::{
     fill_counts, progress_deadline_exceeded, Verdict, DEFAULT_PROGRESS_DEADLINE_SECS,
 };
-use super::abort::{abort, Abort};
 use super::verdicts::failed;
+use super::Core;
 use crate::crd::{reason, RolloutPhase, RolloutStatus};
 
 /// Where the rollout stands against its progress deadline.
@@ -20,30 +20,31 @@ pub(crate) struct Progress {
 
 /// Counts the pods, stamps progress and checks the deadline, before anything is acted on: an exceeded deadline
 /// may abort `in_flight`, which changes what is acted on.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn watch_progress(
     ctx: &Ctx<'_>,
     out: &mut Out,
     status: &mut RolloutStatus,
-    stable_hash: &str,
-    in_flight: Option<&str>,
-    user_paused: bool,
-    abort_delay: i64,
-    aborting: &mut Option<Abort>,
+    core: &mut Core,
 ) -> Progress {
     fill_counts(ctx, status);
-    let active = in_flight.is_some() && !status.abort;
-    let stable_healthy = ctx.fully_available(stable_hash, ctx.replicas);
-    let watching = (active && !user_paused) || (in_flight.is_none() && !stable_healthy);
+    let active = core.active(status);
+    let stable_healthy = ctx.fully_available(&core.stable_hash, ctx.replicas);
+    let watching = (active && !core.user_paused) || (core.in_flight.is_none() && !stable_healthy);
     let exceeded = progress_deadline_exceeded(ctx, out, status, watching);
     if let (true, true, Some(hash)) = (
         exceeded && ctx.rollout.spec.progress_deadline_abort,
         active,
-        in_flight,
+        core.in_flight.clone(),
     ) {
         let message = "progress deadline exceeded: aborting".to_string();
-        let why = reason::PROGRESS_DEADLINE_EXCEEDED;
-        *aborting = Some(abort(ctx, out, status, hash, abort_delay, why, message));
+        core.abort(
+            ctx,
+            out,
+            status,
+            &hash,
+            reason::PROGRESS_DEADLINE_EXCEEDED,
+            message,
+        );
     }
     Progress {
         exceeded,

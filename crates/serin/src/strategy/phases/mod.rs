@@ -16,6 +16,9 @@ pub(crate) mod stable;
 pub(crate) mod verdicts;
 
 use super::blue_green::BLUE_GREEN_PROMOTE_STEP;
+use super::context::{Ctx, Out};
+use crate::crd::RolloutStatus;
+use abort::{abort, Abort};
 
 /// Which strategy a shared phase works for, where the two differ in a detail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,5 +56,53 @@ impl Kind {
     /// Only a canary runs a background analysis beside its steps.
     pub(crate) fn has_background_analysis(self) -> bool {
         matches!(self, Kind::Canary { .. })
+    }
+}
+
+/// What a plan carries from phase to phase, whatever the strategy.
+#[derive(Clone, Debug)]
+pub(crate) struct Core {
+    pub stable_hash: String,
+    /// The revision in flight (the canary, or the blue-green preview) until it is promoted.
+    pub in_flight: Option<String>,
+    /// `promote` was asked and not yet used by a gate.
+    pub promote_step: bool,
+    pub user_paused: bool,
+    /// The abort decided in this plan, for the verdict.
+    pub aborting: Option<Abort>,
+    /// `abortScaleDownDelaySeconds`.
+    pub abort_delay: i64,
+}
+
+impl Core {
+    /// A revision is in flight and not aborted.
+    pub(crate) fn active(&self, status: &RolloutStatus) -> bool {
+        self.in_flight.is_some() && !status.abort
+    }
+
+    /// A revision is in flight and aborted.
+    pub(crate) fn aborted(&self, status: &RolloutStatus) -> bool {
+        self.in_flight.is_some() && status.abort
+    }
+
+    /// Aborts the revision `hash` (see [`abort::abort`]) and keeps why for the verdict.
+    pub(crate) fn abort(
+        &mut self,
+        ctx: &Ctx<'_>,
+        out: &mut Out,
+        status: &mut RolloutStatus,
+        hash: &str,
+        why: &'static str,
+        message: String,
+    ) {
+        self.aborting = Some(abort(
+            ctx,
+            out,
+            status,
+            hash,
+            self.abort_delay,
+            why,
+            message,
+        ));
     }
 }
