@@ -18,7 +18,7 @@ use super::phases::scale_down::{leftovers_running, roles, scale_down_after_delay
 use super::phases::stable::{ensure_stable_replica_set, resolve, StableVersion};
 use super::phases::verdicts::{failed, healthy, paused, progressing};
 use super::phases::{Core, Kind};
-use super::status::{apply_user_pause, end_pause, end_step_pauses, start_pause, Verdict};
+use super::status::{end_pause, end_step_pauses, start_pause, Verdict};
 use super::types::AnalysisPurpose;
 use crate::crd::rollout::BlueGreenStatus;
 use crate::crd::{reason, BlueGreenStrategy, RolloutPhase, RolloutStatus};
@@ -45,7 +45,6 @@ pub(crate) fn plan_blue_green(
     status: &mut RolloutStatus,
 ) -> Verdict {
     let commands = take_commands(ctx, status);
-    let abort_delay = delay_secs(bg.abort_scale_down_delay_seconds);
     let mut state = status.blue_green.clone().unwrap_or_default();
     let stable = match resolve(ctx, out, status, &commands) {
         Ok(stable) => stable,
@@ -62,29 +61,19 @@ pub(crate) fn plan_blue_green(
         InFlight::Started(_) | InFlight::None => state.preview_ready_at = None,
         InFlight::Continuing(_) => {}
     }
-    let new_hash = in_flight.hash();
-    let commanded = apply_commands(
+    let post_pending = state.post_promotion_pending;
+    let (core, retried) = apply_commands(
         ctx,
         out,
         status,
-        &commands,
-        new_hash.as_deref(),
+        &stable,
+        in_flight.hash(),
         Kind::BlueGreen,
-        abort_delay,
+        post_pending,
     );
-    if commanded.retried {
+    if retried {
         state.preview_ready_at = None;
     }
-    let in_progress = (new_hash.is_some() && !status.abort) || state.post_promotion_pending;
-    let user_paused = apply_user_pause(ctx, status, in_progress);
-    let core = Core {
-        stable_hash: stable.hash.clone(),
-        in_flight: new_hash,
-        promote_step: commanded.promote_step,
-        user_paused,
-        aborting: commanded.aborting,
-        abort_delay,
-    };
     let mut flight = Flight {
         core,
         bg,

@@ -18,9 +18,7 @@ use super::replicas::{
     canary_pods_needed, max_surge, max_unavailable, max_weight_carried, pods_for_weight,
     ratio_weight, scale_without_router, surge_pods_for_weight, ScaleInput,
 };
-use super::status::{
-    apply_user_pause, end_pause, end_step_pauses, has_pause, start_pause, Verdict,
-};
+use super::status::{end_pause, end_step_pauses, has_pause, start_pause, Verdict};
 use super::types::{AnalysisPurpose as Purpose, ObservedReplicaSet};
 use crate::crd::rollout::{CanaryStep, ManualCommands, TrafficStatus};
 use crate::crd::{reason, CanaryStrategy, RolloutPhase, RolloutStatus};
@@ -134,7 +132,6 @@ pub(crate) fn plan_canary(
     let len = i32::try_from(canary.steps.len()).unwrap_or(i32::MAX);
     let route_error = route_error(ctx, canary);
     let commands = take_commands(ctx, status);
-    let abort_delay = delay_secs(canary.abort_scale_down_delay_seconds);
     let stable = match resolve(ctx, out, status, &commands) {
         Ok(stable) => stable,
         Err(verdict) => return *verdict,
@@ -142,25 +139,7 @@ pub(crate) fn plan_canary(
     let kind = Kind::Canary { steps: len };
     let canary_hash = start_revision(ctx, out, status, &stable.hash, kind).hash();
     restart_changed_steps(ctx, out, status, &canary.steps, canary_hash.as_deref());
-    let commanded = apply_commands(
-        ctx,
-        out,
-        status,
-        &commands,
-        canary_hash.as_deref(),
-        kind,
-        abort_delay,
-    );
-    let active = canary_hash.is_some() && !status.abort;
-    let user_paused = apply_user_pause(ctx, status, active);
-    let core = Core {
-        stable_hash: stable.hash.clone(),
-        in_flight: canary_hash,
-        promote_step: commanded.promote_step,
-        user_paused,
-        aborting: commanded.aborting,
-        abort_delay,
-    };
+    let (core, _) = apply_commands(ctx, out, status, &stable, canary_hash, kind, false);
     let mut f = Flight {
         core,
         canary,

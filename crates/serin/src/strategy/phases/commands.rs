@@ -3,9 +3,9 @@
 //! `pause`/`resume` stay in status until the user changes them; every other command is taken once.
 
 use super::super::context::{release_run, remove_deadline, Ctx, Out, RunSlot};
-use super::super::status::end_step_pauses;
-use super::abort::{abort, Abort};
-use super::Kind;
+use super::super::status::{apply_user_pause, end_step_pauses};
+use super::stable::StableVersion;
+use super::{Core, Kind};
 use crate::crd::rollout::{ManualCommands, PromoteCommand};
 use crate::crd::{reason, RolloutStatus};
 
@@ -28,50 +28,58 @@ pub(crate) fn take_commands(ctx: &Ctx<'_>, status: &mut RolloutStatus) -> Manual
     commands
 }
 
-/// What the commands decided.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Commanded {
-    /// `promote`: the current gate (pause, inconclusive analysis, blue-green preview) passes once.
-    pub promote_step: bool,
-    /// `retry` restarted an aborted revision.
-    pub retried: bool,
-    pub aborting: Option<Abort>,
+/// `abortScaleDownDelaySeconds` of the rollout's strategy, or the default.
+pub(crate) fn abort_delay(ctx: &Ctx<'_>) -> i64 {
+    let strategy = &ctx.rollout.spec.strategy;
+    let canary = strategy.canary.as_ref();
+    let blue_green = strategy.blue_green.as_ref();
+    delay_secs(
+        canary
+            .and_then(|c| c.abort_scale_down_delay_seconds)
+            .or_else(|| blue_green.and_then(|b| b.abort_scale_down_delay_seconds)),
+    )
 }
 
-/// Applies retry, abort and promote to the revision in flight `hash`; nothing happens without one.
+/// Applies retry, abort and promote to the revision in flight (nothing happens without one), then the
+/// user's pause, which holds a revision in progress (or a blue-green post-promotion analysis, `post_pending`).
+/// Returns the state the next phases carry, and whether a retry restarted the revision.
 pub(crate) fn apply_commands(
     ctx: &Ctx<'_>,
     out: &mut Out,
     status: &mut RolloutStatus,
-    commands: &ManualCommands,
-    hash: Option<&str>,
+    stable: &StableVersion,
+    in_flight: Option<String>,
     kind: Kind,
-    abort_delay: i64,
-) -> Commanded {
-    let mut done = Commanded::default();
-    let Some(hash) = hash else { return done };
-    if commands.retry && status.abort {
-        retry(ctx, out, status, hash, kind);
-        done.retried = true;
+    post_pending: bool,
+) -> (Core, bool) {
+    let commands = ctx.prev.commands.clone().unwrap_or_default();
+    let mut core = Core {
+        stable_hash: stable.hash.clone(),
+        in_flight,
+        promote_step: false,
+        user_paused: false,
+        aborting: None,
+        abort_delay: abort_delay(ctx),
+    };
+    let mut retried = false;
+    if let Some(hash) = core.in_flight.clone() {
+        if commands.retry && status.abort {
+            retry(ctx, out, status, &hash, kind);
+            retried = true;
+        }
+        if commands.abort && !status.abort {
+            let message = "rollout aborted by the user".to_string();
+            core.abort(ctx, out, status, &hash, reason::ABORTED, message);
+        }
+        match commands.promote {
+            Some(PromoteCommand::Full) if !status.abort => promote_full(ctx, out, status, kind),
+            Some(PromoteCommand::Step) if !status.abort => core.promote_step = true,
+            _ => {}
+        }
     }
-    if commands.abort && !status.abort {
-        let message = "rollout aborted by the user".to_string();
-        done.aborting = Some(abort(
-            ctx,
-            out,
-            status,
-            hash,
-            abort_delay,
-            reason::ABORTED,
-            message,
-        ));
-    }
-    match commands.promote {
-        Some(PromoteCommand::Full) if !status.abort => promote_full(ctx, out, status, kind),
-        Some(PromoteCommand::Step) if !status.abort => done.promote_step = true,
-        _ => {}
-    }
-    done
+    let in_progress = core.active(status) || post_pending;
+    core.user_paused = apply_user_pause(ctx, status, in_progress);
+    (core, retried)
 }
 
 fn retry(ctx: &Ctx<'_>, out: &mut Out, status: &mut RolloutStatus, hash: &str, kind: Kind) {
