@@ -61,7 +61,7 @@ pub use types::{
 };
 pub use validate::{validate, SpecError};
 
-use crate::crd::{reason, Rollout, RolloutPhase};
+use crate::crd::{reason, Rollout, RolloutPhase, RolloutStatus};
 use context::{Ctx, Out};
 use status::{fill_counts, finish, Verdict};
 
@@ -144,14 +144,22 @@ fn invalid_plan(ctx: &Ctx<'_>, errors: Vec<SpecError>) -> Plan {
             }
         }
     }
-    let mut status = ctx.prev.clone();
+    invalid_hold(ctx, out, ctx.prev.clone(), &message)
+}
+
+/// The plan of a rollout held by its invalid spec: no action, status Degraded with the spec's errors.
+fn invalid_hold(ctx: &Ctx<'_>, mut out: Out, mut status: RolloutStatus, message: &str) -> Plan {
     fill_counts(ctx, &mut status);
     let verdict = Verdict {
         phase: RolloutPhase::Degraded,
         message: format!("invalid spec: {message}"),
-        progressing: ("False", reason::INVALID_SPEC.to_string(), message.clone()),
-        degraded: Some((reason::INVALID_SPEC.to_string(), message.clone())),
-        invalid: Some(message),
+        progressing: (
+            "False",
+            reason::INVALID_SPEC.to_string(),
+            message.to_string(),
+        ),
+        degraded: Some((reason::INVALID_SPEC.to_string(), message.to_string())),
+        invalid: Some(message.to_string()),
     };
     finish(ctx, &mut out, &mut status, verdict);
     Plan {
@@ -219,15 +227,7 @@ fn abort_under_invalid_spec(
 /// steps again once the spec is valid.
 fn retry_under_invalid_spec(ctx: &Ctx<'_>, mut out: Out, canary_hash: &str, message: &str) -> Plan {
     let mut status = ctx.prev.clone();
-    status.commands = ctx
-        .prev
-        .commands
-        .as_ref()
-        .and_then(|c| c.paused)
-        .map(|paused| crate::crd::rollout::ManualCommands {
-            paused: Some(paused),
-            ..Default::default()
-        });
+    phases::commands::take_commands(ctx, &mut status);
     status.abort = false;
     status.aborted_at = None;
     status.current_step_index = Some(0);
@@ -239,23 +239,5 @@ fn retry_under_invalid_spec(ctx: &Ctx<'_>, mut out: Out, canary_hash: &str, mess
         reason::RETRIED,
         "rollout retried: its steps start again once the spec is valid",
     );
-    fill_counts(ctx, &mut status);
-    let verdict = Verdict {
-        phase: RolloutPhase::Degraded,
-        message: format!("invalid spec: {message}"),
-        progressing: (
-            "False",
-            reason::INVALID_SPEC.to_string(),
-            message.to_string(),
-        ),
-        degraded: Some((reason::INVALID_SPEC.to_string(), message.to_string())),
-        invalid: Some(message.to_string()),
-    };
-    finish(ctx, &mut out, &mut status, verdict);
-    Plan {
-        actions: Vec::new(),
-        status,
-        events: out.events,
-        requeue_after: None,
-    }
+    invalid_hold(ctx, out, status, message)
 }

@@ -142,6 +142,15 @@ pub(crate) fn apply_user_pause(
     paused
 }
 
+/// `progressDeadlineSeconds`, or the default.
+pub(crate) fn progress_deadline_secs(ctx: &Ctx<'_>) -> i64 {
+    ctx.rollout
+        .spec
+        .progress_deadline_seconds
+        .map(i64::from)
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECS)
+}
+
 /// Stamps `lastProgressAt` when pods or the step moved, and tells whether the progress deadline passed
 /// (paused time does not count). Only meaningful while the rollout is progressing and not paused.
 pub(crate) fn progress_deadline_exceeded(
@@ -164,12 +173,7 @@ pub(crate) fn progress_deadline_exceeded(
     if !watching || !status.pause_conditions.is_empty() {
         return false;
     }
-    let deadline = ctx
-        .rollout
-        .spec
-        .progress_deadline_seconds
-        .map(i64::from)
-        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECS);
+    let deadline = progress_deadline_secs(ctx);
     let since = status
         .last_progress_at
         .as_ref()

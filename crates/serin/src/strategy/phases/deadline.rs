@@ -4,7 +4,7 @@
 
 use super::super::context::{Ctx, Out};
 use super::super::status::{
-    fill_counts, progress_deadline_exceeded, Verdict, DEFAULT_PROGRESS_DEADLINE_SECS,
+    fill_counts, progress_deadline_exceeded, progress_deadline_secs, Verdict,
 };
 use super::verdicts::failed;
 use super::Core;
@@ -54,12 +54,7 @@ pub(crate) fn watch_progress(
 
 /// The verdict of a rollout past its progress deadline.
 pub(crate) fn deadline_verdict(ctx: &Ctx<'_>) -> Verdict {
-    let deadline = ctx
-        .rollout
-        .spec
-        .progress_deadline_seconds
-        .map(i64::from)
-        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECS);
+    let deadline = progress_deadline_secs(ctx);
     let message = format!("no progress for {deadline}s");
     failed(
         RolloutPhase::Degraded,
