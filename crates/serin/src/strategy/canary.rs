@@ -596,6 +596,38 @@ fn moves_with_router(
     moves
 }
 
+/// Targets without a router, before the availability budget: the canary's size, the room beside the
+/// stable, and the stable's size.
+struct Goals {
+    canary_goal: i32,
+    surge: i32,
+    stable_target: i32,
+}
+
+fn goals_without_router(ctx: &Ctx<'_>, status: &RolloutStatus, f: &Flight<'_>) -> Goals {
+    let (n, len, idx, canary) = (ctx.replicas, f.len, f.idx, f.canary);
+    let promoting = idx >= len
+        && !f.core.user_paused
+        && status.pause_conditions.is_empty()
+        && f.background_confirms;
+    let canary_goal = if idx >= len && !promoting && len > 0 {
+        canary_target(canary, &canary.steps, len - 1, n)
+    } else {
+        canary_target(canary, &canary.steps, idx, n)
+    };
+    let configured_surge = canary_surge_cap(canary, n);
+    let (surge, stable_target) = match (&f.core.in_flight, f.core.active(status), promoting) {
+        (Some(_), true, false) => (canary_goal.max(configured_surge), n),
+        (Some(_), true, true) => (configured_surge, 0),
+        _ => (configured_surge, n),
+    };
+    Goals {
+        canary_goal,
+        surge,
+        stable_target,
+    }
+}
+
 /// Without a router, through the steps the stable keeps its full size and the canary runs beside it (its
 /// target is already limited by maxSurge, or set by setCanaryScale); only the promotion replaces the stable,
 /// within maxSurge/maxUnavailable, and a promotion on hold (a pause) keeps the last step's canary.
@@ -607,24 +639,14 @@ fn moves_without_router(
     leftovers: &[&ObservedReplicaSet],
     canary_spec_before: i32,
 ) -> Moves {
-    let (n, len, idx, canary) = (ctx.replicas, f.len, f.idx, f.canary);
+    let (n, canary) = (ctx.replicas, f.canary);
     let active = f.core.active(status);
     let unavailable = max_unavailable(canary.max_unavailable.as_ref(), n).unwrap_or(0);
-    let promoting = idx >= len
-        && !f.core.user_paused
-        && status.pause_conditions.is_empty()
-        && f.background_confirms;
-    let canary_goal = if idx >= len && !promoting && len > 0 {
-        canary_target(canary, &canary.steps, len - 1, n)
-    } else {
-        canary_target(canary, &canary.steps, idx, n)
-    };
-    let configured_surge = canary_surge_cap(canary, n);
-    let (surge, stable_target) = match (&f.core.in_flight, active, promoting) {
-        (Some(_), true, false) => (canary_goal.max(configured_surge), n),
-        (Some(_), true, true) => (configured_surge, 0),
-        _ => (configured_surge, n),
-    };
+    let Goals {
+        canary_goal,
+        surge,
+        stable_target,
+    } = goals_without_router(ctx, status, f);
     // Only pods behind the stable Service (as it will select after this plan) carry traffic, so only they
     // count towards the availability floor; the others may go freely.
     let pinned = canary
