@@ -9,6 +9,7 @@ pub mod observe;
 pub mod routes;
 pub mod status_write;
 pub mod sync;
+pub mod undecodable;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -21,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
@@ -528,7 +529,15 @@ fn spawn_scope(
         gate,
         fence,
     } = wiring;
-    let rollouts: Api<Rollout> = scoped_api(&client, &scope);
+    // Read as stored objects and decoded one by one, so a Rollout that does not decode stops only itself.
+    let rollouts: Api<DynamicObject> = match &scope {
+        Some(namespace) => Api::namespaced_with(
+            client.clone(),
+            namespace,
+            &ApiResource::erase::<Rollout>(&()),
+        ),
+        None => Api::all_with(client.clone(), &ApiResource::erase::<Rollout>(&())),
+    };
     let replica_sets: Api<ReplicaSet> = scoped_api(&client, &scope);
     let services: Api<Service> = scoped_api(&client, &scope);
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
@@ -538,8 +547,18 @@ fn spawn_scope(
     let references = Arc::new(ReferenceIndex::new());
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
+    let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(undecodable::report(
+        client.clone(),
+        recorder.clone(),
+        fence.clone(),
+        undecodable_rx,
+    ));
     let rollout_stream = watcher(rollouts, watcher::Config::default())
         .default_backoff()
+        .try_filter_map(move |event| {
+            futures::future::ready(Ok(undecodable::decode_event(event, &undecodable_tx)))
+        })
         .reflect(rollout_writer)
         .inspect_ok(references.feeder())
         .inspect_ok(gate.tracker(Cache::Rollouts))

@@ -17,6 +17,8 @@ use super::store::{Store, StoreInner};
 
 /// Largest request body accepted, like kube-apiserver's 3 MiB limit.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Largest object stored, like etcd's default 1.5 MiB request limit that kube-apiserver runs into.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 const NAMESPACES_KEY: &str = "/namespaces";
 const CRD_KEY: &str = "apiextensions.k8s.io/customresourcedefinitions";
 const CRD_GROUP: &str = "apiextensions.k8s.io";
@@ -804,6 +806,7 @@ impl ApiState {
         if input.dry_run() {
             return Ok((object.clone(), warnings));
         }
+        check_stored_size(object)?;
         let stored = inner
             .put(
                 &target.info.key(),
@@ -1078,6 +1081,7 @@ impl ApiState {
                 value
             })
         } else {
+            check_stored_size(&new)?;
             let stored = inner
                 .put(&key, namespace, name, new)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -1678,6 +1682,17 @@ fn finish_foreground(inner: &mut StoreInner, owner_uid: &str, cascade: &mut Casc
         set_finalizers(&mut owner, &finalizers);
         let _ = inner.put(&key, &namespace, &name, owner);
     }
+}
+
+/// Refuses an object larger than etcd stores; the body limit alone lets a 3 MiB object through.
+fn check_stored_size(object: &Value) -> Result<(), ApiError> {
+    let size = serde_json::to_vec(object)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
+    if size > MAX_OBJECT_BYTES {
+        return Err(ApiError::object_too_large());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
