@@ -543,7 +543,7 @@ fn spawn_scope(
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
     let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
-    let caches = Caches::new(gate.clone());
+    let caches = Caches::new(gate.clone()).with_rollouts(rollout_reader.clone());
     let references = Arc::new(ReferenceIndex::new());
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
