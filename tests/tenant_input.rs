@@ -417,6 +417,9 @@ async fn huge_and_deeply_nested_specs_are_refused_by_the_api_server_and_do_not_s
     world.stop().await;
 }
 
+/// A named edit of a manifest and the text its error must contain.
+type Case = (&'static str, Box<dyn FnOnce(&mut Value)>, &'static str);
+
 /// A canary Rollout in `namespace` whose spec is `spec` merged over [`canary_in`]'s.
 fn canary_with(namespace: &str, name: &str, edit: impl FnOnce(&mut Value)) -> Value {
     let mut manifest = canary_in(namespace, name, &format!("{name}:1"));
@@ -530,7 +533,7 @@ async fn numbers_at_the_type_limits_are_refused_at_admission_with_the_field_path
         move |m: &mut Value| m["spec"]["strategy"]["canary"][field] = value
     };
     let many: Vec<Value> = (0..100_000).map(|_| json!({"pause": {}})).collect();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "steps-100000",
             Box::new(steps(Value::Array(many))),
@@ -699,7 +702,7 @@ async fn under_an_older_crd_without_the_bounds_the_controller_still_refuses_them
     service(&world, ns, "x-canary", "x").await;
 
     let many: Vec<Value> = (0..101).map(|_| json!({"pause": {}})).collect();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "steps",
             Box::new(move |m: &mut Value| {

@@ -62,9 +62,9 @@ pub fn decode_event(
     event: watcher::Event<DynamicObject>,
     report: &mpsc::UnboundedSender<Undecodable>,
 ) -> Option<watcher::Event<Rollout>> {
-    let decoded = |object: DynamicObject| -> Result<Rollout, Option<Rollout>> {
+    let decoded = |object: DynamicObject| -> Result<Rollout, Option<Box<Rollout>>> {
         decode(object).map_err(|undecodable| {
-            let stub = stub_of(&undecodable.object);
+            let stub = stub_of(&undecodable.object).map(Box::new);
             let _ = report.unbounded_send(*undecodable);
             stub
         })
@@ -75,7 +75,7 @@ pub fn decode_event(
         watcher::Event::InitApply(object) => decoded(object).ok().map(watcher::Event::InitApply),
         watcher::Event::Apply(object) => match decoded(object) {
             Ok(rollout) => Some(watcher::Event::Apply(rollout)),
-            Err(stub) => stub.map(watcher::Event::Delete),
+            Err(stub) => stub.map(|stub| watcher::Event::Delete(*stub)),
         },
         watcher::Event::Delete(object) => match decode(object) {
             Ok(rollout) => Some(watcher::Event::Delete(rollout)),

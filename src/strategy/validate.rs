@@ -866,3 +866,135 @@ fn check_selector(errors: &mut Vec<SpecError>, rollout: &Rollout) {
         }
     }
 }
+
+#[cfg(test)]
+mod tenant_tests {
+    use super::*;
+    use crate::strategy::Neighbour;
+    use serde_json::json;
+
+    fn rollout(edit: impl FnOnce(&mut serde_json::Value)) -> Rollout {
+        let mut manifest = json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "b", "namespace": "shop"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "b"}},
+                "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "app", "image": "b:1"}]}},
+                "strategy": {"canary": {"stableService": "b", "canaryService": "b-canary"}}
+            }
+        });
+        edit(&mut manifest);
+        serde_json::from_value(manifest).expect("valid rollout")
+    }
+
+    fn observed(neighbours: Vec<Neighbour>) -> Observed {
+        let mut observed = Observed {
+            neighbours,
+            ..Default::default()
+        };
+        for name in ["b", "b-canary"] {
+            observed.services.insert(name.into(), Default::default());
+        }
+        observed
+    }
+
+    fn neighbour(older: bool, services: &[&str], app: &str) -> Neighbour {
+        Neighbour {
+            name: "a".into(),
+            older,
+            services: services.iter().map(|s| s.to_string()).collect(),
+            selector: serde_json::from_value(json!({"matchLabels": {"app": app}}))
+                .expect("selector"),
+            pod_labels: [("app".to_string(), app.to_string())].into(),
+        }
+    }
+
+    fn fields(rollout: &Rollout, observed: &Observed) -> Vec<String> {
+        validate(rollout, observed)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| format!("{} {}", e.field(), e.category()))
+            .collect()
+    }
+
+    #[test]
+    fn only_an_older_rollout_keeps_a_shared_service_or_overlapping_pods() {
+        let b = rollout(|_| {});
+        let older = observed(vec![neighbour(true, &["b"], "b")]);
+        assert_eq!(
+            fields(&b, &older),
+            [
+                "spec.strategy.canary.stableService service_shared",
+                "spec.selector selector_overlap"
+            ]
+        );
+        let newer = observed(vec![neighbour(false, &["b"], "b")]);
+        assert!(
+            fields(&b, &newer).is_empty(),
+            "the older Rollout keeps going"
+        );
+        let apart = observed(vec![neighbour(true, &["a"], "a")]);
+        assert!(fields(&b, &apart).is_empty());
+    }
+
+    #[test]
+    fn a_squatted_replica_set_name_is_an_invalid_template() {
+        let observed = Observed {
+            foreign_replica_set: Some("b-abc".into()),
+            ..observed(Vec::new())
+        };
+        assert_eq!(
+            fields(&rollout(|_| {}), &observed),
+            ["spec.template name_taken"]
+        );
+    }
+
+    #[test]
+    fn counts_past_the_bounds_are_refused_naming_the_field() {
+        let many = rollout(|m| {
+            m["spec"]["strategy"]["canary"]["steps"] = serde_json::Value::Array(
+                (0..=MAX_STEPS).map(|_| json!({"setWeight": 200})).collect(),
+            );
+        });
+        // One error for the count, none per step: 100,000 messages would not fit in a status.
+        assert_eq!(
+            fields(&many, &observed(Vec::new()))
+                .first()
+                .map(String::as_str),
+            Some("spec.strategy.canary.steps too_many_steps")
+        );
+        assert_eq!(fields(&many, &observed(Vec::new())).len(), 1 + MAX_STEPS);
+        for (field, value, expected) in [
+            (
+                "maxSurge",
+                json!("101%"),
+                "spec.strategy.canary.maxSurge too_large",
+            ),
+            (
+                "maxSurge",
+                json!(MAX_REPLICAS + 1),
+                "spec.strategy.canary.maxSurge too_large",
+            ),
+            (
+                "maxUnavailable",
+                json!("100001"),
+                "spec.strategy.canary.maxUnavailable too_large",
+            ),
+        ] {
+            let bad = rollout(|m| m["spec"]["strategy"]["canary"][field] = value);
+            assert!(
+                fields(&bad, &observed(Vec::new())).contains(&expected.to_string()),
+                "{expected}"
+            );
+        }
+        let fine = rollout(|m| m["spec"]["strategy"]["canary"]["maxSurge"] = json!("100%"));
+        assert!(fields(&fine, &observed(Vec::new())).is_empty());
+        let replicas = rollout(|m| m["spec"]["replicas"] = json!(MAX_REPLICAS + 1));
+        assert_eq!(
+            fields(&replicas, &observed(Vec::new())),
+            ["spec.replicas out_of_range"]
+        );
+    }
+}
