@@ -19,6 +19,10 @@ use super::store::{Store, StoreInner};
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// Largest object stored, like etcd's default 1.5 MiB request limit that kube-apiserver runs into.
 pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+/// Deepest object stored. kube-apiserver accepts 10,000 levels; serde_json, which the sim and Rust clients
+/// parse with, stops at 128, counting the list or watch event around an object. Storing what it cannot
+/// serve back would answer an error after the write (half applied) and break every later list.
+pub const MAX_NESTING: usize = 100;
 const NAMESPACES_KEY: &str = "/namespaces";
 const CRD_KEY: &str = "apiextensions.k8s.io/customresourcedefinitions";
 const CRD_GROUP: &str = "apiextensions.k8s.io";
@@ -1684,8 +1688,15 @@ fn finish_foreground(inner: &mut StoreInner, owner_uid: &str, cascade: &mut Casc
     }
 }
 
-/// Refuses an object larger than etcd stores; the body limit alone lets a 3 MiB object through.
+/// Refuses an object larger than etcd stores (the body limit alone lets a 3 MiB object through), or nested
+/// deeper than the sim and its clients parse once it is wrapped in a list or a watch event.
 fn check_stored_size(object: &Value) -> Result<(), ApiError> {
+    let depth = nesting(object);
+    if depth > MAX_NESTING {
+        return Err(ApiError::bad_request(format!(
+            "the object is nested {depth} levels deep; at most {MAX_NESTING} are accepted"
+        )));
+    }
     let size = serde_json::to_vec(object)
         .map_err(|e| ApiError::internal(e.to_string()))?
         .len();
@@ -1693,6 +1704,27 @@ fn check_stored_size(object: &Value) -> Result<(), ApiError> {
         return Err(ApiError::object_too_large());
     }
     Ok(())
+}
+
+/// Levels of objects and arrays in `value` (a scalar has none). Iterative: the value may be as deep as the
+/// parser allowed.
+fn nesting(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1usize)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Object(map) => {
+                deepest = deepest.max(depth);
+                pending.extend(map.values().map(|child| (child, depth + 1)));
+            }
+            Value::Array(items) => {
+                deepest = deepest.max(depth);
+                pending.extend(items.iter().map(|child| (child, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]
