@@ -346,12 +346,15 @@ const KEYS: [&str; 4] = [
 /// resourceVersion of one of the four kinds), so authorizing a request costs a scan of a few keys.
 #[derive(Default)]
 pub struct PolicyCache {
-    cached: Mutex<Option<(Vec<(usize, u64)>, Arc<Policy>)>>,
+    cached: Mutex<Option<(Fingerprint, Arc<Policy>)>>,
 }
+
+/// (object count, highest resourceVersion) of each RBAC kind.
+type Fingerprint = Vec<(usize, u64)>;
 
 impl PolicyCache {
     pub fn policy(&self, store: &StoreInner) -> Arc<Policy> {
-        let fingerprint: Vec<(usize, u64)> = KEYS
+        let fingerprint: Fingerprint = KEYS
             .iter()
             .map(|plural| {
                 let key = format!("{RBAC_GROUP}/{plural}");
