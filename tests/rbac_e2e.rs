@@ -891,3 +891,114 @@ async fn every_path_passes_namespaced_as_the_charts_service_account_and_uses_eve
     )
     .await;
 }
+
+/// Runs the scenario with `removed` taken out of the render's role at `index`, until the controller is
+/// refused something (or the scenario ends); Ok when what was refused is exactly `removed`.
+async fn refused_without(
+    crds: &Path,
+    docs: &[Value],
+    index: usize,
+    removed: &Permission,
+) -> Result<(), String> {
+    let bed = Bed::start(crds).await;
+    let namespace = "shop";
+    create(
+        &bed.admin,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+    )
+    .await;
+    for (at, object) in docs.iter().enumerate() {
+        if !matches!(
+            kind_of(object),
+            "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+        ) {
+            continue;
+        }
+        let object = if at == index {
+            without(object, removed)
+        } else {
+            object.clone()
+        };
+        create(&bed.admin, object).await;
+    }
+    prepare(&bed.admin, namespace, &bed.prometheus.url).await;
+    let user = service_account_user(RELEASE_NAMESPACE, SERVICE_ACCOUNT);
+    let controller = Controller::start(&bed, &user, Vec::new(), RELEASE_NAMESPACE).await;
+    let first_refusal = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for _ in 0..2_000 {
+            if bed.requests_of(&user).iter().any(|r| r.status == 403) || Instant::now() >= deadline
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = drive(&bed.admin, bed.sim.faults(), namespace) => {}
+        _ = first_refusal => {}
+    }
+    controller.stop().await;
+    let refused: BTreeSet<Permission> = bed
+        .requests_of(&user)
+        .into_iter()
+        .filter(|r| r.status == 403)
+        .map(|r| {
+            let resource = match &r.subresource {
+                Some(sub) => format!("{}/{sub}", r.resource),
+                None => r.resource.clone(),
+            };
+            permission(&r.group, &resource, &r.verb)
+        })
+        .collect();
+    bed.stop().await;
+    if refused == BTreeSet::from([removed.clone()]) {
+        Ok(())
+    } else {
+        Err(format!(
+            "without {}: the controller was refused {:?}",
+            show(removed),
+            refused.iter().map(show).collect::<Vec<_>>()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_any_single_permission_of_the_chart_the_controller_is_refused_exactly_that() {
+    let Some(crds) = fixtures::upstream_crds_or_skip(
+        "without_any_single_permission_of_the_chart_the_controller_is_refused_exactly_that",
+    ) else {
+        return;
+    };
+    let docs = render_chart(&[]);
+    let exempt: BTreeSet<Permission> = NEEDED_BY_ADMISSION
+        .iter()
+        .map(|(g, r, v)| permission(g, r, v))
+        .collect();
+    let cases: Vec<(usize, Permission)> = docs
+        .iter()
+        .enumerate()
+        .filter(|(_, doc)| matches!(kind_of(doc), "ClusterRole" | "Role"))
+        .flat_map(|(index, role)| permissions_of(role).into_iter().map(move |p| (index, p)))
+        .filter(|(_, p)| !exempt.contains(p))
+        .collect();
+    assert!(
+        cases.len() > 20,
+        "the chart grants {} permissions",
+        cases.len()
+    );
+    use futures::StreamExt;
+    let failures: Vec<String> = futures::stream::iter(cases.iter())
+        .map(|(index, removed)| refused_without(&crds, &docs, *index, removed))
+        .buffer_unordered(4)
+        .filter_map(|outcome| async move { outcome.err() })
+        .collect()
+        .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} single removals were not refused as exactly that permission:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
