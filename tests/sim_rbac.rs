@@ -323,3 +323,69 @@ async fn kubectl_prints_the_forbidden_message_and_works_where_granted() {
     let _ = std::fs::remove_dir_all(&dir);
     sim.shutdown().await;
 }
+
+/// Starts `serin sim` with `args` and waits (bounded) for its kubeconfig; the child is killed on drop.
+async fn serin_sim(args: &[&str], kubeconfig: &Path) -> tokio::process::Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+        .args(["sim", "--port", "0", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(args)
+        .env_remove("SERIN_SIM_ENFORCE_RBAC")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serin sim starts");
+    let appeared = tokio::time::timeout(Duration::from_secs(30), async {
+        while !kubeconfig.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(appeared.is_ok(), "serin sim never wrote its kubeconfig");
+    child
+}
+
+#[tokio::test]
+async fn serin_sim_enforces_rbac_only_with_the_flag() {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("skipped: kubectl not found at {KUBECTL}");
+        return;
+    }
+    let bot = service_account_user(NS, "bot");
+    for (args, enforced) in [(&["--enforce-rbac"][..], true), (&[][..], false)] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin_kubeconfig = dir.path().join("admin");
+        let mut child = serin_sim(args, &admin_kubeconfig).await;
+        let text = std::fs::read_to_string(&admin_kubeconfig).expect("kubeconfig");
+        let server = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("server: "))
+            .expect("a server line")
+            .to_string();
+        let bot_kubeconfig = dir.path().join("bot");
+        std::fs::write(
+            &bot_kubeconfig,
+            serin::sim::kubeconfig_yaml_as(&server, &bot),
+        )
+        .expect("bot kubeconfig");
+        let as_bot = kubectl(&bot_kubeconfig, &["get", "namespaces", "-o", "name"]).await;
+        let stderr = String::from_utf8_lossy(&as_bot.stderr);
+        if enforced {
+            assert!(!as_bot.status.success());
+            assert!(
+                stderr.contains(&format!("namespaces is forbidden: User \"{bot}\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope")),
+                "{stderr}"
+            );
+        } else {
+            assert!(as_bot.status.success(), "{stderr}");
+        }
+        let as_admin = kubectl(&admin_kubeconfig, &["get", "namespaces", "-o", "name"]).await;
+        assert!(
+            as_admin.status.success(),
+            "{}",
+            String::from_utf8_lossy(&as_admin.stderr)
+        );
+        child.kill().await.expect("serin sim stops");
+    }
+}
