@@ -761,6 +761,37 @@ async fn drive(admin: &Client, faults: &Faults, namespace: &str) -> Result<(), S
         replica_set_names(admin, namespace, "web").await.len() == 1
     })
     .await?;
+    // Gateway API and Istio: all traffic back on the stable Service / subset after the promotion.
+    for (kind, name, pointers) in [
+        (
+            ("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "routed",
+            [
+                "/spec/rules/0/backendRefs/0/weight",
+                "/spec/rules/0/backendRefs/1/weight",
+            ],
+        ),
+        (
+            ("networking.istio.io", "v1", "VirtualService"),
+            "mesh",
+            ["/spec/http/0/route/0/weight", "/spec/http/0/route/1/weight"],
+        ),
+    ] {
+        let route = json!({"apiVersion": format!("{}/{}", kind.0, kind.1), "kind": kind.2,
+                           "metadata": {"namespace": namespace}});
+        until(&format!("{} {name} at 100/0", kind.2), async || {
+            dynamic_api(admin, &route)
+                .get(name)
+                .await
+                .ok()
+                .and_then(|object| serde_json::to_value(object).ok())
+                .is_some_and(|value| {
+                    value.pointer(pointers[0]) == Some(&json!(100))
+                        && value.pointer(pointers[1]) == Some(&json!(0))
+                })
+        })
+        .await?;
+    }
     // NGINX: the managed canary Ingress is gone once all traffic is back on the (new) stable.
     until("deletion of the canary Ingress", async || {
         Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(admin.clone(), namespace)
@@ -855,6 +886,22 @@ async fn run_as_the_chart(values: &[&str], namespaced: bool) {
         Ok(Err(why)) => panic!("{why}"),
         Err(_) => panic!("the scenario did not finish in 240 s"),
     }
+    // Leases only in the release namespace; in namespaced mode nothing outside the watched namespace but
+    // the cluster-scoped templates.
+    let outside: Vec<String> = records
+        .iter()
+        .filter(|r| !r.resource.is_empty())
+        .filter(|r| match r.namespace.as_deref() {
+            Some(ns) if r.resource == "leases" => ns != RELEASE_NAMESPACE,
+            Some(ns) => ns != namespace,
+            None => namespaced && r.resource != "clusteranalysistemplates",
+        })
+        .map(|r| format!("{} {}", r.verb, r.path))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "requests outside the controller's scope: {outside:#?}"
+    );
     let used = used(&records);
     let exempt: BTreeSet<Permission> = NEEDED_BY_ADMISSION
         .iter()
