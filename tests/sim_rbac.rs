@@ -298,7 +298,23 @@ async fn kubectl_prints_the_forbidden_message_and_works_where_granted() {
         "{stderr}"
     );
 
+    let can_i = |args: &'static [&'static str]| {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let mut full = vec!["auth", "can-i"];
+            full.extend_from_slice(args);
+            full.extend_from_slice(&["-n", NS]);
+            let output = kubectl(&kubeconfig, &full).await;
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        }
+    };
+    assert_eq!(can_i(&["list", "configmaps"]).await, "no");
+
     grant_configmap_reads(&admin).await;
+    assert_eq!(can_i(&["list", "configmaps"]).await, "yes");
+    assert_eq!(can_i(&["patch", "configmaps/settings"]).await, "yes");
+    assert_eq!(can_i(&["patch", "configmaps/other"]).await, "no");
+    assert_eq!(can_i(&["create", "configmaps"]).await, "no");
     let listed = kubectl(&kubeconfig, &["get", "configmaps", "-n", NS, "-o", "name"]).await;
     assert!(
         listed.status.success(),

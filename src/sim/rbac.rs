@@ -334,6 +334,188 @@ impl Policy {
     }
 }
 
+/// Answers a SelfSubjectAccessReview (what `kubectl auth can-i` sends): `review` with `status.allowed`
+/// for `user`, as decided by `policy` (None: the sim does not enforce RBAC, so everything is allowed).
+/// Non-resource requests are always allowed, as the sim serves them to everyone.
+pub fn access_review(
+    policy: Option<&Policy>,
+    user: &UserInfo,
+    mut review: Value,
+) -> Result<Value, ReviewError> {
+    let field = |name: &str| -> Option<String> {
+        review
+            .pointer(&format!("/spec/resourceAttributes/{name}"))
+            .and_then(Value::as_str)
+            .filter(|value| !value.is_empty())
+            .map(str::to_string)
+    };
+    let resource_request = review.pointer("/spec/resourceAttributes").is_some();
+    if !resource_request && review.pointer("/spec/nonResourceAttributes").is_none() {
+        return Err(ReviewError::Missing("spec.resourceAttributes"));
+    }
+    let decision = if resource_request {
+        let verb = field("verb").ok_or(ReviewError::Missing("spec.resourceAttributes.verb"))?;
+        let resource =
+            field("resource").ok_or(ReviewError::Missing("spec.resourceAttributes.resource"))?;
+        let (group, subresource, namespace, name) = (
+            field("group").unwrap_or_default(),
+            field("subresource"),
+            field("namespace"),
+            field("name"),
+        );
+        let attributes = Attributes {
+            verb: &verb,
+            group: &group,
+            resource: &resource,
+            subresource: subresource.as_deref(),
+            namespace: namespace.as_deref(),
+            name: name.as_deref(),
+        };
+        policy.map_or(Decision::Allow("RBAC not enforced".into()), |policy| {
+            policy.authorize(user, &attributes)
+        })
+    } else {
+        Decision::Allow("non-resource requests are open".into())
+    };
+    let status = match decision {
+        Decision::Allow(reason) => serde_json::json!({"allowed": true, "reason": reason}),
+        Decision::Deny => serde_json::json!({"allowed": false}),
+    };
+    if let Some(object) = review.as_object_mut() {
+        object.insert("status".into(), status);
+    }
+    Ok(review)
+}
+
+/// Why an access review could not be answered.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+pub enum ReviewError {
+    #[error("{0}: Required value")]
+    Missing(&'static str),
+    #[error("the protobuf body is malformed: {0}")]
+    Protobuf(&'static str),
+}
+
+impl ReviewError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            ReviewError::Missing(_) => "missing",
+            ReviewError::Protobuf(_) => "protobuf",
+        }
+    }
+}
+
+/// The prefix of every protobuf-encoded Kubernetes object.
+const PROTOBUF_MAGIC: &[u8] = b"k8s\0";
+
+/// One field of a protobuf message: its number and, for length-delimited fields, its bytes.
+type ProtoField<'a> = (u64, Option<&'a [u8]>);
+
+fn varint(bytes: &[u8], at: &mut usize) -> Result<u64, ReviewError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes
+            .get(*at)
+            .ok_or(ReviewError::Protobuf("truncated varint"))?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(ReviewError::Protobuf("varint too long"))
+}
+
+/// The fields of one protobuf message, in order.
+fn proto_fields(bytes: &[u8]) -> Result<Vec<ProtoField<'_>>, ReviewError> {
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let key = varint(bytes, &mut at)?;
+        let skip = |at: &mut usize, n: usize| -> Result<(), ReviewError> {
+            *at = at
+                .checked_add(n)
+                .filter(|end| *end <= bytes.len())
+                .ok_or(ReviewError::Protobuf("truncated field"))?;
+            Ok(())
+        };
+        match key & 7 {
+            0 => {
+                varint(bytes, &mut at)?;
+                fields.push((key >> 3, None));
+            }
+            1 => {
+                skip(&mut at, 8)?;
+                fields.push((key >> 3, None));
+            }
+            2 => {
+                let length = usize::try_from(varint(bytes, &mut at)?)
+                    .map_err(|_| ReviewError::Protobuf("length too large"))?;
+                let start = at;
+                skip(&mut at, length)?;
+                fields.push((key >> 3, Some(&bytes[start..at])));
+            }
+            5 => {
+                skip(&mut at, 4)?;
+                fields.push((key >> 3, None));
+            }
+            _ => return Err(ReviewError::Protobuf("unknown wire type")),
+        }
+    }
+    Ok(fields)
+}
+
+fn proto_field(bytes: &[u8], number: u64) -> Result<Option<&[u8]>, ReviewError> {
+    Ok(proto_fields(bytes)?
+        .into_iter()
+        .find_map(|(n, value)| (n == number).then_some(value).flatten()))
+}
+
+/// Reads a protobuf-encoded SelfSubjectAccessReview (client-go, and so `kubectl auth can-i`, sends built-in
+/// kinds as protobuf) into its JSON form: the envelope's raw object, its spec, and the resource or
+/// non-resource attributes.
+pub fn review_from_protobuf(bytes: &[u8]) -> Result<Value, ReviewError> {
+    let envelope = bytes
+        .strip_prefix(PROTOBUF_MAGIC)
+        .ok_or(ReviewError::Protobuf("no k8s protobuf prefix"))?;
+    let raw = proto_field(envelope, 2)?.ok_or(ReviewError::Protobuf("no raw object"))?;
+    let spec = proto_field(raw, 2)?.unwrap_or_default();
+    let mut review = serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "metadata": {},
+        "spec": {},
+    });
+    if let Some(attributes) = proto_field(spec, 1)? {
+        let names = [
+            "namespace",
+            "verb",
+            "group",
+            "version",
+            "resource",
+            "subresource",
+            "name",
+        ];
+        let mut out = serde_json::Map::new();
+        for (number, value) in proto_fields(attributes)? {
+            let name = usize::try_from(number)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|index| names.get(index));
+            if let (Some(name), Some(value)) = (name, value) {
+                out.insert(
+                    name.to_string(),
+                    Value::String(String::from_utf8_lossy(value).into_owned()),
+                );
+            }
+        }
+        review["spec"]["resourceAttributes"] = Value::Object(out);
+    } else if proto_field(spec, 2)?.is_some() {
+        review["spec"]["nonResourceAttributes"] = serde_json::json!({});
+    }
+    Ok(review)
+}
+
 /// Resource keys of the four RBAC kinds in the store.
 const KEYS: [&str; 4] = [
     "roles",
@@ -726,6 +908,92 @@ mod tests {
             &policy,
             "system:serviceaccount:team-z:bot",
             get("team-a")
+        ));
+    }
+
+    #[test]
+    fn access_reviews_answer_what_a_request_would_get() {
+        let policy = cluster_wide(json!([
+            {"apiGroups": ["serin.dev"], "resources": ["rollouts/status"], "verbs": ["update"]},
+        ]));
+        let review = |attributes: Value| json!({"spec": {"resourceAttributes": attributes}});
+        let user = UserInfo::from_name(SA);
+        let allowed = |policy: Option<&Policy>, attributes: Value| {
+            access_review(policy, &user, review(attributes)).expect("answered")["status"]["allowed"]
+                .clone()
+        };
+        let status_update = json!({"verb": "update", "group": "serin.dev", "resource": "rollouts",
+                                   "subresource": "status", "namespace": "shop"});
+        assert_eq!(allowed(Some(&policy), status_update.clone()), json!(true));
+        assert_eq!(
+            allowed(
+                Some(&policy),
+                json!({"verb": "update", "group": "serin.dev", "resource": "rollouts"})
+            ),
+            json!(false)
+        );
+        assert_eq!(
+            allowed(None, json!({"verb": "delete", "resource": "secrets"})),
+            json!(true),
+            "without enforcement everything is allowed"
+        );
+        assert_eq!(
+            access_review(Some(&policy), &user, review(json!({"resource": "pods"}))),
+            Err(ReviewError::Missing("spec.resourceAttributes.verb"))
+        );
+        assert_eq!(
+            access_review(Some(&policy), &user, json!({"spec": {}})).map_err(|e| e.to_string()),
+            Err("spec.resourceAttributes: Required value".to_string())
+        );
+    }
+
+    /// A length-delimited protobuf field.
+    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3) | 2, u8::try_from(bytes.len()).expect("short")];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn protobuf_access_reviews_read_as_kubectl_sends_them() {
+        let attributes = [
+            field(1, b"shop"),
+            field(2, b"patch"),
+            field(3, b"serin.dev"),
+            field(5, b"rollouts"),
+            field(6, b"status"),
+            field(7, b"web"),
+        ]
+        .concat();
+        let raw = [
+            field(1, b""),
+            field(2, &field(1, &attributes)),
+            field(3, b""),
+        ]
+        .concat();
+        // The envelope: TypeMeta, the raw object, then an empty content encoding and type.
+        let envelope = [
+            field(1, b"\x0a\x04skip"),
+            field(2, &raw),
+            field(3, b""),
+            field(4, b""),
+        ]
+        .concat();
+        let body = [PROTOBUF_MAGIC, &envelope].concat();
+        let review = review_from_protobuf(&body).expect("decoded");
+        assert_eq!(
+            review["spec"]["resourceAttributes"],
+            json!({"namespace": "shop", "verb": "patch", "group": "serin.dev", "resource": "rollouts",
+                   "subresource": "status", "name": "web"})
+        );
+        assert_eq!(
+            review_from_protobuf(b"{}"),
+            Err(ReviewError::Protobuf("no k8s protobuf prefix"))
+        );
+        let truncated = [PROTOBUF_MAGIC, &envelope[..envelope.len() - 3]].concat();
+        assert!(matches!(
+            review_from_protobuf(&truncated),
+            Err(ReviewError::Protobuf(_))
         ));
     }
 

@@ -423,19 +423,24 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
                     record.subresource = resolved.target.subresource.clone();
                     record.namespace = resolved.target.namespace.clone();
                     record.name = resolved.target.name.clone();
-                    match authorize(&state, &resolved, &query, &record.user) {
-                        Ok(()) => {
-                            serve_resource(
-                                &state,
-                                resolved,
-                                &query,
-                                &parts.headers,
-                                &record.user,
-                                body,
-                            )
-                            .await
+                    // Every user may ask what they may do (system:basic-user in a real cluster).
+                    if resolved.target.info.plural == "selfsubjectaccessreviews" {
+                        review_access(&state, &resolved, &parts.headers, &record.user, body).await
+                    } else {
+                        match authorize(&state, &resolved, &query, &record.user) {
+                            Ok(()) => {
+                                serve_resource(
+                                    &state,
+                                    resolved,
+                                    &query,
+                                    &parts.headers,
+                                    &record.user,
+                                    body,
+                                )
+                                .await
+                            }
+                            Err(forbidden) => Err(forbidden),
                         }
-                        Err(forbidden) => Err(forbidden),
                     }
                 }
             }
@@ -499,6 +504,52 @@ fn authorize(
             name,
             user,
         },
+    ))
+}
+
+/// Answers a SelfSubjectAccessReview from the stored RBAC objects; nothing is stored.
+async fn review_access(
+    state: &ServerState,
+    resolved: &Resolved,
+    headers: &http::HeaderMap,
+    user: &str,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if resolved.verb != "create" {
+        return Err(ApiError::method_not_allowed(resolved.verb));
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let bytes = read_body(headers, body).await?;
+    let review: Value = if content_type.contains("protobuf") {
+        super::rbac::review_from_protobuf(&bytes)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?
+    };
+    let policy = state
+        .rbac
+        .as_ref()
+        .map(|cache| cache.policy(&state.api.store.lock()));
+    let answered = super::rbac::access_review(
+        policy.as_deref(),
+        &super::rbac::UserInfo::from_name(user),
+        review,
+    )
+    .map_err(|e| {
+        ApiError::invalid(
+            "SelfSubjectAccessReview",
+            "authorization.k8s.io",
+            "",
+            &[(e.to_string(), "FieldValueRequired", e.to_string())],
+        )
+    })?;
+    Ok(json_response(
+        201,
+        Bytes::from(serde_json::to_vec(&answered).unwrap_or_default()),
+        &[],
     ))
 }
 
