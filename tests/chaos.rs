@@ -8,9 +8,11 @@
 //! nothing aborted it, Aborted otherwise.
 //!
 //! `cargo nextest run --test chaos` runs the seeds of `tests/chaos.regressions`, then seeds 1 to 20, each in
-//! a cluster of its own. `SERIN_CHAOS_SEEDS=N` runs N seeds (from `SERIN_CHAOS_FIRST_SEED`, default 1),
-//! `SERIN_CHAOS_SEED=S` only seed S, `SERIN_CHAOS_PARALLEL=K` K seeds at once (default 4). A failing seed is
-//! printed with its schedule and the command that runs it again; keep it in `tests/chaos.regressions`.
+//! a cluster of its own, four at a time (under three minutes on two cores). `SERIN_CHAOS_SEEDS=N` runs N
+//! seeds (from `SERIN_CHAOS_FIRST_SEED`, default 1), `SERIN_CHAOS_SEED=S` only seed S,
+//! `SERIN_CHAOS_PARALLEL=K` K seeds at once; beyond about 30 seeds use `cargo test --test chaos -- --nocapture`,
+//! since nextest stops a test after 300 s. A failing seed is printed with its schedule, what was done and the
+//! command that runs it again; keep it in `tests/chaos.regressions`.
 
 mod support;
 
@@ -36,8 +38,8 @@ use serin::sim::traffic::TrafficConfig;
 use serin::sim::workload::WorkloadConfig;
 use serin::sim::{FaultAction, FaultRule, SimCluster, SimConfig, WatchScope};
 use support::invariants::{
-    http_routes, managed_weights, Invariants, RunSummary, Snapshot, Target, CONVERGENCE, MAX_POLLS,
-    REACTION,
+    assert_abort_order, http_routes, managed_weights, AbortMark, Invariants, RunSummary, Snapshot,
+    Target, CONVERGENCE, MAX_POLLS, REACTION,
 };
 use support::{
     is_write, lease_holder, LeaseTiming, Replica, State, World, CONTROLLER_USER, NS,
@@ -63,7 +65,7 @@ const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
 const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 /// An abort, a scale or pods turning unready come once Serin has not changed traffic for this long, so
 /// that no decision of Serin's is in flight when they land.
-const QUIET_BEFORE_ABORT: Duration = Duration::from_millis(1_500);
+const TRAFFIC_QUIET: Duration = Duration::from_millis(1_500);
 /// Everything one seed may take, setup and teardown included.
 const SEED_BOUND: Duration = Duration::from_secs(200);
 /// The replicas of a seed that runs two controllers under leader election.
@@ -457,7 +459,7 @@ const MENU: [(FaultKind, u64); 10] = [
     (FaultKind::Watch, 3),
     (FaultKind::Unready, 2),
     (FaultKind::Workload, 1),
-    (FaultKind::Git, 2),
+    (FaultKind::Git, 3),
     (FaultKind::Scale, 1),
     (FaultKind::Command, 4),
     (FaultKind::Prometheus, 1),
@@ -571,7 +573,7 @@ fn schedule(seed: u64) -> Schedule {
             FaultKind::Unready => {
                 let pods = if rng.chance(30) { 2 } else { 1 };
                 push(at, Action::CanaryUnready { pods });
-                push(at + rng.between(1_000, 4_000), Action::CanaryReady);
+                push(at + rng.between(1_000, 8_000), Action::CanaryReady);
             }
             FaultKind::Workload => {
                 let down = rng.between(1_000, 3_000);
@@ -583,6 +585,7 @@ fn schedule(seed: u64) -> Schedule {
                 let change = rng.pick(&[
                     GitChange::Annotation,
                     GitChange::UnrelatedField,
+                    GitChange::NewSteps,
                     GitChange::NewSteps,
                 ]);
                 push(at, Action::Git(change));
@@ -850,9 +853,10 @@ impl Prometheus {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let terminated = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
+        // The shell's own `kill`: a minimal image may have no kill binary, and std sends only SIGKILL.
+        let terminated = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -TERM {}", child.id()))
             .status()
             .is_ok_and(|status| status.success());
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -931,7 +935,7 @@ struct Slot {
 }
 
 /// The sim (workload and traffic simulators), Serin's CRDs and the HTTPRoute CRD, a Prometheus scraping the
-/// simulated traffic, and the controller(s) of the seed.
+/// simulated traffic, and the controller(s) of the seed (started once the app's Services exist).
 struct Bed {
     world: World,
     prometheus: Prometheus,
@@ -993,7 +997,7 @@ impl Bed {
         }
         let target = ScrapeTarget::from_url(&sim.metrics_url()).expect("the sim's metrics URL");
         let prometheus = Prometheus::start(target).await;
-        let mut bed = Bed {
+        let bed = Bed {
             world: World::from_parts(sim, admin),
             prometheus,
             controllers: setup.controllers,
@@ -1007,16 +1011,20 @@ impl Bed {
                 .collect(),
             timing: LeaseTiming::default(),
         };
-        match setup.controllers {
+        bed
+    }
+
+    /// Starts the seed's controller(s) and waits (bounded) until they serve.
+    async fn start_controllers(&mut self) {
+        match self.controllers {
             Controllers::Single => {
-                bed.world.start_controller().await;
-                bed.single_running = true;
+                self.world.start_controller().await;
+                self.single_running = true;
             }
             Controllers::Pair => {
-                bed.start_dead(None).await;
+                self.start_dead(None).await;
             }
         }
-        bed
     }
 
     /// The users Serin writes as.
@@ -1109,6 +1117,16 @@ struct Armed {
     until: Instant,
 }
 
+/// What the abort-order check needs of the previous poll.
+#[derive(Clone, Debug)]
+struct PollMemo {
+    started: SystemTime,
+    at_analysis: bool,
+    aborted: bool,
+    route_canary: Option<i64>,
+    canary: String,
+}
+
 /// A command sent and not yet seen taking effect.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -1130,12 +1148,20 @@ struct Runner<'a> {
     stable: String,
     canary: String,
     /// AnalysisRuns whose verdict Serin rightly set aside: runs of an attempt a retry replaced, step runs
-    /// of steps that changed.
+    /// of steps that changed (those that existed then, and those started for the old steps that Serin
+    /// released).
     superseded: BTreeSet<String>,
     /// The generation of new steps until a status about them is seen.
     steps_change: Option<i64>,
     armed: Vec<Armed>,
     pending: Vec<Pending>,
+    previous: Option<PollMemo>,
+    /// New steps came for the canary in flight, and no step analysis of them has started yet.
+    analysis_owed: bool,
+    /// Step runs listed between new steps and Serin's status about them.
+    step_change_candidates: BTreeSet<String>,
+    /// Aborts Serin decided at an analysis step, for the abort-order check.
+    analysis_aborts: Vec<AbortMark>,
     /// The last abort or retry sent.
     last_manual: Option<Manual>,
     last_disruption: Option<Instant>,
@@ -1186,9 +1212,26 @@ impl Runner<'_> {
             if observed {
                 self.steps_change = None;
             } else {
-                // Runs listed before Serin wrote a status about the new steps were started for the old ones.
-                self.superseded
-                    .extend(runs.iter().filter(|r| is_step_run(r)).map(|r| r.name_any()));
+                // A step run listed before Serin wrote a status about the new steps may have been started
+                // for the old ones: if Serin then releases (terminates) it, its verdict does not count.
+                self.step_change_candidates.extend(
+                    runs.iter()
+                        .filter(|r| is_step_run(r) && !self.superseded.contains(&r.name_any()))
+                        .map(|r| r.name_any()),
+                );
+            }
+        }
+        for run in &runs {
+            let name = run.name_any();
+            if run.spec.terminate && self.step_change_candidates.contains(&name) {
+                self.superseded.insert(name);
+            } else if is_step_run(run)
+                && !run.spec.terminate
+                && self.steps_change.is_none()
+                && !self.superseded.contains(&name)
+            {
+                // A step analysis of the new steps started: what they owe before the promotion.
+                self.analysis_owed = false;
             }
         }
         let runs = runs
@@ -1201,7 +1244,9 @@ impl Runner<'_> {
 
     /// One poll: the invariants, and which commands took effect.
     async fn poll(&mut self) -> Snapshot {
+        let started = SystemTime::now();
         let snap = self.snapshot().await;
+        self.note_analysis_abort(started, &snap);
         let state = &snap.state;
         if state.observed() {
             let aborted = is_aborted(state);
@@ -1229,7 +1274,58 @@ impl Runner<'_> {
             }
         }
         self.inv.check(&snap);
+        assert!(
+            !(self.analysis_owed
+                && snap.state.stable_hash().as_deref() == Some(self.canary.as_str())),
+            "invariant 3: promoted after new steps without running their analysis step\nruns: {:#?}\nstate: {:#?}",
+            snap.runs,
+            snap.state
+        );
+        // The schedules delete no ReplicaSet, route or template and push no invalid spec: a Degraded
+        // status (a stable "missing", an unreadable route, an invalid spec) can only come from planning on
+        // a view of the cluster that is incomplete.
+        assert!(
+            snap.state.phase() != Some(RolloutPhase::Degraded),
+            "Degraded with no fault that explains it: {}\nroute: {:?}\nruns: {:#?}\nstate: {:#?}",
+            snap.state.message(),
+            snap.route,
+            snap.runs,
+            snap.state
+        );
         snap
+    }
+
+    /// An abort Serin decided itself at an analysis step (its analysis failed or errored) is held to the
+    /// abort order (invariant 4) like a human's: at the analysis step nothing else of Serin's moves traffic,
+    /// so every write to the route, the Services and the canary after the previous poll began is the
+    /// abort's.
+    fn note_analysis_abort(&mut self, started: SystemTime, snap: &Snapshot) {
+        let state = &snap.state;
+        let aborted = is_aborted(state);
+        let steps = steps_of(state);
+        let at_analysis = state
+            .step()
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| steps.get(i))
+            .is_some_and(|step| step.analysis.is_some());
+        let manual_abort = self.pending.iter().any(|p| p.manual == Manual::Abort);
+        if let Some(previous) = &self.previous {
+            if previous.at_analysis && !previous.aborted && aborted && !manual_abort {
+                self.analysis_aborts.push(AbortMark {
+                    since: previous.started,
+                    route_canary_weight: previous.route_canary,
+                    stable_service_pinned: true,
+                    canary_rs: format!("{APP}-{}", previous.canary),
+                });
+            }
+        }
+        self.previous = state.canary_hash().map(|canary| PollMemo {
+            started,
+            at_analysis: at_analysis && state.observed(),
+            aborted,
+            route_canary: snap.route.map(|w| w.canary),
+            canary,
+        });
     }
 
     /// Polls until `condition` holds; bounded by `timeout` and [`MAX_POLLS`].
@@ -1256,7 +1352,10 @@ impl Runner<'_> {
         panic!("{what}: still not there after {MAX_POLLS} polls");
     }
 
-    /// The Services, the route, the templates and the first revision, Healthy with every pod ready.
+    /// The Services, the route and the templates, then the controllers, then the first revision, Healthy
+    /// with every pod ready. The controllers start after the Services exist: a Rollout that reaches Serin
+    /// before its Services reached Serin's watch cache is reported `InvalidSpec` for a moment, which is not
+    /// what the schedules are about.
     async fn given_app(&mut self) {
         let world = &self.bed.world;
         world.given_services(APP, &[APP, &canary_service()]).await;
@@ -1280,7 +1379,13 @@ impl Runner<'_> {
                 .await
                 .expect("AnalysisTemplate accepted");
         }
-        world
+        self.bed.start_controllers().await;
+        self.record(format!(
+            "setup: controllers {:?} started, Prometheus at {address}",
+            self.bed.writers()
+        ));
+        self.bed
+            .world
             .given_rollout(rollout_manifest(&self.schedule.setup, &self.git))
             .await
             .expect("Rollout accepted");
@@ -1564,6 +1669,14 @@ impl Runner<'_> {
                     GitChange::UnrelatedField => self.git.revision_history_limit += 1,
                     GitChange::NewSteps => {
                         self.git.steps = self.git.steps.other();
+                        let before = self.poll().await;
+                        let state = &before.state;
+                        // New steps for a canary in flight start again with their analysis step; only a
+                        // promote already on its way may still promote it on the old steps.
+                        self.analysis_owed = state.observed()
+                            && state.canary_hash().is_some()
+                            && !is_aborted(state)
+                            && !self.pending.iter().any(|p| p.manual == Manual::Promote);
                         self.supersede_step_runs().await;
                     }
                 }
@@ -1635,7 +1748,7 @@ impl Runner<'_> {
         }
     }
 
-    /// Waits (up to [`SETTLE_PATIENCE`]) until Serin has not changed traffic for [`QUIET_BEFORE_ABORT`],
+    /// Waits (up to [`SETTLE_PATIENCE`]) until Serin has not changed traffic for [`TRAFFIC_QUIET`],
     /// and polls once more. A disruption comes after that poll: the invariants hold Serin strictly to a
     /// weight it raises between two polls, and a raise it made on ready pods just before the disruption
     /// would otherwise look like a raise onto the disrupted pods.
@@ -1645,7 +1758,7 @@ impl Runner<'_> {
             self.poll().await;
             let quiet = self
                 .last_object_write()
-                .is_none_or(|at| at.elapsed().unwrap_or_default() >= QUIET_BEFORE_ABORT);
+                .is_none_or(|at| at.elapsed().unwrap_or_default() >= TRAFFIC_QUIET);
             if quiet {
                 return Ok(());
             }
@@ -1744,10 +1857,10 @@ impl Runner<'_> {
             Manual::Abort
                 if self
                     .last_object_write()
-                    .is_some_and(|at| at.elapsed().unwrap_or_default() < QUIET_BEFORE_ABORT) =>
+                    .is_some_and(|at| at.elapsed().unwrap_or_default() < TRAFFIC_QUIET) =>
             {
                 Err(format!(
-                    "Serin changed traffic less than {QUIET_BEFORE_ABORT:?} ago"
+                    "Serin changed traffic less than {TRAFFIC_QUIET:?} ago"
                 ))
             }
             Manual::Retry if !state.is(RolloutPhase::Aborted) => {
@@ -2038,6 +2151,10 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
         steps_change: None,
         armed: Vec::new(),
         pending: Vec::new(),
+        previous: None,
+        analysis_owed: false,
+        step_change_candidates: BTreeSet::new(),
+        analysis_aborts: Vec::new(),
         last_manual: None,
         last_disruption: None,
         forced_unready: BTreeSet::new(),
@@ -2058,12 +2175,19 @@ async fn scenario(bed: &mut Bed, schedule: &Schedule, journal: Arc<Mutex<Vec<Str
     runner.expect_outcome(&held);
     runner.expect_commands_done(&held);
     let summary = runner.inv.finish(&runner.bed.world);
+    let records = runner.bed.world.sim.request_log().snapshot();
+    let writers = runner.bed.writers();
+    let writers: Vec<&str> = writers.iter().map(String::as_str).collect();
+    for mark in &runner.analysis_aborts {
+        assert_abort_order(&records, &writers, &runner.inv.target, mark);
+    }
     format!(
-        "seed {}: {:?} in {:.1}s ({:.1}s after the new revision); {summary}",
+        "seed {}: {:?} in {:.1}s ({:.1}s after the new revision); {summary}; {} aborts by analysis checked",
         schedule.seed,
         end.state.phase(),
         started.elapsed().as_secs_f64(),
-        runner.elapsed()
+        runner.elapsed(),
+        runner.analysis_aborts.len()
     )
 }
 

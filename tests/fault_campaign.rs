@@ -15,6 +15,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 use serin::cli::ManualCommand;
+use serin::controller::status_write::PROGRESS_WRITE_INTERVAL;
 use serin::crd::{AnalysisTemplate, RolloutPhase};
 use serin::sim::prometheus::{PrometheusOptions, PrometheusServer};
 use serin::sim::{FaultAction, FaultRule, WatchScope};
@@ -198,6 +199,23 @@ async fn wait_for_writes(world: &World, users: &[&str], since: SystemTime, count
     }
 }
 
+/// Kills the controllers and returns once the requests they had in flight have landed (no write of theirs
+/// logged for a while), so writes logged after the returned time are the next controller's.
+async fn kill_and_quiesce(world: &mut World) -> SystemTime {
+    world.kill_controllers();
+    let quiet = Duration::from_millis(300);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..1_000 {
+        let now = SystemTime::now();
+        let recent = writes_since(world, &[CONTROLLER_USER], now - quiet);
+        if recent.is_empty() || Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    SystemTime::now()
+}
+
 /// Sends a promote (noted by the invariants) and returns when it was sent.
 async fn promote_noted(world: &World, inv: &mut Invariants) -> SystemTime {
     let snap = inv.poll(world).await;
@@ -226,8 +244,7 @@ async fn a_controller_killed_mid_step_and_restarted_at_every_step_resumes_where_
     new_revision(&world, &mut inv, "kill:2", 1).await;
     for pause in [1, 3, 5] {
         // At rest, a restarted controller finds everything as it should be and writes nothing (rule 5).
-        world.kill_controllers();
-        let restarted = SystemTime::now();
+        let restarted = kill_and_quiesce(&mut world).await;
         world.start_controller().await;
         inv.hold(&world, Duration::from_secs(1)).await;
         let writes = writes_since(&world, &[CONTROLLER_USER], restarted);
@@ -296,7 +313,7 @@ async fn restarts_with_a_lagging_replica_set_cache_plan_nothing_until_it_listed_
                 .hold_watch_events(replica_sets.clone(), lag);
         } else {
             wait_for_writes(&world, &[CONTROLLER_USER], since, 1).await;
-            world.kill_controllers();
+            kill_and_quiesce(&mut world).await;
             // The restarted controller's ReplicaSet list and events come 2 s late, as after a failover to a
             // replica whose informer is slow.
             world
@@ -915,16 +932,29 @@ async fn scaling_through_the_scale_subresource_at_every_step_resizes_both_sides_
             })
             .await;
         assert_eq!(resized.state.step(), Some(pause), "a scale is not progress");
-        // What an HPA reads: every pod the selector matches, and the selector itself.
+        // What an HPA reads: every pod the selector matches, and the selector itself. Counts that only
+        // moved are written at most the progress-write interval late, so wait that long for them.
+        let counted = inv
+            .until(
+                &world,
+                &format!("pod count {replicas} written"),
+                PROGRESS_WRITE_INTERVAL + REACTION,
+                |s| {
+                    let pods: i32 = s.state.replica_sets.iter().map(|rs| rs.replicas).sum();
+                    s.state.rollout.status.as_ref().and_then(|st| st.replicas) == Some(pods)
+                },
+            )
+            .await;
+        assert_eq!(counted.state.step(), Some(pause), "a scale is not progress");
+        let written = counted
+            .state
+            .rollout
+            .status
+            .as_ref()
+            .and_then(|st| st.replicas);
         let scale = rollouts.get_scale("hpa").await.expect("scale subresource");
         let status = scale.status.expect("scale status");
-        let pods: i32 = resized
-            .state
-            .replica_sets
-            .iter()
-            .map(|rs| rs.replicas)
-            .sum();
-        assert_eq!(status.replicas, pods, "{resized:#?}");
+        assert_eq!(Some(status.replicas), written, "{counted:#?}");
         assert_eq!(status.selector.as_deref(), Some("app=hpa"));
         inv.command(&world, ManualCommand::Promote).await;
     }

@@ -92,6 +92,11 @@ pub struct SimArgs {
     /// Anyone who can reach the port can then break the simulated cluster.
     #[arg(long, env = "SERIN_SIM_ADMIN")]
     pub admin: bool,
+    /// Authorize every request against the Roles, ClusterRoles and bindings stored in the sim, answering
+    /// 403 Forbidden like a real API server. The `admin` token stays a superuser; other tokens name the
+    /// user (`system:serviceaccount:<ns>:<name>` for a ServiceAccount).
+    #[arg(long, env = "SERIN_SIM_ENFORCE_RBAC")]
+    pub enforce_rbac: bool,
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +374,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 port: args.port,
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
                 admin: args.admin,
+                enforce_rbac: args.enforce_rbac,
                 ..crate::sim::SimConfig::default()
             };
             let cluster = crate::sim::SimCluster::start(config).await?;
