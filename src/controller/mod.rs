@@ -5,6 +5,7 @@ pub mod expectations;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod neighbours;
 pub mod observe;
 pub mod routes;
 pub mod status_write;
@@ -543,7 +544,9 @@ fn spawn_scope(
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
     let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
-    let caches = Caches::new(gate.clone()).with_rollouts(rollout_reader.clone());
+    let neighbour_index = Arc::new(neighbours::NeighbourIndex::new());
+    let caches =
+        Caches::new(gate.clone()).with_rollouts(rollout_reader.clone(), neighbour_index.clone());
     let references = Arc::new(ReferenceIndex::new());
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
@@ -561,6 +564,7 @@ fn spawn_scope(
         })
         .reflect(rollout_writer)
         .inspect_ok(references.feeder())
+        .inspect_ok(neighbour_index.feeder())
         .inspect_ok(gate.tracker(Cache::Rollouts))
         .applied_objects()
         .predicate_filter(rollout_trigger_hash, Default::default());

@@ -7,12 +7,13 @@ use std::time::Instant;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ApiResource, DynamicObject, ListParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::act::Written;
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::IndexedCache;
+use super::neighbours::NeighbourIndex;
 use super::routes::RouteCaches;
 use super::sync::{Cache, CacheGate};
 
@@ -94,8 +95,9 @@ pub struct Caches {
     pub expectations: Arc<Expectations>,
     /// Which caches are synced: routing objects are read from theirs only then.
     pub gate: Arc<CacheGate>,
-    /// The Rollouts the controller watches, for the Services and pods two of them must not share.
-    pub rollouts: Option<Store<Rollout>>,
+    /// The Rollouts the controller watches, for the Services and pods two of them must not share, and
+    /// the index that narrows which of them to compare.
+    pub rollouts: Option<(Store<Rollout>, Arc<NeighbourIndex>)>,
 }
 
 impl Caches {
@@ -112,10 +114,10 @@ impl Caches {
         }
     }
 
-    /// The same caches, reading the other Rollouts of a namespace from `rollouts`.
-    pub fn with_rollouts(self, rollouts: Store<Rollout>) -> Caches {
+    /// The same caches, reading the other Rollouts of a namespace from `rollouts`, narrowed by `index`.
+    pub fn with_rollouts(self, rollouts: Store<Rollout>, index: Arc<NeighbourIndex>) -> Caches {
         Caches {
-            rollouts: Some(rollouts),
+            rollouts: Some((rollouts, index)),
             ..self
         }
     }
@@ -404,7 +406,8 @@ async fn foreign_replica_set(
     Ok(found.filter(|rs| !is_controlled_by(rs, uid)).map(|_| name))
 }
 
-/// The other Rollouts of the namespace: from the watch store, or listed (one by one decoded, so one that
+/// The other Rollouts of the namespace that may collide with this one: from the watch store, narrowed by
+/// the neighbourhood index, or listed (one by one decoded, so one that
 /// does not decode is left out rather than failing the list).
 async fn neighbours(
     sources: &Sources,
@@ -413,10 +416,10 @@ async fn neighbours(
 ) -> Result<Vec<Neighbour>, ObserveError> {
     let others: Vec<Arc<Rollout>> = match sources.caches.as_ref().and_then(|c| c.rollouts.as_ref())
     {
-        Some(store) => store
-            .state()
+        Some((store, index)) => index
+            .candidates(rollout)
             .into_iter()
-            .filter(|other| other.namespace().as_deref() == Some(namespace))
+            .filter_map(|name| store.get(&ObjectRef::new(&name).within(namespace)))
             .collect(),
         None => {
             let api: Api<DynamicObject> = Api::namespaced_with(
