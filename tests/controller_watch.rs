@@ -703,11 +703,15 @@ async fn what_the_controller_keeps_per_rollout_goes_with_the_rollout() {
                 .expect("rollout deleted");
         }
         // The watches bring the deletions and the garbage collection of the ReplicaSets.
-        wait_for("the caches empty", STEP_TIMEOUT, async || {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        for _ in 0..MAX_POLLS {
             let retained = controller.retained();
-            (retained.rollouts == 0 && retained.replica_sets == 0).then_some(())
-        })
-        .await;
+            if retained.rollouts == 0 && retained.replica_sets == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "caches never emptied: {retained:?}");
+            tokio::time::sleep(POLL).await;
+        }
         assert_eq!(
             controller.retained(),
             serin::controller::Retained::default(),
