@@ -11,6 +11,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::act::Written;
+use super::cached::{CachedAnalysisRun, CachedReplicaSet, CachedService};
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::IndexedCache;
 use super::neighbours::NeighbourIndex;
@@ -88,9 +89,9 @@ impl ObserveError {
 /// may not show yet.
 #[derive(Clone)]
 pub struct Caches {
-    pub replica_sets: Arc<IndexedCache<ReplicaSet>>,
-    pub services: Arc<IndexedCache<Service>>,
-    pub analysis_runs: Arc<IndexedCache<AnalysisRun>>,
+    pub replica_sets: Arc<IndexedCache<CachedReplicaSet>>,
+    pub services: Arc<IndexedCache<CachedService>>,
+    pub analysis_runs: Arc<IndexedCache<CachedAnalysisRun>>,
     pub routes: RouteCaches,
     pub expectations: Arc<Expectations>,
     /// Which caches are synced: routing objects are read from theirs only then.
@@ -148,7 +149,7 @@ impl Caches {
                 RoutingKind::Service => self
                     .services
                     .get(&key.namespace, &key.name)
-                    .and_then(|service| serde_json::to_value(service.as_ref()).ok()),
+                    .map(|service| service.to_value()),
                 kind => self.routes.object(kind, &key.namespace, &key.name),
             };
             if let Some(object) = found {
@@ -166,7 +167,7 @@ impl Caches {
                     RoutingKind::Service => self
                         .services
                         .get(&key.namespace, &key.name)
-                        .and_then(|service| service.resource_version()),
+                        .and_then(|service| service.resource_version.clone()),
                     kind => self
                         .routes
                         .cache(kind)
@@ -183,7 +184,7 @@ impl Caches {
         let version = self
             .services
             .get(namespace, name)
-            .and_then(|service| service.resource_version());
+            .and_then(|service| service.resource_version.clone());
         BTreeMap::from([(
             ObjectKey::new(RoutingKind::Service, namespace, name),
             version,
@@ -303,7 +304,7 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     for service_name in service_names(&rollout.spec.strategy) {
         let found = match &sources.caches {
             Some(caches) => caches.services.get(&namespace, &service_name).map(|svc| {
-                let mut observed = observed_service(&svc);
+                let mut observed = svc.view.clone();
                 let current = caches.service_version(&namespace, &service_name);
                 if let Some(written) =
                     caches
@@ -335,7 +336,7 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
             .analysis_runs
             .controlled_by(&namespace, &uid)
             .iter()
-            .filter_map(|run| observed_analysis_run(run))
+            .filter_map(|run| run.view.clone())
             .collect(),
         None => {
             let api: Api<AnalysisRun> = Api::namespaced(sources.client.clone(), &namespace);
