@@ -92,6 +92,10 @@ pub struct SimArgs {
     /// Anyone who can reach the port can then break the simulated cluster.
     #[arg(long, env = "SERIN_SIM_ADMIN")]
     pub admin: bool,
+    /// Send no simulated requests (and serve no request metrics): at thousands of Services the
+    /// traffic simulator costs more than the rest of the cluster, and nothing without analysis needs it.
+    #[arg(long, env = "SERIN_SIM_NO_TRAFFIC")]
+    pub no_traffic: bool,
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +373,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 port: args.port,
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
                 admin: args.admin,
+                traffic: (!args.no_traffic).then(crate::sim::traffic::TrafficConfig::default),
                 ..crate::sim::SimConfig::default()
             };
             let cluster = crate::sim::SimCluster::start(config).await?;
