@@ -97,6 +97,10 @@ pub struct SimArgs {
     /// user (`system:serviceaccount:<ns>:<name>` for a ServiceAccount).
     #[arg(long, env = "SERIN_SIM_ENFORCE_RBAC")]
     pub enforce_rbac: bool,
+    /// Send no simulated requests (and serve no request metrics): at thousands of Services the
+    /// traffic simulator costs more than the rest of the cluster, and nothing without analysis needs it.
+    #[arg(long, env = "SERIN_SIM_NO_TRAFFIC")]
+    pub no_traffic: bool,
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +379,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
                 admin: args.admin,
                 enforce_rbac: args.enforce_rbac,
+                traffic: (!args.no_traffic).then(crate::sim::traffic::TrafficConfig::default),
                 ..crate::sim::SimConfig::default()
             };
             let cluster = crate::sim::SimCluster::start(config).await?;

@@ -986,7 +986,11 @@ fn start_watch(
             start_version = requested_version;
         }
     }
-    let mut latest = state.api.store.subscribe();
+    let mut latest = state
+        .api
+        .store
+        .lock()
+        .subscribe_resource(&target.info.key());
     let mut signal = state.faults.watch_closer();
     let mut seen_signal = *signal.borrow_and_update();
     let task_state = state.clone();
