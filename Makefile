@@ -1,7 +1,7 @@
 # Serin: the two commands of the quick start are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo crds chart
+.PHONY: deps build test lint demo crds chart bench-scale bench-soak
 
 deps:
 	bash scripts/install-deps.sh
@@ -30,3 +30,15 @@ crds:
 # Refreshes the chart's copy of crds/ and the plain manifests in deploy/ from charts/serin.
 chart:
 	SERIN_UPDATE_DEPLOY=1 $(CARGO) test -p serin-cli --test chart
+
+# Scale benchmark (crates/serin-cli/benches/scale.rs, a harness-less cargo bench, release build): `serin sim` and
+# `serin controller` as separate processes, SERIN_SCALE_ROLLOUTS (default 10000) Rollouts created,
+# settled, left idle, then all updated at once; prints controller RSS, CPU and writes per phase.
+# Results and options: docs/benchmarks/scale.md.
+bench-scale:
+	SERIN_SCALE_MODE=scale $(CARGO) bench -p serin-cli --bench scale
+
+# Soak (same file): continuous rollouts, some failing analysis on a real Prometheus, for SERIN_SOAK_SECONDS
+# (default 600; hours work too); prints the controller's RSS slope and fails when it grew 5% or more.
+bench-soak: deps
+	SERIN_SCALE_MODE=soak $(CARGO) bench -p serin-cli --bench scale

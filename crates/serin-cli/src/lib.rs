@@ -90,6 +90,15 @@ pub struct SimArgs {
     /// Anyone who can reach the port can then break the simulated cluster.
     #[arg(long, env = "SERIN_SIM_ADMIN")]
     pub admin: bool,
+    /// Authorize every request against the Roles, ClusterRoles and bindings stored in the sim, answering
+    /// 403 Forbidden like a real API server. The `admin` token stays a superuser; other tokens name the
+    /// user (`system:serviceaccount:<ns>:<name>` for a ServiceAccount).
+    #[arg(long, env = "SERIN_SIM_ENFORCE_RBAC")]
+    pub enforce_rbac: bool,
+    /// Send no simulated requests (and serve no request metrics): at thousands of Services the
+    /// traffic simulator costs more than the rest of the cluster, and nothing without analysis needs it.
+    #[arg(long, env = "SERIN_SIM_NO_TRAFFIC")]
+    pub no_traffic: bool,
 }
 
 #[derive(Debug, Args)]
@@ -359,6 +368,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 port: args.port,
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
                 admin: args.admin,
+                enforce_rbac: args.enforce_rbac,
+                traffic: (!args.no_traffic).then(serin_sim::traffic::TrafficConfig::default),
                 ..serin_sim::SimConfig::default()
             };
             let cluster = serin_sim::SimCluster::start(config).await?;

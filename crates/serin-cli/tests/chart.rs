@@ -587,50 +587,69 @@ fn rbac_is_least_privilege_and_never_lists_secrets_cluster_wide() {
         );
     }
 
+    // Exactly what the controller's requests use is proven by crates/serin/tests/rbac_e2e.rs (a missing grant gets a 403,
+    // an unused one fails); here, the properties a reviewer checks by eye.
     let docs = documents(&render(&[]));
     let cluster_role = one_of_kind(&docs, "ClusterRole");
+    for user_owned in [
+        ("serin.dev", "rollouts"),
+        ("", "services"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
+    ] {
+        let granted = verbs(cluster_role, user_owned.0, user_owned.1);
+        assert!(
+            !granted.contains("update") && !granted.contains("create") && !granted.contains("delete"),
+            "{user_owned:?} is the user's: Serin never replaces, creates or deletes it: {granted:?}"
+        );
+    }
     assert_eq!(
         verbs(cluster_role, "serin.dev", "rollouts"),
-        set(&["get", "list", "watch", "update", "patch"])
+        set(&["get", "list", "watch"]),
+        "Rollouts are read, only their status is written"
     );
     assert_eq!(
         verbs(cluster_role, "serin.dev", "rollouts/status"),
-        set(&["get", "update", "patch"])
+        set(&["update"])
     );
     assert!(
         verbs(cluster_role, "serin.dev", "rollouts/scale").is_empty(),
         "scaling is for users"
     );
-    assert_eq!(
-        verbs(cluster_role, "serin.dev", "clusteranalysistemplates"),
-        set(&["get", "list", "watch"])
-    );
-    assert_eq!(
-        verbs(cluster_role, "serin.dev", "analysisruns"),
-        set(&["get", "list", "watch", "create", "update", "patch", "delete"])
-    );
-    assert_eq!(
-        verbs(cluster_role, "apps", "replicasets"),
-        set(&["get", "list", "watch", "create", "update", "patch", "delete"])
-    );
-    assert_eq!(
-        verbs(cluster_role, "", "services"),
-        set(&["get", "list", "watch", "update", "patch"])
-    );
+    for templates in ["analysistemplates", "clusteranalysistemplates"] {
+        assert_eq!(
+            verbs(cluster_role, "serin.dev", templates),
+            set(&["get"]),
+            "{templates} are read one by one"
+        );
+    }
     assert_eq!(verbs(cluster_role, "", "secrets"), set(&["get"]));
-    assert_eq!(verbs(cluster_role, "", "events"), set(&["create", "patch"]));
+    assert!(
+        verbs(cluster_role, "", "events").is_empty(),
+        "events are recorded through events.k8s.io only"
+    );
     assert_eq!(
         verbs(cluster_role, "events.k8s.io", "events"),
         set(&["create", "patch"])
-    );
-    assert_eq!(
-        verbs(cluster_role, "gateway.networking.k8s.io", "httproutes"),
-        set(&["get", "list", "watch", "update", "patch"])
     );
     assert!(
         verbs(cluster_role, "", "pods").is_empty(),
         "the controller reads ReplicaSets, not pods"
     );
+    // The namespaced Roles grant the ClusterRole's rules, less the cluster-scoped templates.
+    let namespaced = documents(&render(NAMESPACED));
+    let mut expected = grants(cluster_role);
+    expected.remove(&(
+        "serin.dev".to_string(),
+        "clusteranalysistemplates".to_string(),
+    ));
+    for role in of_kind(&namespaced, "Role")
+        .into_iter()
+        .filter(|r| !name(r).ends_with("leader-election"))
+    {
+        assert_eq!(grants(role), expected, "Role {}", name(role));
+    }
     let binding = one_of_kind(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], json!(name(cluster_role)));
     assert_eq!(
@@ -666,7 +685,7 @@ fn namespaced_mode_renders_a_role_per_namespace_and_no_cluster_role_for_rollouts
         );
         assert_eq!(
             verbs(role, "serin.dev", "rollouts"),
-            set(&["get", "list", "watch", "update", "patch"])
+            set(&["get", "list", "watch"])
         );
         assert_eq!(verbs(role, "", "secrets"), set(&["get"]));
     }

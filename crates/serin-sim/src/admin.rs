@@ -375,6 +375,22 @@ fn requests(state: &ServerState) -> Value {
     json!({"items": entries})
 }
 
+/// Totals per user, verb, resource and subresource since the sim started.
+fn request_counts(state: &ServerState) -> Value {
+    let items: Vec<Value> = state
+        .log
+        .counts()
+        .iter()
+        .map(|c| {
+            json!({
+                "user": c.user, "verb": c.verb, "resource": c.resource,
+                "subresource": c.subresource, "count": c.count,
+            })
+        })
+        .collect();
+    json!({"items": items})
+}
+
 /// Serves one `/sim/...` call; `rest` is the path after `/sim/`.
 pub async fn serve(
     state: &Arc<ServerState>,
@@ -539,6 +555,7 @@ async fn dispatch(
             }
         }
         ("GET", ["requests"]) => value_response(&requests(state)),
+        ("GET", ["requests", "counts"]) => value_response(&request_counts(state)),
         ("DELETE", ["requests"]) => {
             state.log.clear();
             success(json!({}))
@@ -552,7 +569,8 @@ async fn dispatch(
             | ["pods", "unready" | "ready"]
             | ["workload"]
             | ["workload", "stop" | "start"]
-            | ["requests"],
+            | ["requests"]
+            | ["requests", "counts"],
         ) => {
             return Err(AdminError::MethodNotAllowed {
                 method: method.to_string(),

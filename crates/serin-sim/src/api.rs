@@ -17,6 +17,12 @@ use super::store::{Store, StoreInner};
 
 /// Largest request body accepted, like kube-apiserver's 3 MiB limit.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Largest object stored, like etcd's default 1.5 MiB request limit that kube-apiserver runs into.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+/// Deepest object stored. kube-apiserver accepts 10,000 levels; serde_json, which the sim and Rust clients
+/// parse with, stops at 128, counting the list or watch event around an object. Storing what it cannot
+/// serve back would answer an error after the write (half applied) and break every later list.
+pub const MAX_NESTING: usize = 100;
 const NAMESPACES_KEY: &str = "/namespaces";
 const CRD_KEY: &str = "apiextensions.k8s.io/customresourcedefinitions";
 const CRD_GROUP: &str = "apiextensions.k8s.io";
@@ -325,22 +331,39 @@ fn normalize_builtin(info: &ResourceInfo, object: &mut Value) {
     }
 }
 
-fn without_volatile_metadata(object: &Value) -> Value {
-    let mut copy = object.clone();
-    if let Some(metadata) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
-        metadata.remove("managedFields");
-        metadata.remove("resourceVersion");
+/// Whether two objects' maps hold equal values under every key not in `skip`, without copying them
+/// (every write compares whole objects, which a copy per comparison made the sim's main cost).
+fn equal_except(a: &Value, b: &Value, skip: &[&str]) -> bool {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let kept = |map: &'_ serde_json::Map<String, Value>| {
+                map.iter()
+                    .filter(|(key, _)| !skip.contains(&key.as_str()))
+                    .count()
+            };
+            kept(a) == kept(b)
+                && a.iter()
+                    .filter(|(key, _)| !skip.contains(&key.as_str()))
+                    .all(|(key, value)| b.get(key) == Some(value))
+        }
+        _ => a == b,
     }
-    copy
 }
 
-fn spec_view(object: &Value) -> Value {
-    let mut copy = object.clone();
-    if let Some(map) = copy.as_object_mut() {
-        map.remove("metadata");
-        map.remove("status");
-    }
-    copy
+/// Equal but for `metadata.managedFields` and `metadata.resourceVersion`.
+fn equal_but_volatile_metadata(a: &Value, b: &Value) -> bool {
+    let none = Value::Null;
+    equal_except(a, b, &["metadata"])
+        && equal_except(
+            a.get("metadata").unwrap_or(&none),
+            b.get("metadata").unwrap_or(&none),
+            &["managedFields", "resourceVersion"],
+        )
+}
+
+/// Equal but for `metadata` and `status` (what `metadata.generation` counts).
+fn equal_spec(a: &Value, b: &Value) -> bool {
+    equal_except(a, b, &["metadata", "status"])
 }
 
 fn map_patch_error(error: PatchError, target: &Target, name: &str) -> ApiError {
@@ -804,6 +827,7 @@ impl ApiState {
         if input.dry_run() {
             return Ok((object.clone(), warnings));
         }
+        check_stored_size(object)?;
         let stored = inner
             .put(
                 &target.info.key(),
@@ -1019,21 +1043,25 @@ impl ApiState {
         }
         let mut warnings = Vec::new();
         if !on_status {
-            let mut served_old = current.clone();
-            if let Some(map) = served_old.as_object_mut() {
-                map.insert(
-                    "apiVersion".into(),
-                    Value::String(target.info.api_version(&target.version)),
-                );
+            // Only custom resources are validated against the old object: built-in ones skip the copy.
+            if target.info.custom {
+                let mut served_old = current.clone();
+                if let Some(map) = served_old.as_object_mut() {
+                    map.insert(
+                        "apiVersion".into(),
+                        Value::String(target.info.api_version(&target.version)),
+                    );
+                }
+                warnings =
+                    ApiState::validate_custom(target, name, &mut new, Some(&served_old), input)?;
             }
-            warnings = ApiState::validate_custom(target, name, &mut new, Some(&served_old), input)?;
             if let Some(map) = new.as_object_mut() {
                 map.insert(
                     "apiVersion".into(),
                     Value::String(target.info.api_version(&target.info.storage_version)),
                 );
             }
-            if target.info.tracks_generation(&new) && spec_view(&new) != spec_view(current) {
+            if target.info.tracks_generation(&new) && !equal_spec(&new, current) {
                 let generation = current
                     .pointer("/metadata/generation")
                     .and_then(Value::as_i64)
@@ -1054,7 +1082,7 @@ impl ApiState {
             &merge_schema(target),
         );
         let served = |value: Value| ApiState::served_value(&target.info, &target.version, value);
-        if without_volatile_metadata(&new) == without_volatile_metadata(current) {
+        if equal_but_volatile_metadata(&new, current) {
             let mut response = ApiResponse::json(200, &served(current.clone()))?;
             response.warnings = warnings;
             return Ok(response);
@@ -1078,6 +1106,7 @@ impl ApiState {
                 value
             })
         } else {
+            check_stored_size(&new)?;
             let stored = inner
                 .put(&key, namespace, name, new)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -1678,6 +1707,45 @@ fn finish_foreground(inner: &mut StoreInner, owner_uid: &str, cascade: &mut Casc
         set_finalizers(&mut owner, &finalizers);
         let _ = inner.put(&key, &namespace, &name, owner);
     }
+}
+
+/// Refuses an object larger than etcd stores (the body limit alone lets a 3 MiB object through), or nested
+/// deeper than the sim and its clients parse once it is wrapped in a list or a watch event.
+fn check_stored_size(object: &Value) -> Result<(), ApiError> {
+    let depth = nesting(object);
+    if depth > MAX_NESTING {
+        return Err(ApiError::bad_request(format!(
+            "the object is nested {depth} levels deep; at most {MAX_NESTING} are accepted"
+        )));
+    }
+    let size = serde_json::to_vec(object)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
+    if size > MAX_OBJECT_BYTES {
+        return Err(ApiError::object_too_large());
+    }
+    Ok(())
+}
+
+/// Levels of objects and arrays in `value` (a scalar has none). Iterative: the value may be as deep as the
+/// parser allowed.
+fn nesting(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1usize)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Object(map) => {
+                deepest = deepest.max(depth);
+                pending.extend(map.values().map(|child| (child, depth + 1)));
+            }
+            Value::Array(items) => {
+                deepest = deepest.max(depth);
+                pending.extend(items.iter().map(|child| (child, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //!
 //! Everything here decides; the server (`server.rs`) acts on the decisions.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -755,10 +755,46 @@ pub struct RequestRecord {
     pub status: u16,
 }
 
-/// Bounded log of served requests, oldest dropped first.
+/// How many distinct (user, verb, resource, subresource) totals [`RequestLog::counts`] keeps apart; any
+/// further combination is added to [`OTHER_USER`]'s, so a client inventing user names cannot grow memory.
+pub const MAX_COUNT_KEYS: usize = 4096;
+/// The user under which requests beyond [`MAX_COUNT_KEYS`] combinations are counted.
+pub const OTHER_USER: &str = "(other)";
+
+/// (user, verb, resource, subresource) of a request total.
+type CountKey = (String, String, String, Option<String>);
+
+/// How many requests one user made with one verb on one resource since the sim started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestCount {
+    pub user: String,
+    pub verb: String,
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub count: u64,
+}
+
+impl RequestCount {
+    /// Whether the request changed an object (create, update, patch, delete, deletecollection).
+    pub fn is_write(&self) -> bool {
+        is_write_verb(&self.verb)
+    }
+}
+
+/// create, update, patch, delete and deletecollection.
+pub fn is_write_verb(verb: &str) -> bool {
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// Bounded log of served requests, oldest dropped first, plus totals per user, verb and resource that
+/// are never dropped (a benchmark of thousands of objects overflows any log it could afford to keep).
 pub struct RequestLog {
     entries: Mutex<VecDeque<RequestRecord>>,
     capacity: usize,
+    totals: Mutex<BTreeMap<CountKey, u64>>,
 }
 
 impl RequestLog {
@@ -766,15 +802,54 @@ impl RequestLog {
         RequestLog {
             entries: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
+            totals: Mutex::default(),
         }
     }
 
     pub fn record(&self, record: RequestRecord) {
+        self.count(&record);
         let mut entries = lock(&self.entries);
         if entries.len() >= self.capacity {
             entries.pop_front();
         }
         entries.push_back(record);
+    }
+
+    fn count(&self, record: &RequestRecord) {
+        let mut totals = lock(&self.totals);
+        let key = (
+            record.user.clone(),
+            record.verb.clone(),
+            record.resource.clone(),
+            record.subresource.clone(),
+        );
+        if let Some(total) = totals.get_mut(&key) {
+            *total += 1;
+            return;
+        }
+        let key = if totals.len() < MAX_COUNT_KEYS {
+            key
+        } else {
+            (OTHER_USER.to_string(), String::new(), String::new(), None)
+        };
+        *totals.entry(key).or_default() += 1;
+    }
+
+    /// Requests since the sim started by user, verb, resource and subresource (clearing the log keeps
+    /// them).
+    pub fn counts(&self) -> Vec<RequestCount> {
+        lock(&self.totals)
+            .iter()
+            .map(
+                |((user, verb, resource, subresource), count)| RequestCount {
+                    user: user.clone(),
+                    verb: verb.clone(),
+                    resource: resource.clone(),
+                    subresource: subresource.clone(),
+                    count: *count,
+                },
+            )
+            .collect()
     }
 
     pub fn snapshot(&self) -> Vec<RequestRecord> {
@@ -800,13 +875,7 @@ impl RequestLog {
 
     /// Writes (create, update, patch, delete, deletecollection) made by one user.
     pub fn writes_by(&self, user: &str) -> Vec<RequestRecord> {
-        self.filter(|r| {
-            r.user == user
-                && matches!(
-                    r.verb.as_str(),
-                    "create" | "update" | "patch" | "delete" | "deletecollection"
-                )
-        })
+        self.filter(|r| r.user == user && is_write_verb(&r.verb))
     }
 }
 
@@ -1056,5 +1125,41 @@ mod tests {
         }
         let statuses: Vec<u16> = log.snapshot().iter().map(|r| r.status).collect();
         assert_eq!(statuses, vec![201, 202]);
+        log.clear();
+        let counts = log.counts();
+        assert_eq!(counts.len(), 1, "one user, verb and resource: {counts:?}");
+        assert_eq!(
+            counts[0].count, 3,
+            "totals keep what the bounded log dropped"
+        );
+        assert!(!counts[0].is_write());
+    }
+
+    #[test]
+    fn request_totals_are_bounded_in_distinct_keys() {
+        let log = RequestLog::new(1);
+        let total = MAX_COUNT_KEYS + 10;
+        for index in 0..total {
+            log.record(RequestRecord {
+                time: SystemTime::now(),
+                user: format!("user-{index}"),
+                verb: "patch".into(),
+                method: "PATCH".into(),
+                path: "/api/v1/namespaces/a/pods/b".into(),
+                group: String::new(),
+                version: "v1".into(),
+                resource: "pods".into(),
+                subresource: None,
+                namespace: Some("a".into()),
+                name: Some("b".into()),
+                patch_content_type: None,
+                status: 200,
+            });
+        }
+        let counts = log.counts();
+        assert_eq!(counts.len(), MAX_COUNT_KEYS + 1);
+        assert_eq!(counts.iter().map(|c| c.count).sum::<u64>(), total as u64);
+        let other = counts.iter().find(|c| c.user == OTHER_USER);
+        assert_eq!(other.map(|c| c.count), Some(10));
     }
 }

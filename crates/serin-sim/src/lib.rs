@@ -7,6 +7,7 @@ pub mod faults;
 pub mod fixtures;
 pub mod patch;
 pub mod prometheus;
+pub mod rbac;
 pub mod registry;
 pub mod schema;
 pub mod selector;
@@ -50,6 +51,10 @@ pub struct SimConfig {
     /// Serve the admin endpoint under `/sim/` (faults, request log, pod readiness, workload switch).
     /// Off by default: anyone who can reach the port could break the cluster with it.
     pub admin: bool,
+    /// Authorize every resource request against the stored Roles, ClusterRoles and bindings, answering
+    /// 403 Forbidden as kube-apiserver does (see [`rbac`]). Off by default: tests that do not set RBAC up
+    /// act as users no binding names. `admin` and the simulators are superusers either way.
+    pub enforce_rbac: bool,
 }
 
 /// The user the simulators write as (so request-log assertions can leave their writes out).
@@ -66,6 +71,7 @@ impl Default for SimConfig {
             workload: Some(workload::WorkloadConfig::default()),
             traffic: Some(traffic::TrafficConfig::default()),
             admin: false,
+            enforce_rbac: false,
         }
     }
 }
@@ -204,6 +210,7 @@ impl SimCluster {
             admin: config.admin,
             workload: std::sync::OnceLock::new(),
             workload_fence: Arc::default(),
+            rbac: config.enforce_rbac.then(rbac::PolicyCache::default),
         });
         let app = server::router(state.clone());
         let server_task = tokio::spawn(async move {

@@ -1202,14 +1202,13 @@ pub fn record_update_with_schema(
     subresource: Option<&str>,
     schema: &MergeSchema<'_>,
 ) {
-    let mut new_for_fields = new.clone();
-    if let Some(meta) = new_for_fields
-        .get_mut("metadata")
-        .and_then(Value::as_object_mut)
-    {
+    // The submitted managedFields never count and are replaced below, so they are dropped in place
+    // rather than from a copy of the whole object.
+    if let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
     }
-    let mut new_set = fields_of(&new_for_fields, schema);
+    let new_for_fields: &Value = new;
+    let mut new_set = fields_of(new_for_fields, schema);
     if subresource == Some("status") {
         new_set.retain(|k, _| k == "f:status");
     }
@@ -1222,13 +1221,13 @@ pub fn record_update_with_schema(
         .filter(|leaf| match leaf.last().map(String::as_str) {
             // A list item is "changed" by appearing, not by edits to its fields.
             Some(".") => value_at(old_object, leaf).is_none(),
-            _ => value_at(old_object, leaf) != value_at(&new_for_fields, leaf),
+            _ => value_at(old_object, leaf) != value_at(new_for_fields, leaf),
         })
         .collect();
     let gone: Vec<FieldPath> = entries
         .iter()
         .flat_map(|e| leaves(&e.fields))
-        .filter(|leaf| value_at(&new_for_fields, leaf).is_none())
+        .filter(|leaf| value_at(new_for_fields, leaf).is_none())
         .collect();
 
     let is_updater = |e: &ManagedEntry| {

@@ -247,6 +247,15 @@ fn builtins() -> Vec<Builtin> {
             "ClusterRoleBinding",
             false,
         ),
+        // Answered by the RBAC authorizer, never stored (`kubectl auth can-i`).
+        builtin(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "selfsubjectaccessreview",
+            "SelfSubjectAccessReview",
+            false,
+        ),
         Builtin {
             short_names: &["pdb"],
             status: true,

@@ -38,6 +38,8 @@ pub struct ServerState {
     pub workload: std::sync::OnceLock<Arc<WorkloadControl>>,
     /// Requests of a stopped workload-simulator run are refused (see [`RunFence`]).
     pub workload_fence: Arc<RunFence>,
+    /// When set, every resource request is authorized against the stored RBAC objects.
+    pub rbac: Option<super::rbac::PolicyCache>,
 }
 
 pub fn router(state: Arc<ServerState>) -> axum::Router {
@@ -421,8 +423,25 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
                     record.subresource = resolved.target.subresource.clone();
                     record.namespace = resolved.target.namespace.clone();
                     record.name = resolved.target.name.clone();
-                    serve_resource(&state, resolved, &query, &parts.headers, &record.user, body)
-                        .await
+                    // Every user may ask what they may do (system:basic-user in a real cluster).
+                    if resolved.target.info.plural == "selfsubjectaccessreviews" {
+                        review_access(&state, &resolved, &parts.headers, &record.user, body).await
+                    } else {
+                        match authorize(&state, &resolved, &query, &record.user) {
+                            Ok(()) => {
+                                serve_resource(
+                                    &state,
+                                    resolved,
+                                    &query,
+                                    &parts.headers,
+                                    &record.user,
+                                    body,
+                                )
+                                .await
+                            }
+                            Err(forbidden) => Err(forbidden),
+                        }
+                    }
                 }
             }
         }
@@ -441,6 +460,97 @@ async fn handle(State(state): State<Arc<ServerState>>, request: Request) -> Resp
     record.status = response.status().as_u16();
     state.log.record(record);
     response
+}
+
+/// Refuses a resource request the stored RBAC objects do not allow, with the 403 kube-apiserver sends,
+/// when the sim enforces RBAC.
+fn authorize(
+    state: &ServerState,
+    resolved: &Resolved,
+    query: &HashMap<String, String>,
+    user: &str,
+) -> Result<(), ApiError> {
+    let Some(cache) = &state.rbac else {
+        return Ok(());
+    };
+    let target = &resolved.target;
+    let name = match resolved.verb {
+        "list" | "watch" => pinned_name(query),
+        _ => target.name.as_deref(),
+    };
+    let attributes = super::rbac::Attributes {
+        verb: resolved.verb,
+        group: &target.info.group,
+        resource: &target.info.plural,
+        subresource: target.subresource.as_deref(),
+        namespace: target.namespace.as_deref(),
+        name,
+    };
+    let policy = cache.policy(&state.api.store.lock());
+    if policy
+        .authorize(&super::rbac::UserInfo::from_name(user), &attributes)
+        .allowed()
+    {
+        return Ok(());
+    }
+    Err(ApiError::injected(
+        403,
+        &InjectedRequest {
+            verb: resolved.verb,
+            group: &target.info.group,
+            resource: &target.info.plural,
+            subresource: target.subresource.as_deref(),
+            namespace: target.namespace.as_deref(),
+            name,
+            user,
+        },
+    ))
+}
+
+/// Answers a SelfSubjectAccessReview from the stored RBAC objects; nothing is stored.
+async fn review_access(
+    state: &ServerState,
+    resolved: &Resolved,
+    headers: &http::HeaderMap,
+    user: &str,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if resolved.verb != "create" {
+        return Err(ApiError::method_not_allowed(resolved.verb));
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let bytes = read_body(headers, body).await?;
+    let review: Value = if content_type.contains("protobuf") {
+        super::rbac::review_from_protobuf(&bytes)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?
+    };
+    let policy = state
+        .rbac
+        .as_ref()
+        .map(|cache| cache.policy(&state.api.store.lock()));
+    let answered = super::rbac::access_review(
+        policy.as_deref(),
+        &super::rbac::UserInfo::from_name(user),
+        review,
+    )
+    .map_err(|e| {
+        ApiError::invalid(
+            "SelfSubjectAccessReview",
+            "authorization.k8s.io",
+            "",
+            &[(e.to_string(), "FieldValueRequired", e.to_string())],
+        )
+    })?;
+    Ok(json_response(
+        201,
+        Bytes::from(serde_json::to_vec(&answered).unwrap_or_default()),
+        &[],
+    ))
 }
 
 async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, ApiError> {
@@ -876,7 +986,11 @@ fn start_watch(
             start_version = requested_version;
         }
     }
-    let mut latest = state.api.store.subscribe();
+    let mut latest = state
+        .api
+        .store
+        .lock()
+        .subscribe_resource(&target.info.key());
     let mut signal = state.faults.watch_closer();
     let mut seen_signal = *signal.borrow_and_update();
     let task_state = state.clone();

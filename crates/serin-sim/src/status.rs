@@ -175,6 +175,12 @@ impl ApiError {
         )
     }
 
+    /// What a real server answers when the object would not fit in etcd (kube-apiserver passes etcd's
+    /// refusal on as an internal error).
+    pub fn object_too_large() -> ApiError {
+        ApiError::new(500, "InternalError", "etcdserver: request is too large")
+    }
+
     pub fn unsupported_media_type(content_type: &str, accepted: &[&str]) -> ApiError {
         tracing::debug!(content_type, "unsupported media type");
         ApiError::new(

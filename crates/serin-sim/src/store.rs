@@ -69,6 +69,9 @@ pub struct StoreInner {
     window: usize,
     /// Highest resourceVersion whose event has been dropped from the window.
     pub compacted_through: u64,
+    /// The latest resourceVersion committed per resource, so a watch wakes for commits of its own
+    /// resource only rather than for every commit in the cluster.
+    resource_signals: HashMap<String, tokio::sync::watch::Sender<u64>>,
 }
 
 pub fn labels_of(object: &Value) -> Labels {
@@ -184,7 +187,19 @@ impl StoreInner {
             .unwrap_or_default()
     }
 
+    /// A receiver that changes whenever an event of `resource_key` is committed.
+    pub fn subscribe_resource(&mut self, resource_key: &str) -> tokio::sync::watch::Receiver<u64> {
+        let current = self.resource_version;
+        self.resource_signals
+            .entry(resource_key.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(current).0)
+            .subscribe()
+    }
+
     fn push_event(&mut self, event: Event) {
+        if let Some(signal) = self.resource_signals.get(&*event.resource_key) {
+            signal.send_replace(event.resource_version);
+        }
         self.events.push_back(event);
         while self.events.len() > self.window {
             if let Some(dropped) = self.events.pop_front() {
@@ -446,5 +461,30 @@ mod tests {
         );
         inner.remove("/pods", "default", "child");
         assert!(inner.dependents_of("uid-o3").is_empty());
+    }
+
+    #[test]
+    fn resource_signals_change_only_for_their_own_resource() {
+        let store = Store::new(10);
+        let mut pods = store.lock().subscribe_resource("/pods");
+        let mut maps = store.lock().subscribe_resource("/configmaps");
+        store
+            .lock()
+            .put("/configmaps", "default", "a", object("a"))
+            .unwrap();
+        assert!(
+            !pods.has_changed().unwrap(),
+            "a ConfigMap commit wakes pod watches"
+        );
+        assert!(maps.has_changed().unwrap());
+        assert_eq!(*maps.borrow_and_update(), 1);
+        store
+            .lock()
+            .put("/pods", "default", "p", object("p"))
+            .unwrap();
+        store.lock().remove("/pods", "default", "p");
+        assert!(pods.has_changed().unwrap());
+        assert_eq!(*pods.borrow_and_update(), 3, "the removal signals too");
+        assert!(!maps.has_changed().unwrap());
     }
 }

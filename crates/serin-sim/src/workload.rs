@@ -666,6 +666,73 @@ impl Expectations {
     }
 }
 
+/// Pods by the uid of the object that controls them, so a ReplicaSet reconcile looks at its own pods
+/// rather than at every pod in the cluster. Entries are hints: a missed delete (a relist drops objects
+/// without events) leaves a stale key that the reconcile checks against the cache and forgets.
+#[derive(Debug, Default)]
+struct OwnerIndex {
+    by_owner: HashMap<String, HashSet<Key>>,
+}
+
+impl OwnerIndex {
+    fn note(&mut self, owner_uid: &str, key: Key) {
+        self.by_owner
+            .entry(owner_uid.to_string())
+            .or_default()
+            .insert(key);
+    }
+
+    fn candidates(&self, owner_uid: &str) -> Vec<Key> {
+        self.by_owner
+            .get(owner_uid)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn forget(&mut self, owner_uid: &str, stale: &[Key]) {
+        if let Some(keys) = self.by_owner.get_mut(owner_uid) {
+            for key in stale {
+                keys.remove(key);
+            }
+            if keys.is_empty() {
+                self.by_owner.remove(owner_uid);
+            }
+        }
+    }
+
+    fn retain_owners(&mut self, live: &HashSet<String>) {
+        self.by_owner.retain(|uid, _| live.contains(uid));
+    }
+}
+
+/// The pods of `owner_uid` in namespace `ns` that the cache holds, found through `index`; keys the cache
+/// no longer shows as owned by it are dropped from the index.
+fn owned_pods(
+    index: &Mutex<OwnerIndex>,
+    pods: &Store<Pod>,
+    ns: &str,
+    owner_uid: &str,
+) -> Vec<Arc<Pod>> {
+    let mut owned = Vec::new();
+    let mut stale = Vec::new();
+    for key in lock(index).candidates(owner_uid) {
+        let pod = pods.get(&ObjectRef::new(&key.1).within(&key.0));
+        match pod {
+            Some(pod)
+                if pod.metadata.namespace.as_deref() == Some(ns)
+                    && controller_uid(&pod) == Some(owner_uid) =>
+            {
+                owned.push(pod)
+            }
+            _ => stale.push(key),
+        }
+    }
+    if !stale.is_empty() {
+        lock(index).forget(owner_uid, &stale);
+    }
+    owned
+}
+
 /// What the simulated kubelet remembers about a pod it runs.
 #[derive(Debug, Clone)]
 struct PodRuntime {
@@ -680,6 +747,8 @@ struct Context {
     replicasets: Store<ReplicaSet>,
     deployments: Store<Deployment>,
     expectations: Mutex<HashMap<String, Expectations>>,
+    /// Pod keys by controlling ReplicaSet uid, fed by the pod watch.
+    pods_by_owner: Arc<Mutex<OwnerIndex>>,
     runtimes: Mutex<HashMap<String, PodRuntime>>,
     readiness: Arc<ReadinessOverrides>,
     next_ip: AtomicU32,
@@ -774,6 +843,7 @@ fn forget_departed_pods(ctx: &Context) {
         .filter_map(|r| r.metadata.uid.clone())
         .collect();
     lock(&ctx.expectations).retain(|uid, _| live_rs.contains(uid));
+    lock(&ctx.pods_by_owner).retain_owners(&live_rs);
 }
 
 async fn reconcile_replicaset(
@@ -790,15 +860,8 @@ async fn reconcile_replicaset(
         .wait_until_ready()
         .await
         .map_err(|_| WorkloadError::CacheClosed)?;
-    let pods = ctx.pods.state();
-    let owned: Vec<&Pod> = pods
-        .iter()
-        .map(|p| p.as_ref())
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(ns.as_str())
-                && controller_uid(p) == Some(uid.as_str())
-        })
-        .collect();
+    let pods = owned_pods(&ctx.pods_by_owner, &ctx.pods, &ns, &uid);
+    let owned: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
     let (pending_creates, pending_deletes) = {
         let mut all = lock(&ctx.expectations);
         let expectations = all.entry(uid.clone()).or_default();
@@ -1222,6 +1285,7 @@ impl WorkloadSimulator {
         let (pod_keys, pod_queue) = mpsc::unbounded_channel::<Key>();
         let (rs_keys, rs_queue) = mpsc::unbounded_channel::<Key>();
         let (deployment_keys, deployment_queue) = mpsc::unbounded_channel::<Key>();
+        let pods_by_owner = Arc::new(Mutex::new(OwnerIndex::default()));
         let ctx = Arc::new(Context {
             client: client.clone(),
             config,
@@ -1229,6 +1293,7 @@ impl WorkloadSimulator {
             replicasets,
             deployments,
             expectations: Mutex::default(),
+            pods_by_owner: pods_by_owner.clone(),
             runtimes: Mutex::default(),
             readiness,
             next_ip: AtomicU32::new(0),
@@ -1241,6 +1306,10 @@ impl WorkloadSimulator {
             pod_writer,
             move |pod: &Pod| {
                 if let Some(key) = key_of(&pod.metadata) {
+                    // Indexed before the ReplicaSet is queued, so its reconcile finds this pod.
+                    if let Some(owner) = controller_uid(pod) {
+                        lock(&pods_by_owner).note(owner, key.clone());
+                    }
                     let _ = pod_keys.send(key);
                 }
                 if let Some(owner) = controller_key(&pod.metadata, "ReplicaSet") {
@@ -1497,6 +1566,48 @@ mod tests {
             ..Default::default()
         });
         p
+    }
+
+    #[test]
+    fn owner_index_finds_only_cached_pods_still_owned_and_forgets_the_rest() {
+        let rs = replicaset(3, 0);
+        let (store, mut writer) = reflector::store::<Pod>();
+        let mut owned = pod_from_replicaset(&rs, "web-abc-1".into());
+        owned.metadata.uid = Some("p1".into());
+        let mut adopted_elsewhere = pod_from_replicaset(&rs, "web-abc-2".into());
+        if let Some(refs) = adopted_elsewhere.metadata.owner_references.as_mut() {
+            refs[0].uid = "other-rs".into();
+        }
+        let mut other_namespace = pod_from_replicaset(&rs, "web-abc-3".into());
+        other_namespace.metadata.namespace = Some("elsewhere".into());
+        for pod in [&owned, &adopted_elsewhere, &other_namespace] {
+            writer.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
+        }
+        let index = Mutex::new(OwnerIndex::default());
+        for name in ["web-abc-1", "web-abc-2", "web-abc-4"] {
+            lock(&index).note("rs-uid", ("shop".into(), name.into()));
+        }
+        lock(&index).note("rs-uid", ("elsewhere".into(), "web-abc-3".into()));
+
+        let found = owned_pods(&index, &store, "shop", "rs-uid");
+        let names: Vec<String> = found.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, vec!["web-abc-1".to_string()]);
+        assert_eq!(
+            lock(&index).candidates("rs-uid"),
+            vec![("shop".to_string(), "web-abc-1".to_string())],
+            "keys the cache does not show as owned here are forgotten"
+        );
+
+        writer.apply_watcher_event(&watcher::Event::Delete(owned));
+        assert!(owned_pods(&index, &store, "shop", "rs-uid").is_empty());
+        assert!(
+            lock(&index).by_owner.is_empty(),
+            "an owner with no pods left is dropped"
+        );
+
+        lock(&index).note("gone-rs", ("shop".into(), "x".into()));
+        lock(&index).retain_owners(&HashSet::from(["rs-uid".to_string()]));
+        assert!(lock(&index).candidates("gone-rs").is_empty());
     }
 
     #[test]

@@ -2284,7 +2284,8 @@ fn seeds_to_run() -> Vec<u64> {
 
 #[test]
 fn the_regressions_file_names_one_seed_per_line() {
-    let text = std::fs::read_to_string(REGRESSIONS).expect("crates/serin/tests/chaos.regressions exists");
+    let text =
+        std::fs::read_to_string(REGRESSIONS).expect("crates/serin/tests/chaos.regressions exists");
     parse_regressions(&text).expect("every line is a seed or a comment");
     assert_eq!(
         parse_regressions("# header\n\n42  # why\n7\n"),

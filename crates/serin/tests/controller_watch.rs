@@ -614,3 +614,129 @@ async fn pods_turning_ready_one_by_one_cost_no_status_write_each() {
     .await
     .expect("test finishes in time");
 }
+
+/// Every Rollout in `names` is Healthy on generation `generation`.
+async fn all_healthy(world: &World, names: &[String], generation: i64) -> Option<()> {
+    let rollouts: Api<Rollout> = Api::namespaced(world.admin.clone(), NS);
+    for name in names {
+        let rollout = rollouts.get(name).await.ok()?;
+        let status = rollout.status?;
+        let settled = status.phase == Some(RolloutPhase::Healthy)
+            && status.observed_generation == Some(generation)
+            && rollout.metadata.generation == Some(generation);
+        if !settled {
+            return None;
+        }
+    }
+    Some(())
+}
+
+#[tokio::test]
+async fn what_the_controller_keeps_per_rollout_goes_with_the_rollout() {
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let world = World::without_controller().await;
+        let client = world
+            .sim
+            .client_as(CONTROLLER_USER)
+            .await
+            .expect("controller client");
+        let controller = ControllerHandle::start(
+            client,
+            ControllerConfig {
+                error_backoff: Duration::from_millis(200),
+                metrics_addr: Some("127.0.0.1:0".parse().expect("address")),
+                outbound: support::loopback_prometheus(),
+                ..ControllerConfig::default()
+            },
+        )
+        .await
+        .expect("controller starts");
+        assert!(controller.wait_ready(Duration::from_secs(10)).await);
+        let metrics_url = format!(
+            "http://{}/metrics",
+            controller.metrics_addr().expect("metrics served")
+        );
+        let scrape = async || -> String {
+            reqwest::get(&metrics_url)
+                .await
+                .expect("metrics answer")
+                .text()
+                .await
+                .expect("metrics text")
+        };
+
+        let names: Vec<String> = (0..8).map(|index| format!("kept-{index}")).collect();
+        for name in &names {
+            world
+                .given_services(name, &[name, &format!("{name}-canary")])
+                .await;
+            let steps = json!({"steps": [{"setWeight": 50}, {"pause": {"duration": "1s"}}]});
+            world
+                .given_rollout(canary_rollout(name, 2, "app:v1", steps))
+                .await
+                .expect("rollout created");
+        }
+        wait_for("every Rollout Healthy", STEP_TIMEOUT, async || {
+            all_healthy(&world, &names, 1).await
+        })
+        .await;
+        // A canary step each: two ReplicaSets per Rollout, selectors pinned, status written.
+        for name in &names {
+            world.when_image_changes(name, "app:v2").await;
+        }
+        wait_for("every Rollout Healthy on v2", STEP_TIMEOUT, async || {
+            all_healthy(&world, &names, 2).await
+        })
+        .await;
+        let held = controller.retained();
+        assert_eq!(held.rollouts, names.len(), "{held:?}");
+        assert_eq!(held.replica_set_owners, names.len(), "{held:?}");
+        assert_eq!(held.referencing_rollouts, names.len(), "{held:?}");
+        assert_eq!(held.rollout_series, names.len(), "{held:?}");
+        assert!(scrape().await.contains("rollout=\"kept-0\""));
+        // Deleted once nothing is in flight: a write racing the deletion (a ReplicaSet created after the
+        // garbage collection ran) is another matter than what is kept.
+        world
+            .wait_for_quiet_controller(Duration::from_millis(500), Duration::from_secs(10))
+            .await;
+
+        let rollouts: Api<Rollout> = Api::namespaced(world.admin.clone(), NS);
+        for name in &names {
+            rollouts
+                .delete(name, &Default::default())
+                .await
+                .expect("rollout deleted");
+        }
+        // The watches bring the deletions and the garbage collection of the ReplicaSets.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        for _ in 0..MAX_POLLS {
+            let retained = controller.retained();
+            if retained.rollouts == 0 && retained.replica_sets == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "caches never emptied: {retained:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        assert_eq!(
+            controller.retained(),
+            serin::controller::Retained::default(),
+            "nothing kept for a deleted Rollout"
+        );
+        let text = scrape().await;
+        assert!(
+            !text.contains("kept-"),
+            "no series names a deleted Rollout:\n{text}"
+        );
+        assert!(
+            text.contains("serin_rollouts{phase=\"Healthy\"} 0"),
+            "deleted Rollouts are not counted:\n{text}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), controller.stop()).await;
+        world.stop().await;
+    })
+    .await
+    .expect("test finishes in time");
+}

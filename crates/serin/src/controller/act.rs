@@ -35,6 +35,10 @@ pub enum ActError {
         expected: String,
         found: Option<String>,
     },
+    #[error("ReplicaSet {name} exists and is not controlled by this Rollout; Serin neither adopts, scales nor deletes it")]
+    ReplicaSetNotOwned { name: String },
+    #[error("AnalysisRun {name} exists and is not controlled by this Rollout; Serin neither reads its verdict nor changes it")]
+    AnalysisRunNotOwned { name: String },
     #[error("scaling ReplicaSet {name} failed: {source}")]
     ScaleReplicaSet {
         name: String,
@@ -89,6 +93,8 @@ impl ActError {
             ActError::Fenced(fenced) => fenced.category(),
             ActError::CreateReplicaSet { .. } => "create_replicaset",
             ActError::ReplicaSetNameTaken { .. } => "replicaset_name_taken",
+            ActError::ReplicaSetNotOwned { .. } => "replicaset_not_owned",
+            ActError::AnalysisRunNotOwned { .. } => "analysisrun_not_owned",
             ActError::ScaleReplicaSet { .. } => "scale_replicaset",
             ActError::SetRevision { .. } => "set_revision",
             ActError::DeleteReplicaSet { .. } => "delete_replicaset",
@@ -199,6 +205,14 @@ pub async fn act_recorded(
                                 source,
                             }
                         })?;
+                        // Someone else's ReplicaSet under this name, even with the right hash label, is not
+                        // this Rollout's: taking it for created would scale and later delete it.
+                        if existing
+                            .as_ref()
+                            .is_some_and(|rs| !owned_by(rs, &owner.uid))
+                        {
+                            return Err(ActError::ReplicaSetNotOwned { name: name.clone() });
+                        }
                         let found = existing
                             .as_ref()
                             .and_then(|rs| rs.labels().get(labels::POD_TEMPLATE_HASH).cloned());
@@ -325,6 +339,12 @@ pub async fn act_recorded(
                                 source,
                             }
                         })?;
+                        if existing
+                            .as_ref()
+                            .is_some_and(|run| !owned_by(run, &owner.uid))
+                        {
+                            return Err(ActError::AnalysisRunNotOwned { name: name.clone() });
+                        }
                         if existing.is_none() {
                             return Err(ActError::CreateAnalysisRun {
                                 name: name.clone(),
@@ -374,6 +394,11 @@ pub async fn act_recorded(
         }
     }
     Ok(actions.len())
+}
+
+/// Whether `object` has a controller ownerReference to the object with `uid`.
+fn owned_by<K: Resource>(object: &K, uid: &str) -> bool {
+    super::observe::is_controlled_by(object, uid)
 }
 
 fn has_traffic_router(rollout: &Rollout) -> bool {

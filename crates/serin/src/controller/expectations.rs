@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use kube::ResourceExt;
 
+use super::cached::CachedReplicaSet;
 use super::observe::observed_replica_set;
 use crate::strategy::ObservedReplicaSet;
 use crate::traffic::{ObjectKey, ObservedTraffic};
@@ -84,7 +85,7 @@ impl<T> NamedWrite<T> {
 /// The planner's view of a Rollout's ReplicaSets: the cached ones with the controller's own writes laid
 /// over them. Expectations the cache has caught up with, or that expired, are removed from `expected`.
 pub fn overlay_replica_sets(
-    cached: &[Arc<ReplicaSet>],
+    cached: &[Arc<CachedReplicaSet>],
     expected: &mut BTreeMap<String, ReplicaSetWrite>,
     now: Instant,
 ) -> Vec<ObservedReplicaSet> {
@@ -92,14 +93,14 @@ pub fn overlay_replica_sets(
     let mut seen = Vec::with_capacity(cached.len());
     let mut out = Vec::with_capacity(cached.len() + expected.len());
     for rs in cached {
-        let name = rs.name_any();
-        let view = observed_replica_set(rs);
+        let name = rs.view.name.clone();
+        let view = rs.view.clone();
         seen.push(name.clone());
         let Some(write) = expected.get(&name) else {
             out.push(view);
             continue;
         };
-        let same_object = |uid: &Option<String>| uid.is_none() || *uid == rs.uid();
+        let same_object = |uid: &Option<String>| uid.is_none() || *uid == rs.uid;
         match write {
             ReplicaSetWrite::Written {
                 view: ours,
@@ -107,13 +108,13 @@ pub fn overlay_replica_sets(
                 generation,
                 ..
             } => {
-                let later_spec = match (rs.metadata.generation, generation) {
+                let later_spec = match (rs.generation, generation) {
                     (Some(cached), Some(written)) => cached > *written,
                     _ => false,
                 };
                 let shows_ours = view.spec_replicas == ours.spec_replicas
                     && view.revision == ours.revision
-                    && rs.metadata.generation >= *generation;
+                    && rs.generation >= *generation;
                 if !same_object(uid) || later_spec || shows_ours {
                     expected.remove(&name);
                     out.push(view);
@@ -270,14 +271,14 @@ impl Expectations {
     pub fn overlay_replica_sets(
         &self,
         rollout: &str,
-        cached: &[Arc<ReplicaSet>],
+        cached: &[Arc<CachedReplicaSet>],
         now: Instant,
     ) -> Vec<ObservedReplicaSet> {
         let Ok(mut inner) = self.inner.lock() else {
-            return cached.iter().map(|rs| observed_replica_set(rs)).collect();
+            return cached.iter().map(|rs| rs.view.clone()).collect();
         };
         let Some(writes) = inner.by_rollout.get_mut(rollout) else {
-            return cached.iter().map(|rs| observed_replica_set(rs)).collect();
+            return cached.iter().map(|rs| rs.view.clone()).collect();
         };
         let out = overlay_replica_sets(cached, &mut writes.replica_sets, now);
         if writes.is_empty() {
@@ -350,6 +351,7 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::cached::CachedFrom;
     use crate::crd::labels;
     use crate::traffic::RoutingKind;
     use k8s_openapi::api::apps::v1::ReplicaSetStatus;
@@ -385,7 +387,10 @@ mod tests {
         expected: &mut BTreeMap<String, ReplicaSetWrite>,
         now: Instant,
     ) -> Vec<ObservedReplicaSet> {
-        let cached: Vec<Arc<ReplicaSet>> = cached.iter().cloned().map(Arc::new).collect();
+        let cached: Vec<Arc<CachedReplicaSet>> = cached
+            .iter()
+            .map(|rs| Arc::new(CachedReplicaSet::cached_from(rs)))
+            .collect();
         overlay_replica_sets(&cached, expected, now)
     }
 

@@ -15,6 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
+use super::cached::{Cached, CachedFrom};
 use super::observe::service_names;
 use crate::crd::Rollout;
 use crate::traffic::{router_for, ObjectKey, RoutingKind};
@@ -86,12 +87,12 @@ impl<I> Relisted<I> {
 
 /// Objects by name and by the uid of their controller.
 #[derive(Debug)]
-pub struct Objects<K> {
-    by_name: HashMap<NameKey, Arc<K>>,
+pub struct Objects<C> {
+    by_name: HashMap<NameKey, Arc<C>>,
     by_owner: HashMap<String, HashSet<NameKey>>,
 }
 
-impl<K> Default for Objects<K> {
+impl<C> Default for Objects<C> {
     fn default() -> Self {
         Objects {
             by_name: HashMap::new(),
@@ -111,12 +112,12 @@ pub fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
         .map(|owner| owner.uid.as_str())
 }
 
-impl<K: Resource + Clone> Objects<K> {
+impl<C: Cached> Objects<C> {
     fn unlink(&mut self, key: &NameKey) {
         let Some(previous) = self.by_name.get(key) else {
             return;
         };
-        if let Some(uid) = controller_uid(previous.as_ref()) {
+        if let Some(uid) = previous.controller_uid() {
             if let Some(owned) = self.by_owner.get_mut(uid) {
                 owned.remove(key);
                 if owned.is_empty() {
@@ -127,17 +128,18 @@ impl<K: Resource + Clone> Objects<K> {
     }
 }
 
-impl<K: Resource + Clone> Index<K> for Objects<K> {
+impl<K: Resource, C: CachedFrom<K>> Index<K> for Objects<C> {
     fn insert(&mut self, object: &K) {
-        let key = NameKey::of(object);
+        let kept = C::cached_from(object);
+        let key = kept.key();
         self.unlink(&key);
-        if let Some(uid) = controller_uid(object) {
+        if let Some(uid) = kept.controller_uid() {
             self.by_owner
                 .entry(uid.to_string())
                 .or_default()
                 .insert(key.clone());
         }
-        self.by_name.insert(key, Arc::new(object.clone()));
+        self.by_name.insert(key, Arc::new(kept));
     }
 
     fn remove(&mut self, object: &K) {
@@ -147,12 +149,13 @@ impl<K: Resource + Clone> Index<K> for Objects<K> {
     }
 }
 
-/// A watch cache of one resource, indexed by name and by controller uid, shared by every reconcile.
-pub struct IndexedCache<K> {
-    inner: RwLock<Relisted<Objects<K>>>,
+/// A watch cache of one resource, indexed by name and by controller uid, shared by every reconcile. It
+/// keeps `C`, what the controller reads of each object (see [`super::cached`]).
+pub struct IndexedCache<C> {
+    inner: RwLock<Relisted<Objects<C>>>,
 }
 
-impl<K> Default for IndexedCache<K> {
+impl<C> Default for IndexedCache<C> {
     fn default() -> Self {
         IndexedCache {
             inner: RwLock::new(Relisted {
@@ -163,29 +166,32 @@ impl<K> Default for IndexedCache<K> {
     }
 }
 
-impl<K: Resource + Clone> IndexedCache<K> {
-    pub fn new() -> IndexedCache<K> {
+impl<C: Cached> IndexedCache<C> {
+    pub fn new() -> IndexedCache<C> {
         IndexedCache::default()
     }
 
     /// Applies one watcher event (call it for every event of the watch, in order).
-    pub fn apply(&self, event: &watcher::Event<K>) {
+    pub fn apply<K: Resource>(&self, event: &watcher::Event<K>)
+    where
+        C: CachedFrom<K>,
+    {
         if let Ok(mut inner) = self.inner.write() {
             inner.apply(event);
         }
     }
 
-    /// A closure for `inspect_ok` on the watch stream that feeds this cache.
-    pub fn feeder(self: &Arc<Self>) -> impl FnMut(&watcher::Event<K>) + Send + 'static
+    /// A closure for `inspect_ok` on the watch stream of `K` that feeds this cache.
+    pub fn feeder<K: Resource>(self: &Arc<Self>) -> impl FnMut(&watcher::Event<K>) + Send + 'static
     where
-        K: Send + Sync + 'static,
+        C: CachedFrom<K> + Send + Sync + 'static,
     {
         let cache = self.clone();
         move |event| cache.apply(event)
     }
 
     /// The object called `name` in `namespace`.
-    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<C>> {
         let inner = self.inner.read().ok()?;
         inner
             .live()
@@ -195,7 +201,7 @@ impl<K: Resource + Clone> IndexedCache<K> {
     }
 
     /// The objects in `namespace` whose controller has `uid`, in name order.
-    pub fn controlled_by(&self, namespace: &str, uid: &str) -> Vec<Arc<K>> {
+    pub fn controlled_by(&self, namespace: &str, uid: &str) -> Vec<Arc<C>> {
         if uid.is_empty() {
             return Vec::new();
         }
@@ -226,6 +232,14 @@ impl<K: Resource + Clone> IndexedCache<K> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many owners the owner index holds (each with at least one object).
+    pub fn owners(&self) -> usize {
+        self.inner
+            .read()
+            .map(|inner| inner.live().by_owner.len())
+            .unwrap_or(0)
     }
 }
 
@@ -307,6 +321,14 @@ impl ReferenceIndex {
         move |event| index.apply(event)
     }
 
+    /// How many Rollouts name at least one object.
+    pub fn rollouts(&self) -> usize {
+        self.inner
+            .read()
+            .map(|inner| inner.live().by_rollout.len())
+            .unwrap_or(0)
+    }
+
     /// The Rollouts that name `object`, in name order.
     pub fn rollouts_naming(&self, object: &ObjectKey) -> Vec<ObjectRef<Rollout>> {
         let Ok(inner) = self.inner.read() else {
@@ -326,6 +348,7 @@ impl ReferenceIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::cached::CachedReplicaSet;
     use k8s_openapi::api::apps::v1::ReplicaSet;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use serde_json::json;
@@ -348,11 +371,11 @@ mod tests {
         rs
     }
 
-    fn names(objects: &[Arc<ReplicaSet>]) -> Vec<String> {
-        objects.iter().map(|rs| rs.name_any()).collect()
+    fn names(objects: &[Arc<CachedReplicaSet>]) -> Vec<String> {
+        objects.iter().map(|rs| rs.view.name.clone()).collect()
     }
 
-    fn listed(cache: &IndexedCache<ReplicaSet>, objects: Vec<ReplicaSet>) {
+    fn listed(cache: &IndexedCache<CachedReplicaSet>, objects: Vec<ReplicaSet>) {
         cache.apply(&watcher::Event::Init);
         for object in objects {
             cache.apply(&watcher::Event::InitApply(object));
@@ -401,7 +424,7 @@ mod tests {
         listed(&cache, vec![rs("shop", "web-a", Some("u1"), 1)]);
         cache.apply(&watcher::Event::Apply(rs("shop", "web-a", Some("u1"), 3)));
         let owned = cache.controlled_by("shop", "u1");
-        assert_eq!(owned[0].spec.replicas, Some(3));
+        assert_eq!(owned[0].view.spec_replicas, 3);
         // Adopted by another owner: gone from the first.
         cache.apply(&watcher::Event::Apply(rs("shop", "web-a", Some("u2"), 3)));
         assert!(cache.controlled_by("shop", "u1").is_empty());
@@ -441,7 +464,7 @@ mod tests {
         // web-a was deleted while the watch was down: the new list no longer has it.
         let owned = cache.controlled_by("shop", "u1");
         assert_eq!(names(&owned), ["web-b"]);
-        assert_eq!(owned[0].spec.replicas, Some(2));
+        assert_eq!(owned[0].view.spec_replicas, 2);
         assert!(cache.get("shop", "web-a").is_none());
     }
 

@@ -175,23 +175,29 @@ impl Metrics {
         self.total_writes.fetch_add(writes, Ordering::Relaxed);
     }
 
-    /// Records where a Rollout stands after a reconcile.
+    /// Records where a Rollout stands after a reconcile, if `still_there` says it was not deleted
+    /// meanwhile. It is asked under the lock [`Metrics::forget_rollout`] takes, so a Rollout deleted while
+    /// its reconcile ran does not leave a series behind.
     pub fn rollout_state(
         &self,
         namespace: &str,
         name: &str,
         phase: Option<RolloutPhase>,
         weight: Option<i32>,
+        still_there: impl FnOnce() -> bool,
     ) {
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        if !still_there() {
+            return;
+        }
         self.canary_weight
             .get_or_create(&RolloutLabels {
                 namespace: namespace.to_string(),
                 rollout: name.to_string(),
             })
             .set(i64::from(weight.unwrap_or(0)));
-        let Ok(mut phases) = self.phases.lock() else {
-            return;
-        };
         let phase = phase.map(|p| p.as_str()).unwrap_or("Unknown");
         let before = phases.insert((namespace.to_string(), name.to_string()), phase);
         // Only the two phases involved move: recounting every Rollout here would make each reconcile cost
@@ -207,6 +213,27 @@ impl Metrics {
         self.rollouts_by_phase
             .get_or_create(&PhaseLabels { phase })
             .inc();
+    }
+
+    /// Drops the series of a Rollout that was deleted and takes it out of the phase counts.
+    pub fn forget_rollout(&self, namespace: &str, name: &str) {
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        self.canary_weight.remove(&RolloutLabels {
+            namespace: namespace.to_string(),
+            rollout: name.to_string(),
+        });
+        if let Some(phase) = phases.remove(&(namespace.to_string(), name.to_string())) {
+            self.rollouts_by_phase
+                .get_or_create(&PhaseLabels { phase })
+                .dec();
+        }
+    }
+
+    /// How many Rollouts have series of their own.
+    pub fn rollout_series(&self) -> usize {
+        self.phases.lock().map(|phases| phases.len()).unwrap_or(0)
     }
 
     /// Reconciles finished since start.
@@ -330,9 +357,11 @@ mod tests {
     #[test]
     fn phase_gauges_count_each_rollout_once_in_its_latest_phase() {
         let metrics = Metrics::new();
-        metrics.rollout_state("ns", "a", Some(RolloutPhase::Progressing), Some(20));
-        metrics.rollout_state("ns", "b", Some(RolloutPhase::Progressing), None);
-        metrics.rollout_state("ns", "a", Some(RolloutPhase::Healthy), Some(0));
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Progressing), Some(20), || {
+            true
+        });
+        metrics.rollout_state("ns", "b", Some(RolloutPhase::Progressing), None, || true);
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Healthy), Some(0), || true);
         let text = metrics.encode();
         assert!(
             text.contains("serin_rollouts{phase=\"Progressing\"} 1"),
@@ -350,6 +379,28 @@ mod tests {
             text.contains("serin_canary_weight_percent{namespace=\"ns\",rollout=\"a\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_deleted_rollout_leaves_no_series_and_no_phase_count() {
+        let metrics = Metrics::new();
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Healthy), Some(0), || true);
+        metrics.rollout_state("ns", "b", Some(RolloutPhase::Healthy), Some(0), || true);
+        metrics.forget_rollout("ns", "a");
+        // Its reconcile finished after the deletion: nothing comes back.
+        metrics.rollout_state("ns", "a", Some(RolloutPhase::Paused), Some(50), || false);
+        let text = metrics.encode();
+        assert!(!text.contains("rollout=\"a\""), "{text}");
+        assert!(text.contains("rollout=\"b\""), "{text}");
+        assert!(
+            text.contains("serin_rollouts{phase=\"Healthy\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serin_rollouts{phase=\"Paused\"} 0"),
+            "{text}"
+        );
+        assert_eq!(metrics.rollout_series(), 1);
     }
 
     #[test]

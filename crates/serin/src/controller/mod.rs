@@ -1,14 +1,18 @@
 //! The reconciler: observe the cluster, call the pure planner, apply its actions in safe order, write status.
 
 pub mod act;
+pub mod cached;
 pub mod expectations;
 pub mod index;
 pub mod leader;
+pub mod lifecycle;
 pub mod metrics;
+pub mod neighbours;
 pub mod observe;
 pub mod routes;
 pub mod status_write;
 pub mod sync;
+pub mod undecodable;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -21,7 +25,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
@@ -274,6 +278,7 @@ pub struct ControllerHandle {
     tasks: Vec<JoinHandle<()>>,
     metrics: Arc<Metrics>,
     metrics_addr: Option<SocketAddr>,
+    scopes: Vec<ScopeState>,
 }
 
 impl ControllerHandle {
@@ -318,13 +323,14 @@ impl ControllerHandle {
                 instance: config.instance.clone(),
             },
         );
-        let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
             vec![None]
         } else {
             config.namespaces.iter().cloned().map(Some).collect()
         };
-        let unsynced_scopes = Arc::new(AtomicUsize::new(scopes.len()));
-        for scope in scopes {
+        let unsynced_scopes = Arc::new(AtomicUsize::new(namespaces.len()));
+        let mut scopes = Vec::new();
+        for scope in namespaces {
             if config.measure_analysis {
                 let runner = crate::analysis::RunnerConfig {
                     namespace: scope.clone(),
@@ -353,19 +359,41 @@ impl ControllerHandle {
                 gate: Arc::new(CacheGate::new(ready)),
                 fence: fence.clone(),
             };
-            tasks.push(spawn_scope(client.clone(), scope, &config, wiring, &cancel));
+            let (task, state) = spawn_scope(client.clone(), scope, &config, wiring, &cancel);
+            tasks.push(task);
+            scopes.push(state);
         }
         Ok(ControllerHandle {
             cancel,
             tasks,
             metrics,
             metrics_addr,
+            scopes,
         })
     }
 
     /// The counters of this controller.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// How much state the controller keeps (see [`Retained`]).
+    pub fn retained(&self) -> Retained {
+        let mut retained = Retained {
+            rollout_series: self.metrics.rollout_series(),
+            ..Retained::default()
+        };
+        for scope in &self.scopes {
+            retained.rollouts += scope.rollouts.state().len();
+            retained.replica_sets += scope.caches.replica_sets.len();
+            retained.replica_set_owners += scope.caches.replica_sets.owners();
+            retained.analysis_runs += scope.caches.analysis_runs.len();
+            retained.analysis_run_owners += scope.caches.analysis_runs.owners();
+            retained.own_status_writes += scope.written.len();
+            retained.expectations += scope.caches.expectations.pending();
+            retained.referencing_rollouts += scope.references.rollouts();
+        }
+        retained
     }
 
     /// Where `/metrics` is served, when it is.
@@ -437,10 +465,10 @@ fn spawn_analysis_runner(
 }
 
 struct ScopeContext {
-    /// Our own last status write per Rollout, with the resourceVersion it replaced: until the watch cache
-    /// shows it, a reconcile plans from it instead of the stale cached copy (which would only earn a 409 or,
-    /// worse, an unchanged plan that writes nothing and waits for a trigger that already came).
-    written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, Rollout)>>,
+    /// Our own last status write per Rollout, until the watch shows it.
+    written: Arc<lifecycle::OwnWrites>,
+    /// The Rollout store: a Rollout no longer in it was deleted.
+    rollouts: reflector::Store<Rollout>,
     client: Client,
     sources: Sources,
     recorder: Recorder,
@@ -451,28 +479,6 @@ struct ScopeContext {
     gate: Arc<CacheGate>,
     /// Asked before every write.
     fence: Fence,
-}
-
-impl ScopeContext {
-    fn fresher(&self, key: &str, cached: &Rollout) -> Rollout {
-        let Ok(mut written) = self.written.lock() else {
-            return cached.clone();
-        };
-        match written.get(key) {
-            Some((replaced, ours)) if *replaced == cached.metadata.resource_version => ours.clone(),
-            Some(_) => {
-                written.remove(key);
-                cached.clone()
-            }
-            None => cached.clone(),
-        }
-    }
-
-    fn remember(&self, key: String, replaced: &Rollout, written: Rollout) {
-        if let Ok(mut map) = self.written.lock() {
-            map.insert(key, (replaced.metadata.resource_version.clone(), written));
-        }
-    }
 }
 
 fn scoped_api<K>(client: &Client, scope: &Option<String>) -> Api<K>
@@ -521,27 +527,57 @@ fn spawn_scope(
     config: &ControllerConfig,
     wiring: ScopeWiring,
     cancel: &CancellationToken,
-) -> JoinHandle<()> {
+) -> (JoinHandle<()>, ScopeState) {
     let ScopeWiring {
         recorder,
         metrics,
         gate,
         fence,
     } = wiring;
-    let rollouts: Api<Rollout> = scoped_api(&client, &scope);
+    // Read as stored objects and decoded one by one, so a Rollout that does not decode stops only itself.
+    let rollouts: Api<DynamicObject> = match &scope {
+        Some(namespace) => Api::namespaced_with(
+            client.clone(),
+            namespace,
+            &ApiResource::erase::<Rollout>(&()),
+        ),
+        None => Api::all_with(client.clone(), &ApiResource::erase::<Rollout>(&())),
+    };
     let replica_sets: Api<ReplicaSet> = scoped_api(&client, &scope);
     let services: Api<Service> = scoped_api(&client, &scope);
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
     let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
-    let caches = Caches::new(gate.clone());
+    let neighbour_index = Arc::new(neighbours::NeighbourIndex::new());
+    let caches =
+        Caches::new(gate.clone()).with_rollouts(rollout_reader.clone(), neighbour_index.clone());
     let references = Arc::new(ReferenceIndex::new());
+    let written = Arc::new(lifecycle::OwnWrites::new(rollout_reader.clone()));
+    let state = ScopeState {
+        written: written.clone(),
+        caches: caches.clone(),
+        references: references.clone(),
+        rollouts: rollout_reader.clone(),
+    };
 
     let owned = watcher::Config::default().labels(labels::ROLLOUT_NAME);
+    let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(undecodable::report(
+        client.clone(),
+        recorder.clone(),
+        fence.clone(),
+        undecodable_rx,
+    ));
     let rollout_stream = watcher(rollouts, watcher::Config::default())
         .default_backoff()
+        .try_filter_map(move |event| {
+            futures::future::ready(Ok(undecodable::decode_event(event, &undecodable_tx)))
+        })
+        .modify(cached::trim_rollout)
         .reflect(rollout_writer)
         .inspect_ok(references.feeder())
+        .inspect_ok(neighbour_index.feeder())
+        .inspect_ok(forgetter(&state, metrics.clone()))
         .inspect_ok(gate.tracker(Cache::Rollouts))
         .applied_objects()
         .predicate_filter(rollout_trigger_hash, Default::default());
@@ -563,7 +599,8 @@ fn spawn_scope(
 
     let route_caches = caches.routes.clone();
     let context = Arc::new(ScopeContext {
-        written: Default::default(),
+        written,
+        rollouts: rollout_reader.clone(),
         client: client.clone(),
         sources: Sources::cached(client.clone(), caches),
         recorder,
@@ -608,7 +645,63 @@ fn spawn_scope(
                 tracing::debug!(%error, "reconcile trigger failed");
             }
         });
-    tokio::spawn(controller)
+    (tokio::spawn(controller), state)
+}
+
+/// What one namespace scope keeps per Rollout besides the Rollout store itself.
+#[derive(Clone)]
+struct ScopeState {
+    written: Arc<lifecycle::OwnWrites>,
+    caches: Caches,
+    references: Arc<ReferenceIndex>,
+    rollouts: reflector::Store<Rollout>,
+}
+
+/// A closure for `inspect_ok` on the Rollout watch: drops what the scope keeps for Rollouts that went
+/// (see [`lifecycle`]) and own status writes the watch has caught up with.
+fn forgetter(
+    state: &ScopeState,
+    metrics: Arc<Metrics>,
+) -> impl FnMut(&watcher::Event<Rollout>) + Send + 'static {
+    let written = state.written.clone();
+    let expectations = state.caches.expectations.clone();
+    let mut departures = lifecycle::Departures::new();
+    move |event| {
+        if let watcher::Event::Apply(rollout) | watcher::Event::InitApply(rollout) = event {
+            written.observed(rollout);
+        }
+        for departed in departures.apply(event) {
+            if let Some(uid) = &departed.uid {
+                expectations.forget(uid);
+            }
+            written.forget(&departed.key);
+            if departed.name_gone {
+                metrics.forget_rollout(&departed.key.namespace, &departed.key.name);
+            }
+        }
+    }
+}
+
+/// How much state a running controller keeps, summed over its namespace scopes: everything kept per
+/// Rollout or per owned object, for checking that it all goes when the Rollouts go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Rollouts in the Rollout store.
+    pub rollouts: usize,
+    /// ReplicaSets in the ReplicaSet cache, and Rollouts the cache indexes them under.
+    pub replica_sets: usize,
+    pub replica_set_owners: usize,
+    /// AnalysisRuns in the AnalysisRun cache, and Rollouts the cache indexes them under.
+    pub analysis_runs: usize,
+    pub analysis_run_owners: usize,
+    /// Own status writes the watch has not shown yet.
+    pub own_status_writes: usize,
+    /// Rollouts with writes laid over lagging caches.
+    pub expectations: usize,
+    /// Rollouts in the index of the Services and routing objects they name.
+    pub referencing_rollouts: usize,
+    /// Rollouts with metric series of their own.
+    pub rollout_series: usize,
 }
 
 /// How long a reconcile waits for the caches before it gives its slot back and comes again.
@@ -654,7 +747,7 @@ async fn reconcile_rollout(
     };
     let api: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
     let key = format!("{namespace}/{}", rollout.name_any());
-    let mut current = context.fresher(&key, rollout);
+    let mut current = context.written.fresher(rollout);
     // A status write that loses a race (a `serin promote` landed meanwhile) is planned again at once on the
     // fresh object, so the command is neither lost nor overwritten.
     for _attempt in 0..3 {
@@ -697,7 +790,13 @@ async fn reconcile_rollout(
             Some(caches) => caches.routes_watched(&current),
             None => crate::traffic::router_for(&current).is_none(),
         };
-        let resync = resync_for(routes_watched, context.resync);
+        let resync = spread_resync(
+            current.metadata.uid.as_deref().unwrap_or_default(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+            resync_for(routes_watched, context.resync),
+        );
         let resync = match when {
             StatusWrite::Later(wait) => resync.min(wait),
             StatusWrite::Now | StatusWrite::Unchanged => resync,
@@ -718,7 +817,7 @@ async fn reconcile_rollout(
             Ok(written) => {
                 context.metrics.wrote(u64::from(written.is_some()));
                 if let Some(written) = written {
-                    context.remember(key.clone(), &current, written);
+                    context.written.remember(&current, written);
                 }
                 for event in &plan.events {
                     context.metrics.decided(event.reason);
@@ -731,11 +830,18 @@ async fn reconcile_rollout(
                     )
                     .await;
                 }
+                let reference = reflector::ObjectRef::new(&current.name_any()).within(&namespace);
                 context.metrics.rollout_state(
                     &namespace,
                     &current.name_any(),
                     plan.status.phase,
                     plan.status.current_weight,
+                    || {
+                        context
+                            .rollouts
+                            .get(&reference)
+                            .is_some_and(|stored| stored.metadata.uid == current.metadata.uid)
+                    },
                 );
                 return Ok(requeue_for(&plan, resync));
             }
@@ -762,6 +868,23 @@ fn resync_for(routes_watched: bool, resync: Duration) -> Duration {
     } else {
         resync.min(routes::UNWATCHED_ROUTE_RESYNC)
     }
+}
+
+/// How long until a settled Rollout is looked at again: the time to its own slot in the resync period.
+///
+/// Every Rollout has a fixed slot within the period (from a hash of its uid) and is looked at when the
+/// clock passes it, at most `period` after the last look. So settled Rollouts are looked at evenly spread
+/// over the period whenever they settled: a wave that settles 10,000 Rollouts within a minute does not
+/// come back as a burst of 10,000 reconciles every period. A look that happens to fall just before the
+/// slot (a trigger) is followed by another one soon after; that costs one no-op reconcile, not a burst.
+pub fn spread_resync(uid: &str, since_epoch: Duration, period: Duration) -> Duration {
+    let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut hasher = DefaultHasher::new();
+    uid.hash(&mut hasher);
+    let slot = hasher.finish() % period_ms;
+    let now = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX) % period_ms;
+    let wait = (slot + period_ms - now) % period_ms;
+    Duration::from_millis(if wait == 0 { period_ms } else { wait })
 }
 
 fn requeue_for(plan: &Plan, resync: Duration) -> Requeue {
@@ -927,6 +1050,32 @@ mod tests {
     fn failure_reasons_are_the_category_in_pascal_case() {
         assert_eq!(failure_reason("scale_replicaset"), "ScaleReplicasetFailed");
         assert_eq!(failure_reason("set_traffic"), "SetTrafficFailed");
+    }
+
+    #[test]
+    fn settled_rollouts_are_looked_at_spread_over_the_resync_period() {
+        let period = Duration::from_secs(300);
+        let now = Duration::from_secs(1_000_000);
+        // 10,000 Rollouts that settled at the same moment: their next looks fall evenly over the period.
+        let mut per_tenth = [0u32; 10];
+        for index in 0..10_000 {
+            let wait = spread_resync(&format!("uid-{index}"), now, period);
+            assert!(wait > Duration::ZERO && wait <= period, "{wait:?}");
+            per_tenth[(wait.as_secs_f64() / 30.0) as usize % 10] += 1;
+        }
+        for count in per_tenth {
+            assert!((850..=1150).contains(&count), "{per_tenth:?}");
+        }
+        // One Rollout keeps its slot: looked at again one period after its slot passed, whenever it was
+        // reconciled in between.
+        let first = spread_resync("uid-7", now, period);
+        let slot = now + first;
+        assert_eq!(spread_resync("uid-7", slot, period), period);
+        let halfway = Duration::from_millis(first.as_millis() as u64 / 2);
+        assert_eq!(
+            spread_resync("uid-7", now + halfway, period),
+            first - halfway
+        );
     }
 
     #[test]

@@ -6,12 +6,15 @@ use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::ListParams;
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::act::Written;
+use super::cached::{CachedAnalysisRun, CachedReplicaSet, CachedService};
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::IndexedCache;
+use super::neighbours::NeighbourIndex;
 use super::routes::RouteCaches;
 use super::sync::{Cache, CacheGate};
 
@@ -21,8 +24,8 @@ use crate::crd::{
     labels, AnalysisTemplate, AnalysisTemplateSpec, ClusterAnalysisTemplate, Rollout,
 };
 use crate::strategy::{
-    AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
-    TemplateKey,
+    pod_template_hash, AnalysisPurpose, Neighbour, Observed, ObservedAnalysisRun,
+    ObservedReplicaSet, ObservedService, TemplateKey,
 };
 use crate::traffic::{
     router_for, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, RoutingKind,
@@ -51,6 +54,14 @@ pub enum ObserveError {
     },
     #[error("listing AnalysisRuns failed: {0}")]
     ListAnalysisRuns(#[source] kube::Error),
+    #[error("reading ReplicaSet {name} failed: {source}")]
+    ReadReplicaSet {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing Rollouts failed: {0}")]
+    ListRollouts(#[source] kube::Error),
     #[error("reading analysis template {name} failed: {source}")]
     ReadTemplate {
         name: String,
@@ -67,6 +78,8 @@ impl ObserveError {
             ObserveError::ListReplicaSets(_) => "list_replicasets",
             ObserveError::ReadService { .. } => "read_service",
             ObserveError::ListAnalysisRuns(_) => "list_analysisruns",
+            ObserveError::ReadReplicaSet { .. } => "read_replicaset",
+            ObserveError::ListRollouts(_) => "list_rollouts",
             ObserveError::ReadTemplate { .. } => "read_template",
         }
     }
@@ -76,13 +89,16 @@ impl ObserveError {
 /// may not show yet.
 #[derive(Clone)]
 pub struct Caches {
-    pub replica_sets: Arc<IndexedCache<ReplicaSet>>,
-    pub services: Arc<IndexedCache<Service>>,
-    pub analysis_runs: Arc<IndexedCache<AnalysisRun>>,
+    pub replica_sets: Arc<IndexedCache<CachedReplicaSet>>,
+    pub services: Arc<IndexedCache<CachedService>>,
+    pub analysis_runs: Arc<IndexedCache<CachedAnalysisRun>>,
     pub routes: RouteCaches,
     pub expectations: Arc<Expectations>,
     /// Which caches are synced: routing objects are read from theirs only then.
     pub gate: Arc<CacheGate>,
+    /// The Rollouts the controller watches, for the Services and pods two of them must not share, and
+    /// the index that narrows which of them to compare.
+    pub rollouts: Option<(Store<Rollout>, Arc<NeighbourIndex>)>,
 }
 
 impl Caches {
@@ -95,6 +111,15 @@ impl Caches {
             routes: RouteCaches::new(),
             expectations: Default::default(),
             gate,
+            rollouts: None,
+        }
+    }
+
+    /// The same caches, reading the other Rollouts of a namespace from `rollouts`, narrowed by `index`.
+    pub fn with_rollouts(self, rollouts: Store<Rollout>, index: Arc<NeighbourIndex>) -> Caches {
+        Caches {
+            rollouts: Some((rollouts, index)),
+            ..self
         }
     }
 
@@ -124,7 +149,7 @@ impl Caches {
                 RoutingKind::Service => self
                     .services
                     .get(&key.namespace, &key.name)
-                    .and_then(|service| serde_json::to_value(service.as_ref()).ok()),
+                    .map(|service| service.to_value()),
                 kind => self.routes.object(kind, &key.namespace, &key.name),
             };
             if let Some(object) = found {
@@ -142,7 +167,7 @@ impl Caches {
                     RoutingKind::Service => self
                         .services
                         .get(&key.namespace, &key.name)
-                        .and_then(|service| service.resource_version()),
+                        .and_then(|service| service.resource_version.clone()),
                     kind => self
                         .routes
                         .cache(kind)
@@ -159,7 +184,7 @@ impl Caches {
         let version = self
             .services
             .get(namespace, name)
-            .and_then(|service| service.resource_version());
+            .and_then(|service| service.resource_version.clone());
         BTreeMap::from([(
             ObjectKey::new(RoutingKind::Service, namespace, name),
             version,
@@ -279,7 +304,7 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
     for service_name in service_names(&rollout.spec.strategy) {
         let found = match &sources.caches {
             Some(caches) => caches.services.get(&namespace, &service_name).map(|svc| {
-                let mut observed = observed_service(&svc);
+                let mut observed = svc.view.clone();
                 let current = caches.service_version(&namespace, &service_name);
                 if let Some(written) =
                     caches
@@ -311,7 +336,7 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
             .analysis_runs
             .controlled_by(&namespace, &uid)
             .iter()
-            .filter_map(|run| observed_analysis_run(run))
+            .filter_map(|run| run.view.clone())
             .collect(),
         None => {
             let api: Api<AnalysisRun> = Api::namespaced(sources.client.clone(), &namespace);
@@ -339,7 +364,13 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         analysis_templates.insert(key, found);
     }
 
+    let foreign_replica_set =
+        foreign_replica_set(sources, rollout, &namespace, &uid, &replica_sets).await?;
+    let neighbours = neighbours(sources, rollout, &namespace).await?;
+
     Ok(Observed {
+        foreign_replica_set,
+        neighbours,
         replica_sets,
         services,
         // Without a router (None) the planner routes by replica counts behind the Services.
@@ -347,6 +378,94 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         analysis_runs,
         analysis_templates,
     })
+}
+
+/// The name of the ReplicaSet the current template would get, when an object Serin does not control holds
+/// it. Looked up only while no owned ReplicaSet has the current hash (before the create), so a settled
+/// Rollout costs no request.
+async fn foreign_replica_set(
+    sources: &Sources,
+    rollout: &Rollout,
+    namespace: &str,
+    uid: &str,
+    owned: &[ObservedReplicaSet],
+) -> Result<Option<String>, ObserveError> {
+    let hash = pod_template_hash(&rollout.spec.template);
+    if owned.iter().any(|rs| rs.pod_template_hash == hash) {
+        return Ok(None);
+    }
+    let name = format!("{}-{hash}", rollout.name_any());
+    // The watch cache holds only ReplicaSets labelled as Serin's; a squatter need not be.
+    let api: Api<ReplicaSet> = Api::namespaced(sources.client.clone(), namespace);
+    let found = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| ObserveError::ReadReplicaSet {
+            name: name.clone(),
+            source,
+        })?;
+    Ok(found.filter(|rs| !is_controlled_by(rs, uid)).map(|_| name))
+}
+
+/// The other Rollouts of the namespace that may collide with this one: from the watch store, narrowed by
+/// the neighbourhood index, or listed (one by one decoded, so one that
+/// does not decode is left out rather than failing the list).
+async fn neighbours(
+    sources: &Sources,
+    rollout: &Rollout,
+    namespace: &str,
+) -> Result<Vec<Neighbour>, ObserveError> {
+    let others: Vec<Arc<Rollout>> = match sources.caches.as_ref().and_then(|c| c.rollouts.as_ref())
+    {
+        Some((store, index)) => index
+            .candidates(rollout)
+            .into_iter()
+            .filter_map(|name| store.get(&ObjectRef::new(&name).within(namespace)))
+            .collect(),
+        None => {
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                sources.client.clone(),
+                namespace,
+                &ApiResource::erase::<Rollout>(&()),
+            );
+            api.list(&ListParams::default())
+                .await
+                .map_err(ObserveError::ListRollouts)?
+                .items
+                .into_iter()
+                .filter_map(|object| super::undecodable::decode(object).ok())
+                .map(Arc::new)
+                .collect()
+        }
+    };
+    Ok(others
+        .iter()
+        .filter(|other| other.uid() != rollout.uid() && other.metadata.deletion_timestamp.is_none())
+        .map(|other| neighbour(rollout, other))
+        .collect())
+}
+
+/// How `other` can collide with `rollout`.
+pub fn neighbour(rollout: &Rollout, other: &Rollout) -> Neighbour {
+    let created = |r: &Rollout| {
+        (
+            r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            r.name_any(),
+        )
+    };
+    Neighbour {
+        name: other.name_any(),
+        older: created(other) < created(rollout),
+        services: service_names(&other.spec.strategy),
+        selector: other.spec.selector.clone(),
+        pod_labels: other
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|meta| meta.labels.clone())
+            .unwrap_or_default(),
+    }
 }
 
 /// What the Rollout's router carries: from the caches when they are synced (with the controller's own

@@ -15,6 +15,8 @@ pub enum DurationError {
     Negative(String),
     #[error("duration {0:?} is not a number of seconds or a string like 30s, 5m or 1h30m")]
     Malformed(String),
+    #[error("duration {0:?} is longer than {MAX_DURATION_SECS} seconds (68 years)")]
+    TooLong(String),
 }
 
 impl DurationError {
@@ -24,6 +26,7 @@ impl DurationError {
             DurationError::Empty(_) => "empty",
             DurationError::Negative(_) => "negative",
             DurationError::Malformed(_) => "malformed",
+            DurationError::TooLong(_) => "too_long",
         }
     }
 }
@@ -36,6 +39,10 @@ pub enum ManifestDuration {
     Seconds(i64),
     Text(String),
 }
+
+/// The longest duration accepted, as for every `...Seconds` field (an `int32`): a time that far ahead is
+/// still a valid timestamp, and nothing added to it overflows.
+pub const MAX_DURATION_SECS: u64 = i32::MAX as u64;
 
 /// The pattern the API server checks for the string form; it cannot express a negative value.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$|^[0-9]+$";
@@ -50,6 +57,9 @@ impl ManifestDuration {
     pub fn to_duration(&self) -> Result<Duration, DurationError> {
         match self {
             ManifestDuration::Seconds(s) if *s < 0 => Err(DurationError::Negative(s.to_string())),
+            ManifestDuration::Seconds(s) if s.unsigned_abs() > MAX_DURATION_SECS => {
+                Err(DurationError::TooLong(s.to_string()))
+            }
             ManifestDuration::Seconds(s) => Ok(Duration::from_secs(s.unsigned_abs())),
             ManifestDuration::Text(t) => parse_duration(t),
         }
@@ -65,8 +75,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     if trimmed.starts_with('-') {
         return Err(DurationError::Negative(text.to_string()));
     }
-    if let Ok(secs) = trimmed.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    if trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return match trimmed.parse::<u64>() {
+            Ok(secs) if secs <= MAX_DURATION_SECS => Ok(Duration::from_secs(secs)),
+            _ => Err(DurationError::TooLong(text.to_string())),
+        };
     }
     let malformed = || DurationError::Malformed(text.to_string());
     let mut total = 0f64;
@@ -95,8 +108,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         total += value * factor;
         rest = &rest[unit_len..];
     }
-    if !total.is_finite() || total > u32::MAX as f64 {
-        return Err(malformed());
+    if !total.is_finite() || total > MAX_DURATION_SECS as f64 {
+        return Err(DurationError::TooLong(text.to_string()));
     }
     Ok(Duration::from_secs_f64(total))
 }
@@ -156,7 +169,7 @@ impl JsonSchema for ManifestDuration {
         json_schema!({
             "x-kubernetes-int-or-string": true,
             "allOf": [
-                {"minimum": 0},
+                {"minimum": 0, "maximum": MAX_DURATION_SECS},
                 {"pattern": DURATION_PATTERN}
             ]
         })
@@ -202,6 +215,34 @@ mod tests {
             ManifestDuration::Seconds(-1).to_duration(),
             Err(DurationError::Negative("-1".into()))
         );
+    }
+
+    #[test]
+    fn durations_past_the_int32_seconds_limit_are_too_long_not_malformed() {
+        for long in [
+            "999999999h",
+            "2147483648",
+            "18446744073709551616",
+            "99999999999999999999s",
+        ] {
+            assert_eq!(
+                parse_duration(long),
+                Err(DurationError::TooLong(long.into())),
+                "{long}"
+            );
+        }
+        assert_eq!(
+            ManifestDuration::Seconds(i64::MAX).to_duration(),
+            Err(DurationError::TooLong(i64::MAX.to_string()))
+        );
+        assert_eq!(
+            parse_duration("2147483647").map(|d| d.as_secs()),
+            Ok(MAX_DURATION_SECS)
+        );
+        assert!(matches!(
+            parse_duration("1e400s"),
+            Err(DurationError::Malformed(_))
+        ));
     }
 
     #[test]

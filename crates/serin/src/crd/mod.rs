@@ -23,6 +23,13 @@ pub const GROUP: &str = "serin.dev";
 /// API version of every Serin resource.
 pub const VERSION: &str = "v1alpha1";
 
+/// Most canary steps a Rollout may have: far more than any real rollout, few enough that a message per
+/// step fits in a status and the API server's CEL cost budget for the step rules holds.
+pub const MAX_STEPS: usize = 100;
+/// Most pods a Rollout may ask for (a Kubernetes cluster supports 150,000 in all): keeps every replica sum
+/// far from `i32::MAX`.
+pub const MAX_REPLICAS: i32 = 100_000;
+
 /// Labels and annotations Serin puts on the objects it manages.
 pub mod labels {
     /// Pod-template hash of a ReplicaSet and its pods; Services' selectors are pinned to it.

@@ -59,7 +59,7 @@ use super::duration::ManifestDuration;
 pub struct RolloutSpec {
     /// Number of pods the Rollout runs when it is not in the middle of an update. Defaults to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = super::MAX_REPLICAS))]
     pub replicas: Option<i32>,
 
     /// Label selector for the pods of this Rollout. It must match the labels of `template`.
@@ -136,6 +136,7 @@ pub struct CanaryStrategy {
 
     /// The steps, in order. After the last step the canary is promoted to stable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = super::MAX_STEPS))]
     pub steps: Vec<CanaryStep>,
 
     /// Analysis that runs in the background from `startingStep` until the rollout is promoted; its failure
@@ -145,11 +146,13 @@ pub struct CanaryStrategy {
 
     /// Pods above the desired count allowed during the update (number or percentage). Defaults to 25%.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pods_or_percent_schema")]
     pub max_surge: Option<IntOrString>,
 
     /// Pods below the desired count allowed to be unavailable during the update (number or percentage).
     /// Defaults to 0, so the stable version never shrinks below what its traffic needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pods_or_percent_schema")]
     pub max_unavailable: Option<IntOrString>,
 
     /// Seconds the canary pods are kept after an abort (traffic is already back on stable). Defaults to 30.
@@ -215,7 +218,7 @@ pub struct PauseStep {
 pub struct SetCanaryScale {
     /// An exact number of canary pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = super::MAX_REPLICAS))]
     pub replicas: Option<i32>,
 
     /// Canary pods as a percentage (0 to 100) of `spec.replicas`.
@@ -398,7 +401,7 @@ pub struct BlueGreenStrategy {
 
     /// Pods of the new version before promotion. Defaults to `spec.replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = super::MAX_REPLICAS))]
     pub preview_replica_count: Option<i32>,
 
     /// Seconds the old version is kept running after the switch, for an instant rollback. Defaults to 30.
@@ -826,3 +829,18 @@ fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
         }
     })
 }
+
+/// A number of pods (at most [`super::MAX_REPLICAS`]) or a percentage (at most 100%). As for durations,
+/// allOf and not anyOf: `maximum` then constrains only integers and `pattern` only strings.
+fn pods_or_percent_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "allOf": [
+            {"minimum": 0, "maximum": super::MAX_REPLICAS},
+            {"pattern": PODS_OR_PERCENT_PATTERN}
+        ]
+    })
+}
+
+/// A percentage from 0% to 100%, or a number of pods written as a string.
+pub const PODS_OR_PERCENT_PATTERN: &str = r"^(100|[1-9]?[0-9])%$|^[0-9]{1,6}$";

@@ -56,8 +56,8 @@ use k8s_openapi::jiff::Timestamp;
 
 pub use hash::pod_template_hash;
 pub use types::{
-    Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService,
-    Plan, PlannedEvent, TemplateKey,
+    Action, AnalysisPurpose, Neighbour, Observed, ObservedAnalysisRun, ObservedReplicaSet,
+    ObservedService, Plan, PlannedEvent, TemplateKey,
 };
 pub use validate::{validate, SpecError};
 

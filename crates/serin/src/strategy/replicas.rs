@@ -160,26 +160,37 @@ pub fn scale_without_router(
     canary: Option<&ScaleInput>,
     others: &[ScaleInput],
 ) -> (i32, Option<i32>, Vec<i32>) {
-    let floor = (total - unavailable).max(0);
-    let ceiling = total + surge.max(0);
+    // Saturating: a ReplicaSet scaled by hand (the scale subresource) can carry any int32, and a sum of
+    // such counts must not overflow.
+    let floor = total.saturating_sub(unavailable).max(0);
+    let ceiling = total.saturating_add(surge.max(0));
     let mut stable_new = if !stable.hold && stable.spec < stable.target {
         stable.target
     } else {
         stable.spec
     };
-    let others_spec: i32 = others.iter().map(|o| o.spec).sum();
+    let others_spec: i32 = others.iter().map(|o| o.spec).fold(0, i32::saturating_add);
     let mut canary_new = canary.map(|c| {
         if !c.hold && c.spec < c.target {
-            let room = ceiling - stable_new - others_spec;
+            let room = ceiling
+                .saturating_sub(stable_new)
+                .saturating_sub(others_spec);
             c.target.min(c.spec.max(room)).max(c.spec)
         } else {
             c.spec
         }
     });
-    let mut budget = (stable.available.min(stable.spec)
-        + canary.map(|c| c.available.min(c.spec)).unwrap_or(0)
-        + others.iter().map(|o| o.available.min(o.spec)).sum::<i32>()
-        - floor)
+    let mut budget = stable
+        .available
+        .min(stable.spec)
+        .saturating_add(canary.map(|c| c.available.min(c.spec)).unwrap_or(0))
+        .saturating_add(
+            others
+                .iter()
+                .map(|o| o.available.min(o.spec))
+                .fold(0, i32::saturating_add),
+        )
+        .saturating_sub(floor)
         .max(0);
     let mut shrink = |input: &ScaleInput, current: i32| -> i32 {
         if input.hold || current <= input.target {
@@ -203,6 +214,26 @@ pub fn scale_without_router(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_sets_scaled_by_hand_to_int32_max_do_not_overflow_the_sums() {
+        let huge = rs(i32::MAX, i32::MAX, 0);
+        let (stable, canary, others) = scale_without_router(
+            i32::MAX,
+            i32::MAX,
+            0,
+            &rs(i32::MAX, i32::MAX, i32::MAX),
+            Some(&rs(0, 0, 5)),
+            &[huge.clone(), huge],
+        );
+        assert_eq!(
+            stable,
+            i32::MAX,
+            "the stable is never shrunk below its traffic"
+        );
+        assert_eq!(canary, Some(0), "no room above a saturated ceiling");
+        assert_eq!(others.len(), 2);
+    }
 
     fn rs(spec: i32, available: i32, target: i32) -> ScaleInput {
         ScaleInput {

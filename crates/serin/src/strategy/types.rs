@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::analysis::AnalysisRunSpec;
 use crate::crd::{AnalysisPhase, RolloutStatus};
@@ -24,6 +25,26 @@ pub struct Observed {
     pub analysis_runs: Vec<ObservedAnalysisRun>,
     /// Analysis templates the spec references, by reference: the template's spec, or why it cannot be used.
     pub analysis_templates: BTreeMap<TemplateKey, Result<crate::crd::AnalysisTemplateSpec, String>>,
+    /// A ReplicaSet named as this Rollout names the ReplicaSet of its current template, which it does not
+    /// control (someone else made it): Serin must neither adopt, scale nor delete it.
+    pub foreign_replica_set: Option<String>,
+    /// The other Rollouts of the namespace, for the Services and pods two Rollouts must not share.
+    pub neighbours: Vec<Neighbour>,
+}
+
+/// Another Rollout of the same namespace, as far as it can collide with this one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Neighbour {
+    pub name: String,
+    /// It was created before this Rollout (or at the same second with a smaller name): it keeps what both
+    /// claim.
+    pub older: bool,
+    /// The Services it names (stable, canary, active, preview).
+    pub services: Vec<String>,
+    /// Its `spec.selector`.
+    pub selector: LabelSelector,
+    /// The labels of its pod template.
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 /// A ReplicaSet as the planner needs to see it.

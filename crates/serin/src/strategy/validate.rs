@@ -6,15 +6,16 @@
 //! the canary took traffic. Pod-template hashes are placeholders at this point (only whether an argument
 //! resolves matters), and Secret-valued arguments stay references the runner reads when it measures.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::replicas::{max_surge, max_unavailable, ReplicaMathError};
 use super::types::{Observed, TemplateKey};
 use crate::analysis::{build_run_spec, AnalysisRequest, RunSpecError};
 use crate::crd::rollout::{AnalysisArgument, AnalysisTemplateRef, CanaryStep};
-use crate::crd::{AnalysisTemplateSpec, Rollout};
+use crate::crd::{AnalysisTemplateSpec, Rollout, MAX_REPLICAS, MAX_STEPS};
 
 #[cfg(test)]
 #[path = "validate_analysis_tests.rs"]
@@ -93,6 +94,28 @@ pub enum SpecError {
     NeedsTrafficRouting { field: String },
     #[error("{field}: without trafficRouting the canary runs beside the full stable, so maxSurge must allow at least one pod")]
     NoRoomToRoll { field: String },
+    #[error("{field}: {count} steps; at most {max} are allowed")]
+    TooManySteps {
+        field: String,
+        count: usize,
+        max: usize,
+    },
+    #[error("{field}: {value:?} is more than {max}")]
+    TooLarge {
+        field: String,
+        value: String,
+        max: String,
+    },
+    #[error("{field}: ReplicaSet {name:?} already exists and is not controlled by this Rollout; Serin neither adopts, scales nor deletes it (rename or delete it, or change the template)")]
+    NameTaken { field: String, name: String },
+    #[error("{field}: Service {name:?} is already managed by Rollout {other:?}, created earlier; two Rollouts pinning one Service's selector would take its traffic from each other")]
+    ServiceShared {
+        field: String,
+        name: String,
+        other: String,
+    },
+    #[error("{field}: selects the pods of Rollout {other:?}, created earlier, or its selector selects these pods; each Rollout must select only its own pods")]
+    SelectorOverlap { field: String, other: String },
 }
 
 impl SpecError {
@@ -116,7 +139,12 @@ impl SpecError {
             | SpecError::ArgumentMissing { field, .. }
             | SpecError::AnalysisCannotStart { field, .. }
             | SpecError::NeedsTrafficRouting { field }
-            | SpecError::NoRoomToRoll { field } => field,
+            | SpecError::NoRoomToRoll { field }
+            | SpecError::TooManySteps { field, .. }
+            | SpecError::TooLarge { field, .. }
+            | SpecError::NameTaken { field, .. }
+            | SpecError::ServiceShared { field, .. }
+            | SpecError::SelectorOverlap { field, .. } => field,
         }
     }
 
@@ -141,6 +169,11 @@ impl SpecError {
             SpecError::AnalysisCannotStart { .. } => "analysis_cannot_start",
             SpecError::NeedsTrafficRouting { .. } => "needs_traffic_routing",
             SpecError::NoRoomToRoll { .. } => "no_room_to_roll",
+            SpecError::TooManySteps { .. } => "too_many_steps",
+            SpecError::TooLarge { .. } => "too_large",
+            SpecError::NameTaken { .. } => "name_taken",
+            SpecError::ServiceShared { .. } => "service_shared",
+            SpecError::SelectorOverlap { .. } => "selector_overlap",
         }
     }
 }
@@ -166,7 +199,7 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
         "spec.replicas",
         spec.replicas,
         0,
-        i64::from(i32::MAX),
+        i64::from(MAX_REPLICAS),
     );
     range(
         &mut errors,
@@ -190,6 +223,13 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
         i64::from(i32::MAX),
     );
     check_selector(&mut errors, rollout);
+    check_neighbours(&mut errors, rollout, observed);
+    if let Some(name) = &observed.foreign_replica_set {
+        errors.push(SpecError::NameTaken {
+            field: "spec.template".into(),
+            name: name.clone(),
+        });
+    }
 
     match (&spec.strategy.canary, &spec.strategy.blue_green) {
         (Some(_), Some(_)) | (None, None) => errors.push(SpecError::StrategyCount {
@@ -249,6 +289,16 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
                 canary.canary_service.as_deref(),
             );
             let total = spec.replicas.unwrap_or(1);
+            int_or_percent_bound(
+                &mut errors,
+                &format!("{base}.maxSurge"),
+                canary.max_surge.as_ref(),
+            );
+            int_or_percent_bound(
+                &mut errors,
+                &format!("{base}.maxUnavailable"),
+                canary.max_unavailable.as_ref(),
+            );
             let surge = max_surge(canary.max_surge.as_ref(), total).map_err(|source| {
                 SpecError::IntOrPercent {
                     field: format!("{base}.maxSurge"),
@@ -288,7 +338,15 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
                 0,
                 i64::from(i32::MAX),
             );
-            for (index, step) in canary.steps.iter().enumerate() {
+            if canary.steps.len() > MAX_STEPS {
+                // One message per step of 100,000 would not fit in the status.
+                errors.push(SpecError::TooManySteps {
+                    field: format!("{base}.steps"),
+                    count: canary.steps.len(),
+                    max: MAX_STEPS,
+                });
+            }
+            for (index, step) in canary.steps.iter().enumerate().take(MAX_STEPS) {
                 check_step(
                     &mut errors,
                     rollout,
@@ -351,7 +409,7 @@ pub fn validate(rollout: &Rollout, observed: &Observed) -> Result<(), Vec<SpecEr
                 &format!("{base}.previewReplicaCount"),
                 blue_green.preview_replica_count,
                 1,
-                i64::from(i32::MAX),
+                i64::from(MAX_REPLICAS),
             );
             range(
                 &mut errors,
@@ -490,7 +548,7 @@ fn check_step(
             &format!("{field}.setCanaryScale.replicas"),
             scale.replicas,
             0,
-            i64::from(i32::MAX),
+            i64::from(MAX_REPLICAS),
         );
         range(
             errors,
@@ -642,6 +700,117 @@ fn check_templates(
     }
 }
 
+/// maxSurge and maxUnavailable: at most [`MAX_REPLICAS`] pods or 100%.
+fn int_or_percent_bound(errors: &mut Vec<SpecError>, field: &str, value: Option<&IntOrString>) {
+    let too_large = match value {
+        Some(IntOrString::Int(pods)) => *pods > MAX_REPLICAS,
+        Some(IntOrString::String(text)) => {
+            let trimmed = text.trim();
+            match trimmed.strip_suffix('%') {
+                Some(percent) => percent.parse::<u64>().is_ok_and(|p| p > 100),
+                None => trimmed
+                    .parse::<u64>()
+                    .is_ok_and(|pods| pods > MAX_REPLICAS.unsigned_abs().into()),
+            }
+        }
+        None => false,
+    };
+    if let (true, Some(value)) = (too_large, value) {
+        let (shown, max) = match value {
+            IntOrString::String(text) if text.trim().ends_with('%') => (text.clone(), "100%"),
+            IntOrString::String(text) => (text.clone(), "100000 pods"),
+            IntOrString::Int(pods) => (pods.to_string(), "100000 pods"),
+        };
+        errors.push(SpecError::TooLarge {
+            field: field.to_string(),
+            value: shown,
+            max: max.to_string(),
+        });
+    }
+}
+
+/// The Services this Rollout names, with the field that names each.
+fn named_services(rollout: &Rollout) -> Vec<(String, &str)> {
+    let strategy = &rollout.spec.strategy;
+    let mut out = Vec::new();
+    if let Some(canary) = &strategy.canary {
+        for (field, name) in [
+            ("stableService", &canary.stable_service),
+            ("canaryService", &canary.canary_service),
+        ] {
+            if let Some(name) = name.as_deref().filter(|n| !n.is_empty()) {
+                out.push((format!("spec.strategy.canary.{field}"), name));
+            }
+        }
+    }
+    if let Some(blue_green) = &strategy.blue_green {
+        for (field, name) in [
+            ("activeService", Some(&blue_green.active_service)),
+            ("previewService", blue_green.preview_service.as_ref()),
+        ] {
+            if let Some(name) = name.map(String::as_str).filter(|n| !n.is_empty()) {
+                out.push((format!("spec.strategy.blueGreen.{field}"), name));
+            }
+        }
+    }
+    out
+}
+
+/// What two Rollouts of one namespace must not share: a Service (each pins its selector to its own pods)
+/// and pods (each scales only its own ReplicaSets, but Services and the traffic ratio count pods by
+/// selector). The older Rollout keeps what both claim; the newer one gets the error and changes nothing.
+fn check_neighbours(errors: &mut Vec<SpecError>, rollout: &Rollout, observed: &Observed) {
+    let older = || observed.neighbours.iter().filter(|n| n.older);
+    for (field, name) in named_services(rollout) {
+        if let Some(other) = older().find(|n| n.services.iter().any(|s| s == name)) {
+            errors.push(SpecError::ServiceShared {
+                field,
+                name: name.to_string(),
+                other: other.name.clone(),
+            });
+        }
+    }
+    let labels = rollout
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|meta| meta.labels.clone())
+        .unwrap_or_default();
+    if let Some(other) = older()
+        .find(|n| selects(&rollout.spec.selector, &n.pod_labels) || selects(&n.selector, &labels))
+    {
+        errors.push(SpecError::SelectorOverlap {
+            field: "spec.selector".into(),
+            other: other.name.clone(),
+        });
+    }
+}
+
+/// Whether `selector` selects an object with `labels`. An empty selector selects nothing here: it is an
+/// error of its own Rollout, not a claim on every pod.
+pub(crate) fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let match_labels = selector.match_labels.clone().unwrap_or_default();
+    let expressions = selector.match_expressions.clone().unwrap_or_default();
+    if match_labels.is_empty() && expressions.is_empty() {
+        return false;
+    }
+    match_labels
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+        && expressions.iter().all(|expression| {
+            let values = expression.values.clone().unwrap_or_default();
+            let actual = labels.get(&expression.key);
+            match expression.operator.as_str() {
+                "In" => actual.is_some_and(|v| values.contains(v)),
+                "NotIn" => actual.is_none_or(|v| !values.contains(v)),
+                "Exists" => actual.is_some(),
+                "DoesNotExist" => actual.is_none(),
+                _ => false,
+            }
+        })
+}
+
 fn check_selector(errors: &mut Vec<SpecError>, rollout: &Rollout) {
     let selector: &LabelSelector = &rollout.spec.selector;
     let match_labels = selector.match_labels.clone().unwrap_or_default();
@@ -695,5 +864,137 @@ fn check_selector(errors: &mut Vec<SpecError>, rollout: &Rollout) {
                 ),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tenant_tests {
+    use super::*;
+    use crate::strategy::Neighbour;
+    use serde_json::json;
+
+    fn rollout(edit: impl FnOnce(&mut serde_json::Value)) -> Rollout {
+        let mut manifest = json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "b", "namespace": "shop"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "b"}},
+                "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "app", "image": "b:1"}]}},
+                "strategy": {"canary": {"stableService": "b", "canaryService": "b-canary"}}
+            }
+        });
+        edit(&mut manifest);
+        serde_json::from_value(manifest).expect("valid rollout")
+    }
+
+    fn observed(neighbours: Vec<Neighbour>) -> Observed {
+        let mut observed = Observed {
+            neighbours,
+            ..Default::default()
+        };
+        for name in ["b", "b-canary"] {
+            observed.services.insert(name.into(), Default::default());
+        }
+        observed
+    }
+
+    fn neighbour(older: bool, services: &[&str], app: &str) -> Neighbour {
+        Neighbour {
+            name: "a".into(),
+            older,
+            services: services.iter().map(|s| s.to_string()).collect(),
+            selector: serde_json::from_value(json!({"matchLabels": {"app": app}}))
+                .expect("selector"),
+            pod_labels: [("app".to_string(), app.to_string())].into(),
+        }
+    }
+
+    fn fields(rollout: &Rollout, observed: &Observed) -> Vec<String> {
+        validate(rollout, observed)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| format!("{} {}", e.field(), e.category()))
+            .collect()
+    }
+
+    #[test]
+    fn only_an_older_rollout_keeps_a_shared_service_or_overlapping_pods() {
+        let b = rollout(|_| {});
+        let older = observed(vec![neighbour(true, &["b"], "b")]);
+        assert_eq!(
+            fields(&b, &older),
+            [
+                "spec.strategy.canary.stableService service_shared",
+                "spec.selector selector_overlap"
+            ]
+        );
+        let newer = observed(vec![neighbour(false, &["b"], "b")]);
+        assert!(
+            fields(&b, &newer).is_empty(),
+            "the older Rollout keeps going"
+        );
+        let apart = observed(vec![neighbour(true, &["a"], "a")]);
+        assert!(fields(&b, &apart).is_empty());
+    }
+
+    #[test]
+    fn a_squatted_replica_set_name_is_an_invalid_template() {
+        let observed = Observed {
+            foreign_replica_set: Some("b-abc".into()),
+            ..observed(Vec::new())
+        };
+        assert_eq!(
+            fields(&rollout(|_| {}), &observed),
+            ["spec.template name_taken"]
+        );
+    }
+
+    #[test]
+    fn counts_past_the_bounds_are_refused_naming_the_field() {
+        let many = rollout(|m| {
+            m["spec"]["strategy"]["canary"]["steps"] = serde_json::Value::Array(
+                (0..=MAX_STEPS).map(|_| json!({"setWeight": 200})).collect(),
+            );
+        });
+        // One error for the count, none per step: 100,000 messages would not fit in a status.
+        assert_eq!(
+            fields(&many, &observed(Vec::new()))
+                .first()
+                .map(String::as_str),
+            Some("spec.strategy.canary.steps too_many_steps")
+        );
+        assert_eq!(fields(&many, &observed(Vec::new())).len(), 1 + MAX_STEPS);
+        for (field, value, expected) in [
+            (
+                "maxSurge",
+                json!("101%"),
+                "spec.strategy.canary.maxSurge too_large",
+            ),
+            (
+                "maxSurge",
+                json!(MAX_REPLICAS + 1),
+                "spec.strategy.canary.maxSurge too_large",
+            ),
+            (
+                "maxUnavailable",
+                json!("100001"),
+                "spec.strategy.canary.maxUnavailable too_large",
+            ),
+        ] {
+            let bad = rollout(|m| m["spec"]["strategy"]["canary"][field] = value);
+            assert!(
+                fields(&bad, &observed(Vec::new())).contains(&expected.to_string()),
+                "{expected}"
+            );
+        }
+        let fine = rollout(|m| m["spec"]["strategy"]["canary"]["maxSurge"] = json!("100%"));
+        assert!(fields(&fine, &observed(Vec::new())).is_empty());
+        let replicas = rollout(|m| m["spec"]["replicas"] = json!(MAX_REPLICAS + 1));
+        assert_eq!(
+            fields(&replicas, &observed(Vec::new())),
+            ["spec.replicas out_of_range"]
+        );
     }
 }

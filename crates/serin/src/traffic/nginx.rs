@@ -118,6 +118,10 @@ impl NginxRouter {
                     owner.get("kind").and_then(Value::as_str) == Some("Rollout")
                         && owner.get("name").and_then(Value::as_str)
                             == Some(self.rollout_name.as_str())
+                        // A reference anyone can write names the Rollout; only its uid proves it.
+                        && self.rollout_uid.as_deref().is_none_or(|uid| {
+                            owner.get("uid").and_then(Value::as_str) == Some(uid)
+                        })
                 })
             });
         let labelled = canary

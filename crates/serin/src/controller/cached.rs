@@ -1,0 +1,200 @@
+//! What the watch caches keep of each object: the few fields a reconcile reads, not the object.
+//!
+//! The caches hold every ReplicaSet, AnalysisRun and Service of the watched namespaces for as long as the
+//! controller runs, so what one entry costs is multiplied by tens of thousands. A ReplicaSet as the API
+//! server sends it carries its pod template, `managedFields` and whatever annotations `kubectl apply`
+//! left, and a decoded k8s-openapi ReplicaSet is kilobytes before any of its strings; a reconcile reads
+//! its name, labels, revision, counts and generation. So each watch event is turned into the planner's
+//! view at once, and the object itself is dropped. Rollouts and routing objects are read whole (the
+//! planner reads the spec, the routers the routes), so only what no reader looks at is removed from
+//! them: `managedFields` and the `last-applied-configuration` annotation (a second copy of the object).
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::DynamicObject;
+use kube::Resource;
+use serde_json::{json, Value};
+
+use super::index::{controller_uid, NameKey};
+use super::observe::{observed_analysis_run, observed_replica_set, observed_service};
+use crate::crd::analysis::AnalysisRun;
+use crate::crd::Rollout;
+use crate::strategy::{ObservedAnalysisRun, ObservedReplicaSet, ObservedService};
+
+/// The annotation `kubectl apply` keeps a copy of the applied object in.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// An object as a cache keeps it: found by namespace and name, and by the uid of its controller.
+pub trait Cached {
+    fn key(&self) -> NameKey;
+    fn controller_uid(&self) -> Option<&str>;
+}
+
+/// How a cache turns a watched object of type `K` into what it keeps.
+pub trait CachedFrom<K>: Cached {
+    fn cached_from(object: &K) -> Self;
+}
+
+/// Drops from an object's metadata what no reader of the caches looks at.
+pub fn trim_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+/// A Rollout as the Rollout store keeps it (for `WatchStreamExt::modify`). Its status is written with
+/// `replace_status`, which takes only the status from the body, so nothing removed here is ever written
+/// back.
+pub fn trim_rollout(rollout: &mut Rollout) {
+    trim_metadata(&mut rollout.metadata);
+}
+
+/// A routing object as the route caches keep it (for `WatchStreamExt::modify`): routers write it with
+/// JSON patches computed against the spec and annotations, which are kept.
+pub fn trim_dynamic(object: &mut DynamicObject) {
+    trim_metadata(&mut object.metadata);
+}
+
+/// The controller uid and namespace of an object, as the indexes key it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Owned {
+    pub namespace: String,
+    pub controller_uid: Option<String>,
+}
+
+impl Owned {
+    fn of<K: Resource>(object: &K) -> Owned {
+        Owned {
+            namespace: object.meta().namespace.clone().unwrap_or_default(),
+            controller_uid: controller_uid(object).map(str::to_string),
+        }
+    }
+}
+
+/// What the controller keeps of a ReplicaSet: the planner's view plus what tells a write of its own
+/// apart from a later one (uid and generation).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedReplicaSet {
+    pub owned: Owned,
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+    pub view: ObservedReplicaSet,
+}
+
+impl Cached for CachedReplicaSet {
+    fn key(&self) -> NameKey {
+        NameKey::new(&self.owned.namespace, &self.view.name)
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        self.owned.controller_uid.as_deref()
+    }
+}
+
+impl CachedFrom<ReplicaSet> for CachedReplicaSet {
+    fn cached_from(rs: &ReplicaSet) -> CachedReplicaSet {
+        CachedReplicaSet {
+            owned: Owned::of(rs),
+            uid: rs.metadata.uid.clone(),
+            generation: rs.metadata.generation,
+            view: observed_replica_set(rs),
+        }
+    }
+}
+
+/// What the controller keeps of a Service: its selector, and its resourceVersion (which tells the
+/// controller's own selector write apart from a later edit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedService {
+    pub namespace: String,
+    pub resource_version: Option<String>,
+    pub view: ObservedService,
+}
+
+impl CachedService {
+    /// The Service as a router reads it: name, namespace, resourceVersion and selector.
+    pub fn to_value(&self) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": self.view.name,
+                "namespace": self.namespace,
+                "resourceVersion": self.resource_version,
+            },
+            "spec": {"selector": self.view.selector},
+        })
+    }
+}
+
+impl Cached for CachedService {
+    fn key(&self) -> NameKey {
+        NameKey::new(&self.namespace, &self.view.name)
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl CachedFrom<Service> for CachedService {
+    fn cached_from(service: &Service) -> CachedService {
+        CachedService {
+            namespace: service.metadata.namespace.clone().unwrap_or_default(),
+            resource_version: service.metadata.resource_version.clone(),
+            view: observed_service(service),
+        }
+    }
+}
+
+/// What the controller keeps of an AnalysisRun: the planner's view (`None` for a run without Serin's
+/// purpose labels, which the planner ignores), not its measurements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedAnalysisRun {
+    pub owned: Owned,
+    pub name: String,
+    pub view: Option<ObservedAnalysisRun>,
+}
+
+impl Cached for CachedAnalysisRun {
+    fn key(&self) -> NameKey {
+        NameKey::new(&self.owned.namespace, &self.name)
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        self.owned.controller_uid.as_deref()
+    }
+}
+
+impl CachedFrom<AnalysisRun> for CachedAnalysisRun {
+    fn cached_from(run: &AnalysisRun) -> CachedAnalysisRun {
+        CachedAnalysisRun {
+            owned: Owned::of(run),
+            name: run.metadata.name.clone().unwrap_or_default(),
+            view: observed_analysis_run(run),
+        }
+    }
+}
+
+impl Cached for DynamicObject {
+    fn key(&self) -> NameKey {
+        NameKey::of(self)
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        controller_uid(self)
+    }
+}
+
+impl CachedFrom<DynamicObject> for DynamicObject {
+    fn cached_from(object: &DynamicObject) -> DynamicObject {
+        let mut kept = object.clone();
+        trim_dynamic(&mut kept);
+        kept
+    }
+}
