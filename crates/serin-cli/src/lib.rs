@@ -369,7 +369,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 kubeconfig_path: cli.cluster.kubeconfig.clone(),
                 admin: args.admin,
                 enforce_rbac: args.enforce_rbac,
-                traffic: (!args.no_traffic).then(serin_sim::traffic::TrafficConfig::default),
+                traffic: (!args.no_traffic).then(serin_sim::load::TrafficConfig::default),
                 ..serin_sim::SimConfig::default()
             };
             let cluster = serin_sim::SimCluster::start(config).await?;

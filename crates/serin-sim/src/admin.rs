@@ -11,13 +11,13 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::api_error::ApiError;
 use super::control::{self, ControlError};
 use super::faults::{
     FaultAction, FaultError, FaultRule, WatchFault, WatchScope, MAX_FAULT_DURATION,
 };
 use super::registry::Registry;
 use super::server::{error_response, value_response, ServerState};
-use super::status::ApiError;
 
 /// Admin request bodies are small; anything bigger is a mistake.
 const MAX_ADMIN_BODY: usize = 64 * 1024;

@@ -8,11 +8,11 @@ use bytes::Bytes;
 use rand::Rng;
 use serde_json::{json, Map, Value};
 
+use super::api_error::{ApiError, ResourceName};
 use super::patch::{self, ApplyOptions, MergeSchema, PatchError, PatchType};
 use super::registry::{NameRule, Registry, ResourceInfo};
 use super::schema;
 use super::selector::{FieldSelector, LabelSelector};
-use super::status::{ApiError, ResourceName};
 use super::store::{Store, StoreInner};
 
 /// Largest request body accepted, like kube-apiserver's 3 MiB limit.

@@ -2,9 +2,11 @@
 
 pub mod admin;
 pub mod api;
+pub mod api_error;
 pub mod control;
 pub mod faults;
 pub mod fixtures;
+pub mod load;
 pub mod patch;
 pub mod prometheus;
 pub mod rbac;
@@ -12,10 +14,8 @@ pub mod registry;
 pub mod schema;
 pub mod selector;
 pub mod server;
-pub mod status;
 pub mod store;
 pub mod table;
-pub mod traffic;
 pub mod workload;
 
 use std::net::SocketAddr;
@@ -47,7 +47,7 @@ pub struct SimConfig {
     /// The ReplicaSet/Deployment controller and kubelet; None serves the API alone.
     pub workload: Option<workload::WorkloadConfig>,
     /// The request stream and its metrics on `/metrics`; None serves no traffic.
-    pub traffic: Option<traffic::TrafficConfig>,
+    pub traffic: Option<load::TrafficConfig>,
     /// Serve the admin endpoint under `/sim/` (faults, request log, pod readiness, workload switch).
     /// Off by default: anyone who can reach the port could break the cluster with it.
     pub admin: bool,
@@ -69,7 +69,7 @@ impl Default for SimConfig {
             request_log_capacity: 100_000,
             bookmark_interval: Duration::from_secs(1),
             workload: Some(workload::WorkloadConfig::default()),
-            traffic: Some(traffic::TrafficConfig::default()),
+            traffic: Some(load::TrafficConfig::default()),
             admin: false,
             enforce_rbac: false,
         }
@@ -242,14 +242,14 @@ impl SimCluster {
         }
         if let Some(traffic_config) = config.traffic {
             let simulator_client = cluster.client_as(SIMULATOR_USER).await?;
-            let traffic = traffic::TrafficSimulator::spawn(simulator_client, traffic_config);
+            let traffic = load::TrafficSimulator::spawn(simulator_client, traffic_config);
             let _ = cluster.state.traffic_metrics.set(traffic);
         }
         Ok(cluster)
     }
 
     /// The traffic simulator, when it runs.
-    pub fn traffic(&self) -> Option<&traffic::TrafficSimulator> {
+    pub fn traffic(&self) -> Option<&load::TrafficSimulator> {
         self.state.traffic_metrics.get()
     }
 

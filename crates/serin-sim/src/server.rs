@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::api::{ApiResponse, ApiState, RequestInput, Target, MAX_BODY_BYTES};
+use super::api_error::{ApiError, InjectedRequest};
 use super::faults::{
     EventFate, FaultAction, Faults, RequestFacts, RequestLog, RequestRecord, WatchFacts,
 };
 use super::selector::{FieldSelector, LabelSelector};
-use super::status::{ApiError, InjectedRequest};
 use super::store::{EventType, EventsSince};
 use super::table::{table, IncludeObject};
 use super::workload::{RunFence, WorkloadControl, RUN_HEADER};
@@ -31,7 +31,7 @@ pub struct ServerState {
     pub port: u16,
     pub bookmark_interval: Duration,
     /// The traffic simulator whose request metrics `/metrics` serves (set once it runs).
-    pub traffic_metrics: std::sync::OnceLock<super::traffic::TrafficSimulator>,
+    pub traffic_metrics: std::sync::OnceLock<super::load::TrafficSimulator>,
     /// Whether `/sim/...` (the admin endpoint: faults, request log, workload control) is served.
     pub admin: bool,
     /// The workload simulator's start/stop switch (set once it runs).
@@ -58,7 +58,7 @@ async fn traffic_metrics(State(state): State<Arc<ServerState>>) -> Response {
         .unwrap_or_else(|| "# EOF\n".to_string());
     Response::builder()
         .status(200)
-        .header("content-type", super::traffic::METRICS_CONTENT_TYPE)
+        .header("content-type", super::load::METRICS_CONTENT_TYPE)
         .body(Body::from(text))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }

@@ -18,7 +18,7 @@ use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
-use serin_sim::traffic::TrafficConfig;
+use serin_sim::load::TrafficConfig;
 use serin_sim::workload::WorkloadConfig;
 use serin_sim::{ControlError, FaultRule, SimCluster, SimConfig, WatchScope, SIMULATOR_USER};
 

@@ -17,7 +17,7 @@ use kube::api::{
 };
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
-use serin_sim::traffic::TrafficSimulator;
+use serin_sim::load::TrafficSimulator;
 use serin_sim::{SimCluster, SimConfig};
 
 const NS: &str = "default";

@@ -19,7 +19,7 @@ use serin::analysis::outbound::OutboundConfig;
 use serin::controller::{ControllerConfig, ControllerHandle};
 use serin::crd::analysis::{AnalysisRun, AnalysisTemplate};
 use serin::crd::{AnalysisPhase, Rollout, RolloutPhase};
-use serin_sim::traffic::TrafficConfig;
+use serin_sim::load::TrafficConfig;
 use serin_sim::workload::WorkloadConfig;
 use serin_sim::{SimCluster, SimConfig};
 use support::{blue_green_rollout, canary_rollout, expect_selectors, template, State, World, NS};

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use serin::crd::analysis::{AnalysisRun, AnalysisTemplate, MetricResult};
 use serin::crd::{reason, AnalysisPhase, Rollout, RolloutPhase};
 use serin::ops::ManualCommand;
-use serin_sim::traffic::TrafficConfig;
+use serin_sim::load::TrafficConfig;
 use serin_sim::workload::WorkloadConfig;
 use serin_sim::{SimCluster, SimConfig};
 use support::{canary_rollout, State, World, NS};

@@ -34,8 +34,8 @@ use serin::crd::{
     labels, reason, AnalysisRun, AnalysisTemplate, CanaryStep, Rollout, RolloutPhase,
 };
 use serin::ops::ManualCommand;
+use serin_sim::load::TrafficConfig;
 use serin_sim::prometheus::{find_binary, scrape_config, ScrapeTarget};
-use serin_sim::traffic::TrafficConfig;
 use serin_sim::workload::WorkloadConfig;
 use serin_sim::{FaultAction, FaultRule, SimCluster, SimConfig, WatchScope};
 use support::invariants::{

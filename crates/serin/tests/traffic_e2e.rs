@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use serin::controller::{ControllerConfig, ControllerHandle};
 use serin::crd::{Rollout, RolloutPhase};
 use serin::ops::ManualCommand;
-use serin_sim::traffic::TrafficConfig;
+use serin_sim::load::TrafficConfig;
 use serin_sim::workload::WorkloadConfig;
 use serin_sim::{SimCluster, SimConfig};
 use support::{canary_rollout, NS};

@@ -39,7 +39,7 @@ use crate::crd::analysis::{
     ClusterAnalysisTemplate, Measurement, Metric, MetricResult, PrometheusMetric,
 };
 use crate::crd::rollout::SecretKeyRef;
-use crate::crd::{labels, AnalysisPhase, Rollout};
+use crate::crd::{AnalysisPhase, Rollout};
 
 /// Why a Secret value could not be read.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -1032,7 +1032,7 @@ pub async fn run_until(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: labels::FIELD_MANAGER.to_string(),
+            controller: crate::crd::FIELD_MANAGER.to_string(),
             instance: None,
         },
     );

@@ -164,11 +164,11 @@ pub async fn act_recorded(
     let runs: Api<AnalysisRun> = Api::namespaced(client.clone(), &namespace);
     let patch_params = PatchParams::default();
     let post_params = PostParams {
-        field_manager: Some(labels::FIELD_MANAGER.to_string()),
+        field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
         ..Default::default()
     };
     let patch_params = PatchParams {
-        field_manager: Some(labels::FIELD_MANAGER.to_string()),
+        field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
         ..patch_params
     };
 

@@ -319,7 +319,7 @@ impl ControllerHandle {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
-                controller: labels::FIELD_MANAGER.to_string(),
+                controller: crate::crd::FIELD_MANAGER.to_string(),
                 instance: config.instance.clone(),
             },
         );
@@ -925,7 +925,7 @@ async fn write_status(
     updated.status = Some(status.clone());
     updated.metadata.managed_fields = None;
     let params = PostParams {
-        field_manager: Some(labels::FIELD_MANAGER.to_string()),
+        field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
         ..Default::default()
     };
     match api

@@ -17,7 +17,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use super::leader::Fence;
-use crate::crd::{condition, labels, reason, Rollout};
+use crate::crd::{condition, reason, Rollout};
 
 /// A Rollout that does not decode: the object as stored and the first field at fault.
 #[derive(Clone, Debug)]
@@ -183,7 +183,7 @@ pub async fn report(
             "status": status,
         });
         let params = PatchParams {
-            field_manager: Some(labels::FIELD_MANAGER.to_string()),
+            field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
             ..Default::default()
         };
         if let Err(error) = api.patch_status(&name, &params, &Patch::Merge(patch)).await {

@@ -30,6 +30,9 @@ pub const MAX_STEPS: usize = 100;
 /// far from `i32::MAX`.
 pub const MAX_REPLICAS: i32 = 100_000;
 
+/// The field manager Serin writes with (`serin-cli` for the CLI's writes).
+pub const FIELD_MANAGER: &str = "serin";
+
 /// Labels and annotations Serin puts on the objects it manages.
 pub mod labels {
     /// Pod-template hash of a ReplicaSet and its pods; Services' selectors are pinned to it.
@@ -44,8 +47,6 @@ pub mod labels {
     pub const STEP_INDEX: &str = "serin.dev/step-index";
     /// Annotation on a Service: the selector it had before Serin pinned it.
     pub const ORIGINAL_SELECTOR: &str = "serin.dev/original-selector";
-    /// Annotation: the field manager Serin writes with.
-    pub const FIELD_MANAGER: &str = "serin";
 }
 
 /// Condition types in `status.conditions`.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::OpsError;
 use crate::crd::rollout::PromoteCommand;
-use crate::crd::{labels, Rollout, RolloutPhase};
+use crate::crd::{Rollout, RolloutPhase};
 
 /// A manual command a user sends to the controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ pub async fn send(
         })?;
     let patch = command_patch(&rollout, command)?;
     let params = PatchParams {
-        field_manager: Some(format!("{}-cli", labels::FIELD_MANAGER)),
+        field_manager: Some(format!("{}-cli", crate::crd::FIELD_MANAGER)),
         ..Default::default()
     };
     api.patch_status(name, &params, &Patch::Merge(patch))

@@ -140,7 +140,7 @@ pub async fn undo(
         rollout.spec.template = template;
         rollout.metadata.managed_fields = None;
         let params = PostParams {
-            field_manager: Some(format!("{}-cli", labels::FIELD_MANAGER)),
+            field_manager: Some(format!("{}-cli", crate::crd::FIELD_MANAGER)),
             ..Default::default()
         };
         match rollouts.replace(name, &params, &rollout).await {

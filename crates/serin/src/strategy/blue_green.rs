@@ -320,7 +320,7 @@ fn route_and_scale(
 }
 
 fn record_blue_green_status(out: &Out, status: &mut RolloutStatus, f: &mut Flight<'_>) {
-    let selector = |service: &str| out.world.selectors.get(service).cloned().flatten();
+    let selector = |service: &str| out.projected.selectors.get(service).cloned().flatten();
     let active = selector(&f.bg.active_service);
     let preview = f.bg.preview_service.as_deref().and_then(selector);
     f.state.active_selector = active;

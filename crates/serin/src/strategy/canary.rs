@@ -287,7 +287,7 @@ fn step_gate(
     } else {
         // Header or mirror route: done once the router reports the routes of this step.
         let (headers, mirrors) = routes_at(&canary.steps, idx);
-        passed(out.world.traffic.as_ref().is_some_and(|t| {
+        passed(out.projected.traffic.as_ref().is_some_and(|t| {
             t.header_routes == headers.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
                 && t.mirror_routes == mirrors.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
         }))
@@ -445,7 +445,7 @@ fn route(ctx: &Ctx<'_>, out: &mut Out, status: &RolloutStatus, f: &Flight<'_>) -
         return routed;
     }
     let current = out
-        .world
+        .projected
         .traffic
         .as_ref()
         .map(|t| t.canary_weight)
@@ -652,7 +652,7 @@ fn moves_without_router(
     let pinned = canary
         .stable_service
         .as_deref()
-        .and_then(|svc| out.world.selectors.get(svc).cloned().flatten());
+        .and_then(|svc| out.projected.selectors.get(svc).cloned().flatten());
     let serving = |hash: &str| match &pinned {
         Some(selected) if selected != hash => 0,
         _ => ctx.available(hash),
@@ -748,7 +748,7 @@ fn follow_up_traffic(ctx: &Ctx<'_>, out: &mut Out) {
 fn record_canary_status(ctx: &Ctx<'_>, out: &Out, status: &mut RolloutStatus, f: &Flight<'_>) {
     status.desired_weight = Some(desired_weight_now(status, f));
     status.current_weight = Some(if f.router {
-        match &out.world.traffic {
+        match &out.projected.traffic {
             Some(t) => t.canary_weight,
             None => ctx.prev.current_weight.unwrap_or(0),
         }
@@ -759,7 +759,7 @@ fn record_canary_status(ctx: &Ctx<'_>, out: &Out, status: &mut RolloutStatus, f:
         }
     });
     let routes = |pick: fn(&ObservedTraffic) -> &Vec<String>| {
-        out.world
+        out.projected
             .traffic
             .as_ref()
             .map(|t| pick(t).clone())
@@ -931,7 +931,7 @@ fn weight_reached(
     let n = ctx.replicas;
     let target = canary_target(canary, &canary.steps, index, n);
     if canary.traffic_routing.is_some() {
-        let Some(carried) = out.world.traffic.as_ref().map(|t| t.canary_weight) else {
+        let Some(carried) = out.projected.traffic.as_ref().map(|t| t.canary_weight) else {
             return false;
         };
         // A router already at a later step's weight (a plan whose status write was lost) counts as past

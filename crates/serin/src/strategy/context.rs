@@ -161,7 +161,7 @@ impl<'a> Ctx<'a> {
 
 /// The cluster as it will be after the actions decided so far.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct World {
+pub(crate) struct Projection {
     /// What the router carries, `None` when unknown (no router, or the router cannot be read).
     pub traffic: Option<ObservedTraffic>,
     /// Service name -> the hash its selector is pinned to.
@@ -175,12 +175,12 @@ pub(crate) struct Out {
     pub actions: Vec<Action>,
     pub events: Vec<PlannedEvent>,
     pub requeue_at: Option<i64>,
-    pub world: World,
+    pub projected: Projection,
 }
 
 impl Out {
     pub(crate) fn new(observed: &Observed) -> Self {
-        let mut world = World::default();
+        let mut world = Projection::default();
         for (name, service) in &observed.services {
             world.selectors.insert(
                 name.clone(),
@@ -199,7 +199,7 @@ impl Out {
             actions: Vec::new(),
             events: Vec::new(),
             requeue_at: None,
-            world,
+            projected: world,
         }
     }
 
@@ -226,18 +226,18 @@ impl Out {
     }
 
     pub(crate) fn spec_of(&self, hash: &str) -> Option<i32> {
-        self.world.rs_spec.get(hash).copied()
+        self.projected.rs_spec.get(hash).copied()
     }
 
     pub(crate) fn set_selector(&mut self, service: Option<&str>, hash: Option<&str>) {
         let Some(service) = service else { return };
         let wanted = hash.map(str::to_string);
-        if self.world.selectors.get(service) != Some(&wanted) {
+        if self.projected.selectors.get(service) != Some(&wanted) {
             self.actions.push(Action::SetServiceSelector {
                 service: service.to_string(),
                 pod_template_hash: wanted.clone(),
             });
-            self.world.selectors.insert(service.to_string(), wanted);
+            self.projected.selectors.insert(service.to_string(), wanted);
         }
     }
 
@@ -250,7 +250,7 @@ impl Out {
                 name: rs.name.clone(),
                 replicas,
             });
-            self.world.rs_spec.insert(hash.to_string(), replicas);
+            self.projected.rs_spec.insert(hash.to_string(), replicas);
         }
     }
 
@@ -289,7 +289,7 @@ impl Out {
                     replicas,
                     template: Box::new(template),
                 });
-                self.world.rs_spec.insert(hash.to_string(), replicas);
+                self.projected.rs_spec.insert(hash.to_string(), replicas);
                 true
             }
         }
@@ -298,7 +298,7 @@ impl Out {
     /// Emits SetTraffic when the router does not carry `desired` yet. Never when the router's state is
     /// unknown: a weight must not be written to a route that cannot be read.
     pub(crate) fn set_traffic(&mut self, desired: DesiredTraffic) {
-        let Some(current) = &self.world.traffic else {
+        let Some(current) = &self.projected.traffic else {
             return;
         };
         let header: Vec<String> = desired
@@ -315,7 +315,7 @@ impl Out {
             || current.header_routes != header
             || current.mirror_routes != mirror
         {
-            self.world.traffic = Some(ObservedTraffic {
+            self.projected.traffic = Some(ObservedTraffic {
                 canary_weight: desired.canary_weight,
                 header_routes: header,
                 mirror_routes: mirror,
@@ -664,7 +664,7 @@ pub(crate) fn pin_unless_serving_elsewhere(
 ) {
     let Some(name) = service else { return };
     if hold {
-        let serving_elsewhere = match out.world.selectors.get(name).cloned().flatten() {
+        let serving_elsewhere = match out.projected.selectors.get(name).cloned().flatten() {
             Some(current) => current != hash && ctx.available(&current) > 0,
             None => ctx.observed.replica_sets.iter().any(|rs| {
                 rs.pod_template_hash != hash && !rs.deleting && rs.available_replicas > 0

@@ -10,8 +10,8 @@ use super::{
     router_for, Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, TrafficError,
     TrafficRouter,
 };
-use crate::crd::labels::FIELD_MANAGER;
 use crate::crd::Rollout;
+use crate::crd::FIELD_MANAGER;
 
 /// What `apply` wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
