@@ -257,9 +257,9 @@ impl Bench {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let kubeconfig = dir.path().join("sim.kubeconfig");
         let mut args = vec![
-            "--kubeconfig".to_string(),
+            "sim".to_string(),
+            "--kubeconfig".into(),
             kubeconfig.display().to_string(),
-            "sim".into(),
         ];
         args.extend(flags.iter().map(|f| f.to_string()));
         let sim = Process::spawn("serin sim", &args, dir.path().join("sim.log"))?;
@@ -327,9 +327,9 @@ impl Bench {
         )
         .map_err(|e| format!("writing {}: {e}", kubeconfig.display()))?;
         let mut args = vec![
-            "--kubeconfig".to_string(),
+            "controller".to_string(),
+            "--kubeconfig".into(),
             kubeconfig.display().to_string(),
-            "controller".into(),
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
             "--log-level".into(),

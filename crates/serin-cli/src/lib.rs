@@ -24,8 +24,6 @@ use serin::ops::{commands, describe, undo, ManualCommand, OpsError};
     about = "Progressive delivery operator for Kubernetes: canary and blue-green rollouts"
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,22 +32,21 @@ pub struct Cli {
 #[derive(Debug, Clone, Default, Args)]
 pub struct ClusterArgs {
     /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    /// For `sim`: where to write the simulated cluster's kubeconfig.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub context: Option<String>,
-    /// Namespace of the Rollout (default: the context's namespace). For `controller`: a namespace to
-    /// watch, repeatable (default: all namespaces).
-    #[arg(
-        short = 'n',
-        long,
-        global = true,
-        env = "SERIN_NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub namespace: Vec<String>,
+}
+
+/// The cluster and the namespace of the Rollout a user command acts on.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Namespace of the Rollout (default: the context's namespace).
+    #[arg(short = 'n', long, env = "SERIN_NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +79,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
+    /// Where to write the simulated cluster's kubeconfig.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Port to listen on; 0 picks any free port.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
@@ -105,6 +105,8 @@ pub struct SimArgs {
 pub struct NameArg {
     /// Name of the Rollout.
     pub name: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +116,8 @@ pub struct StatusArgs {
     /// Redraw on every change until the rollout is Healthy or Aborted (or Ctrl-C).
     #[arg(short, long)]
     pub watch: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +127,8 @@ pub struct PromoteArgs {
     /// Skip all remaining steps and analysis and make the new version stable now.
     #[arg(long)]
     pub full: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +138,8 @@ pub struct UndoArgs {
     /// Revision to go back to (default: the one before the current).
     #[arg(long)]
     pub to_revision: Option<i64>,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -142,6 +150,11 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// A namespace to watch, repeatable or comma-separated (default: all namespaces).
+    #[arg(short = 'n', long, env = "SERIN_NAMESPACE", value_delimiter = ',')]
+    pub namespace: Vec<String>,
     /// Rollouts reconciled at the same time.
     #[arg(long, env = "SERIN_CONCURRENCY", default_value_t = 4)]
     pub concurrency: u16,
@@ -222,8 +235,8 @@ fn parse_flag_duration(text: &str) -> Result<Duration, String> {
 
 impl ControllerArgs {
     /// The controller's configuration; `namespaces` are the global `-n` values it is restricted to.
-    pub fn config(&self, namespaces: &[String]) -> ControllerConfig {
-        let mut namespaces = namespaces.to_vec();
+    pub fn config(&self) -> ControllerConfig {
+        let mut namespaces = self.namespace.clone();
         namespaces.retain(|ns| !ns.is_empty());
         namespaces.sort();
         namespaces.dedup();
@@ -293,8 +306,11 @@ impl CliError {
     }
 }
 
-/// A client and the namespace to work in, from the kubeconfig flags.
-pub async fn connect(cluster: &ClusterArgs) -> Result<(Client, String), CliError> {
+/// A client, and the namespace to work in: `namespace`, else the kubeconfig context's.
+pub async fn connect(
+    cluster: &ClusterArgs,
+    namespace: Option<&str>,
+) -> Result<(Client, String), CliError> {
     let options = KubeConfigOptions {
         context: cluster.context.clone(),
         ..Default::default()
@@ -314,10 +330,8 @@ pub async fn connect(cluster: &ClusterArgs) -> Result<(Client, String), CliError
             .await
             .map_err(|error| CliError::Kubeconfig(error.to_string()))?,
     };
-    let namespace = cluster
-        .namespace
-        .first()
-        .cloned()
+    let namespace = namespace
+        .map(str::to_string)
         .unwrap_or_else(|| config.default_namespace.clone());
     let client = Client::try_from(config).map_err(CliError::Connect)?;
     Ok((client, namespace))
@@ -333,12 +347,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             stdout.write_all(yaml.as_bytes()).map_err(CliError::Output)
         }
         Command::Controller(args) => {
-            let (client, _) = connect(&cli.cluster).await?;
-            serin::controller::run(client, args.config(&cli.cluster.namespace)).await?;
+            let (client, _) = connect(&args.cluster, None).await?;
+            serin::controller::run(client, args.config()).await?;
             Ok(())
         }
         Command::Status(args) => {
-            let (client, namespace) = connect(&cli.cluster).await?;
+            let (client, namespace) = connect_to(&args.target).await?;
             if args.watch {
                 describe::watch(
                     &client,
@@ -361,12 +375,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 ManualCommand::Promote
             };
-            send(&cli.cluster, &args.name, command).await
+            send(&args.target, &args.name, command).await
         }
         Command::Sim(args) => {
             let config = serin_sim::SimConfig {
                 port: args.port,
-                kubeconfig_path: cli.cluster.kubeconfig.clone(),
+                kubeconfig_path: args.kubeconfig.clone(),
                 admin: args.admin,
                 enforce_rbac: args.enforce_rbac,
                 traffic: (!args.no_traffic).then(serin_sim::load::TrafficConfig::default),
@@ -387,12 +401,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Demo(args) => Ok(crate::demo::run(args.options()).await?),
-        Command::Abort(args) => send(&cli.cluster, &args.name, ManualCommand::Abort).await,
-        Command::Retry(args) => send(&cli.cluster, &args.name, ManualCommand::Retry).await,
-        Command::Pause(args) => send(&cli.cluster, &args.name, ManualCommand::Pause).await,
-        Command::Resume(args) => send(&cli.cluster, &args.name, ManualCommand::Resume).await,
+        Command::Abort(args) => send(&args.target, &args.name, ManualCommand::Abort).await,
+        Command::Retry(args) => send(&args.target, &args.name, ManualCommand::Retry).await,
+        Command::Pause(args) => send(&args.target, &args.name, ManualCommand::Pause).await,
+        Command::Resume(args) => send(&args.target, &args.name, ManualCommand::Resume).await,
         Command::Undo(args) => {
-            let (client, namespace) = connect(&cli.cluster).await?;
+            let (client, namespace) = connect_to(&args.target).await?;
             let revision = undo::undo(&client, &namespace, &args.name, args.to_revision).await?;
             println!(
                 "rollout {} rolled back to the template of revision {revision}",
@@ -403,8 +417,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-async fn send(cluster: &ClusterArgs, name: &str, command: ManualCommand) -> Result<(), CliError> {
-    let (client, namespace) = connect(cluster).await?;
+/// A client and the namespace of the Rollout a user command names.
+async fn connect_to(target: &TargetArgs) -> Result<(Client, String), CliError> {
+    connect(&target.cluster, target.namespace.as_deref()).await
+}
+
+async fn send(target: &TargetArgs, name: &str, command: ManualCommand) -> Result<(), CliError> {
+    let (client, namespace) = connect_to(target).await?;
     let message = commands::send(&client, &namespace, name, command).await?;
     println!("{message}");
     Ok(())

@@ -52,7 +52,7 @@ fn controller_config(args: &[String]) -> serin::controller::ControllerConfig {
     )
     .unwrap_or_else(|e| panic!("the chart's arguments do not parse: {e}\n{args:?}"));
     match cli.command {
-        serin_cli::Command::Controller(controller) => controller.config(&cli.cluster.namespace),
+        serin_cli::Command::Controller(controller) => controller.config(),
         other => panic!("the chart runs `serin controller`, not {other:?}"),
     }
 }

@@ -38,8 +38,8 @@ async fn run(program: &Path, args: &[&str], path_prefix: Option<&Path>) -> Outpu
 
 async fn serin(world: &World, args: &[&str]) -> Output {
     let kubeconfig = world.sim.kubeconfig_path().display().to_string();
-    let mut full = vec!["--kubeconfig", kubeconfig.as_str()];
-    full.extend_from_slice(args);
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["--kubeconfig", kubeconfig.as_str()]);
     run(Path::new(env!("CARGO_BIN_EXE_serin")), &full, None).await
 }
 
@@ -76,7 +76,7 @@ async fn status_shows_steps_revisions_weights_pods_and_events() {
     world
         .expect_event("web", serin::crd::reason::STEP_REACHED, TIMEOUT)
         .await;
-    let out = serin(&world, &["-n", NS, "status", "web"]).await;
+    let out = serin(&world, &["status", "web", "-n", NS]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let text = out.stdout;
     for line in [
@@ -97,7 +97,7 @@ async fn status_shows_steps_revisions_weights_pods_and_events() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     // Stable output: the same state renders the same text.
-    let again = serin(&world, &["-n", NS, "status", "web"]).await;
+    let again = serin(&world, &["status", "web", "-n", NS]).await;
     assert_eq!(again.stdout, text);
     world.stop().await;
 }
@@ -219,7 +219,7 @@ async fn works_as_a_kubectl_plugin() {
 
     let out = run(
         Path::new("kubectl"),
-        &["serin", "--kubeconfig", &kubeconfig, "status", "web"],
+        &["serin", "status", "web", "--kubeconfig", &kubeconfig],
         Some(bin.path()),
     )
     .await;
@@ -331,4 +331,42 @@ async fn controller_processes_elect_one_leader_and_fail_over() {
     assert_eq!(holder().await.as_deref(), Some("replica-b"));
     second.kill().await.expect("kill the second replica");
     world.stop().await;
+}
+
+#[tokio::test]
+async fn each_command_lists_only_its_own_options() {
+    let help = |command: &'static str| async move {
+        run(
+            Path::new(env!("CARGO_BIN_EXE_serin")),
+            &[command, "--help"],
+            None,
+        )
+        .await
+    };
+    let sim = help("sim").await;
+    assert_eq!(sim.code, Some(0), "{}", sim.stderr);
+    for foreign in ["--namespace", "--context", "Namespace of the Rollout"] {
+        assert!(
+            !sim.stdout.contains(foreign),
+            "`serin sim --help` lists {foreign}:\n{}",
+            sim.stdout
+        );
+    }
+    assert!(sim.stdout.contains("--kubeconfig"), "{}", sim.stdout);
+    let crd = help("crd").await;
+    assert!(!crd.stdout.contains("--kubeconfig"), "{}", crd.stdout);
+    let status = help("status").await;
+    for own in ["--namespace", "--context", "--kubeconfig", "--watch"] {
+        assert!(
+            status.stdout.contains(own),
+            "`serin status --help` lacks {own}:\n{}",
+            status.stdout
+        );
+    }
+    let controller = help("controller").await;
+    assert!(
+        controller.stdout.contains("A namespace to watch"),
+        "{}",
+        controller.stdout
+    );
 }

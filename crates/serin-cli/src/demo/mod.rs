@@ -404,8 +404,8 @@ async fn keep_running(stack: &Stack) {
         out,
         "\nthe cluster stays up until Ctrl-C; try:\n  \
          kubectl --kubeconfig {kubeconfig} get rollouts,analysisruns,replicasets,pods -n {NAMESPACE}\n  \
-         serin --kubeconfig {kubeconfig} status {ROLLOUT} -n {NAMESPACE}\n  \
-         serin --kubeconfig {kubeconfig} retry {ROLLOUT} -n {NAMESPACE}\n\
+         serin status {ROLLOUT} -n {NAMESPACE} --kubeconfig {kubeconfig}\n  \
+         serin retry {ROLLOUT} -n {NAMESPACE} --kubeconfig {kubeconfig}\n\
          Prometheus: {}/graph",
         stack.prometheus.url()
     );
