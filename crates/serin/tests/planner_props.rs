@@ -25,7 +25,7 @@ use serin::strategy::{
     plan, Action, Observed, ObservedAnalysisRun, ObservedReplicaSet, ObservedService, Plan,
     TemplateKey,
 };
-use serin::traffic::ObservedTraffic;
+use serin::strategy::{ObservedTraffic, RouteState};
 
 const T0: i64 = 1_800_000_000;
 const STABLE: &str = "web";
@@ -233,7 +233,7 @@ impl Model {
             );
         }
         if matches!(kind, Kind::CanaryRouter) {
-            observed.traffic = Some(Ok(ObservedTraffic::default()));
+            observed.traffic = RouteState::Observed(ObservedTraffic::default());
         }
         observed.analysis_templates.insert(
             TemplateKey {
@@ -372,7 +372,7 @@ impl Model {
                         self.broken_route.is_none(),
                         "SetTraffic to a route that cannot be read"
                     );
-                    self.observed.traffic = Some(Ok(ObservedTraffic {
+                    self.observed.traffic = RouteState::Observed(ObservedTraffic {
                         canary_weight: desired.canary_weight,
                         header_routes: desired
                             .header_routes
@@ -384,7 +384,7 @@ impl Model {
                             .iter()
                             .map(|r| r.name.clone())
                             .collect(),
-                    }));
+                    });
                 }
                 Action::CreateAnalysisRun {
                     name,
@@ -448,7 +448,7 @@ impl Model {
             return hidden.canary_weight;
         }
         match &self.observed.traffic {
-            Some(Ok(t)) => t.canary_weight,
+            RouteState::Observed(t) => t.canary_weight,
             _ => 0,
         }
     }
@@ -759,14 +759,14 @@ fn run_case(
                 }
             }
             Op::RouteBroken(true) => {
-                if let Some(Ok(traffic)) = model.observed.traffic.clone() {
+                if let RouteState::Observed(traffic) = model.observed.traffic.clone() {
                     model.broken_route = Some(traffic);
-                    model.observed.traffic = Some(Err("HTTPRoute web not found".into()));
+                    model.observed.traffic = RouteState::Invalid("HTTPRoute web not found".into());
                 }
             }
             Op::RouteBroken(false) => {
                 if let Some(traffic) = model.broken_route.take() {
-                    model.observed.traffic = Some(Ok(traffic));
+                    model.observed.traffic = RouteState::Observed(traffic);
                 }
             }
             Op::HideStable(true) => {
@@ -813,7 +813,7 @@ fn run_case(
                     model.rollout.metadata.generation.map(|g| g + 1);
             }
             Op::Drift(weight) => {
-                if let Some(Ok(traffic)) = model.observed.traffic.as_mut() {
+                if let RouteState::Observed(traffic) = &mut model.observed.traffic {
                     traffic.canary_weight = weight;
                     model.drifted = true;
                 }
@@ -824,7 +824,7 @@ fn run_case(
     model.command(|c| c.paused = Some(false));
     model.restore_stable();
     if let Some(traffic) = model.broken_route.take() {
-        model.observed.traffic = Some(Ok(traffic));
+        model.observed.traffic = RouteState::Observed(traffic);
     }
     let mut settled = false;
     for _ in 0..60 {

@@ -17,7 +17,8 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use kube::{Client, CustomResourceExt};
 use serde_json::{json, Value};
 use serin::crd::Rollout;
-use serin::traffic::{self, DesiredTraffic, HeaderRoute, MirrorRoute, RoutingKind, TrafficError};
+use serin::strategy::{DesiredTraffic, HeaderRoute, MirrorRoute, RouteState};
+use serin::traffic::{self, RoutingKind, TrafficError};
 use serin_sim::{SimCluster, SimConfig};
 
 const NS: &str = "shop";
@@ -279,9 +280,10 @@ fn user_part(object: &Value, managed: &[&str]) -> String {
 
 async fn observed_weight(client: &Client, rollout: &Rollout) -> Result<i32, String> {
     match traffic::observe(client, rollout).await {
-        Some(Ok(observed)) => Ok(observed.canary_weight),
-        Some(Err(message)) => Err(message),
-        None => Err("no trafficRouting".into()),
+        RouteState::Observed(observed) => Ok(observed.canary_weight),
+        RouteState::Invalid(message) => Err(message),
+        RouteState::Unreadable { message, .. } => Err(message),
+        RouteState::NotConfigured => Err("no trafficRouting".into()),
     }
 }
 
@@ -484,9 +486,9 @@ async fn gateway_api_header_and_mirror_routes_pass_the_schema_and_leave_no_trace
         // The header rule takes the requests that carry the header (10% per the sim annotation).
         h.expect_canary_share(10).await?;
         traffic::apply(&h.client, &rollout, &with_routes).await?;
-        let observed = traffic::observe(&h.client, &rollout)
-            .await
-            .ok_or("routing")??;
+        let RouteState::Observed(observed) = traffic::observe(&h.client, &rollout).await else {
+            return Err("the routes were not observed".into());
+        };
         assert_eq!(observed.header_routes, vec!["beta".to_string()]);
         assert_eq!(observed.mirror_routes, vec!["shadow".to_string()]);
         let stored = h.must_get(RoutingKind::HttpRoute, "checkout").await?;

@@ -12,5 +12,5 @@ pub mod runner;
 pub mod secret_access;
 pub mod verdict;
 
-pub use run_spec::{build_run_spec, AnalysisRequest, RunSpecError, TemplateSource};
+pub use run_spec::{build_run_spec, AnalysisRequest, RunSpecError, TemplateKey, TemplateSource};
 pub use runner::{advance, spawn, spawn_with, Measurer, RunnerConfig, RunnerHandle, StaticSecrets};

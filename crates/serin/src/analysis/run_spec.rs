@@ -17,7 +17,13 @@ use crate::crd::rollout::{
     RolloutAnalysis,
 };
 use crate::crd::{ManifestDuration, Rollout};
-use crate::strategy::types::TemplateKey;
+
+/// A reference to an analysis template: name and whether it is cluster-scoped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TemplateKey {
+    pub name: String,
+    pub cluster_scope: bool,
+}
 
 /// Why no AnalysisRun can be built from the spec: each is an invalid spec.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

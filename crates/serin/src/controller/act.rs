@@ -13,8 +13,8 @@ use super::leader::{Fence, Fenced};
 use super::observe::purpose_labels;
 use crate::crd::analysis::{AnalysisRun, AnalysisRunSpec};
 use crate::crd::{labels, Rollout};
+use crate::strategy::DesiredTraffic;
 use crate::strategy::{Action, AnalysisPurpose};
-use crate::traffic::DesiredTraffic;
 
 /// Why an action could not be applied.
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,8 @@ use kube::ResourceExt;
 use super::cached::CachedReplicaSet;
 use super::observe::observed_replica_set;
 use crate::strategy::ObservedReplicaSet;
-use crate::traffic::{ObjectKey, ObservedTraffic};
+use crate::strategy::ObservedTraffic;
+use crate::traffic::ObjectKey;
 
 /// How long a write is laid over a cache that does not show it.
 pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);

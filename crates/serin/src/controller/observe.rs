@@ -27,9 +27,8 @@ use crate::strategy::{
     pod_template_hash, AnalysisPurpose, Neighbour, Observed, ObservedAnalysisRun,
     ObservedReplicaSet, ObservedService, TemplateKey,
 };
-use crate::traffic::{
-    router_for, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, RoutingKind,
-};
+use crate::strategy::{DesiredTraffic, ObservedTraffic, RouteState};
+use crate::traffic::{router_for, ObjectKey, RouterObjects, RoutingKind};
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
 pub mod analysis_kind {
@@ -475,10 +474,11 @@ async fn observe_traffic(
     rollout: &Rollout,
     uid: &str,
     now: Instant,
-) -> Option<Result<ObservedTraffic, String>> {
-    let router = match router_for(rollout)? {
-        Ok(router) => router,
-        Err(error) => return Some(Err(error.to_string())),
+) -> RouteState {
+    let router = match router_for(rollout) {
+        None => return RouteState::NotConfigured,
+        Some(Ok(router)) => router,
+        Some(Err(error)) => return RouteState::Invalid(error.to_string()),
     };
     let keys = router.objects();
     let cached = sources
@@ -501,9 +501,9 @@ async fn observe_traffic(
             })
             .collect();
         return match observed {
-            Some(Err(message)) if !unavailable.is_empty() => {
+            RouteState::Invalid(message) if !unavailable.is_empty() => {
                 let reasons: Vec<String> = unavailable.into_iter().collect();
-                Some(Err(format!("{message} ({})", reasons.join("; "))))
+                RouteState::Invalid(format!("{message} ({})", reasons.join("; ")))
             }
             observed => observed,
         };
@@ -512,9 +512,9 @@ async fn observe_traffic(
         .expectations
         .traffic_written(uid, &caches.versions(&keys), now)
     {
-        return Some(Ok(written));
+        return RouteState::Observed(written);
     }
-    Some(router.observe(&objects).map_err(|error| error.to_string()))
+    crate::traffic::observed_state(router.observe(&objects))
 }
 
 /// What a router carries once it was made to carry `desired`.

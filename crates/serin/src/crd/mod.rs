@@ -95,6 +95,8 @@ pub mod reason {
     pub const FAST_ROLLBACK: &str = "FastRollback";
     pub const TRAFFIC_DRIFT: &str = "TrafficDriftReverted";
     pub const ROUTE_MISSING: &str = "RouteMissing";
+    /// The routing objects could not be read (an API error): the rollout holds where it is, not Degraded.
+    pub const ROUTE_UNREADABLE: &str = "RouteUnreadable";
     pub const SERVICE_MISSING: &str = "ServiceMissing";
     /// The recorded stable version has no ReplicaSet; the rollout holds.
     pub const STABLE_MISSING: &str = "StableReplicaSetMissing";

@@ -20,9 +20,9 @@ use super::replicas::{
 };
 use super::status::{end_pause, end_step_pauses, has_pause, start_pause, Verdict};
 use super::types::{AnalysisPurpose as Purpose, ObservedReplicaSet};
+use super::types::{DesiredTraffic, HeaderRoute, MirrorRoute, ObservedTraffic, RouteState};
 use crate::crd::rollout::{CanaryStep, ManualCommands, TrafficStatus};
 use crate::crd::{reason, CanaryStrategy, RolloutPhase, RolloutStatus};
-use crate::traffic::{DesiredTraffic, HeaderRoute, MirrorRoute, ObservedTraffic};
 
 pub use super::phases::commands::DEFAULT_SCALE_DOWN_DELAY_SECS;
 
@@ -116,7 +116,8 @@ struct Flight<'c> {
     len: i32,
     router: bool,
     /// Why the router's state is unknown (never set without a router).
-    route_error: Option<String>,
+    /// Why the router cannot be relied on: the reason and the message.
+    route_error: Option<(&'static str, String)>,
     commands: ManualCommands,
     idx: i32,
     /// The background analysis vouches for the canary now (or there is none to ask).
@@ -161,12 +162,18 @@ pub(crate) fn plan_canary(
 }
 
 /// Why the router's state is unknown, when the canary has a router.
-fn route_error(ctx: &Ctx<'_>, canary: &CanaryStrategy) -> Option<String> {
+fn route_error(ctx: &Ctx<'_>, canary: &CanaryStrategy) -> Option<(&'static str, String)> {
     canary.traffic_routing.as_ref()?;
     match &ctx.observed.traffic {
-        Some(Ok(_)) => None,
-        Some(Err(message)) => Some(message.clone()),
-        None => Some("the traffic router's state was not observed".to_string()),
+        RouteState::Observed(_) => None,
+        RouteState::Invalid(message) => Some((reason::ROUTE_MISSING, message.clone())),
+        RouteState::Unreadable { category, message } => {
+            Some((reason::ROUTE_UNREADABLE, format!("{message} ({category})")))
+        }
+        RouteState::NotConfigured => Some((
+            reason::ROUTE_UNREADABLE,
+            "the traffic router's state was not observed".to_string(),
+        )),
     }
 }
 
@@ -730,7 +737,9 @@ fn leftover_input(
 /// weight than Serin set was changed behind its back.
 fn follow_up_traffic(ctx: &Ctx<'_>, out: &mut Out) {
     out.requeue_at(ctx.now_s + ROUTER_FOLLOW_UP_SECS);
-    if let (Some(Ok(observed)), Some(previous)) = (&ctx.observed.traffic, ctx.prev.current_weight) {
+    if let (Some(observed), Some(previous)) =
+        (ctx.observed.traffic.observed(), ctx.prev.current_weight)
+    {
         if observed.canary_weight != previous {
             out.event(
                 true,
@@ -791,10 +800,19 @@ fn verdict(
             format!("aborted, all traffic on stable revision {stable_revision}: {message}");
         return failed(RolloutPhase::Aborted, summary, why, message);
     }
-    if let Some(message) = &f.route_error {
+    if let Some((why, message)) = &f.route_error {
+        if *why == reason::ROUTE_UNREADABLE {
+            // Nothing is known of the routes: hold where the rollout stands, which is not a failure.
+            let message = format!("traffic router unreadable, holding: {message}");
+            return progressing(reason::ROUTE_UNREADABLE, message);
+        }
         let message = format!("traffic router: {message}");
-        let why = reason::ROUTE_MISSING.to_string();
-        return failed(RolloutPhase::Degraded, message.clone(), why, message);
+        return failed(
+            RolloutPhase::Degraded,
+            message.clone(),
+            why.to_string(),
+            message,
+        );
     }
     if progress.exceeded {
         return deadline_verdict(ctx);

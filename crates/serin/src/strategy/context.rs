@@ -10,13 +10,13 @@ use k8s_openapi::jiff::Timestamp;
 use super::types::{
     Action, AnalysisPurpose, Observed, ObservedAnalysisRun, ObservedReplicaSet, PlannedEvent,
 };
+use super::types::{DesiredTraffic, ObservedTraffic};
 use crate::crd::labels::POD_TEMPLATE_HASH;
 use crate::crd::rollout::{
     AnalysisArgument, AnalysisRunRef, AnalysisStatus, AnalysisTemplateRef, RevisionRef,
     ScaleDownDeadline,
 };
 use crate::crd::{Rollout, RolloutStatus};
-use crate::traffic::{DesiredTraffic, ObservedTraffic};
 
 /// AnalysisRuns of revisions that are neither stable nor canary kept for inspection.
 pub(crate) const OLD_ANALYSIS_RUNS_KEPT: usize = 5;
@@ -192,7 +192,7 @@ impl Out {
                 .rs_spec
                 .insert(rs.pod_template_hash.clone(), rs.spec_replicas);
         }
-        if let Some(Ok(traffic)) = &observed.traffic {
+        if let Some(traffic) = observed.traffic.observed() {
             world.traffic = Some(traffic.clone());
         }
         Out {

@@ -20,9 +20,11 @@
 //!   `status.stepsHash`): an index into another list of steps would skip pauses and analysis.
 //! - An invalid spec changes nothing, except that an abort (asked for, or under way) still takes traffic back
 //!   to stable and a retry after it is recorded: a bad spec never strands users on the canary.
-//! - When the router cannot be read (`observed.traffic` is `Err` or missing) no weight is written, no
+//! - When the router cannot be relied on (`observed.traffic` is invalid or unreadable) no weight is written, no
 //!   canary or old version is scaled down, the canary Service is not re-pinned (it may still carry traffic),
-//!   and no step advances (condition Progressing False RouteMissing). All traffic moves to the canary only
+//!   and no step advances: condition Progressing False RouteMissing (Degraded) when the routes are missing
+//!   or invalid, phase Progressing with reason RouteUnreadable (a hold, not a failure) when they could not be
+//!   read at all. All traffic moves to the canary only
 //!   inside the promotion, which pins the stable Service to it in the same plan.
 //! - Without a router, scale-downs are limited by the available pods behind the stable Service (as it will
 //!   select after the plan), never below `N - maxUnavailable`; versions that no longer serve are kept until
@@ -56,8 +58,9 @@ use k8s_openapi::jiff::Timestamp;
 
 pub use hash::pod_template_hash;
 pub use types::{
-    Action, AnalysisPurpose, Neighbour, Observed, ObservedAnalysisRun, ObservedReplicaSet,
-    ObservedService, Plan, PlannedEvent, TemplateKey,
+    Action, AnalysisPurpose, DesiredTraffic, HeaderRoute, MirrorRoute, Neighbour, Observed,
+    ObservedAnalysisRun, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, PlannedEvent,
+    RouteState, TemplateKey,
 };
 pub use validate::{validate, SpecError};
 

@@ -17,7 +17,7 @@ use crate::crd::{
     condition, reason, AnalysisPhase, AnalysisTemplateSpec, CanaryStrategy, ManifestDuration,
     Metric, Rollout, RolloutPhase, RolloutSpec, RolloutStatus, RolloutStrategy, TrafficRouting,
 };
-use crate::traffic::ObservedTraffic;
+use crate::strategy::{ObservedTraffic, RouteState};
 
 const T0: i64 = 1_800_000_000;
 
@@ -142,7 +142,7 @@ impl Cluster {
             .as_ref()
             .is_some_and(|c| c.traffic_routing.is_some())
         {
-            observed.traffic = Some(Ok(ObservedTraffic::default()));
+            observed.traffic = RouteState::Observed(ObservedTraffic::default());
         }
         observed.analysis_templates.insert(
             TemplateKey {
@@ -223,7 +223,7 @@ impl Cluster {
                     };
                 }
                 Action::SetTraffic(desired) => {
-                    self.observed.traffic = Some(Ok(ObservedTraffic {
+                    self.observed.traffic = RouteState::Observed(ObservedTraffic {
                         canary_weight: desired.canary_weight,
                         header_routes: desired
                             .header_routes
@@ -235,7 +235,7 @@ impl Cluster {
                             .iter()
                             .map(|r| r.name.clone())
                             .collect(),
-                    }))
+                    })
                 }
                 Action::CreateAnalysisRun {
                     name,
@@ -303,7 +303,7 @@ impl Cluster {
 
     fn weight(&self) -> i32 {
         match &self.observed.traffic {
-            Some(Ok(t)) => t.canary_weight,
+            RouteState::Observed(t) => t.canary_weight,
             _ => -1,
         }
     }
@@ -626,7 +626,7 @@ fn rule2_abort_order_with_router() {
     assert_eq!(
         plan.actions,
         vec![
-            Action::SetTraffic(crate::traffic::DesiredTraffic {
+            Action::SetTraffic(crate::strategy::DesiredTraffic {
                 stable_service: "checkout".into(),
                 canary_service: "checkout-canary".into(),
                 canary_weight: 0,
@@ -1257,10 +1257,10 @@ fn traffic_drift_is_reverted_with_an_event() {
     cluster.set_template("app:2");
     cluster.settle(1);
     assert_eq!(cluster.weight(), 20);
-    cluster.observed.traffic = Some(Ok(ObservedTraffic {
+    cluster.observed.traffic = RouteState::Observed(ObservedTraffic {
         canary_weight: 70,
         ..Default::default()
-    }));
+    });
     let plan = cluster.plan(2);
     assert!(
         matches!(&plan.actions[..], [Action::SetTraffic(t)] if t.canary_weight == 20),
@@ -1277,7 +1277,7 @@ fn traffic_drift_is_reverted_with_an_event() {
 fn missing_route_stops_progress_without_writing_weights() {
     let mut cluster = healthy(canary_rollout(vec![weight(20), pause(None)], true));
     cluster.set_template("app:2");
-    cluster.observed.traffic = Some(Err("HTTPRoute checkout not found".into()));
+    cluster.observed.traffic = RouteState::Invalid("HTTPRoute checkout not found".into());
     for secs in 1..5 {
         let plan = cluster.plan(secs);
         assert!(!plan
@@ -1297,6 +1297,33 @@ fn missing_route_stops_progress_without_writing_weights() {
         .message
         .unwrap()
         .contains("HTTPRoute checkout not found"));
+}
+
+#[test]
+fn unreadable_route_holds_without_writing_weights_and_is_not_degraded() {
+    let mut cluster = healthy(canary_rollout(vec![weight(20), pause(None)], true));
+    cluster.set_template("app:2");
+    cluster.observed.traffic = RouteState::Unreadable {
+        category: "read",
+        message: "reading HTTPRoute checkout: connection reset".into(),
+    };
+    for secs in 1..5 {
+        let plan = cluster.plan(secs);
+        assert!(!plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SetTraffic(_))));
+        cluster.apply(&plan);
+        cluster.pods_ready();
+    }
+    let status = cluster.status();
+    assert_eq!(status.current_step_index, Some(0));
+    assert_eq!(status.phase, Some(RolloutPhase::Progressing));
+    assert_eq!(
+        condition_of(&status, condition::PROGRESSING).1,
+        reason::ROUTE_UNREADABLE.to_string()
+    );
+    assert!(status.message.unwrap().contains("connection reset"));
 }
 
 #[test]
@@ -1323,7 +1350,7 @@ fn header_routes_are_set_by_steps_and_removed_on_promotion() {
     cluster.settle(1);
     assert_eq!(cluster.status().current_step_index, Some(2));
     match &cluster.observed.traffic {
-        Some(Ok(t)) => assert_eq!(t.header_routes, vec!["beta".to_string()]),
+        RouteState::Observed(t) => assert_eq!(t.header_routes, vec!["beta".to_string()]),
         other => panic!("{other:?}"),
     }
     cluster.command(ManualCommands {
@@ -1332,7 +1359,7 @@ fn header_routes_are_set_by_steps_and_removed_on_promotion() {
     });
     cluster.settle(2);
     match &cluster.observed.traffic {
-        Some(Ok(t)) => assert!(t.header_routes.is_empty()),
+        RouteState::Observed(t) => assert!(t.header_routes.is_empty()),
         other => panic!("{other:?}"),
     }
     assert_eq!(cluster.status().phase, Some(RolloutPhase::Healthy));

@@ -6,9 +6,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+pub use crate::analysis::TemplateKey;
 use crate::crd::analysis::AnalysisRunSpec;
 use crate::crd::{AnalysisPhase, RolloutStatus};
-use crate::traffic::{DesiredTraffic, ObservedTraffic};
 
 /// Everything the planner may look at besides the Rollout itself, read in one pass by the controller.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -18,9 +18,8 @@ pub struct Observed {
     /// Services the spec names (stable, canary, active, preview), by name. A name missing from the map
     /// does not exist in the cluster.
     pub services: BTreeMap<String, ObservedService>,
-    /// The traffic router's view, when the spec configures one: `Ok` with what it observed, or `Err` with
-    /// why it cannot route (the route or Ingress is missing, it does not reference the Services, ...).
-    pub traffic: Option<Result<ObservedTraffic, String>>,
+    /// The traffic router's state.
+    pub traffic: RouteState,
     /// AnalysisRuns owned by the Rollout.
     pub analysis_runs: Vec<ObservedAnalysisRun>,
     /// Analysis templates the spec references, by reference: the template's spec, or why it cannot be used.
@@ -108,13 +107,6 @@ pub struct ObservedAnalysisRun {
     pub latest_successful: bool,
 }
 
-/// A reference to an analysis template: name and whether it is cluster-scoped.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TemplateKey {
-    pub name: String,
-    pub cluster_scope: bool,
-}
-
 /// One change to the cluster. The controller applies a plan's actions in order and stops at the first
 /// failure, so the planner puts them in the safe order (weight before selectors before scale-down).
 #[derive(Clone, Debug, PartialEq)]
@@ -174,4 +166,88 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
     /// Reconcile again after this long even if nothing changes (pause durations, delays, deadlines).
     pub requeue_after: Option<Duration>,
+}
+
+/// A header-based route to the canary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderRoute {
+    /// Name from the `setHeaderRoute` step.
+    pub name: String,
+    /// All must match.
+    pub matches: Vec<crate::crd::rollout::HeaderMatch>,
+}
+
+/// A mirror route: a share of requests copied to the canary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRoute {
+    /// Name from the `setMirrorRoute` step.
+    pub name: String,
+    /// Percentage of requests copied.
+    pub percentage: i32,
+}
+
+/// What the router should carry.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredTraffic {
+    /// Service of the stable version.
+    pub stable_service: String,
+    /// Service of the canary version.
+    pub canary_service: String,
+    /// Percentage of traffic (0 to 100) to the canary Service; the rest goes to the stable Service.
+    pub canary_weight: i32,
+    /// Header routes in place, in step order.
+    pub header_routes: Vec<HeaderRoute>,
+    /// Mirror routes in place, in step order.
+    pub mirror_routes: Vec<MirrorRoute>,
+}
+
+impl DesiredTraffic {
+    /// Whether any request would reach the canary Service (weight, header route or mirror).
+    pub fn sends_to_canary(&self) -> bool {
+        self.canary_weight > 0
+            || !self.header_routes.is_empty()
+            || self
+                .mirror_routes
+                .iter()
+                .any(|mirror| mirror.percentage > 0)
+    }
+}
+
+/// What the router observes in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ObservedTraffic {
+    /// Weight the canary Service receives now.
+    pub canary_weight: i32,
+    /// Names of the Serin-managed header routes present.
+    pub header_routes: Vec<String>,
+    /// Names of the Serin-managed mirror routes present.
+    pub mirror_routes: Vec<String>,
+}
+
+/// What the planner knows of the Rollout's traffic router.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum RouteState {
+    /// The Rollout names no traffic router.
+    #[default]
+    NotConfigured,
+    /// The routing objects as read.
+    Observed(ObservedTraffic),
+    /// The routing objects are missing or not as the router needs them (why): the router cannot route.
+    Invalid(String),
+    /// The routing objects could not be read (an API error, a cache not synced): nothing is known of them,
+    /// which is not the same as their being missing. `category` is bounded, for reasons and metrics.
+    Unreadable {
+        category: &'static str,
+        message: String,
+    },
+}
+
+impl RouteState {
+    /// The routing objects' state, when it was read.
+    pub fn observed(&self) -> Option<&ObservedTraffic> {
+        match self {
+            RouteState::Observed(traffic) => Some(traffic),
+            _ => None,
+        }
+    }
 }

@@ -7,11 +7,11 @@ use kube::Client;
 use serde_json::{json, Value};
 
 use super::{
-    router_for, Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouterObjects, TrafficError,
-    TrafficRouter,
+    router_for, Change, ObjectKey, RouteInvalid, RouterObjects, TrafficError, TrafficRouter,
 };
 use crate::crd::Rollout;
 use crate::crd::FIELD_MANAGER;
+use crate::strategy::{DesiredTraffic, ObservedTraffic, RouteState};
 
 /// What `apply` wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,20 +29,29 @@ impl ApplyOutcome {
     }
 }
 
-/// None when the Rollout has no trafficRouting; Some(Err(message)) when the router cannot route (missing or invalid object).
-pub async fn observe(
-    client: &kube::Client,
-    rollout: &Rollout,
-) -> Option<Result<ObservedTraffic, String>> {
-    let router = match router_for(rollout)? {
-        Ok(router) => router,
-        Err(error) => return Some(Err(error.to_string())),
+/// What the Rollout's router carries: not configured, observed, invalid (missing or wrong objects, why), or
+/// unreadable (the API server did not answer the read).
+pub async fn observe(client: &kube::Client, rollout: &Rollout) -> RouteState {
+    let router = match router_for(rollout) {
+        None => return RouteState::NotConfigured,
+        Some(Ok(router)) => router,
+        Some(Err(error)) => return RouteState::Invalid(error.to_string()),
     };
-    let observed = match read_objects(client, router.as_ref()).await {
-        Ok(objects) => router.observe(&objects).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
-    Some(observed)
+    match read_objects(client, router.as_ref()).await {
+        Ok(objects) => observed_state(router.observe(&objects)),
+        Err(error) => RouteState::Unreadable {
+            category: error.category(),
+            message: error.to_string(),
+        },
+    }
+}
+
+/// A router's reading of its objects as a route state.
+pub fn observed_state(observed: Result<ObservedTraffic, RouteInvalid>) -> RouteState {
+    match observed {
+        Ok(traffic) => RouteState::Observed(traffic),
+        Err(invalid) => RouteState::Invalid(invalid.to_string()),
+    }
 }
 
 /// Make the router carry `desired`; writes nothing when it already does. Err: nothing was written.

@@ -7,11 +7,9 @@ use super::shared::{
     canary_share, clamped_weight, covers, effective_mirror, managed_route_name,
     read_managed_routes, regex_escape, write_managed_routes, ManagedRoutes, MANAGED_PREFIX,
 };
-use super::{
-    Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind,
-    TrafficRouter,
-};
+use super::{Change, ObjectKey, RouteInvalid, RouterObjects, RoutingKind, TrafficRouter};
 use crate::crd::rollout::{HeaderMatch, StringMatch};
+use crate::strategy::{DesiredTraffic, ObservedTraffic};
 
 /// Routes through the HTTPRoute `http_route` in `namespace`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,7 +107,7 @@ impl GatewayApiRouter {
 
     /// The header rule for one `setHeaderRoute`: the primary rule's matches each narrowed by the headers,
     /// its filters except Serin's mirror, and the canary backendRef alone.
-    fn header_rule(&self, primary: &Value, header_route: &super::HeaderRoute) -> Value {
+    fn header_rule(&self, primary: &Value, header_route: &crate::strategy::HeaderRoute) -> Value {
         let headers: Vec<Value> = header_route.matches.iter().map(header_match).collect();
         let primary_matches = primary
             .get("matches")

@@ -8,12 +8,10 @@ use super::shared::{
     canary_share, clamped_weight, covers, effective_mirror, host_is_service, managed_route_name,
     read_managed_routes, write_managed_routes, ManagedRoutes, MANAGED_PREFIX,
 };
-use super::{
-    Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind,
-    TrafficRouter,
-};
+use super::{Change, ObjectKey, RouteInvalid, RouterObjects, RoutingKind, TrafficRouter};
 use crate::crd::labels::POD_TEMPLATE_HASH;
 use crate::crd::rollout::{HeaderMatch, IstioDestinationRule};
+use crate::strategy::{DesiredTraffic, ObservedTraffic};
 
 const ROUTES_FIELD: &str = "spec.strategy.canary.trafficRouting.istio.virtualService.routes";
 

@@ -15,8 +15,9 @@ use kube::api::ApiResource;
 use serde_json::Value;
 
 use crate::crd::Rollout;
+use crate::strategy::{DesiredTraffic, ObservedTraffic};
 
-pub use adapter::{apply, observe, ApplyOutcome};
+pub use adapter::{apply, observe, observed_state, ApplyOutcome};
 pub use error::{RouteInvalid, TrafficError};
 pub use gateway_api::GatewayApiRouter;
 pub use istio::IstioRouter;
@@ -25,62 +26,6 @@ pub use nginx::NginxRouter;
 /// Annotation on a routing object listing the header and mirror routes Serin put there (JSON
 /// `{"headerRoutes": [..], "mirrorRoutes": [..]}`), by their step names. Present only while there are any.
 pub const MANAGED_ROUTES_ANNOTATION: &str = "serin.dev/managed-routes";
-
-/// A header-based route to the canary.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeaderRoute {
-    /// Name from the `setHeaderRoute` step.
-    pub name: String,
-    /// All must match.
-    pub matches: Vec<crate::crd::rollout::HeaderMatch>,
-}
-
-/// A mirror route: a share of requests copied to the canary.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MirrorRoute {
-    /// Name from the `setMirrorRoute` step.
-    pub name: String,
-    /// Percentage of requests copied.
-    pub percentage: i32,
-}
-
-/// What the router should carry.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct DesiredTraffic {
-    /// Service of the stable version.
-    pub stable_service: String,
-    /// Service of the canary version.
-    pub canary_service: String,
-    /// Percentage of traffic (0 to 100) to the canary Service; the rest goes to the stable Service.
-    pub canary_weight: i32,
-    /// Header routes in place, in step order.
-    pub header_routes: Vec<HeaderRoute>,
-    /// Mirror routes in place, in step order.
-    pub mirror_routes: Vec<MirrorRoute>,
-}
-
-impl DesiredTraffic {
-    /// Whether any request would reach the canary Service (weight, header route or mirror).
-    pub fn sends_to_canary(&self) -> bool {
-        self.canary_weight > 0
-            || !self.header_routes.is_empty()
-            || self
-                .mirror_routes
-                .iter()
-                .any(|mirror| mirror.percentage > 0)
-    }
-}
-
-/// What the router observes in the cluster.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct ObservedTraffic {
-    /// Weight the canary Service receives now.
-    pub canary_weight: i32,
-    /// Names of the Serin-managed header routes present.
-    pub header_routes: Vec<String>,
-    /// Names of the Serin-managed mirror routes present.
-    pub mirror_routes: Vec<String>,
-}
 
 /// The kinds of routing objects the routers read and write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -301,6 +246,7 @@ pub fn router_for(rollout: &Rollout) -> Option<Result<Box<dyn TrafficRouter>, Tr
 pub(crate) mod test_support {
     use super::*;
     use crate::crd::rollout::{HeaderMatch, StringMatch};
+    use crate::strategy::{HeaderRoute, MirrorRoute};
 
     /// The objects after the changes, as if written.
     pub(crate) fn applied(objects: &RouterObjects, changes: &[Change]) -> RouterObjects {

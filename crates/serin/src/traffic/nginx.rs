@@ -9,11 +9,9 @@ use super::shared::{
     canary_share, clamped_weight, covers, read_managed_routes, regex_escape, write_managed_routes,
     ManagedRoutes,
 };
-use super::{
-    Change, DesiredTraffic, ObjectKey, ObservedTraffic, RouteInvalid, RouterObjects, RoutingKind,
-    TrafficRouter,
-};
+use super::{Change, ObjectKey, RouteInvalid, RouterObjects, RoutingKind, TrafficRouter};
 use crate::crd::labels::ROLLOUT_NAME;
+use crate::strategy::{DesiredTraffic, ObservedTraffic};
 
 /// Annotation prefix of ingress-nginx.
 pub const DEFAULT_ANNOTATION_PREFIX: &str = "nginx.ingress.kubernetes.io";

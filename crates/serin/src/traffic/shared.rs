@@ -3,7 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{DesiredTraffic, MANAGED_ROUTES_ANNOTATION};
+use super::MANAGED_ROUTES_ANNOTATION;
+use crate::strategy::DesiredTraffic;
 
 /// Prefix of the names of the routes Serin adds (HTTPRoute rules, VirtualService HTTP routes).
 pub(crate) const MANAGED_PREFIX: &str = "serin-";
