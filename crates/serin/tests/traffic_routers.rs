@@ -99,6 +99,9 @@ impl Harness {
     async fn apply_crds(&self, files: &[&str]) -> TestResult {
         let crds = Api::<CustomResourceDefinition>::all(self.client.clone());
         crds.create(&PostParams::default(), &Rollout::crd()).await?;
+        if files.is_empty() {
+            return Ok(());
+        }
         let dir = upstream_crds_dir()?;
         for file in files {
             let path = dir.join(file);
@@ -356,6 +359,11 @@ async fn gateway_api_weights_follow_apply_and_the_users_route_is_untouched() -> 
 #[tokio::test]
 async fn gateway_api_drift_is_reverted_and_a_deleted_route_is_reported_until_recreated(
 ) -> TestResult {
+    let Some(_fixtures) = fixtures::upstream_crds_or_skip(
+        "gateway_api_drift_is_reverted_and_a_deleted_route_is_reported_until_recreated",
+    ) else {
+        return Ok(());
+    };
     with_timeout(async {
         let h = Harness::start(&["gateway-api-httproutes.yaml"]).await?;
         h.create(RoutingKind::HttpRoute, http_route()).await?;
