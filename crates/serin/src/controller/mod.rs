@@ -578,8 +578,8 @@ fn spawn_scope(
         .inspect_ok(references.feeder())
         .inspect_ok(neighbour_index.feeder())
         .inspect_ok(forgetter(&state, metrics.clone()))
-        .inspect_ok(gate.tracker(Cache::Rollouts))
-        .applied_objects()
+        .inspect_ok(gate.tracker(Cache::Rollouts));
+    let rollout_stream = triggers_once_stored(rollout_stream)
         .predicate_filter(rollout_trigger_hash, Default::default());
     let rs_stream = watcher(replica_sets, owned.clone())
         .default_backoff()
@@ -702,6 +702,38 @@ pub struct Retained {
     pub referencing_rollouts: usize,
     /// Rollouts with metric series of their own.
     pub rollout_series: usize,
+}
+
+/// The Rollouts to reconcile from the Rollout watch, each emitted once the reflector's store holds it.
+/// During a (re)list the store keeps the listed objects aside until the list completes, and kube-runtime
+/// drops a reconcile asked for an object its store does not hold yet: a Rollout first seen in a relist (one
+/// created while the watch was down) would never be reconciled. So listed objects are held back until the
+/// list is done, then emitted together.
+pub fn triggers_once_stored<S>(
+    events: S,
+) -> impl futures::Stream<Item = Result<Rollout, watcher::Error>> + Send
+where
+    S: futures::Stream<Item = Result<watcher::Event<Rollout>, watcher::Error>> + Send,
+{
+    events
+        .scan(Vec::new(), |listed: &mut Vec<Rollout>, event| {
+            let ready: Vec<Result<Rollout, watcher::Error>> = match event {
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitApply(rollout)) => {
+                    listed.push(rollout);
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => listed.drain(..).map(Ok).collect(),
+                Ok(watcher::Event::Apply(rollout)) => vec![Ok(rollout)],
+                Ok(watcher::Event::Delete(_)) => Vec::new(),
+                Err(error) => vec![Err(error)],
+            };
+            futures::future::ready(Some(futures::stream::iter(ready)))
+        })
+        .flatten()
 }
 
 /// How long a reconcile waits for the caches before it gives its slot back and comes again.
@@ -1092,5 +1124,35 @@ mod tests {
             requeue_for(&Plan::default(), Duration::from_secs(300)),
             Requeue::requeue(Duration::from_secs(300))
         );
+    }
+
+    #[tokio::test]
+    async fn listed_rollouts_are_triggered_only_once_the_list_is_done() {
+        use futures::StreamExt;
+        use kube::runtime::watcher::Event as W;
+        let named = |name: &str| -> Rollout {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "a"}},
+                         "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": []}},
+                         "strategy": {"canary": {}}}
+            }))
+            .expect("a rollout")
+        };
+        let events = vec![
+            Ok(W::Apply(named("before"))),
+            Ok(W::Init),
+            Ok(W::InitApply(named("a"))),
+            Ok(W::InitApply(named("b"))),
+            Ok(W::InitDone),
+            Ok(W::Delete(named("a"))),
+            Ok(W::Apply(named("c"))),
+        ];
+        let names: Vec<String> = triggers_once_stored(futures::stream::iter(events))
+            .map(|r| r.map(|r| r.name_any()).unwrap_or_default())
+            .collect()
+            .await;
+        assert_eq!(names, ["before", "a", "b", "c"]);
     }
 }
