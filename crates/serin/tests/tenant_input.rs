@@ -833,10 +833,24 @@ async fn a_template_of_another_namespace_is_neither_read_nor_run() {
         json!({"templateName": "b-only"}),
         "the unknown namespace field is pruned"
     );
-    let message = expect_invalid(&world, "tenant-a", "web").await;
+    // The Rollout may reach the controller before its Services do (separate watches): then the first
+    // InvalidSpec also names them, and the next reconcile drops them.
+    let expected = r#"spec.strategy.canary.steps[1].analysis.templates[0]: AnalysisTemplate "b-only" cannot be used: AnalysisTemplate b-only not found in namespace tenant-a"#;
+    let rollout = eventually_rollout(
+        &world,
+        "tenant-a",
+        "web",
+        "InvalidSpec naming only the template",
+        |_| {},
+        |r| {
+            condition(r, "InvalidSpec")
+                .is_some_and(|(status, _, message)| status == "True" && message == expected)
+        },
+    )
+    .await;
     assert_eq!(
-        message,
-        r#"spec.strategy.canary.steps[1].analysis.templates[0]: AnalysisTemplate "b-only" cannot be used: AnalysisTemplate b-only not found in namespace tenant-a"#
+        rollout.status.as_ref().and_then(|s| s.phase),
+        Some(RolloutPhase::Degraded)
     );
     bystander.roll(&world).await;
     bystander.expect_rolled_out(&world).await;
