@@ -194,16 +194,9 @@ async fn wait_for_writes(world: &World, users: &[&str], since: SystemTime, count
 /// logged for a while), so writes logged after the returned time are the next controller's.
 async fn kill_and_quiesce(world: &mut World) -> SystemTime {
     world.kill_controllers();
-    let quiet = Duration::from_millis(300);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for _ in 0..1_000 {
-        let now = SystemTime::now();
-        let recent = writes_since(world, &[CONTROLLER_USER], now - quiet);
-        if recent.is_empty() || Instant::now() >= deadline {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    world
+        .wait_for_quiet_controller(Duration::from_millis(300), Duration::from_secs(5))
+        .await;
     SystemTime::now()
 }
 
