@@ -8,7 +8,6 @@
 
 use serin_testkit as support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -30,24 +29,11 @@ const REPLICAS: i32 = 4;
 
 /// The upstream Gateway API CRDs: `SERIN_UPSTREAM_CRDS`, else `../shared/fixtures/upstream-crds` beside
 /// the crate.
-fn upstream_crds_dir() -> Option<PathBuf> {
-    support::fixtures::upstream_crds().ok()
-}
-
 /// A cluster with Serin's CRDs and the upstream HTTPRoute CRD, and a controller when `controller` is set.
 /// None where the CRD fixtures are missing outside CI (the test prints why and passes); in CI their
 /// absence is a failure.
 async fn routed_world(controller: bool) -> Option<World> {
-    let Some(dir) = upstream_crds_dir() else {
-        let reason = "the upstream Gateway API CRDs are not in ../shared/fixtures/upstream-crds \
-                      (set SERIN_UPSTREAM_CRDS to their directory)";
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs every scenario: {reason}"
-        );
-        println!("skipped: {reason}");
-        return None;
-    };
+    let dir = support::fixtures::upstream_crds_or_skip("fault_campaign (routed scenarios)")?;
     let mut world = World::without_controller().await;
     let text = std::fs::read_to_string(dir.join("gateway-api-httproutes.yaml"))
         .expect("HTTPRoute CRD readable");
