@@ -25,6 +25,11 @@ pub const MAX_POLLS: u32 = 3_000;
 /// How long Serin has to correct what a fault outside its control broke (pods turning unready, a Git
 /// re-apply, a new replica count) before the invariants hold strictly again.
 pub const REACTION: Duration = Duration::from_secs(5);
+/// A weight raised this soon after a disruption may have been decided before Serin could see it (a canary
+/// pod turned ready, Serin raised the weight, and the scenario forced that pod unready while the route
+/// write was on its way): such a raise counts as a violation to correct within [`REACTION`], not as a
+/// decision against what Serin saw.
+pub const IN_FLIGHT: Duration = Duration::from_secs(2);
 /// Once the faults stop, the Rollout is Healthy or Aborted within this long (invariant 7).
 pub const CONVERGENCE: Duration = Duration::from_secs(30);
 
@@ -390,6 +395,7 @@ pub struct Invariants {
     /// Why invariant 2 is not checked (the scenario removes the stable's pods on purpose).
     stable_exempt: Option<String>,
     grace_until: Option<Instant>,
+    disrupted_at: Option<Instant>,
     disruptions: Vec<String>,
     pub polls: u64,
     pub tolerated: u64,
@@ -412,6 +418,7 @@ impl Invariants {
             lease_duration: None,
             stable_exempt: None,
             grace_until: None,
+            disrupted_at: None,
             disruptions: Vec::new(),
             polls: 0,
             tolerated: 0,
@@ -445,9 +452,10 @@ impl Invariants {
 
     /// Something outside Serin's control just broke what the invariants promise (pods turned unready, Git
     /// re-applied a Service, the replica count changed): Serin has [`REACTION`] to put it right. Raising a
-    /// weight beyond what is ready stays a failure even then.
+    /// weight beyond what is ready stays a failure even then, unless it comes within [`IN_FLIGHT`].
     pub fn disrupt(&mut self, what: &str) {
         self.grace_until = Some(Instant::now() + REACTION);
+        self.disrupted_at = Some(Instant::now());
         self.disruptions.push(what.to_string());
     }
 
@@ -477,7 +485,8 @@ impl Invariants {
             return;
         }
         let in_grace = self.grace_until.is_some_and(|until| Instant::now() < until);
-        if in_grace && violations.iter().all(|v| !v.strict) {
+        let in_flight = self.disrupted_at.is_some_and(|at| at.elapsed() < IN_FLIGHT);
+        if in_grace && (in_flight || violations.iter().all(|v| !v.strict)) {
             self.tolerated += 1;
             return;
         }

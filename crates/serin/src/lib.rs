@@ -5,6 +5,7 @@
 pub mod analysis;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod ops;
 pub mod strategy;
 pub mod traffic;

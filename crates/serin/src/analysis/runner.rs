@@ -18,7 +18,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::oneshot;
@@ -40,6 +39,7 @@ use crate::crd::analysis::{
 };
 use crate::crd::rollout::SecretKeyRef;
 use crate::crd::{AnalysisPhase, Rollout};
+use crate::events::{Note, Publisher, Severity};
 
 /// Why a Secret value could not be read.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -936,7 +936,7 @@ pub fn cluster_measurer(client: Client, config: &RunnerConfig) -> Measurer {
 struct Context {
     client: Client,
     measurer: Measurer,
-    recorder: Recorder,
+    recorder: Publisher,
 }
 
 /// Looks again soon after a failed status write; the watch usually brings the newer object first.
@@ -988,13 +988,11 @@ async fn reconcile(run: Arc<AnalysisRun>, context: Arc<Context>) -> Result<Actio
     })
 }
 
-async fn publish(recorder: &Recorder, run: &AnalysisRun, event: &RunEvent) {
-    let recorded = Event {
-        type_: EventType::Warning,
-        reason: event.reason.to_string(),
-        note: Some(event.message.clone()),
-        action: event.reason.to_string(),
-        secondary: None,
+async fn publish(recorder: &Publisher, run: &AnalysisRun, event: &RunEvent) {
+    let recorded = Note {
+        severity: Severity::Warning,
+        reason: event.reason,
+        message: &event.message,
     };
     if let Err(error) = recorder.publish(&recorded, &run.object_ref(&())).await {
         tracing::warn!(%error, reason = event.reason, "recording an event failed");
@@ -1029,13 +1027,7 @@ pub async fn run_until(
             "allowed destinations open loopback, link-local or API server addresses to analysis"
         );
     }
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: crate::crd::FIELD_MANAGER.to_string(),
-            instance: None,
-        },
-    );
+    let recorder = Publisher::new(client.clone(), crate::crd::FIELD_MANAGER, None);
     let context = Arc::new(Context {
         client,
         measurer,

@@ -27,7 +27,6 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -46,6 +45,7 @@ pub use sync::{Cache, CacheGate, CacheState, GateVerdict};
 
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::{labels, Rollout, RolloutStatus};
+use crate::events::{Note, Publisher, Severity};
 use crate::strategy::Plan;
 use crate::traffic::{ObjectKey, RoutingKind};
 use index::ReferenceIndex;
@@ -316,12 +316,10 @@ impl ControllerHandle {
             metrics_addr = Some(bound);
             tasks.push(task);
         }
-        let recorder = Recorder::new(
+        let recorder = Publisher::new(
             client.clone(),
-            Reporter {
-                controller: crate::crd::FIELD_MANAGER.to_string(),
-                instance: config.instance.clone(),
-            },
+            crate::crd::FIELD_MANAGER,
+            config.instance.clone(),
         );
         let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
             vec![None]
@@ -471,7 +469,7 @@ struct ScopeContext {
     rollouts: reflector::Store<Rollout>,
     client: Client,
     sources: Sources,
-    recorder: Recorder,
+    recorder: Publisher,
     metrics: Arc<Metrics>,
     error_backoff: Duration,
     resync: Duration,
@@ -515,7 +513,7 @@ pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
 
 /// What one namespace scope's reconciler shares with the rest of the controller.
 struct ScopeWiring {
-    recorder: Recorder,
+    recorder: Publisher,
     metrics: Arc<Metrics>,
     gate: Arc<CacheGate>,
     fence: Fence,
@@ -999,16 +997,14 @@ async fn publish(
         tracing::debug!(reason, "not leading any more: event not recorded");
         return;
     }
-    let recorded = Event {
-        type_: if warning {
-            EventType::Warning
+    let recorded = Note {
+        severity: if warning {
+            Severity::Warning
         } else {
-            EventType::Normal
+            Severity::Normal
         },
-        reason: reason.to_string(),
-        note: Some(message.to_string()),
-        action: reason.to_string(),
-        secondary: None,
+        reason,
+        message,
     };
     if let Err(error) = context
         .recorder

@@ -11,13 +11,13 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use super::leader::Fence;
 use crate::crd::{condition, reason, Rollout};
+use crate::events::{Note, Publisher, Severity};
 
 /// A Rollout that does not decode: the object as stored and the first field at fault.
 #[derive(Clone, Debug)]
@@ -152,7 +152,7 @@ pub fn invalid_status(
 /// Writes the invalid-spec status and a Warning event for every Rollout sent to it, until the sender goes.
 pub async fn report(
     client: Client,
-    recorder: Recorder,
+    recorder: Publisher,
     fence: Fence,
     mut undecodable: mpsc::UnboundedReceiver<Undecodable>,
 ) {
@@ -190,12 +190,10 @@ pub async fn report(
             tracing::warn!(%error, rollout = %name, "writing the invalid-spec status failed");
             continue;
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason::INVALID_SPEC.to_string(),
-            note: Some(message),
-            action: reason::INVALID_SPEC.to_string(),
-            secondary: None,
+        let event = Note {
+            severity: Severity::Warning,
+            reason: reason::INVALID_SPEC,
+            message: &message,
         };
         if let Err(error) = recorder
             .publish(&event, &object.object_ref(&resource))
