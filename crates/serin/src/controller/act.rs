@@ -13,6 +13,7 @@ use super::leader::{Fence, Fenced};
 use super::observe::purpose_labels;
 use crate::crd::analysis::{AnalysisRun, AnalysisRunSpec};
 use crate::crd::{labels, Rollout};
+use crate::strategy::hash::elided_hash;
 use crate::strategy::DesiredTraffic;
 use crate::strategy::{Action, AnalysisPurpose};
 
@@ -35,6 +36,8 @@ pub enum ActError {
         expected: String,
         found: Option<String>,
     },
+    #[error("ReplicaSet {name} was to be created from a template without its pod spec")]
+    ElidedTemplate { name: String },
     #[error("ReplicaSet {name} exists and is not controlled by this Rollout; Serin neither adopts, scales nor deletes it")]
     ReplicaSetNotOwned { name: String },
     #[error("AnalysisRun {name} exists and is not controlled by this Rollout; Serin neither reads its verdict nor changes it")]
@@ -93,6 +96,7 @@ impl ActError {
             ActError::Fenced(fenced) => fenced.category(),
             ActError::CreateReplicaSet { .. } => "create_replicaset",
             ActError::ReplicaSetNameTaken { .. } => "replicaset_name_taken",
+            ActError::ElidedTemplate { .. } => "elided_template",
             ActError::ReplicaSetNotOwned { .. } => "replicaset_not_owned",
             ActError::AnalysisRunNotOwned { .. } => "analysisrun_not_owned",
             ActError::ScaleReplicaSet { .. } => "scale_replicaset",
@@ -182,6 +186,10 @@ pub async fn act_recorded(
                 replicas,
                 template,
             } => {
+                // The Rollout cache drops pod specs; a ReplicaSet without one would run no pods.
+                if elided_hash(template).is_some() {
+                    return Err(ActError::ElidedTemplate { name: name.clone() });
+                }
                 let rs = replica_set_for(
                     rollout,
                     &owner,

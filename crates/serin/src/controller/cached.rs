@@ -5,9 +5,10 @@
 //! server sends it carries its pod template, `managedFields` and whatever annotations `kubectl apply`
 //! left, and a decoded k8s-openapi ReplicaSet is kilobytes before any of its strings; a reconcile reads
 //! its name, labels, revision, counts and generation. So each watch event is turned into the planner's
-//! view at once, and the object itself is dropped. Rollouts and routing objects are read whole (the
-//! planner reads the spec, the routers the routes), so only what no reader looks at is removed from
-//! them: `managedFields` and the `last-applied-configuration` annotation (a second copy of the object).
+//! view at once, and the object itself is dropped. Rollouts and routing objects are kept as objects (the
+//! planner reads the spec, the routers the routes), without what no reader looks at: `managedFields`, the
+//! `last-applied-configuration` annotation (a second copy of the object), and a Rollout's pod spec
+//! (typed, one container is over 2 KiB before its strings; only creating a ReplicaSet needs it).
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
@@ -20,7 +21,8 @@ use super::index::{controller_uid, NameKey};
 use super::observe::{observed_analysis_run, observed_replica_set, observed_service};
 use crate::crd::analysis::AnalysisRun;
 use crate::crd::Rollout;
-use crate::strategy::{ObservedAnalysisRun, ObservedReplicaSet, ObservedService};
+use crate::strategy::hash::{elide_pod_spec, elided_hash};
+use crate::strategy::{Action, ObservedAnalysisRun, ObservedReplicaSet, ObservedService};
 
 /// The annotation `kubectl apply` keeps a copy of the applied object in.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -47,11 +49,21 @@ pub fn trim_metadata(meta: &mut ObjectMeta) {
     }
 }
 
-/// A Rollout as the Rollout store keeps it (for `WatchStreamExt::modify`). Its status is written with
-/// `replace_status`, which takes only the status from the body, so nothing removed here is ever written
-/// back.
+/// A Rollout as the Rollout store keeps it (for `WatchStreamExt::modify`): without its pod spec, which a
+/// reconcile reads only to create a ReplicaSet and then reads from the API server (see
+/// [`needs_pod_spec`]); its hash stays on the template. Its status is written with `replace_status`, which
+/// takes only the status from the body, so nothing removed here is ever written back.
 pub fn trim_rollout(rollout: &mut Rollout) {
     trim_metadata(&mut rollout.metadata);
+    elide_pod_spec(&mut rollout.spec.template);
+}
+
+/// Whether a plan would create a ReplicaSet from a template whose pod spec the cache dropped: the Rollout
+/// is then read whole and planned again.
+pub fn needs_pod_spec(actions: &[Action]) -> bool {
+    actions.iter().any(|action| {
+        matches!(action, Action::CreateReplicaSet { template, .. } if elided_hash(template).is_some())
+    })
 }
 
 /// A routing object as the route caches keep it (for `WatchStreamExt::modify`): routers write it with
@@ -196,5 +208,56 @@ impl CachedFrom<DynamicObject> for DynamicObject {
         let mut kept = object.clone();
         trim_dynamic(&mut kept);
         kept
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::pod_template_hash;
+    use serde_json::json;
+
+    fn rollout() -> Rollout {
+        serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
+                         "annotations": {LAST_APPLIED: "{}"}},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": {"containers": [{"name": "app", "image": "web:2"}]}},
+                "strategy": {"canary": {"steps": [{"setWeight": 50}]}}
+            }
+        }))
+        .expect("a valid Rollout")
+    }
+
+    fn create_from(rollout: &Rollout) -> Vec<Action> {
+        vec![Action::CreateReplicaSet {
+            name: "web-h".into(),
+            pod_template_hash: pod_template_hash(&rollout.spec.template),
+            revision: 1,
+            replicas: 1,
+            template: Box::new(rollout.spec.template.clone()),
+        }]
+    }
+
+    #[test]
+    fn the_rollout_cache_keeps_the_template_hash_and_labels_not_the_pod_spec() {
+        let full = rollout();
+        let mut kept = full.clone();
+        trim_rollout(&mut kept);
+        assert!(kept.spec.template.spec.is_none());
+        assert!(kept.metadata.annotations.is_none());
+        assert_eq!(
+            pod_template_hash(&kept.spec.template),
+            pod_template_hash(&full.spec.template)
+        );
+        assert_eq!(
+            kept.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            full.spec.template.metadata.as_ref().and_then(|m| m.labels.clone())
+        );
+        assert!(needs_pod_spec(&create_from(&kept)));
+        assert!(!needs_pod_spec(&create_from(&full)));
     }
 }

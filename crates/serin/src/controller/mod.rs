@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
@@ -707,6 +708,10 @@ pub struct Retained {
 /// drops a reconcile asked for an object its store does not hold yet: a Rollout first seen in a relist (one
 /// created while the watch was down) would never be reconciled. So listed objects are held back until the
 /// list is done, then emitted together.
+///
+/// A relist of every Rollout comes exactly when the cluster is busiest (a watch that fell behind a burst
+/// is closed), and the reflector holds a second copy of the store meanwhile; so what is held back here is
+/// only a trigger (see [`trigger_of`]), boxed, and emitted one at a time.
 pub fn triggers_once_stored<S>(
     events: S,
 ) -> impl futures::Stream<Item = Result<Rollout, watcher::Error>> + Send
@@ -714,24 +719,53 @@ where
     S: futures::Stream<Item = Result<watcher::Event<Rollout>, watcher::Error>> + Send,
 {
     events
-        .scan(Vec::new(), |listed: &mut Vec<Rollout>, event| {
-            let ready: Vec<Result<Rollout, watcher::Error>> = match event {
+        .scan(Vec::new(), |listed: &mut Vec<Box<Rollout>>, event| {
+            let ready: Vec<Result<Box<Rollout>, watcher::Error>> = match event {
                 Ok(watcher::Event::Init) => {
-                    listed.clear();
+                    *listed = Vec::new();
                     Vec::new()
                 }
                 Ok(watcher::Event::InitApply(rollout)) => {
-                    listed.push(rollout);
+                    listed.push(Box::new(trigger_of(rollout)));
                     Vec::new()
                 }
-                Ok(watcher::Event::InitDone) => listed.drain(..).map(Ok).collect(),
-                Ok(watcher::Event::Apply(rollout)) => vec![Ok(rollout)],
+                Ok(watcher::Event::InitDone) => std::mem::take(listed).into_iter().map(Ok).collect(),
+                Ok(watcher::Event::Apply(rollout)) => vec![Ok(Box::new(rollout))],
                 Ok(watcher::Event::Delete(_)) => Vec::new(),
                 Err(error) => vec![Err(error)],
             };
             futures::future::ready(Some(futures::stream::iter(ready)))
         })
         .flatten()
+        .map_ok(|rollout| *rollout)
+}
+
+/// What a listed Rollout's trigger needs of it: its reference (name and namespace) and what
+/// [`rollout_trigger_hash`] reads. The reconcile itself reads the Rollout from the store.
+pub fn trigger_of(rollout: Rollout) -> Rollout {
+    let Rollout {
+        metadata,
+        mut spec,
+        status,
+    } = rollout;
+    spec.template = Default::default();
+    spec.strategy = Default::default();
+    Rollout {
+        metadata: ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            uid: metadata.uid,
+            resource_version: metadata.resource_version,
+            generation: metadata.generation,
+            deletion_timestamp: metadata.deletion_timestamp,
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: status.map(|status| RolloutStatus {
+            commands: status.commands,
+            ..RolloutStatus::default()
+        }),
+    }
 }
 
 /// How long a reconcile waits for the caches before it gives its slot back and comes again.
@@ -783,6 +817,13 @@ async fn reconcile_rollout(
     for _attempt in 0..3 {
         let observed = observe(&context.sources, &current).await?;
         let plan = crate::strategy::plan(&current, &observed, Timestamp::now());
+        if cached::needs_pod_spec(&plan.actions) {
+            current = api
+                .get(&current.name_any())
+                .await
+                .map_err(ReconcileError::ReadRollout)?;
+            continue;
+        }
         let mut written = Vec::new();
         let acted = act_recorded(
             &context.client,
@@ -1150,5 +1191,29 @@ mod tests {
             .collect()
             .await;
         assert_eq!(names, ["before", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_listed_rollouts_trigger_hashes_as_the_rollout_does() {
+        let mut rollout = rollout();
+        rollout.metadata.generation = Some(4);
+        rollout.metadata.uid = Some("u-1".into());
+        rollout.status = Some(RolloutStatus {
+            commands: Some(ManualCommands {
+                promote: Some(PromoteCommand::Step),
+                ..Default::default()
+            }),
+            message: Some("revision 4 is stable".into()),
+            ..Default::default()
+        });
+        let trigger = trigger_of(rollout.clone());
+        assert_eq!(
+            rollout_trigger_hash(&trigger),
+            rollout_trigger_hash(&rollout)
+        );
+        assert_eq!(trigger.name_any(), rollout.name_any());
+        assert_eq!(trigger.namespace(), rollout.namespace());
+        assert!(trigger.spec.template.spec.is_none());
+        assert_eq!(trigger.status.and_then(|s| s.message), None);
     }
 }

@@ -10,10 +10,18 @@ use crate::crd::labels::POD_TEMPLATE_HASH;
 const SAFE_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 const HASH_LEN: usize = 10;
 
+/// Annotation the controller's Rollout cache puts on a template whose pod spec it dropped: the hash of the
+/// whole template, computed before the drop. It exists only in memory; an elided template is never sent to
+/// the API server.
+pub const ELIDED_SPEC_HASH: &str = "serin.dev/hash-of-elided-pod-spec";
+
 /// The hash of a pod template: sha256 of its canonical JSON (keys sorted, without the hash label itself),
 /// the first 10 characters in a DNS-safe alphabet. Stable across runs and Serin versions that do not
-/// change the template's JSON shape.
+/// change the template's JSON shape. An elided template answers the hash it was given.
 pub fn pod_template_hash(template: &PodTemplateSpec) -> String {
+    if let Some(hash) = elided_hash(template) {
+        return hash.to_string();
+    }
     let mut template = template.clone();
     if let Some(labels) = template
         .metadata
@@ -26,6 +34,36 @@ pub fn pod_template_hash(template: &PodTemplateSpec) -> String {
     // fallback that keeps this function total.
     let canonical = canonical_json(&template).unwrap_or_else(|| format!("{template:?}"));
     short_digest(&canonical)
+}
+
+/// The hash an elided template carries, or None when it still has its pod spec.
+pub fn elided_hash(template: &PodTemplateSpec) -> Option<&str> {
+    if template.spec.is_some() {
+        return None;
+    }
+    template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(ELIDED_SPEC_HASH)
+        .map(String::as_str)
+}
+
+/// Drops a template's pod spec (the bulk of a Rollout in memory), keeping its metadata and its hash, which
+/// is all a reconcile reads of it until it creates a ReplicaSet.
+pub fn elide_pod_spec(template: &mut PodTemplateSpec) {
+    if template.spec.is_none() {
+        return;
+    }
+    let hash = pod_template_hash(template);
+    template.spec = None;
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ELIDED_SPEC_HASH.to_string(), hash);
 }
 
 /// The hash of a canary's steps, kept in status: when it changes mid-rollout the steps start again, since a
@@ -97,6 +135,37 @@ mod tests {
             "spec": {"containers": [{"name": "app", "image": image}]}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn an_elided_template_keeps_its_hash_and_metadata_and_drops_its_pod_spec() {
+        let full = template("app:1", None);
+        let mut elided = full.clone();
+        elide_pod_spec(&mut elided);
+        assert!(elided.spec.is_none());
+        assert_eq!(pod_template_hash(&elided), pod_template_hash(&full));
+        assert_eq!(elided_hash(&elided), Some(pod_template_hash(&full).as_str()));
+        let labels = elided.metadata.as_ref().and_then(|m| m.labels.clone());
+        assert_eq!(labels, full.metadata.as_ref().and_then(|m| m.labels.clone()));
+        let again = elided.clone();
+        elide_pod_spec(&mut elided);
+        assert_eq!(elided, again);
+        // Another template elided gets its own hash.
+        let mut other = template("app:2", None);
+        elide_pod_spec(&mut other);
+        assert_ne!(pod_template_hash(&other), pod_template_hash(&elided));
+    }
+
+    #[test]
+    fn a_full_template_is_hashed_whole_whatever_its_annotations_say() {
+        let mut full = template("app:1", None);
+        full.metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ELIDED_SPEC_HASH.to_string(), "bbbbbbbbbb".to_string());
+        assert_eq!(elided_hash(&full), None);
+        assert_ne!(pod_template_hash(&full), "bbbbbbbbbb");
     }
 
     #[test]
