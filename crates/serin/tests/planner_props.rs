@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use proptest::prelude::*;
 use serde_json::json;
+use serin::crd::PodTemplate;
 
 use serin::crd::labels::POD_TEMPLATE_HASH;
 use serin::crd::rollout::{
@@ -125,7 +125,7 @@ fn monotone(mut steps: Vec<CanaryStep>) -> Vec<CanaryStep> {
     steps
 }
 
-fn template(version: u8) -> PodTemplateSpec {
+fn template(version: u8) -> PodTemplate {
     serde_json::from_value(json!({
         "metadata": {"labels": {"app": "web"}},
         "spec": {"containers": [{"name": "app", "image": format!("web:{version}")}]}

@@ -964,7 +964,7 @@ async fn a_replica_set_squatting_the_name_serin_would_give_its_own_is_left_alone
         pod_template_hash: hash.clone(),
         revision: 1,
         replicas: 2,
-        template: Box::new(rollout.spec.template.clone()),
+        template: Box::new(rollout.spec.template.clone().into()),
     };
     let refused = serin::controller::act(&world.admin, &rollout, &[create]).await;
     assert!(

@@ -187,7 +187,7 @@ pub async fn act_recorded(
                 template,
             } => {
                 // The Rollout cache drops pod specs; a ReplicaSet without one would run no pods.
-                if elided_hash(template).is_some() {
+                if elided_hash(&rollout.spec.template).is_some() {
                     return Err(ActError::ElidedTemplate { name: name.clone() });
                 }
                 let rs = replica_set_for(
@@ -551,7 +551,7 @@ mod tests {
         let owner = owner_reference(&rollout).expect("rollout has a uid");
         assert_eq!(owner.api_version, "serin.dev/v1alpha1");
         assert_eq!(owner.kind, "Rollout");
-        let mut template = rollout.spec.template.clone();
+        let mut template: PodTemplateSpec = rollout.spec.template.clone().into();
         template
             .metadata
             .get_or_insert_with(Default::default)

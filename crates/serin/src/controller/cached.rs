@@ -58,12 +58,13 @@ pub fn trim_rollout(rollout: &mut Rollout) {
     elide_pod_spec(&mut rollout.spec.template);
 }
 
-/// Whether a plan would create a ReplicaSet from a template whose pod spec the cache dropped: the Rollout
-/// is then read whole and planned again.
-pub fn needs_pod_spec(actions: &[Action]) -> bool {
-    actions.iter().any(|action| {
-        matches!(action, Action::CreateReplicaSet { template, .. } if elided_hash(template).is_some())
-    })
+/// Whether a plan for `rollout` would create a ReplicaSet from a template whose pod spec the cache
+/// dropped: the Rollout is then read whole and planned again.
+pub fn needs_pod_spec(rollout: &Rollout, actions: &[Action]) -> bool {
+    elided_hash(&rollout.spec.template).is_some()
+        && actions
+            .iter()
+            .any(|action| matches!(action, Action::CreateReplicaSet { .. }))
 }
 
 /// A routing object as the route caches keep it (for `WatchStreamExt::modify`): routers write it with
@@ -238,7 +239,7 @@ mod tests {
             pod_template_hash: pod_template_hash(&rollout.spec.template),
             revision: 1,
             replicas: 1,
-            template: Box::new(rollout.spec.template.clone()),
+            template: Box::new(rollout.spec.template.clone().into()),
         }]
     }
 
@@ -254,10 +255,19 @@ mod tests {
             pod_template_hash(&full.spec.template)
         );
         assert_eq!(
-            kept.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()),
-            full.spec.template.metadata.as_ref().and_then(|m| m.labels.clone())
+            kept.spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone()),
+            full.spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
         );
-        assert!(needs_pod_spec(&create_from(&kept)));
-        assert!(!needs_pod_spec(&create_from(&full)));
+        assert!(needs_pod_spec(&kept, &create_from(&kept)));
+        assert!(!needs_pod_spec(&kept, &[]));
+        assert!(!needs_pod_spec(&full, &create_from(&full)));
     }
 }

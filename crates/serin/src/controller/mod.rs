@@ -729,7 +729,9 @@ where
                     listed.push(Box::new(trigger_of(rollout)));
                     Vec::new()
                 }
-                Ok(watcher::Event::InitDone) => std::mem::take(listed).into_iter().map(Ok).collect(),
+                Ok(watcher::Event::InitDone) => {
+                    std::mem::take(listed).into_iter().map(Ok).collect()
+                }
                 Ok(watcher::Event::Apply(rollout)) => vec![Ok(Box::new(rollout))],
                 Ok(watcher::Event::Delete(_)) => Vec::new(),
                 Err(error) => vec![Err(error)],
@@ -817,7 +819,7 @@ async fn reconcile_rollout(
     for _attempt in 0..3 {
         let observed = observe(&context.sources, &current).await?;
         let plan = crate::strategy::plan(&current, &observed, Timestamp::now());
-        if cached::needs_pod_spec(&plan.actions) {
+        if cached::needs_pod_spec(&current, &plan.actions) {
             current = api
                 .get(&current.name_any())
                 .await

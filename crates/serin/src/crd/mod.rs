@@ -3,6 +3,7 @@
 pub mod analysis;
 pub mod duration;
 pub mod rollout;
+pub mod template;
 
 pub use analysis::{
     AnalysisPhase, AnalysisRun, AnalysisRunSpec, AnalysisRunStatus, AnalysisTemplate,
@@ -14,6 +15,7 @@ pub use rollout::{
     BlueGreenStrategy, CanaryStep, CanaryStrategy, Rollout, RolloutPhase, RolloutSpec,
     RolloutStatus, RolloutStrategy, TrafficRouting,
 };
+pub use template::PodTemplate;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
@@ -13,6 +12,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
 use super::duration::ManifestDuration;
+use super::template::PodTemplate;
 
 /// A Rollout replaces a Deployment: it runs the pods of `template` and, when the template changes, brings
 /// the new version up beside the old one and shifts traffic to it step by step (canary) or after a preview
@@ -67,7 +67,7 @@ pub struct RolloutSpec {
 
     /// The pod template, exactly as in a Deployment. Changing it starts a new rollout.
     #[schemars(schema_with = "pod_template_schema")]
-    pub template: PodTemplateSpec,
+    pub template: PodTemplate,
 
     /// How many old ReplicaSets are kept (scaled to zero) so that `serin undo` can return to them. Defaults to 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,13 +1,12 @@
 //! `serin undo`: picks an earlier revision's ReplicaSet and puts its template back into the Rollout's spec.
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use super::OpsError;
 use crate::controller::observe::{is_controlled_by, observed_replica_set};
-use crate::crd::{labels, Rollout};
+use crate::crd::{labels, PodTemplate, Rollout};
 
 /// Why there is nothing to roll back to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +44,7 @@ pub fn undo_target(
     rollout: &Rollout,
     replica_sets: &[ReplicaSet],
     to_revision: Option<i64>,
-) -> Result<(i64, PodTemplateSpec), UndoError> {
+) -> Result<(i64, PodTemplate), UndoError> {
     let name = rollout.name_any();
     let current_hash = rollout
         .status
@@ -88,11 +87,12 @@ pub fn undo_target(
                 .ok_or(UndoError::NoEarlierRevision { name: name.clone() })?
         }
     };
-    let mut template = rs
+    let mut template: PodTemplate = rs
         .spec
         .template
         .clone()
-        .ok_or(UndoError::TemplateMissing { revision })?;
+        .ok_or(UndoError::TemplateMissing { revision })?
+        .into();
     if let Some(template_labels) = template
         .metadata
         .as_mut()
@@ -184,7 +184,7 @@ mod tests {
         .expect("valid replicaset")
     }
 
-    fn image(template: &PodTemplateSpec) -> String {
+    fn image(template: &PodTemplate) -> String {
         template
             .spec
             .as_ref()

@@ -287,7 +287,7 @@ impl Out {
                     pod_template_hash: hash.to_string(),
                     revision,
                     replicas,
-                    template: Box::new(template),
+                    template: Box::new(template.into()),
                 });
                 self.projected.rs_spec.insert(hash.to_string(), replicas);
                 true

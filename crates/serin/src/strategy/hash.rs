@@ -1,24 +1,20 @@
 //! Decides the pod-template hash: the stable, DNS-safe name suffix of a template's ReplicaSet.
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::crd::labels::POD_TEMPLATE_HASH;
+use crate::crd::PodTemplate;
 
 /// Consonants and digits only, as Kubernetes uses for generated names, so no hash spells a word.
 const SAFE_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 const HASH_LEN: usize = 10;
 
-/// Annotation the controller's Rollout cache puts on a template whose pod spec it dropped: the hash of the
-/// whole template, computed before the drop. It exists only in memory; an elided template is never sent to
-/// the API server.
-pub const ELIDED_SPEC_HASH: &str = "serin.dev/hash-of-elided-pod-spec";
-
 /// The hash of a pod template: sha256 of its canonical JSON (keys sorted, without the hash label itself),
 /// the first 10 characters in a DNS-safe alphabet. Stable across runs and Serin versions that do not
-/// change the template's JSON shape. An elided template answers the hash it was given.
-pub fn pod_template_hash(template: &PodTemplateSpec) -> String {
+/// change the template's JSON shape. A template whose pod spec the controller's cache dropped answers the
+/// hash it had before.
+pub fn pod_template_hash(template: &PodTemplate) -> String {
     if let Some(hash) = elided_hash(template) {
         return hash.to_string();
     }
@@ -36,34 +32,22 @@ pub fn pod_template_hash(template: &PodTemplateSpec) -> String {
     short_digest(&canonical)
 }
 
-/// The hash an elided template carries, or None when it still has its pod spec.
-pub fn elided_hash(template: &PodTemplateSpec) -> Option<&str> {
-    if template.spec.is_some() {
-        return None;
+/// The hash a template without its pod spec carries, or None when it is whole.
+pub fn elided_hash(template: &PodTemplate) -> Option<&str> {
+    match template.spec {
+        Some(_) => None,
+        None => template.elided_hash.as_deref(),
     }
-    template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(ELIDED_SPEC_HASH)
-        .map(String::as_str)
 }
 
 /// Drops a template's pod spec (the bulk of a Rollout in memory), keeping its metadata and its hash, which
 /// is all a reconcile reads of it until it creates a ReplicaSet.
-pub fn elide_pod_spec(template: &mut PodTemplateSpec) {
+pub fn elide_pod_spec(template: &mut PodTemplate) {
     if template.spec.is_none() {
         return;
     }
-    let hash = pod_template_hash(template);
+    template.elided_hash = Some(pod_template_hash(template));
     template.spec = None;
-    template
-        .metadata
-        .get_or_insert_with(Default::default)
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(ELIDED_SPEC_HASH.to_string(), hash);
 }
 
 /// The hash of a canary's steps, kept in status: when it changes mid-rollout the steps start again, since a
@@ -125,7 +109,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 mod tests {
     use super::*;
 
-    fn template(image: &str, extra_label: Option<(&str, &str)>) -> PodTemplateSpec {
+    fn template(image: &str, extra_label: Option<(&str, &str)>) -> PodTemplate {
         let mut labels = serde_json::json!({"app": "checkout"});
         if let Some((k, v)) = extra_label {
             labels[k] = Value::String(v.to_string());
@@ -144,9 +128,15 @@ mod tests {
         elide_pod_spec(&mut elided);
         assert!(elided.spec.is_none());
         assert_eq!(pod_template_hash(&elided), pod_template_hash(&full));
-        assert_eq!(elided_hash(&elided), Some(pod_template_hash(&full).as_str()));
+        assert_eq!(
+            elided_hash(&elided),
+            Some(pod_template_hash(&full).as_str())
+        );
         let labels = elided.metadata.as_ref().and_then(|m| m.labels.clone());
-        assert_eq!(labels, full.metadata.as_ref().and_then(|m| m.labels.clone()));
+        assert_eq!(
+            labels,
+            full.metadata.as_ref().and_then(|m| m.labels.clone())
+        );
         let again = elided.clone();
         elide_pod_spec(&mut elided);
         assert_eq!(elided, again);
@@ -157,15 +147,32 @@ mod tests {
     }
 
     #[test]
-    fn a_full_template_is_hashed_whole_whatever_its_annotations_say() {
+    fn a_whole_template_is_hashed_whole_whatever_it_was_given() {
         let mut full = template("app:1", None);
-        full.metadata
-            .get_or_insert_with(Default::default)
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(ELIDED_SPEC_HASH.to_string(), "bbbbbbbbbb".to_string());
+        full.elided_hash = Some("bcdfghjklm".to_string());
         assert_eq!(elided_hash(&full), None);
-        assert_ne!(pod_template_hash(&full), "bbbbbbbbbb");
+        assert_ne!(pod_template_hash(&full), "bcdfghjklm");
+        assert_eq!(
+            pod_template_hash(&full),
+            pod_template_hash(&template("app:1", None))
+        );
+    }
+
+    #[test]
+    fn the_hash_of_a_template_is_the_hash_of_its_json_as_before() {
+        // Serin before the template had a type of its own hashed k8s-openapi's PodTemplateSpec; the same
+        // JSON must give the same hash, or every Rollout would start a new revision on upgrade.
+        let spec: k8s_openapi::api::core::v1::PodTemplateSpec =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"labels": {"app": "checkout"}},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+            }))
+            .unwrap();
+        let canonical = canonical_json(&spec).unwrap();
+        assert_eq!(
+            pod_template_hash(&template("app:1", None)),
+            short_digest(&canonical)
+        );
     }
 
     #[test]
@@ -196,7 +203,7 @@ mod tests {
         // Pinned so that a change of the canonical form (which would re-create every ReplicaSet) is noticed.
         assert_eq!(pod_template_hash(&template("app:1", None)), "w4vdm68mbt");
         assert_eq!(pod_template_hash(&template("app:2", None)), "gm82gl6rmj");
-        let empty = pod_template_hash(&PodTemplateSpec::default());
+        let empty = pod_template_hash(&PodTemplate::default());
         assert_eq!(empty.len(), 10);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use crate::crd::PodTemplate;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use serde_json::json;
@@ -25,7 +25,7 @@ fn at(secs: i64) -> Timestamp {
     Timestamp::from_second(T0 + secs).unwrap()
 }
 
-fn template(image: &str) -> PodTemplateSpec {
+fn template(image: &str) -> PodTemplate {
     serde_json::from_value(json!({
         "metadata": {"labels": {"app": "checkout"}},
         "spec": {"containers": [{"name": "app", "image": image}]}

@@ -2,7 +2,7 @@
 //! condition, an argument that does not resolve, no templates) is an invalid spec found before anything is
 //! scaled, for canary step and background analysis and blue-green pre- and post-promotion analysis.
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use crate::crd::PodTemplate;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 
@@ -27,7 +27,7 @@ fn pod_template(image: &str) -> Value {
 }
 
 fn hash_of(image: &str) -> String {
-    let template: PodTemplateSpec = serde_json::from_value(pod_template(image)).unwrap();
+    let template: PodTemplate = serde_json::from_value(pod_template(image)).unwrap();
     pod_template_hash(&template)
 }
 
