@@ -3,6 +3,13 @@
 use clap::Parser;
 use serin_cli::{Cli, Command, LogFormat};
 
+// The controller's memory is watch caches filled and refilled object by object while events stream in;
+// glibc's malloc kept what bursts (a relist, an update wave) freed, jemalloc returns it after a few
+// seconds (docs/benchmarks/scale.md has both).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
