@@ -110,12 +110,16 @@ impl Departures {
     }
 }
 
+/// The resourceVersion a status write replaced, and the Rollout the server answered it with.
+type OwnWrite = (Option<String>, Box<Rollout>);
+
 /// The controller's own last status write per Rollout, with the resourceVersion it replaced: until the
 /// watch shows it, a reconcile plans from it instead of the stale cached copy (which would only earn a
 /// 409 or, worse, an unchanged plan that writes nothing and waits for a trigger that already came). An
-/// entry goes as soon as the Rollout store holds another version than the one it replaced.
+/// entry goes as soon as the Rollout store holds another version than the one it replaced. Entries are
+/// boxed: a burst of writes grows the table, which keeps its size when it empties again.
 pub struct OwnWrites {
-    written: Mutex<HashMap<NameKey, (Option<String>, Rollout)>>,
+    written: Mutex<HashMap<NameKey, OwnWrite>>,
     store: Store<Rollout>,
 }
 
@@ -135,7 +139,9 @@ impl OwnWrites {
             return cached.clone();
         };
         match written.get(&key) {
-            Some((replaced, ours)) if *replaced == cached.metadata.resource_version => ours.clone(),
+            Some((replaced, ours)) if *replaced == cached.metadata.resource_version => {
+                Rollout::clone(ours)
+            }
             Some(_) => {
                 written.remove(&key);
                 cached.clone()
@@ -161,7 +167,13 @@ impl OwnWrites {
                 && stored.metadata.uid == replaced.metadata.uid
         });
         if holds_replaced {
-            map.insert(key, (replaced.metadata.resource_version.clone(), written));
+            map.insert(
+                key,
+                (
+                    replaced.metadata.resource_version.clone(),
+                    Box::new(written),
+                ),
+            );
         }
     }
 
