@@ -821,6 +821,20 @@ async fn scale(settings: Settings) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Updates each Rollout goes through before RSS is sampled: by then it keeps as many old ReplicaSets
+/// (revisionHistoryLimit 2) and old AnalysisRuns (5) as it ever will, and the caches hold the whole
+/// history the cluster keeps. Memory that grows before is the cluster's state growing, not the
+/// controller.
+const SOAK_UPDATES_BEFORE_SAMPLING: u32 = 7;
+
+/// The soak's warm-up: a tenth of the run, and at least the time every Rollout takes to get
+/// [`SOAK_UPDATES_BEFORE_SAMPLING`] updates.
+fn soak_warm_up(settings: &SoakSettings, rollouts: usize) -> Duration {
+    let passes = rollouts.div_ceil(settings.batch.max(1));
+    let history = settings.interval * (passes as u32).saturating_mul(SOAK_UPDATES_BEFORE_SAMPLING);
+    history.max(settings.duration / 10)
+}
+
 struct SoakSettings {
     rollouts: usize,
     duration: Duration,
@@ -840,7 +854,7 @@ impl SoakSettings {
             rollouts,
             duration: Duration::from_secs(env_number("SERIN_SOAK_SECONDS", 600)?),
             interval: Duration::from_secs(env_number("SERIN_SOAK_INTERVAL_SECONDS", 3)?.max(1)),
-            batch: (env_number("SERIN_SOAK_BATCH", (rollouts as u64 / 30).max(1))? as usize)
+            batch: (env_number("SERIN_SOAK_BATCH", (rollouts as u64 / 10).max(1))? as usize)
                 .clamp(1, rollouts),
             timeout: Duration::from_secs(env_number(
                 "SERIN_SCALE_TIMEOUT_SECONDS",
@@ -940,7 +954,16 @@ async fn soak(settings: SoakSettings) -> Result<(), Failure> {
 
     let rollouts: Api<Rollout> = Api::namespaced(bench.client.clone(), NS);
     let started = Instant::now();
-    let warm_up = settings.duration / 10;
+    let warm_up = soak_warm_up(&settings, n);
+    if settings.duration < warm_up * 2 {
+        return Err(format!(
+            "a soak of {} s cannot measure after its {} s warm-up: run it for at least {} s, or update more \
+             Rollouts at a time (SERIN_SOAK_BATCH)",
+            settings.duration.as_secs(),
+            warm_up.as_secs(),
+            (warm_up * 2).as_secs()
+        ));
+    }
     let mut samples: Vec<(f64, f64)> = Vec::new();
     let mut next_batch = started;
     let mut next_sample = started;
