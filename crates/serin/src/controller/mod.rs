@@ -826,6 +826,12 @@ async fn reconcile_rollout(
                 .map_err(ReconcileError::ReadRollout)?;
             continue;
         }
+        let before = context
+            .sources
+            .caches
+            .as_ref()
+            .map(|caches| caches.versions_before(&current))
+            .unwrap_or_default();
         let mut written = Vec::new();
         let acted = act_recorded(
             &context.client,
@@ -837,7 +843,7 @@ async fn reconcile_rollout(
         .await;
         // Also the writes made before a failure: the next plan must not send them again.
         if let Some(caches) = &context.sources.caches {
-            caches.record(&current, &written, Instant::now());
+            caches.record(&current, &written, &before, Instant::now());
         }
         let applied = match acted {
             Ok(applied) => applied,

@@ -13,7 +13,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use super::act::Written;
 use super::cached::{CachedAnalysisRun, CachedReplicaSet, CachedService};
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
-use super::index::IndexedCache;
+use super::index::{referenced_objects, IndexedCache};
 use super::neighbours::NeighbourIndex;
 use super::routes::RouteCaches;
 use super::sync::{Cache, CacheGate};
@@ -180,18 +180,29 @@ impl Caches {
 
     /// The resourceVersion the Service cache holds for `name`, keyed as the expectations keep it.
     fn service_version(&self, namespace: &str, name: &str) -> BTreeMap<ObjectKey, Option<String>> {
-        let version = self
-            .services
-            .get(namespace, name)
-            .and_then(|service| service.resource_version.clone());
-        BTreeMap::from([(
-            ObjectKey::new(RoutingKind::Service, namespace, name),
-            version,
-        )])
+        let key = ObjectKey::new(RoutingKind::Service, namespace, name);
+        self.versions(std::slice::from_ref(&key))
     }
 
-    /// Remembers what a reconcile of `rollout` wrote, until the caches show it.
-    pub fn record(&self, rollout: &Rollout, written: &[Written], now: Instant) {
+    /// The cached versions of every object `rollout` reads by name, taken before a reconcile writes to
+    /// them: an expectation must hold only while the cache shows exactly what it showed before the write.
+    /// Read after the write, a hand edit that reached the cache meanwhile would be taken for the state our
+    /// write replaced, and hidden behind it until the expectation expired.
+    pub fn versions_before(&self, rollout: &Rollout) -> BTreeMap<ObjectKey, Option<String>> {
+        let keys: Vec<ObjectKey> = referenced_objects(rollout).into_iter().collect();
+        self.versions(&keys)
+    }
+
+    /// Remembers what a reconcile of `rollout` wrote, until the caches show it; `before` is what
+    /// [`Caches::versions_before`] answered before the writes.
+    pub fn record(
+        &self,
+        rollout: &Rollout,
+        written: &[Written],
+        before: &BTreeMap<ObjectKey, Option<String>>,
+        now: Instant,
+    ) {
+        let version_before = |key: &ObjectKey| before.get(key).cloned().flatten();
         let (Some(uid), Some(namespace)) = (rollout.uid(), rollout.namespace()) else {
             return;
         };
@@ -217,7 +228,11 @@ impl Caches {
                     &uid,
                     service,
                     NamedWrite {
-                        versions: self.service_version(&namespace, service),
+                        versions: {
+                            let key = ObjectKey::new(RoutingKind::Service, &namespace, service);
+                            let version = version_before(&key);
+                            BTreeMap::from([(key, version)])
+                        },
                         value: pod_template_hash.clone(),
                         at: now,
                     },
@@ -233,7 +248,10 @@ impl Caches {
                         self.expectations.traffic(
                             &uid,
                             NamedWrite {
-                                versions: self.versions(&keys),
+                                versions: keys
+                                    .iter()
+                                    .map(|key| (key.clone(), version_before(key)))
+                                    .collect(),
                                 value: carried(desired),
                                 at: now,
                             },
@@ -737,6 +755,7 @@ mod tests {
     use crate::crd::AnalysisPhase;
     use k8s_openapi::api::apps::v1::{ReplicaSetSpec, ReplicaSetStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use kube::runtime::watcher;
     use serde_json::json;
 
     fn owned_rs(uid: &str, controller: bool) -> ReplicaSet {
@@ -750,6 +769,61 @@ mod tests {
             block_owner_deletion: Some(true),
         }]);
         rs
+    }
+
+    #[test]
+    fn a_hand_edit_that_reaches_the_cache_before_the_write_is_recorded_is_not_hidden() {
+        let caches = Caches::new(Arc::new(CacheGate::new(|| ())));
+        let service = |version: &str, hash: &str| -> Service {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "shop", "resourceVersion": version},
+                "spec": {"selector": {"app": "web", labels::POD_TEMPLATE_HASH: hash}}
+            }))
+            .expect("a service")
+        };
+        let rollout: Rollout = serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}},
+                     "strategy": {"canary": {"stableService": "web", "canaryService": "web-canary"}}}
+        }))
+        .expect("a rollout");
+        caches
+            .services
+            .apply(&watcher::Event::Apply(service("1", "old")));
+        let before = caches.versions_before(&rollout);
+        // The controller pins the selector to h2 (resourceVersion 2); before it records that write, the
+        // cache has already seen it and a hand edit after it (resourceVersion 3).
+        caches
+            .services
+            .apply(&watcher::Event::Apply(service("3", "hand")));
+        let written = [Written::Selector {
+            service: "web".into(),
+            pod_template_hash: Some("h2".into()),
+        }];
+        let now = Instant::now();
+        caches.record(&rollout, &written, &before, now);
+        let current = caches.service_version("shop", "web");
+        assert_eq!(
+            caches
+                .expectations
+                .selector_written("u", "web", &current, now),
+            None,
+            "the hand edit must be observed, not our write laid over it"
+        );
+        // While the cache still shows what it showed before the write, the write is laid over it.
+        caches
+            .services
+            .apply(&watcher::Event::Apply(service("1", "old")));
+        caches.record(&rollout, &written, &before, now);
+        let current = caches.service_version("shop", "web");
+        assert_eq!(
+            caches
+                .expectations
+                .selector_written("u", "web", &current, now),
+            Some(Some("h2".into()))
+        );
     }
 
     #[test]
