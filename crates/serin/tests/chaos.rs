@@ -2390,6 +2390,17 @@ async fn seeded_fault_schedules_never_break_an_invariant() {
             failure.seed
         ));
     }
+    // CI keeps the end of a failing test's output: the seeds and what broke come last, after the dumps.
+    for failure in &failures {
+        let error = failure.outcome.as_ref().err().cloned().unwrap_or_default();
+        let first_lines: Vec<&str> = error.lines().take(3).collect();
+        report.push_str(&format!(
+            "\n==== seed {} (SERIN_CHAOS_SEED={}): {}",
+            failure.seed,
+            failure.seed,
+            first_lines.join(" / ")
+        ));
+    }
     panic!(
         "{} of {} chaos seeds failed: {:?}{report}",
         failures.len(),
