@@ -830,7 +830,7 @@ async fn reconcile_rollout(
             .sources
             .caches
             .as_ref()
-            .map(|caches| caches.versions_before(&current))
+            .map(|caches| caches.versions_before(&current, &plan.actions))
             .unwrap_or_default();
         let mut written = Vec::new();
         let acted = act_recorded(

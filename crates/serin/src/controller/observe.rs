@@ -27,7 +27,7 @@ use crate::strategy::{
     pod_template_hash, AnalysisPurpose, Neighbour, Observed, ObservedAnalysisRun,
     ObservedReplicaSet, ObservedService, TemplateKey,
 };
-use crate::strategy::{DesiredTraffic, ObservedTraffic, RouteState};
+use crate::strategy::{Action, DesiredTraffic, ObservedTraffic, RouteState};
 use crate::traffic::{router_for, ObjectKey, RouterObjects, RoutingKind};
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
@@ -187,8 +187,22 @@ impl Caches {
     /// The cached versions of every object `rollout` reads by name, taken before a reconcile writes to
     /// them: an expectation must hold only while the cache shows exactly what it showed before the write.
     /// Read after the write, a hand edit that reached the cache meanwhile would be taken for the state our
-    /// write replaced, and hidden behind it until the expectation expired.
-    pub fn versions_before(&self, rollout: &Rollout) -> BTreeMap<ObjectKey, Option<String>> {
+    /// write replaced, and hidden behind it until the expectation expired. Empty when `actions` write
+    /// nothing read by name, so a reconcile that changes no selector or route pays nothing for it.
+    pub fn versions_before(
+        &self,
+        rollout: &Rollout,
+        actions: &[Action],
+    ) -> BTreeMap<ObjectKey, Option<String>> {
+        let by_name = actions.iter().any(|action| {
+            matches!(
+                action,
+                Action::SetServiceSelector { .. } | Action::SetTraffic(_)
+            )
+        });
+        if !by_name {
+            return BTreeMap::new();
+        }
         let keys: Vec<ObjectKey> = referenced_objects(rollout).into_iter().collect();
         self.versions(&keys)
     }
@@ -792,7 +806,12 @@ mod tests {
         caches
             .services
             .apply(&watcher::Event::Apply(service("1", "old")));
-        let before = caches.versions_before(&rollout);
+        let selector = [Action::SetServiceSelector {
+            service: "web".into(),
+            pod_template_hash: Some("h2".into()),
+        }];
+        assert!(caches.versions_before(&rollout, &[]).is_empty());
+        let before = caches.versions_before(&rollout, &selector);
         // The controller pins the selector to h2 (resourceVersion 2); before it records that write, the
         // cache has already seen it and a hand edit after it (resourceVersion 3).
         caches
