@@ -28,7 +28,7 @@ use crate::strategy::{
     ObservedReplicaSet, ObservedService, TemplateKey,
 };
 use crate::strategy::{Action, DesiredTraffic, ObservedTraffic, RouteState};
-use crate::traffic::{router_for, ObjectKey, RouterObjects, RoutingKind};
+use crate::traffic::{router_for, ObjectKey, RouteInvalid, RouterObjects, RoutingKind};
 
 /// Values of the `serin.dev/analysis` label on AnalysisRuns.
 pub mod analysis_kind {
@@ -331,36 +331,7 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         }
     };
 
-    let mut services = BTreeMap::new();
-    for service_name in service_names(&rollout.spec.strategy) {
-        let found = match &sources.caches {
-            Some(caches) => caches.services.get(&namespace, &service_name).map(|svc| {
-                let mut observed = svc.view.clone();
-                let current = caches.service_version(&namespace, &service_name);
-                if let Some(written) =
-                    caches
-                        .expectations
-                        .selector_written(&uid, &service_name, &current, now)
-                {
-                    pin_hash(&mut observed, written);
-                }
-                observed
-            }),
-            None => {
-                let api: Api<Service> = Api::namespaced(sources.client.clone(), &namespace);
-                api.get_opt(&service_name)
-                    .await
-                    .map_err(|source| ObserveError::ReadService {
-                        name: service_name.clone(),
-                        source,
-                    })?
-                    .map(|svc| observed_service(&svc))
-            }
-        };
-        if let Some(service) = found {
-            services.insert(service_name.clone(), service);
-        }
-    }
+    let services = observe_services(sources, rollout, &namespace, &uid, now).await?;
 
     let analysis_runs: Vec<ObservedAnalysisRun> = match &sources.caches {
         Some(caches) => caches
@@ -409,6 +380,53 @@ pub async fn observe(sources: &Sources, rollout: &Rollout) -> Result<Observed, O
         analysis_runs,
         analysis_templates,
     })
+}
+
+/// The Services the strategy names, as the planner reads them: from the cache with the controller's
+/// own last selector write laid over it, from the API server when the cache does not show one.
+async fn observe_services(
+    sources: &Sources,
+    rollout: &Rollout,
+    namespace: &str,
+    uid: &str,
+    now: Instant,
+) -> Result<BTreeMap<String, ObservedService>, ObserveError> {
+    let mut services = BTreeMap::new();
+    for service_name in service_names(&rollout.spec.strategy) {
+        let cached = sources.caches.as_ref().and_then(|caches| {
+            caches.services.get(namespace, &service_name).map(|svc| {
+                let mut observed = svc.view.clone();
+                let current = caches.service_version(namespace, &service_name);
+                if let Some(written) =
+                    caches
+                        .expectations
+                        .selector_written(uid, &service_name, &current, now)
+                {
+                    pin_hash(&mut observed, written);
+                }
+                observed
+            })
+        });
+        // A Service the cache does not show may have been created just before the Rollout whose event
+        // came first: it is only missing once the API server says so.
+        let found = match cached {
+            Some(service) => Some(service),
+            None => {
+                let api: Api<Service> = Api::namespaced(sources.client.clone(), namespace);
+                api.get_opt(&service_name)
+                    .await
+                    .map_err(|source| ObserveError::ReadService {
+                        name: service_name.clone(),
+                        source,
+                    })?
+                    .map(|svc| observed_service(&svc))
+            }
+        };
+        if let Some(service) = found {
+            services.insert(service_name.clone(), service);
+        }
+    }
+    Ok(services)
 }
 
 /// The name of the ReplicaSet the current template would get, when an object Serin does not control holds
@@ -546,7 +564,14 @@ async fn observe_traffic(
     {
         return RouteState::Observed(written);
     }
-    crate::traffic::observed_state(router.observe(&objects))
+    match router.observe(&objects) {
+        // A watch shows an object some milliseconds after it was created, and the Rollout naming it may
+        // arrive first: "missing" is only said once the API server confirms it.
+        Err(RouteInvalid::Missing { .. }) => {
+            crate::traffic::observe(&sources.client, rollout).await
+        }
+        observed => crate::traffic::observed_state(observed),
+    }
 }
 
 /// What a router carries once it was made to carry `desired`.
@@ -843,6 +868,74 @@ mod tests {
                 .selector_written("u", "web", &current, now),
             Some(Some("h2".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_route_the_cache_does_not_show_yet_is_read_from_the_api_before_it_is_called_missing()
+    {
+        let sim = serin_sim::SimCluster::start(serin_sim::SimConfig::api_only())
+            .await
+            .expect("sim starts");
+        let client = sim.client().await.expect("client");
+        let create = |object: serde_json::Value| {
+            let client = client.clone();
+            async move {
+                let object: DynamicObject = serde_json::from_value(object).expect("an object");
+                let resource = match object.types.as_ref().map(|t| t.kind.as_str()) {
+                    Some("Service") => ApiResource::erase::<Service>(&()),
+                    _ => ApiResource::erase::<k8s_openapi::api::networking::v1::Ingress>(&()),
+                };
+                Api::<DynamicObject>::namespaced_with(client, "shop", &resource)
+                    .create(&Default::default(), &object)
+                    .await
+                    .expect("created");
+            }
+        };
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        let shop =
+            serde_json::from_value(json!({"metadata": {"name": "shop"}})).expect("a namespace");
+        namespaces
+            .create(&Default::default(), &shop)
+            .await
+            .expect("namespace");
+        for name in ["web", "web-canary"] {
+            create(
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                          "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+            )
+            .await;
+        }
+        create(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web"},
+            "spec": {"ingressClassName": "nginx", "rules": [{"host": "shop.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix",
+                 "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}
+        }))
+        .await;
+        let rollout: Rollout = serde_json::from_value(json!({
+            "apiVersion": "serin.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}},
+                     "strategy": {"canary": {"stableService": "web", "canaryService": "web-canary",
+                                             "trafficRouting": {"nginx": {"stableIngress": "web"}}}}}
+        }))
+        .expect("a rollout");
+        // Synced caches that have not seen the Services and the Ingress yet.
+        let caches = Caches::new(Arc::new(CacheGate::new(|| ())));
+        for cache in [Cache::Services, Cache::Ingresses] {
+            caches.gate.observe::<Service>(cache, &watcher::Event::Init);
+            caches
+                .gate
+                .observe::<Service>(cache, &watcher::Event::InitDone);
+        }
+        let sources = Sources::cached(client, caches);
+        let state = observe_traffic(&sources, &rollout, "u", Instant::now()).await;
+        assert!(
+            matches!(&state, RouteState::Observed(traffic) if traffic.canary_weight == 0),
+            "{state:?}"
+        );
+        sim.shutdown().await;
     }
 
     #[test]
