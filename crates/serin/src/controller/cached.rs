@@ -121,33 +121,53 @@ impl CachedFrom<ReplicaSet> for CachedReplicaSet {
 }
 
 /// What the controller keeps of a Service: its selector, and its resourceVersion (which tells the
-/// controller's own selector write apart from a later edit).
+/// controller's own selector write apart from a later edit). The selector is kept as sorted pairs, not a
+/// B-tree map: a map's first node has room for eleven pairs (over 500 bytes), a Service selector holds
+/// one to three, and the cache holds every Service of the watched namespaces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CachedService {
-    pub namespace: String,
-    pub resource_version: Option<String>,
-    pub view: ObservedService,
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    pub resource_version: Option<Box<str>>,
+    selector: Box<[(Box<str>, Box<str>)]>,
 }
 
 impl CachedService {
+    /// The Service as the planner reads it.
+    pub fn view(&self) -> ObservedService {
+        ObservedService {
+            name: self.name.to_string(),
+            selector: self
+                .selector
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        }
+    }
+
     /// The Service as a router reads it: name, namespace, resourceVersion and selector.
     pub fn to_value(&self) -> Value {
+        let selector: serde_json::Map<String, Value> = self
+            .selector
+            .iter()
+            .map(|(key, value)| (key.to_string(), Value::from(value.as_ref())))
+            .collect();
         json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {
-                "name": self.view.name,
+                "name": self.name,
                 "namespace": self.namespace,
                 "resourceVersion": self.resource_version,
             },
-            "spec": {"selector": self.view.selector},
+            "spec": {"selector": selector},
         })
     }
 }
 
 impl Cached for CachedService {
     fn key(&self) -> NameKey {
-        NameKey::new(&self.namespace, &self.view.name)
+        NameKey::new(&self.namespace, &self.name)
     }
 
     fn controller_uid(&self) -> Option<&str> {
@@ -157,10 +177,21 @@ impl Cached for CachedService {
 
 impl CachedFrom<Service> for CachedService {
     fn cached_from(service: &Service) -> CachedService {
+        let view = observed_service(service);
         CachedService {
-            namespace: service.metadata.namespace.clone().unwrap_or_default(),
-            resource_version: service.metadata.resource_version.clone(),
-            view: observed_service(service),
+            namespace: service
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or_default()
+                .into(),
+            name: view.name.into(),
+            resource_version: service.metadata.resource_version.as_deref().map(Into::into),
+            selector: view
+                .selector
+                .into_iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
         }
     }
 }

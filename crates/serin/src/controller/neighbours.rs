@@ -11,8 +11,15 @@
 //!   its pods;
 //! - selectors without `matchLabels` cannot be narrowed this way and are candidates for every Rollout of
 //!   their namespace (as are all Rollouts of a namespace for such a selector).
+//!
+//! Memory: the index holds every Rollout of the cluster, so it keeps each one's name once and no other
+//! string. A Rollout is
+//! linked under slots, each the hash of what it stands for (a Service, a pod-label pair, a selector pair,
+//! a namespace), and each Rollout's key is shared between its slots. Two things hashing to one slot only
+//! add candidates (which the planner's exact check then drops), so a collision cannot hide one.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 
 use kube::runtime::watcher;
@@ -21,123 +28,146 @@ use kube::ResourceExt;
 use super::index::{Index, NameKey, Relisted};
 use crate::crd::Rollout;
 
-/// A label pair within a namespace.
-type PairKey = (String, String, String);
+/// The hash of one thing Rollouts are linked under.
+type Slot = u64;
 
-/// What the index keeps of one Rollout, to unlink it again.
-#[derive(Debug, Default)]
-struct Entry {
-    services: Vec<String>,
-    pod_pairs: Vec<(String, String)>,
-    selector_pair: Option<(String, String)>,
+/// What a slot stands for.
+#[derive(Hash)]
+enum SlotOf<'a> {
+    /// A Service the Rollout names.
+    Service(&'a str, &'a str),
+    /// A label pair of the Rollout's pods.
+    PodPair(&'a str, &'a str, &'a str),
+    /// The first `matchLabels` pair of the Rollout's selector.
+    SelectorPair(&'a str, &'a str, &'a str),
+    /// A selector without `matchLabels` in the namespace.
+    Unindexed(&'a str),
+    /// Every Rollout of the namespace.
+    Namespace(&'a str),
+}
+
+impl SlotOf<'_> {
+    fn slot(&self) -> Slot {
+        // `DefaultHasher::new` has fixed keys: a slot is the same for every event of a Rollout.
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// The Rollouts of every namespace by the Services they name, the label pairs of their pods and the
 /// first pair of their selectors.
 #[derive(Debug, Default)]
 pub struct Neighbourhood {
-    entries: HashMap<NameKey, Entry>,
-    by_service: HashMap<(String, String), HashSet<NameKey>>,
-    by_pod_pair: HashMap<PairKey, HashSet<NameKey>>,
-    by_selector_pair: HashMap<PairKey, HashSet<NameKey>>,
-    /// Rollouts whose selector has no `matchLabels`, by namespace.
-    unindexed_selectors: HashMap<String, HashSet<NameKey>>,
-    /// Every Rollout, by namespace: the candidates of a selector without `matchLabels`.
-    by_namespace: HashMap<String, HashSet<NameKey>>,
-}
-
-fn link<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<NameKey>>, key: K, name: &NameKey) {
-    map.entry(key).or_default().insert(name.clone());
-}
-
-fn unlink<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<NameKey>>, key: K, name: &NameKey) {
-    if let Some(names) = map.get_mut(&key) {
-        names.remove(name);
-        if names.is_empty() {
-            map.remove(&key);
-        }
-    }
+    /// Each Rollout's slots, sorted: to unlink it, and to leave it be when an event did not move it.
+    entries: HashMap<Arc<NameKey>, Box<[Slot]>>,
+    /// The Rollouts linked under each slot. Mostly one or two, so vectors (a namespace's slot holds all
+    /// of its Rollouts; unlinking from it is a scan, done only on delete or a change of labels or
+    /// Services).
+    by_slot: HashMap<Slot, Vec<Arc<NameKey>>>,
 }
 
 /// The labels of a Rollout's pod template.
-fn pod_pairs(rollout: &Rollout) -> Vec<(String, String)> {
+fn pod_pairs(rollout: &Rollout) -> Vec<(&str, &str)> {
     rollout
         .spec
         .template
         .metadata
         .as_ref()
         .and_then(|meta| meta.labels.as_ref())
-        .map(|labels| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The `matchLabels` pairs of a Rollout's selector, in key order.
-fn selector_pairs(rollout: &Rollout) -> Vec<(String, String)> {
+fn selector_pairs(rollout: &Rollout) -> Vec<(&str, &str)> {
     rollout
         .spec
         .selector
         .match_labels
         .as_ref()
-        .map(|labels| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
+/// The slots a Rollout is linked under, sorted and without repeats.
+fn slots_of(rollout: &Rollout, ns: &str) -> Box<[Slot]> {
+    let mut slots: Vec<Slot> = super::observe::service_names(&rollout.spec.strategy)
+        .iter()
+        .map(|service| SlotOf::Service(ns, service).slot())
+        .collect();
+    slots.extend(
+        pod_pairs(rollout)
+            .into_iter()
+            .map(|(key, value)| SlotOf::PodPair(ns, key, value).slot()),
+    );
+    slots.push(match selector_pairs(rollout).first() {
+        Some((key, value)) => SlotOf::SelectorPair(ns, key, value).slot(),
+        None => SlotOf::Unindexed(ns).slot(),
+    });
+    slots.push(SlotOf::Namespace(ns).slot());
+    slots.sort_unstable();
+    slots.dedup();
+    slots.into_boxed_slice()
+}
+
 impl Neighbourhood {
+    fn linked(&self, slot: Slot) -> &[Arc<NameKey>] {
+        self.by_slot
+            .get(&slot)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     fn unlink_entry(&mut self, name: &NameKey) {
-        let Some(entry) = self.entries.remove(name) else {
+        let Some((key, slots)) = self.entries.remove_entry(name) else {
             return;
         };
-        let ns = &name.namespace;
-        for service in entry.services {
-            unlink(&mut self.by_service, (ns.clone(), service), name);
-        }
-        for (key, value) in entry.pod_pairs {
-            unlink(&mut self.by_pod_pair, (ns.clone(), key, value), name);
-        }
-        match entry.selector_pair {
-            Some((key, value)) => {
-                unlink(&mut self.by_selector_pair, (ns.clone(), key, value), name)
+        for slot in slots.iter() {
+            if let Some(names) = self.by_slot.get_mut(slot) {
+                names.retain(|linked| !Arc::ptr_eq(linked, &key));
+                if names.is_empty() {
+                    self.by_slot.remove(slot);
+                }
             }
-            None => unlink(&mut self.unindexed_selectors, ns.clone(), name),
         }
-        unlink(&mut self.by_namespace, ns.clone(), name);
     }
 
     /// The other Rollouts of `rollout`'s namespace that may collide with it, by name.
     pub fn candidates(&self, rollout: &Rollout) -> BTreeSet<String> {
         let ns = rollout.namespace().unwrap_or_default();
-        let mut found: BTreeSet<&NameKey> = BTreeSet::new();
+        let mut found: BTreeSet<&Arc<NameKey>> = BTreeSet::new();
         for service in super::observe::service_names(&rollout.spec.strategy) {
-            found.extend(
-                self.by_service
-                    .get(&(ns.clone(), service))
-                    .into_iter()
-                    .flatten(),
-            );
+            found.extend(self.linked(SlotOf::Service(&ns, &service).slot()));
         }
         let selector = selector_pairs(rollout);
         if selector.is_empty() {
-            found.extend(self.by_namespace.get(&ns).into_iter().flatten());
+            found.extend(self.linked(SlotOf::Namespace(&ns).slot()));
         } else {
             let rarest = selector
                 .into_iter()
-                .filter_map(|(key, value)| self.by_pod_pair.get(&(ns.clone(), key, value)))
+                .map(|(key, value)| self.linked(SlotOf::PodPair(&ns, key, value).slot()))
                 .min_by_key(|names| names.len());
             found.extend(rarest.into_iter().flatten());
         }
         for (key, value) in pod_pairs(rollout) {
-            found.extend(
-                self.by_selector_pair
-                    .get(&(ns.clone(), key, value))
-                    .into_iter()
-                    .flatten(),
-            );
+            found.extend(self.linked(SlotOf::SelectorPair(&ns, key, value).slot()));
         }
-        found.extend(self.unindexed_selectors.get(&ns).into_iter().flatten());
+        found.extend(self.linked(SlotOf::Unindexed(&ns).slot()));
         let own = rollout.name_any();
         found
             .into_iter()
-            .filter(|name| name.name != own)
+            .filter(|name| name.namespace == ns && name.name != own)
             .map(|name| name.name.clone())
             .collect()
     }
@@ -146,33 +176,17 @@ impl Neighbourhood {
 impl Index<Rollout> for Neighbourhood {
     fn insert(&mut self, rollout: &Rollout) {
         let name = NameKey::of(rollout);
+        let slots = slots_of(rollout, &name.namespace);
+        // Most events are status writes, which move nothing here.
+        if self.entries.get(&name) == Some(&slots) {
+            return;
+        }
         self.unlink_entry(&name);
-        let ns = name.namespace.clone();
-        let entry = Entry {
-            services: super::observe::service_names(&rollout.spec.strategy),
-            pod_pairs: pod_pairs(rollout),
-            selector_pair: selector_pairs(rollout).into_iter().next(),
-        };
-        for service in &entry.services {
-            link(&mut self.by_service, (ns.clone(), service.clone()), &name);
+        let key = Arc::new(name);
+        for slot in slots.iter() {
+            self.by_slot.entry(*slot).or_default().push(key.clone());
         }
-        for (key, value) in &entry.pod_pairs {
-            link(
-                &mut self.by_pod_pair,
-                (ns.clone(), key.clone(), value.clone()),
-                &name,
-            );
-        }
-        match &entry.selector_pair {
-            Some((key, value)) => link(
-                &mut self.by_selector_pair,
-                (ns.clone(), key.clone(), value.clone()),
-                &name,
-            ),
-            None => link(&mut self.unindexed_selectors, ns.clone(), &name),
-        }
-        link(&mut self.by_namespace, ns, &name);
-        self.entries.insert(name, entry);
+        self.entries.insert(key, slots);
     }
 
     fn remove(&mut self, rollout: &Rollout) {
@@ -338,7 +352,10 @@ mod tests {
     }
 
     fn pod_labels(rollout: &Rollout) -> std::collections::BTreeMap<String, String> {
-        pod_pairs(rollout).into_iter().collect()
+        pod_pairs(rollout)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -371,8 +388,6 @@ mod tests {
         index.remove(&moved);
         index.remove(&web);
         assert!(index.entries.is_empty());
-        assert!(index.by_service.is_empty() && index.by_pod_pair.is_empty());
-        assert!(index.by_selector_pair.is_empty() && index.by_namespace.is_empty());
-        assert!(index.unindexed_selectors.is_empty());
+        assert!(index.by_slot.is_empty());
     }
 }

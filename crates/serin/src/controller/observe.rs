@@ -166,7 +166,7 @@ impl Caches {
                     RoutingKind::Service => self
                         .services
                         .get(&key.namespace, &key.name)
-                        .and_then(|service| service.resource_version.clone()),
+                        .and_then(|service| service.resource_version.as_deref().map(String::from)),
                     kind => self
                         .routes
                         .cache(kind)
@@ -395,7 +395,7 @@ async fn observe_services(
     for service_name in service_names(&rollout.spec.strategy) {
         let cached = sources.caches.as_ref().and_then(|caches| {
             caches.services.get(namespace, &service_name).map(|svc| {
-                let mut observed = svc.view.clone();
+                let mut observed = svc.view();
                 let current = caches.service_version(namespace, &service_name);
                 if let Some(written) =
                     caches
