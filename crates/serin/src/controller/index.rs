@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::cached::{Cached, CachedFrom};
+use super::cached::{Cached, CachedFrom, StoredRollout};
 use super::observe::service_names;
 use crate::crd::Rollout;
 use crate::traffic::{router_for, ObjectKey, RoutingKind};
@@ -357,7 +357,7 @@ impl ReferenceIndex {
     }
 
     /// The Rollouts that name `object`, in name order.
-    pub fn rollouts_naming(&self, object: &ObjectKey) -> Vec<ObjectRef<Rollout>> {
+    pub fn rollouts_naming(&self, object: &ObjectKey) -> Vec<ObjectRef<StoredRollout>> {
         let Ok(inner) = self.inner.read() else {
             return Vec::new();
         };

@@ -15,6 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
 
+use super::cached::StoredRollout;
 use super::index::NameKey;
 use crate::crd::Rollout;
 
@@ -120,12 +121,12 @@ type OwnWrite = (Option<String>, Box<Rollout>);
 /// boxed: a burst of writes grows the table, which keeps its size when it empties again.
 pub struct OwnWrites {
     written: Mutex<HashMap<NameKey, OwnWrite>>,
-    store: Store<Rollout>,
+    store: Store<StoredRollout>,
 }
 
 impl OwnWrites {
     /// Own writes checked against `store` (the Rollout reflector's).
-    pub fn new(store: Store<Rollout>) -> OwnWrites {
+    pub fn new(store: Store<StoredRollout>) -> OwnWrites {
         OwnWrites {
             written: Mutex::new(HashMap::new()),
             store,
@@ -278,13 +279,13 @@ mod tests {
 
     #[test]
     fn an_own_write_is_kept_until_the_watch_shows_another_version() {
-        let (store, mut writer) = kube::runtime::reflector::store::<Rollout>();
+        let (store, mut writer) = kube::runtime::reflector::store::<StoredRollout>();
         let own = OwnWrites::new(store);
         let cached = rollout("web", "u1", "1");
         // Not in the store (deleted): nothing is kept.
         own.remember(&cached, rollout("web", "u1", "2"));
         assert!(own.is_empty());
-        writer.apply_watcher_event(&watcher::Event::Apply(cached.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(StoredRollout::pack(&cached)));
         own.remember(&cached, rollout("web", "u1", "2"));
         assert_eq!(
             own.fresher(&cached).metadata.resource_version.as_deref(),

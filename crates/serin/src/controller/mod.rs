@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as RuntimeConfig, Controller};
@@ -35,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use act::{act, act_fenced, act_recorded, ActError, Written};
+use cached::StoredRollout;
 pub use leader::{Fence, Fenced};
 pub use metrics::Metrics;
 pub use observe::{observe, Caches, ObserveError, Sources};
@@ -134,6 +134,8 @@ pub enum ReconcileError {
     StatusConflict,
     #[error("re-reading the Rollout failed: {0}")]
     ReadRollout(#[source] kube::Error),
+    #[error("decoding the Rollout from the controller's store failed: {0}")]
+    UnpackRollout(#[source] serde_json::Error),
     #[error(transparent)]
     Fenced(#[from] Fenced),
 }
@@ -147,6 +149,7 @@ impl ReconcileError {
             ReconcileError::WriteStatus(_) => "write_status",
             ReconcileError::StatusConflict => "status_conflict",
             ReconcileError::ReadRollout(_) => "read_rollout",
+            ReconcileError::UnpackRollout(_) => "unpack_rollout",
             ReconcileError::Fenced(fenced) => fenced.category(),
         }
     }
@@ -467,7 +470,7 @@ struct ScopeContext {
     /// Our own last status write per Rollout, until the watch shows it.
     written: Arc<lifecycle::OwnWrites>,
     /// The Rollout store: a Rollout no longer in it was deleted.
-    rollouts: reflector::Store<Rollout>,
+    rollouts: reflector::Store<StoredRollout>,
     client: Client,
     sources: Sources,
     recorder: Publisher,
@@ -493,7 +496,7 @@ where
 
 /// What may make a Rollout need a reconcile: a spec change (generation), deletion, or a manual command.
 /// Status writes, including the controller's own, change none of these, so they do not trigger one.
-pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
+pub fn rollout_trigger_hash(rollout: &Rollout) -> u64 {
     let mut hasher = DefaultHasher::new();
     rollout.metadata.generation.hash(&mut hasher);
     rollout
@@ -509,7 +512,7 @@ pub fn rollout_trigger_hash(rollout: &Rollout) -> Option<u64> {
     serde_json::to_string(&commands)
         .unwrap_or_default()
         .hash(&mut hasher);
-    Some(hasher.finish())
+    hasher.finish()
 }
 
 /// What one namespace scope's reconciler shares with the rest of the controller.
@@ -546,7 +549,7 @@ fn spawn_scope(
     let services: Api<Service> = scoped_api(&client, &scope);
     let runs: Api<AnalysisRun> = scoped_api(&client, &scope);
 
-    let (rollout_reader, rollout_writer) = reflector::store::<Rollout>();
+    let (rollout_reader, rollout_writer) = reflector::store::<StoredRollout>();
     let neighbour_index = Arc::new(neighbours::NeighbourIndex::new());
     let caches =
         Caches::new(gate.clone()).with_rollouts(rollout_reader.clone(), neighbour_index.clone());
@@ -573,13 +576,16 @@ fn spawn_scope(
             futures::future::ready(Ok(undecodable::decode_event(event, &undecodable_tx)))
         })
         .modify(cached::trim_rollout)
-        .reflect(rollout_writer)
         .inspect_ok(references.feeder())
         .inspect_ok(neighbour_index.feeder())
         .inspect_ok(forgetter(&state, metrics.clone()))
+        .map_ok(cached::stored_event)
+        .reflect(rollout_writer)
         .inspect_ok(gate.tracker(Cache::Rollouts));
-    let rollout_stream = triggers_once_stored(rollout_stream)
-        .predicate_filter(rollout_trigger_hash, Default::default());
+    let rollout_stream = triggers_once_stored(rollout_stream).predicate_filter(
+        |rollout: &StoredRollout| Some(rollout.trigger_hash),
+        Default::default(),
+    );
     let rs_stream = watcher(replica_sets, owned.clone())
         .default_backoff()
         .inspect_ok(caches.replica_sets.feeder())
@@ -653,7 +659,7 @@ struct ScopeState {
     written: Arc<lifecycle::OwnWrites>,
     caches: Caches,
     references: Arc<ReferenceIndex>,
-    rollouts: reflector::Store<Rollout>,
+    rollouts: reflector::Store<StoredRollout>,
 }
 
 /// A closure for `inspect_ok` on the Rollout watch: drops what the scope keeps for Rollouts that went
@@ -711,22 +717,22 @@ pub struct Retained {
 ///
 /// A relist of every Rollout comes exactly when the cluster is busiest (a watch that fell behind a burst
 /// is closed), and the reflector holds a second copy of the store meanwhile; so what is held back here is
-/// only a trigger (see [`trigger_of`]), boxed, and emitted one at a time.
+/// only a trigger (see [`StoredRollout::trigger`]), boxed, and emitted one at a time.
 pub fn triggers_once_stored<S>(
     events: S,
-) -> impl futures::Stream<Item = Result<Rollout, watcher::Error>> + Send
+) -> impl futures::Stream<Item = Result<StoredRollout, watcher::Error>> + Send
 where
-    S: futures::Stream<Item = Result<watcher::Event<Rollout>, watcher::Error>> + Send,
+    S: futures::Stream<Item = Result<watcher::Event<StoredRollout>, watcher::Error>> + Send,
 {
     events
-        .scan(Vec::new(), |listed: &mut Vec<Box<Rollout>>, event| {
-            let ready: Vec<Result<Box<Rollout>, watcher::Error>> = match event {
+        .scan(Vec::new(), |listed: &mut Vec<Box<StoredRollout>>, event| {
+            let ready: Vec<Result<Box<StoredRollout>, watcher::Error>> = match event {
                 Ok(watcher::Event::Init) => {
                     *listed = Vec::new();
                     Vec::new()
                 }
                 Ok(watcher::Event::InitApply(rollout)) => {
-                    listed.push(Box::new(trigger_of(rollout)));
+                    listed.push(Box::new(rollout.trigger()));
                     Vec::new()
                 }
                 Ok(watcher::Event::InitDone) => {
@@ -742,39 +748,11 @@ where
         .map_ok(|rollout| *rollout)
 }
 
-/// What a listed Rollout's trigger needs of it: its reference (name and namespace) and what
-/// [`rollout_trigger_hash`] reads. The reconcile itself reads the Rollout from the store.
-pub fn trigger_of(rollout: Rollout) -> Rollout {
-    let Rollout {
-        metadata,
-        mut spec,
-        status,
-    } = rollout;
-    spec.template = Default::default();
-    spec.strategy = Default::default();
-    Rollout {
-        metadata: ObjectMeta {
-            name: metadata.name,
-            namespace: metadata.namespace,
-            uid: metadata.uid,
-            resource_version: metadata.resource_version,
-            generation: metadata.generation,
-            deletion_timestamp: metadata.deletion_timestamp,
-            ..ObjectMeta::default()
-        },
-        spec,
-        status: status.map(|status| RolloutStatus {
-            commands: status.commands,
-            ..RolloutStatus::default()
-        }),
-    }
-}
-
 /// How long a reconcile waits for the caches before it gives its slot back and comes again.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 
 async fn reconcile(
-    rollout: Arc<Rollout>,
+    rollout: Arc<StoredRollout>,
     context: Arc<ScopeContext>,
 ) -> Result<Requeue, ReconcileError> {
     let started = Instant::now();
@@ -791,7 +769,10 @@ async fn reconcile(
             .reconciled("caches_not_synced", started.elapsed());
         return Ok(Requeue::requeue(CACHE_WAIT));
     }
-    let result = reconcile_rollout(&context, &rollout).await;
+    let result = match rollout.unpack() {
+        Ok(rollout) => reconcile_rollout(&context, &rollout).await,
+        Err(error) => Err(ReconcileError::UnpackRollout(error)),
+    };
     let outcome = match &result {
         Ok(_) => "ok",
         Err(error) => error.category(),
@@ -974,7 +955,7 @@ fn requeue_for(plan: &Plan, resync: Duration) -> Requeue {
 }
 
 fn error_policy(
-    _rollout: Arc<Rollout>,
+    _rollout: Arc<StoredRollout>,
     error: &ReconcileError,
     context: Arc<ScopeContext>,
 ) -> Requeue {
@@ -1185,14 +1166,15 @@ mod tests {
             }))
             .expect("a rollout")
         };
+        let stored = |name: &str| StoredRollout::pack(&named(name));
         let events = vec![
-            Ok(W::Apply(named("before"))),
+            Ok(W::Apply(stored("before"))),
             Ok(W::Init),
-            Ok(W::InitApply(named("a"))),
-            Ok(W::InitApply(named("b"))),
+            Ok(W::InitApply(stored("a"))),
+            Ok(W::InitApply(stored("b"))),
             Ok(W::InitDone),
-            Ok(W::Delete(named("a"))),
-            Ok(W::Apply(named("c"))),
+            Ok(W::Delete(stored("a"))),
+            Ok(W::Apply(stored("c"))),
         ];
         let names: Vec<String> = triggers_once_stored(futures::stream::iter(events))
             .map(|r| r.map(|r| r.name_any()).unwrap_or_default())
@@ -1214,14 +1196,13 @@ mod tests {
             message: Some("revision 4 is stable".into()),
             ..Default::default()
         });
-        let trigger = trigger_of(rollout.clone());
-        assert_eq!(
-            rollout_trigger_hash(&trigger),
-            rollout_trigger_hash(&rollout)
-        );
+        let trigger = StoredRollout::pack(&rollout).trigger();
+        assert_eq!(trigger.trigger_hash, rollout_trigger_hash(&rollout));
         assert_eq!(trigger.name_any(), rollout.name_any());
         assert_eq!(trigger.namespace(), rollout.namespace());
-        assert!(trigger.spec.template.spec.is_none());
-        assert_eq!(trigger.status.and_then(|s| s.message), None);
+        assert!(
+            trigger.unpack().is_err(),
+            "a trigger carries no spec or status"
+        );
     }
 }

@@ -11,7 +11,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::act::Written;
-use super::cached::{CachedAnalysisRun, CachedReplicaSet, CachedService};
+use super::cached::{CachedAnalysisRun, CachedReplicaSet, CachedService, StoredRollout};
 use super::expectations::{Expectations, NamedWrite, ReplicaSetWrite};
 use super::index::{referenced_objects, IndexedCache};
 use super::neighbours::NeighbourIndex;
@@ -97,7 +97,7 @@ pub struct Caches {
     pub gate: Arc<CacheGate>,
     /// The Rollouts the controller watches, for the Services and pods two of them must not share, and
     /// the index that narrows which of them to compare.
-    pub rollouts: Option<(Store<Rollout>, Arc<NeighbourIndex>)>,
+    pub rollouts: Option<(Store<StoredRollout>, Arc<NeighbourIndex>)>,
 }
 
 impl Caches {
@@ -115,7 +115,11 @@ impl Caches {
     }
 
     /// The same caches, reading the other Rollouts of a namespace from `rollouts`, narrowed by `index`.
-    pub fn with_rollouts(self, rollouts: Store<Rollout>, index: Arc<NeighbourIndex>) -> Caches {
+    pub fn with_rollouts(
+        self,
+        rollouts: Store<StoredRollout>,
+        index: Arc<NeighbourIndex>,
+    ) -> Caches {
         Caches {
             rollouts: Some((rollouts, index)),
             ..self
@@ -464,12 +468,12 @@ async fn neighbours(
     rollout: &Rollout,
     namespace: &str,
 ) -> Result<Vec<Neighbour>, ObserveError> {
-    let others: Vec<Arc<Rollout>> = match sources.caches.as_ref().and_then(|c| c.rollouts.as_ref())
-    {
+    let others: Vec<Rollout> = match sources.caches.as_ref().and_then(|c| c.rollouts.as_ref()) {
         Some((store, index)) => index
             .candidates(rollout)
             .into_iter()
             .filter_map(|name| store.get(&ObjectRef::new(&name).within(namespace)))
+            .filter_map(|stored| stored.unpack().ok())
             .collect(),
         None => {
             let api: Api<DynamicObject> = Api::namespaced_with(
@@ -483,7 +487,6 @@ async fn neighbours(
                 .items
                 .into_iter()
                 .filter_map(|object| super::undecodable::decode(object).ok())
-                .map(Arc::new)
                 .collect()
         }
     };
