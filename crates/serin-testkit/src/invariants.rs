@@ -30,6 +30,9 @@ pub const REACTION: Duration = Duration::from_secs(5);
 /// write was on its way): such a raise counts as a violation to correct within [`REACTION`], not as a
 /// decision against what Serin saw.
 pub const IN_FLIGHT: Duration = Duration::from_secs(2);
+
+/// How long the pods a scale-up adds may take to start (the sim's kubelet on a loaded machine).
+pub const POD_START: Duration = Duration::from_secs(20);
 /// Once the faults stop, the Rollout is Healthy or Aborted within this long (invariant 7).
 pub const CONVERGENCE: Duration = Duration::from_secs(30);
 
@@ -396,6 +399,8 @@ pub struct Invariants {
     stable_exempt: Option<String>,
     grace_until: Option<Instant>,
     disrupted_at: Option<Instant>,
+    /// The replica count before the last scale-up, and when it came.
+    scaled_up: Option<(i32, Instant)>,
     disruptions: Vec<String>,
     pub polls: u64,
     pub tolerated: u64,
@@ -419,6 +424,7 @@ impl Invariants {
             stable_exempt: None,
             grace_until: None,
             disrupted_at: None,
+            scaled_up: None,
             disruptions: Vec::new(),
             polls: 0,
             tolerated: 0,
@@ -457,6 +463,22 @@ impl Invariants {
         self.grace_until = Some(Instant::now() + REACTION);
         self.disrupted_at = Some(Instant::now());
         self.disruptions.push(what.to_string());
+    }
+
+    /// The replica count just went up from `before`. The pods it adds take the kubelet's time to start, and
+    /// the load they are for does not arrive with the number: until they could have started (within
+    /// [`POD_START`]), ready pods are checked against the traffic of `before` replicas. Serin's own sizing
+    /// of the ReplicaSets is checked against the new count at once.
+    pub fn scaled_up_from(&mut self, before: i32) {
+        self.scaled_up = Some((before, Instant::now()));
+    }
+
+    /// The replica count whose traffic the ready pods must carry.
+    fn load_of(&self, total: i32) -> i32 {
+        match self.scaled_up {
+            Some((before, at)) if at.elapsed() < POD_START => before.min(total),
+            _ => total,
+        }
     }
 
     fn writer_refs(&self) -> Vec<&str> {
@@ -637,14 +659,15 @@ impl Invariants {
             if is_stable && self.stable_exempt.is_some() {
                 continue;
             }
-            let needed = pods_needed(total, *percent, is_canary);
+            let load = self.load_of(total);
+            let needed = pods_needed(load, *percent, is_canary);
             let ready = ready_of(&self.target, state, hash);
             if ready < needed {
                 violations.push(Violation {
                     invariant: if is_stable { 2 } else { 1 },
                     strict: raised && is_canary,
                     message: format!(
-                        "ReplicaSet of {hash} receives {percent:.1}% of {total} replicas' traffic with {ready} \
+                        "ReplicaSet of {hash} receives {percent:.1}% of {load} replicas' traffic with {ready} \
                          ready pods; it needs {needed}"
                     ),
                 });

@@ -1685,8 +1685,12 @@ impl Runner<'_> {
                     )
                     .await
                     .expect("scaled");
+                let before = self.git.replicas;
                 self.git.replicas = replicas;
                 self.disrupt(&format!("scaled to {replicas}"));
+                if replicas > before {
+                    self.inv.scaled_up_from(before);
+                }
                 Ok("scaled".into())
             }
             Action::Command(manual) => {
