@@ -5,10 +5,10 @@
 //! server sends it carries its pod template, `managedFields` and whatever annotations `kubectl apply`
 //! left, and a decoded k8s-openapi ReplicaSet is kilobytes before any of its strings; a reconcile reads
 //! its name, labels, revision, counts and generation. So each watch event is turned into the planner's
-//! view at once, and the object itself is dropped. Rollouts and routing objects are kept as objects (the
-//! planner reads the spec, the routers the routes), without what no reader looks at: `managedFields`, the
-//! `last-applied-configuration` annotation (a second copy of the object), and a Rollout's pod spec
-//! (typed, one container is over 2 KiB before its strings; only creating a ReplicaSet needs it).
+//! view at once, and the object itself is dropped. Routing objects are kept as objects (the routers read
+//! the routes) and Rollouts as their metadata and JSON (see [`StoredRollout`]), both without what no
+//! reader looks at: `managedFields`, the `last-applied-configuration` annotation (a second copy of the
+//! object), and a Rollout's pod spec (only creating a ReplicaSet needs it).
 
 use std::borrow::Cow;
 
