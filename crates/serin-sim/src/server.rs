@@ -522,7 +522,7 @@ async fn review_access(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let bytes = read_body(headers, body).await?;
+    let bytes = read_body(body).await?;
     let review: Value = if content_type.contains("protobuf") {
         super::rbac::review_from_protobuf(&bytes)
             .map_err(|e| ApiError::bad_request(e.to_string()))?
@@ -553,17 +553,31 @@ async fn review_access(
     ))
 }
 
-async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > MAX_BODY_BYTES) {
-        return Err(ApiError::too_large());
+/// How much of a refused body is still read before the answer, as Go's HTTP server discards what a handler
+/// left unread so the client, still writing, gets the answer rather than a closed connection.
+const DRAIN_BYTES: usize = 256 * 1024;
+
+/// The request body, as kube-apiserver reads it: up to [`MAX_BODY_BYTES`], refused with 413 past that
+/// (whatever `Content-Length` says; a larger body is read up to the limit first).
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut read = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::too_large())?;
+        if read.len() + chunk.len() > MAX_BODY_BYTES {
+            let mut drained = read.len() + chunk.len() - MAX_BODY_BYTES;
+            while drained < DRAIN_BYTES {
+                match stream.next().await {
+                    Some(Ok(more)) => drained += more.len(),
+                    _ => break,
+                }
+            }
+            return Err(ApiError::too_large());
+        }
+        read.extend_from_slice(&chunk);
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::too_large())
+    Ok(read.freeze())
 }
 
 /// The object name a `metadata.name=` (or `==`) term of a field selector pins, for list and watch.
@@ -666,7 +680,7 @@ async fn serve_resource(
     let body = if verb == "watch" {
         Bytes::new()
     } else {
-        read_body(headers, body).await?
+        read_body(body).await?
     };
     let request = ResourceRequest {
         target,
