@@ -18,7 +18,7 @@
 //! a namespace), and each Rollout's key is shared between its slots. Two things hashing to one slot only
 //! add candidates (which the planner's exact check then drops), so a collision cannot hide one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 
@@ -67,37 +67,30 @@ pub struct Neighbourhood {
     by_slot: HashMap<Slot, Vec<Arc<NameKey>>>,
 }
 
+/// A label map's pairs, in key order (none for no map).
+fn pairs(labels: Option<&BTreeMap<String, String>>) -> Vec<(&str, &str)> {
+    labels
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// The labels of a Rollout's pod template.
 fn pod_pairs(rollout: &Rollout) -> Vec<(&str, &str)> {
-    rollout
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|meta| meta.labels.as_ref())
-        .map(|labels| {
-            labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect()
-        })
-        .unwrap_or_default()
+    pairs(
+        rollout
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|meta| meta.labels.as_ref()),
+    )
 }
 
 /// The `matchLabels` pairs of a Rollout's selector, in key order.
 fn selector_pairs(rollout: &Rollout) -> Vec<(&str, &str)> {
-    rollout
-        .spec
-        .selector
-        .match_labels
-        .as_ref()
-        .map(|labels| {
-            labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect()
-        })
-        .unwrap_or_default()
+    pairs(rollout.spec.selector.match_labels.as_ref())
 }
 
 /// The slots a Rollout is linked under, sorted and without repeats.
