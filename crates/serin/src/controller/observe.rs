@@ -220,7 +220,12 @@ impl Caches {
         before: &BTreeMap<ObjectKey, Option<String>>,
         now: Instant,
     ) {
-        let version_before = |key: &ObjectKey| before.get(key).cloned().flatten();
+        // What `before` holds of `keys`, keyed as the expectations keep it.
+        let versions_before = |keys: &[ObjectKey]| -> BTreeMap<ObjectKey, Option<String>> {
+            keys.iter()
+                .map(|key| (key.clone(), before.get(key).cloned().flatten()))
+                .collect()
+        };
         let (Some(uid), Some(namespace)) = (rollout.uid(), rollout.namespace()) else {
             return;
         };
@@ -246,11 +251,11 @@ impl Caches {
                     &uid,
                     service,
                     NamedWrite {
-                        versions: {
-                            let key = ObjectKey::new(RoutingKind::Service, &namespace, service);
-                            let version = version_before(&key);
-                            BTreeMap::from([(key, version)])
-                        },
+                        versions: versions_before(&[ObjectKey::new(
+                            RoutingKind::Service,
+                            &namespace,
+                            service,
+                        )]),
                         value: pod_template_hash.clone(),
                         at: now,
                     },
@@ -266,10 +271,7 @@ impl Caches {
                         self.expectations.traffic(
                             &uid,
                             NamedWrite {
-                                versions: keys
-                                    .iter()
-                                    .map(|key| (key.clone(), version_before(key)))
-                                    .collect(),
+                                versions: versions_before(&keys),
                                 value: carried(desired),
                                 at: now,
                             },
